@@ -1,0 +1,287 @@
+//! Streaming aggregation. [`FedAvg`] folds updates in one at a time — weighted by example
+//! count, accumulated in f64 — and keeps nothing but the running sums (DESIGN.md invariants
+//! 1, 6 and 7). A [`Strategy`] turns the finished aggregate into the next parameters.
+
+use crate::params::{f32s_from_le, Layout, Parameters};
+use crate::tensor::Tensor;
+use crate::update::UpdateView;
+
+/// Errors combining aggregates.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum AggregateError {
+    /// Two aggregates (or an aggregate and a model) have different layouts.
+    #[error("aggregates of different model layouts cannot be combined")]
+    LayoutMismatch,
+    /// Nothing was aggregated.
+    #[error("the aggregate is empty")]
+    Empty,
+}
+
+/// The running, example-weighted sum of updates of one round.
+#[derive(Debug, Clone)]
+pub struct FedAvg {
+    layout: Layout,
+    sums: Vec<f64>,
+    weight: f64,
+    updates: u64,
+    examples: u64,
+    loss_sum: f64,
+    loss_weight: f64,
+}
+
+impl FedAvg {
+    /// An empty aggregate for a model layout.
+    pub fn new(layout: &Layout) -> Self {
+        Self {
+            layout: layout.clone(),
+            sums: vec![0.0; layout.numel()],
+            weight: 0.0,
+            updates: 0,
+            examples: 0,
+            loss_sum: 0.0,
+            loss_weight: 0.0,
+        }
+    }
+
+    /// Folds one checked update in, weighted by its example count.
+    pub fn accept(&mut self, update: &UpdateView<'_>) {
+        let w = update.meta.examples as f64;
+        let mut offset = 0;
+        for data in &update.tensors {
+            let n = data.len() / 4;
+            for (s, v) in self.sums[offset..offset + n]
+                .iter_mut()
+                .zip(f32s_from_le(data))
+            {
+                *s += w * f64::from(v);
+            }
+            offset += n;
+        }
+        self.weight += w;
+        self.updates += 1;
+        self.examples += update.meta.examples;
+        if let Some(l) = update.meta.loss {
+            self.loss_sum += w * f64::from(l);
+            self.loss_weight += w;
+        }
+    }
+
+    /// Merges another partial aggregate of the same round into this one.
+    pub fn merge(&mut self, other: &FedAvg) -> Result<(), AggregateError> {
+        if self.layout != other.layout {
+            return Err(AggregateError::LayoutMismatch);
+        }
+        for (a, b) in self.sums.iter_mut().zip(&other.sums) {
+            *a += b;
+        }
+        self.weight += other.weight;
+        self.updates += other.updates;
+        self.examples += other.examples;
+        self.loss_sum += other.loss_sum;
+        self.loss_weight += other.loss_weight;
+        Ok(())
+    }
+
+    /// Updates folded in.
+    pub fn updates(&self) -> u64 {
+        self.updates
+    }
+
+    /// Examples behind the folded updates.
+    pub fn examples(&self) -> u64 {
+        self.examples
+    }
+
+    /// Example-weighted mean of the reported local losses.
+    pub fn mean_loss(&self) -> Option<f64> {
+        (self.loss_weight > 0.0).then(|| self.loss_sum / self.loss_weight)
+    }
+
+    /// The layout aggregated.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The example-weighted mean update, in f64, flat in layout order.
+    pub fn mean(&self) -> Result<Vec<f64>, AggregateError> {
+        if self.weight <= 0.0 {
+            return Err(AggregateError::Empty);
+        }
+        Ok(self.sums.iter().map(|s| s / self.weight).collect())
+    }
+
+    /// `base + mean update`: plain FedAvg's next parameters.
+    pub fn finish(&self, base: &Parameters) -> Result<Parameters, AggregateError> {
+        let mean = self.mean()?;
+        apply(base, &self.layout, mean.iter().copied())
+    }
+}
+
+/// `base + step`, with `step` flat in layout order (added in f64, rounded once to f32).
+pub fn apply(
+    base: &Parameters,
+    layout: &Layout,
+    step: impl Iterator<Item = f64>,
+) -> Result<Parameters, AggregateError> {
+    if &base.layout() != layout {
+        return Err(AggregateError::LayoutMismatch);
+    }
+    let mut step = step;
+    let tensors = base
+        .iter()
+        .map(|(name, t)| {
+            let data = t
+                .data()
+                .iter()
+                .map(|&p| (f64::from(p) + step.next().unwrap_or(0.0)) as f32)
+                .collect();
+            (
+                name.to_string(),
+                Tensor::new(t.shape().to_vec(), data).unwrap(),
+            )
+        })
+        .collect();
+    Ok(Parameters::new(tensors).expect("names come from a valid parameter set"))
+}
+
+/// How the server turns a round's aggregate into the next model (Flower's `aggregate_fit`).
+/// Strategies with server state (momentum, FedAdam's moments) keep it in `self`.
+pub trait Strategy: Send + Sync {
+    /// The strategy's name.
+    fn name(&self) -> &'static str;
+    /// The next parameters from the current ones and the round's aggregate.
+    fn next_params(
+        &mut self,
+        base: &Parameters,
+        aggregate: &FedAvg,
+    ) -> Result<Parameters, AggregateError>;
+}
+
+/// Plain federated averaging (McMahan et al. 2017): the next model is the example-weighted
+/// mean of the devices' models, i.e. the base plus the mean update.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FedAvgStrategy;
+
+impl Strategy for FedAvgStrategy {
+    fn name(&self) -> &'static str {
+        "fedavg"
+    }
+    fn next_params(
+        &mut self,
+        base: &Parameters,
+        aggregate: &FedAvg,
+    ) -> Result<Parameters, AggregateError> {
+        aggregate.finish(base)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::update::{decode, encode, UpdateMeta};
+    use rand::{Rng, SeedableRng};
+
+    fn random_params(rng: &mut impl Rng, scale: f32) -> Parameters {
+        Parameters::new(vec![
+            (
+                "w".into(),
+                Tensor::new(
+                    vec![3, 4],
+                    (0..12).map(|_| rng.random_range(-scale..scale)).collect(),
+                )
+                .unwrap(),
+            ),
+            (
+                "b".into(),
+                Tensor::new(
+                    vec![4],
+                    (0..4).map(|_| rng.random_range(-scale..scale)).collect(),
+                )
+                .unwrap(),
+            ),
+        ])
+        .unwrap()
+    }
+
+    fn upload(delta: &Parameters, examples: u64) -> Vec<u8> {
+        encode(
+            delta,
+            &UpdateMeta {
+                base_version: 0,
+                examples,
+                loss: Some(1.0),
+                token: "t".into(),
+            },
+        )
+    }
+
+    /// The streaming, weighted aggregate equals the naive weighted average of the devices'
+    /// final models, and merging partial aggregates in any split gives the same result.
+    #[test]
+    fn streaming_fedavg_matches_naive_weighted_average() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let base = random_params(&mut rng, 1.0);
+        let layout = base.layout();
+        let devices: Vec<(Parameters, u64)> = (0..25)
+            .map(|_| (random_params(&mut rng, 0.5), rng.random_range(1..200)))
+            .collect();
+        let bodies: Vec<Vec<u8>> = devices.iter().map(|(d, n)| upload(d, *n)).collect();
+
+        let mut agg = FedAvg::new(&layout);
+        for b in &bodies {
+            agg.accept(&decode(b, &layout, None).unwrap());
+        }
+        let next = FedAvgStrategy.next_params(&base, &agg).unwrap();
+
+        // Naive: average the devices' final models (base + delta), weighted by examples.
+        let total: f64 = devices.iter().map(|(_, n)| *n as f64).sum();
+        for (name, t) in next.iter() {
+            for (i, &got) in t.data().iter().enumerate() {
+                let want: f64 = devices
+                    .iter()
+                    .map(|(d, n)| {
+                        *n as f64
+                            * (f64::from(base.get(name).unwrap().data()[i])
+                                + f64::from(d.get(name).unwrap().data()[i]))
+                    })
+                    .sum::<f64>()
+                    / total;
+                assert!(
+                    (f64::from(got) - want).abs() < 1e-6,
+                    "{name}[{i}]: {got} vs {want}"
+                );
+            }
+        }
+        assert_eq!(agg.updates(), 25);
+
+        // Order independence and merging: two partial sums over a different order.
+        let mut left = FedAvg::new(&layout);
+        let mut right = FedAvg::new(&layout);
+        for (i, b) in bodies.iter().enumerate().rev() {
+            let part = if i % 3 == 0 { &mut left } else { &mut right };
+            part.accept(&decode(b, &layout, None).unwrap());
+        }
+        left.merge(&right).unwrap();
+        let merged = left.finish(&base).unwrap();
+        for ((_, a), (_, b)) in merged.iter().zip(next.iter()) {
+            for (x, y) in a.data().iter().zip(b.data()) {
+                assert!((x - y).abs() <= 1e-6 * y.abs().max(1.0));
+            }
+        }
+        assert_eq!(left.examples(), agg.examples());
+    }
+
+    #[test]
+    fn empty_aggregate_has_no_mean() {
+        let layout = Layout::new(vec![("w".into(), vec![2])]);
+        assert_eq!(
+            FedAvg::new(&layout).mean().unwrap_err(),
+            AggregateError::Empty
+        );
+        let other = FedAvg::new(&Layout::new(vec![("v".into(), vec![2])]));
+        assert_eq!(
+            FedAvg::new(&layout).merge(&other).unwrap_err(),
+            AggregateError::LayoutMismatch
+        );
+    }
+}

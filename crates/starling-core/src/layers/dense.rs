@@ -1,0 +1,60 @@
+//! The fully connected layer `y = x W + b` (`W`: `[inputs, units]`, as in TensorFlow's
+//! `matmul(x, W) + b`).
+
+use super::gemm::{sgemm, Mat};
+
+/// Forward pass: `x` is `n x inputs`, returns `n x units`.
+pub fn forward(x: &[f32], n: usize, w: &[f32], b: &[f32], inputs: usize, units: usize) -> Vec<f32> {
+    let mut y = Vec::with_capacity(n * units);
+    for _ in 0..n {
+        y.extend_from_slice(b);
+    }
+    sgemm(
+        1.0,
+        Mat::new(x, n, inputs),
+        Mat::new(w, inputs, units),
+        1.0,
+        &mut y,
+    );
+    y
+}
+
+/// Backward pass: given `dy` (`n x units`), writes `dW = xᵀ dy` and `db = Σ_rows dy`, and
+/// returns `dx = dy Wᵀ` when `need_dx`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    x: &[f32],
+    n: usize,
+    w: &[f32],
+    dy: &[f32],
+    inputs: usize,
+    units: usize,
+    dw: &mut [f32],
+    db: &mut [f32],
+    need_dx: bool,
+) -> Option<Vec<f32>> {
+    sgemm(
+        1.0,
+        Mat::new(x, n, inputs).t(),
+        Mat::new(dy, n, units),
+        0.0,
+        dw,
+    );
+    db.fill(0.0);
+    for row in dy.chunks_exact(units) {
+        for (acc, v) in db.iter_mut().zip(row) {
+            *acc += v;
+        }
+    }
+    need_dx.then(|| {
+        let mut dx = vec![0.0; n * inputs];
+        sgemm(
+            1.0,
+            Mat::new(dy, n, units),
+            Mat::new(w, inputs, units).t(),
+            0.0,
+            &mut dx,
+        );
+        dx
+    })
+}

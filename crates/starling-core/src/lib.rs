@@ -1,0 +1,34 @@
+//! Starling's core: everything a server, a device and a simulation share, with no I/O beyond
+//! byte slices and no async runtime (it builds for `wasm32-unknown-unknown`).
+//!
+//! Map of the crate:
+//! - [`tensor`] and [`params`]: named f32 tensors and their safetensors codec.
+//! - [`spec`]: the JSON model spec that travels with the weights; [`builtin`] has the
+//!   built-in models (`linear`, the original demo's model, and `logistic`).
+//! - [`model`], [`layers`], [`loss`], [`optim`]: the lean built-in trainer.
+//! - [`data`]: in-memory data sets and CSV parsing; [`train`]: the local training loop
+//!   driven by a [`train::Plan`].
+//! - [`update`]: the update wire format and its validation (DESIGN.md invariant 3).
+//! - [`aggregate`]: the streaming FedAvg aggregator and the [`aggregate::Strategy`] hook.
+
+pub mod aggregate;
+pub mod builtin;
+pub mod data;
+pub mod layers;
+pub mod loss;
+pub mod model;
+pub mod optim;
+pub mod params;
+pub mod spec;
+pub mod tensor;
+pub mod train;
+pub mod update;
+
+pub use aggregate::{FedAvg, Strategy};
+pub use data::Dataset;
+pub use model::Model;
+pub use params::{Layout, Parameters};
+pub use spec::ModelSpec;
+pub use tensor::Tensor;
+pub use train::{Plan, TrainReport};
+pub use update::{UpdateMeta, UpdateView};

@@ -1,0 +1,211 @@
+//! The update wire format and its validation (DESIGN.md invariant 3).
+//!
+//! An update is a safetensors body: one F32 tensor per parameter, holding the *difference*
+//! between the parameters the device trained from and those it ended with, plus string
+//! metadata: `base_version`, `examples`, `token` (the assignment) and optionally `loss`.
+//! [`decode`] checks everything that can be checked without the round's state and returns a
+//! borrowed [`UpdateView`] — the tensor data is never copied.
+
+use std::collections::HashMap;
+
+use crate::params::{decode_views, f32s_from_le, Layout, Parameters, ParamsError};
+
+/// Metadata of an update.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateMeta {
+    /// The model version the device trained from.
+    pub base_version: u64,
+    /// Examples the device trained on: the update's weight in the average.
+    pub examples: u64,
+    /// Mean local loss after training, if the device reports it.
+    pub loss: Option<f32>,
+    /// The upload token of the assignment this update answers.
+    pub token: String,
+}
+
+/// Why an update was refused. Every variant leaves the aggregate untouched.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum UpdateError {
+    /// The body is not a usable safetensors file, or its tensors do not match the model.
+    #[error(transparent)]
+    Params(#[from] ParamsError),
+    /// A metadata field is missing.
+    #[error("update metadata lacks `{0}`")]
+    MissingField(&'static str),
+    /// A metadata field does not parse.
+    #[error("update metadata `{field}` is invalid: `{value}`")]
+    InvalidField {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: String,
+    },
+    /// The example count is zero or negative.
+    #[error("an update must count at least one example, got {0}")]
+    NoExamples(i64),
+    /// A value is NaN or infinite.
+    #[error("tensor `{0}` holds a NaN or infinite value")]
+    NotFinite(String),
+    /// The update's norm exceeds the task's bound.
+    #[error("update norm {norm:.4} exceeds the bound {bound}")]
+    NormTooLarge {
+        /// The update's L2 norm.
+        norm: f64,
+        /// The bound.
+        bound: f64,
+    },
+}
+
+/// A decoded, checked update whose tensors borrow the request body.
+#[derive(Debug)]
+pub struct UpdateView<'a> {
+    /// The metadata.
+    pub meta: UpdateMeta,
+    /// Each parameter's little-endian f32 bytes, in layout order.
+    pub tensors: Vec<&'a [u8]>,
+}
+
+/// Encodes an update for upload.
+pub fn encode(delta: &Parameters, meta: &UpdateMeta) -> Vec<u8> {
+    let mut m = HashMap::from([
+        ("base_version".to_string(), meta.base_version.to_string()),
+        ("examples".to_string(), meta.examples.to_string()),
+        ("token".to_string(), meta.token.clone()),
+    ]);
+    if let Some(l) = meta.loss {
+        m.insert("loss".into(), l.to_string());
+    }
+    delta.to_safetensors(Some(m))
+}
+
+fn field<'m>(m: &'m HashMap<String, String>, name: &'static str) -> Result<&'m str, UpdateError> {
+    m.get(name)
+        .map(String::as_str)
+        .ok_or(UpdateError::MissingField(name))
+}
+
+fn parse_meta(m: &HashMap<String, String>) -> Result<UpdateMeta, UpdateError> {
+    let invalid = |field: &'static str, value: &str| UpdateError::InvalidField {
+        field,
+        value: value.chars().take(40).collect(),
+    };
+    let bv = field(m, "base_version")?;
+    let base_version = bv.parse().map_err(|_| invalid("base_version", bv))?;
+    let ex = field(m, "examples")?;
+    let examples: i64 = ex.parse().map_err(|_| invalid("examples", ex))?;
+    if examples <= 0 {
+        return Err(UpdateError::NoExamples(examples));
+    }
+    let token = field(m, "token")?.to_string();
+    let loss = match m.get("loss") {
+        None => None,
+        Some(l) => {
+            let v: f32 = l.parse().map_err(|_| invalid("loss", l))?;
+            if !v.is_finite() {
+                return Err(invalid("loss", l));
+            }
+            Some(v)
+        }
+    };
+    Ok(UpdateMeta {
+        base_version,
+        examples: examples as u64,
+        loss,
+        token,
+    })
+}
+
+/// Decodes and checks an update against the model's layout and an optional L2-norm bound.
+pub fn decode<'a>(
+    bytes: &'a [u8],
+    layout: &Layout,
+    max_norm: Option<f64>,
+) -> Result<UpdateView<'a>, UpdateError> {
+    let (tensors, metadata) = decode_views(bytes, layout)?;
+    let meta = parse_meta(&metadata)?;
+    let mut sq = 0.0f64;
+    for (data, (name, _)) in tensors.iter().zip(layout.entries()) {
+        for v in f32s_from_le(data) {
+            if !v.is_finite() {
+                return Err(UpdateError::NotFinite(name.clone()));
+            }
+            sq += f64::from(v) * f64::from(v);
+        }
+    }
+    if let Some(bound) = max_norm {
+        let norm = sq.sqrt();
+        if norm > bound {
+            return Err(UpdateError::NormTooLarge { norm, bound });
+        }
+    }
+    Ok(UpdateView { meta, tensors })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::Tensor;
+
+    fn delta(v: f32) -> Parameters {
+        Parameters::new(vec![
+            ("W".into(), Tensor::full(vec![1, 1], v)),
+            ("b".into(), Tensor::full(vec![1], v)),
+        ])
+        .unwrap()
+    }
+
+    fn meta(examples: u64) -> UpdateMeta {
+        UpdateMeta {
+            base_version: 3,
+            examples,
+            loss: Some(0.5),
+            token: "t".into(),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let d = delta(1.5);
+        let bytes = encode(&d, &meta(7));
+        let v = decode(&bytes, &d.layout(), None).unwrap();
+        assert_eq!(v.meta, meta(7));
+        assert_eq!(v.tensors.len(), 2);
+    }
+
+    #[test]
+    fn refusals_name_their_cause() {
+        let layout = delta(0.0).layout();
+        let nan = encode(&delta(f32::NAN), &meta(1));
+        assert_eq!(
+            decode(&nan, &layout, None).unwrap_err(),
+            UpdateError::NotFinite("W".into())
+        );
+        let inf = encode(&delta(f32::INFINITY), &meta(1));
+        assert!(matches!(
+            decode(&inf, &layout, None),
+            Err(UpdateError::NotFinite(_))
+        ));
+        let big = encode(&delta(10.0), &meta(1));
+        assert!(matches!(
+            decode(&big, &layout, Some(1.0)),
+            Err(UpdateError::NormTooLarge { .. })
+        ));
+        let mut m = HashMap::from([
+            ("base_version".to_string(), "1".to_string()),
+            ("examples".to_string(), "-4".to_string()),
+            ("token".to_string(), "t".to_string()),
+        ]);
+        let neg = delta(1.0).to_safetensors(Some(m.clone()));
+        assert_eq!(
+            decode(&neg, &layout, None).unwrap_err(),
+            UpdateError::NoExamples(-4)
+        );
+        m.remove("token");
+        m.insert("examples".into(), "4".into());
+        let no_token = delta(1.0).to_safetensors(Some(m));
+        assert_eq!(
+            decode(&no_token, &layout, None).unwrap_err(),
+            UpdateError::MissingField("token")
+        );
+    }
+}

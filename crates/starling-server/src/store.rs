@@ -1,0 +1,292 @@
+//! Storage in an embedded SQLite file: tasks, checkpoints (model versions) and round records.
+//! Never an individual update (DESIGN.md invariant 1). A commit writes the new checkpoint
+//! and its round record in one transaction, with `synchronous = FULL`, before the version is
+//! announced (invariant 4).
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use starling_core::params::ParamsError;
+use starling_core::{ModelSpec, Parameters};
+
+/// Storage errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// A stored checkpoint does not decode.
+    #[error("stored checkpoint of task `{task}` version {version} is corrupt: {source}")]
+    Corrupt {
+        /// The task.
+        task: String,
+        /// The version.
+        version: i64,
+        /// Why.
+        source: ParamsError,
+    },
+    /// The configured model differs from the stored one.
+    #[error(
+        "task `{0}` is stored with a different model spec than configured; \
+         use another task name or data directory"
+    )]
+    SpecMismatch(String),
+}
+
+/// How a round ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoundStatus {
+    /// A new version was committed.
+    Committed,
+    /// The deadline passed below the minimum; the model stayed.
+    Abandoned,
+}
+
+/// A finished round, as kept in the history.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoundRecord {
+    /// Round number.
+    pub round: u64,
+    /// How it ended.
+    pub status: RoundStatus,
+    /// The version devices trained from.
+    pub base_version: u64,
+    /// The version committed, if any.
+    pub version: Option<u64>,
+    /// Updates folded in.
+    pub participants: u64,
+    /// Examples behind them.
+    pub examples: u64,
+    /// Example-weighted mean of the devices' local losses.
+    pub mean_loss: Option<f64>,
+    /// Start, Unix milliseconds.
+    pub started_at_ms: i64,
+    /// End, Unix milliseconds.
+    pub ended_at_ms: i64,
+}
+
+/// A committed model version.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// Version number (0: the initial parameters).
+    pub version: u64,
+    /// The parameters.
+    pub params: Parameters,
+}
+
+/// The SQLite store.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS tasks (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    task TEXT NOT NULL REFERENCES tasks(name),
+    version INTEGER NOT NULL,
+    params BLOB NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (task, version)
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    task TEXT NOT NULL REFERENCES tasks(name),
+    round INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    base_version INTEGER NOT NULL,
+    version INTEGER,
+    participants INTEGER NOT NULL,
+    examples INTEGER NOT NULL,
+    mean_loss REAL,
+    started_at INTEGER NOT NULL,
+    ended_at INTEGER NOT NULL,
+    PRIMARY KEY (task, round)
+);
+";
+
+impl Store {
+    /// Opens (creating if needed) the SQLite file and its schema.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Db(sqlx::Error::Io(e)))?;
+        }
+        let options = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Registers a task with its initial parameters if it is new, and returns its latest
+    /// checkpoint and the number its next round takes.
+    pub async fn ensure_task(
+        &self,
+        name: &str,
+        spec: &ModelSpec,
+        initial: impl FnOnce() -> Parameters,
+    ) -> Result<(Checkpoint, u64), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let stored: Option<String> = sqlx::query_scalar("SELECT spec FROM tasks WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        match stored {
+            Some(json) => {
+                if ModelSpec::from_json(&json).ok().as_ref() != Some(spec) {
+                    return Err(StoreError::SpecMismatch(name.into()));
+                }
+            }
+            None => {
+                let now = now_ms();
+                sqlx::query("INSERT INTO tasks (name, spec, created_at) VALUES (?, ?, ?)")
+                    .bind(name)
+                    .bind(spec.to_json())
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO checkpoints (task, version, params, created_at) VALUES (?, 0, ?, ?)",
+                )
+                .bind(name)
+                .bind(initial().to_safetensors(None))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        let latest = self.latest_checkpoint(name, spec).await?;
+        let next_round: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(round), 0) + 1 FROM rounds WHERE task = ?")
+                .bind(name)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok((latest, next_round as u64))
+    }
+
+    /// The newest committed checkpoint of a task.
+    pub async fn latest_checkpoint(
+        &self,
+        task: &str,
+        spec: &ModelSpec,
+    ) -> Result<Checkpoint, StoreError> {
+        let row = sqlx::query(
+            "SELECT version, params FROM checkpoints WHERE task = ? ORDER BY version DESC LIMIT 1",
+        )
+        .bind(task)
+        .fetch_one(&self.pool)
+        .await?;
+        let version: i64 = row.get("version");
+        let bytes: Vec<u8> = row.get("params");
+        let (params, _) = Parameters::from_safetensors_with_layout(&bytes, &spec.layout())
+            .map_err(|source| StoreError::Corrupt {
+                task: task.into(),
+                version,
+                source,
+            })?;
+        Ok(Checkpoint {
+            version: version as u64,
+            params,
+        })
+    }
+
+    /// Durably records a finished round and, for a committed one, its new checkpoint — both
+    /// in one transaction.
+    pub async fn record_round(
+        &self,
+        task: &str,
+        record: &RoundRecord,
+        checkpoint: Option<&Checkpoint>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(c) = checkpoint {
+            sqlx::query(
+                "INSERT INTO checkpoints (task, version, params, created_at) VALUES (?, ?, ?, ?)",
+            )
+            .bind(task)
+            .bind(c.version as i64)
+            .bind(c.params.to_safetensors(None))
+            .bind(record.ended_at_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "INSERT INTO rounds (task, round, status, base_version, version, participants, \
+             examples, mean_loss, started_at, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(task)
+        .bind(record.round as i64)
+        .bind(match record.status {
+            RoundStatus::Committed => "committed",
+            RoundStatus::Abandoned => "abandoned",
+        })
+        .bind(record.base_version as i64)
+        .bind(record.version.map(|v| v as i64))
+        .bind(record.participants as i64)
+        .bind(record.examples as i64)
+        .bind(record.mean_loss)
+        .bind(record.started_at_ms)
+        .bind(record.ended_at_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A task's round history, oldest first.
+    pub async fn rounds(&self, task: &str) -> Result<Vec<RoundRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT round, status, base_version, version, participants, examples, mean_loss, \
+             started_at, ended_at FROM rounds WHERE task = ? ORDER BY round",
+        )
+        .bind(task)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| RoundRecord {
+                round: r.get::<i64, _>("round") as u64,
+                status: if r.get::<String, _>("status") == "committed" {
+                    RoundStatus::Committed
+                } else {
+                    RoundStatus::Abandoned
+                },
+                base_version: r.get::<i64, _>("base_version") as u64,
+                version: r.get::<Option<i64>, _>("version").map(|v| v as u64),
+                participants: r.get::<i64, _>("participants") as u64,
+                examples: r.get::<i64, _>("examples") as u64,
+                mean_loss: r.get("mean_loss"),
+                started_at_ms: r.get("started_at"),
+                ended_at_ms: r.get("ended_at"),
+            })
+            .collect())
+    }
+
+    /// Closes the pool, checkpointing the write-ahead log.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
