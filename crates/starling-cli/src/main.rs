@@ -1,1 +1,80 @@
-fn main() {}
+//! `starling`: the single binary. It parses arguments, sets up logging and calls the
+//! libraries; each subcommand lives in its own module.
+//!
+//! - [`serve`]: run a server.
+//! - [`device`]: run a device against a server.
+//! - [`train`]: train a built-in model on a CSV file, no server.
+//! - [`demo`]: a server and 20 devices in one process on the original demo's model.
+
+mod demo;
+mod device;
+mod serve;
+mod train;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Starling: federated learning in Rust.
+#[derive(Parser)]
+#[command(name = "starling", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a federated learning server.
+    Serve(serve::Args),
+    /// Run a device: train on a local CSV file and contribute updates to a server.
+    Device(device::Args),
+    /// Train a built-in model on a CSV file locally, without a server.
+    Train(train::Args),
+    /// Start a server and 20 devices in this process and train the demo's linear model.
+    Demo(demo::Args),
+}
+
+fn init_tracing(default: &str) {
+    let filter =
+        EnvFilter::try_from_env("STARLING_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(a) => {
+            init_tracing("info");
+            serve::run(a)
+        }
+        Command::Device(a) => {
+            init_tracing("info");
+            device::run(a)
+        }
+        Command::Train(a) => {
+            init_tracing("warn");
+            train::run(a)
+        }
+        Command::Demo(a) => {
+            init_tracing("warn");
+            demo::run(a)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+/// A multi-threaded tokio runtime for the async subcommands.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}

@@ -234,6 +234,57 @@ impl Dataset {
     }
 }
 
+/// `n` points of `y = w x + b + noise` with `x` uniform in `[lo, hi)` and Gaussian noise of
+/// standard deviation `noise`, seeded: the demo's per-device private data.
+pub fn synthetic_line(
+    w: f32,
+    b: f32,
+    (lo, hi): (f32, f32),
+    n: usize,
+    noise: f32,
+    seed: u64,
+) -> Dataset {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut xs = Vec::with_capacity(n);
+    let mut ys = Vec::with_capacity(n);
+    for _ in 0..n {
+        let x = rng.random_range(lo..hi);
+        // Box-Muller: one standard normal from two uniforms.
+        let (u1, u2): (f32, f32) = (rng.random_range(f32::EPSILON..1.0), rng.random());
+        let z = (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos();
+        xs.push(x);
+        ys.push(w * x + b + noise * z);
+    }
+    Dataset {
+        features: xs,
+        targets: ys,
+        feature_dim: 1,
+        target_dim: 1,
+    }
+}
+
+/// The data set as CSV text with a header (`x0,…,y0,…`).
+pub fn to_csv(data: &Dataset) -> String {
+    let mut out = String::new();
+    let names: Vec<String> = (0..data.feature_dim)
+        .map(|i| format!("x{i}"))
+        .chain((0..data.target_dim).map(|i| format!("y{i}")))
+        .collect();
+    out.push_str(&names.join(","));
+    out.push('\n');
+    for (x, y) in data
+        .features
+        .chunks_exact(data.feature_dim)
+        .zip(data.targets.chunks_exact(data.target_dim))
+    {
+        let row: Vec<String> = x.iter().chain(y).map(|v| v.to_string()).collect();
+        out.push_str(&row.join(","));
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +299,15 @@ mod tests {
             Dataset::from_csv(b"x1,x2,y\n1,2,3\n", &TargetColumn::Name("x1".into())).unwrap();
         assert_eq!(named.targets(), &[1.0]);
         assert_eq!(named.features(), &[2.0, 3.0]);
+    }
+
+    #[test]
+    fn synthetic_data_round_trips_through_csv() {
+        let d = synthetic_line(2.0, 1.0, (0.0, 1.0), 20, 0.1, 3);
+        assert_eq!(d, synthetic_line(2.0, 1.0, (0.0, 1.0), 20, 0.1, 3));
+        assert!(d.features().iter().all(|x| (0.0..1.0).contains(x)));
+        let back = Dataset::from_csv(to_csv(&d).as_bytes(), &TargetColumn::Last).unwrap();
+        assert_eq!(back, d);
     }
 
     #[test]

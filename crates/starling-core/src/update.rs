@@ -141,6 +141,19 @@ pub fn decode<'a>(
     Ok(UpdateView { meta, tensors })
 }
 
+/// Re-reads an update that [`decode`] already accepted: parses the header and metadata and
+/// locates the tensors, without scanning the values again.
+pub fn decode_unchecked<'a>(
+    bytes: &'a [u8],
+    layout: &Layout,
+) -> Result<UpdateView<'a>, UpdateError> {
+    let (tensors, metadata) = decode_views(bytes, layout)?;
+    Ok(UpdateView {
+        meta: parse_meta(&metadata)?,
+        tensors,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,1 +1,163 @@
-//! placeholder
+//! The Starling coordinator as a library: settings, storage, the round engine and the HTTP
+//! API. `starling serve` is a thin wrapper around [`Server`].
+//!
+//! - [`settings`]: typed settings from TOML and the environment.
+//! - [`store`]: the SQLite store of tasks, checkpoints and round records.
+//! - [`engine`]: the round engine (one task owns each task's round state).
+//! - [`api`]: the HTTP API (axum).
+//! - [`metrics`]: Prometheus counters.
+
+pub mod api;
+pub mod engine;
+pub mod metrics;
+pub mod settings;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+pub use engine::TaskHandle;
+pub use settings::Settings;
+
+/// Errors starting or running a server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Bad settings.
+    #[error(transparent)]
+    Settings(#[from] settings::SettingsError),
+    /// Storage failed to open.
+    #[error("cannot open the database {path}: {source}")]
+    Store {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: store::StoreError,
+    },
+    /// A task failed to start.
+    #[error(transparent)]
+    Engine(#[from] engine::EngineError),
+    /// The listener failed.
+    #[error("network: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A started server: storage open, every task's engine running, not yet listening.
+pub struct Server {
+    state: api::AppState,
+    settings: Settings,
+}
+
+impl Server {
+    /// Opens the store and starts the tasks' engines.
+    pub async fn start(settings: Settings) -> Result<Self, ServerError> {
+        let defs = settings.task_definitions()?;
+        let path = settings.server.database_path();
+        std::fs::create_dir_all(&settings.server.data_dir)?;
+        let store = store::Store::open(&path)
+            .await
+            .map_err(|source| ServerError::Store {
+                path: path.clone(),
+                source,
+            })?;
+        let metrics = Arc::new(metrics::Metrics::default());
+        let tasks = engine::start_tasks(defs, store.clone(), metrics.clone()).await?;
+        Ok(Self {
+            state: api::AppState {
+                tasks: Arc::new(tasks),
+                metrics,
+                store,
+            },
+            settings,
+        })
+    }
+
+    /// The tasks' engines.
+    pub fn tasks(&self) -> &[TaskHandle] {
+        &self.state.tasks
+    }
+
+    /// The HTTP router.
+    pub fn router(&self) -> axum::Router {
+        api::router(self.state.clone(), self.settings.server.max_body_bytes)
+    }
+
+    /// Serves HTTP on an already-bound listener until `shutdown` resolves, then lets
+    /// in-flight requests finish (up to the configured timeout) and closes the store.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = tx.send(true);
+        });
+        let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let serving = axum::serve(listener, self.router()).with_graceful_shutdown(wait(rx.clone()));
+        let grace = Duration::from_secs_f64(self.settings.server.shutdown_timeout_secs);
+        tokio::select! {
+            r = serving => r?,
+            () = async { wait(rx).await; tokio::time::sleep(grace).await } => {
+                tracing::warn!("in-flight requests did not finish within {grace:?}; stopping anyway");
+            }
+        }
+        self.state.store.close().await;
+        tracing::info!("server stopped");
+        Ok(())
+    }
+
+    /// Binds `host:port` from the settings.
+    pub async fn bind(&self) -> Result<TcpListener, ServerError> {
+        let s = &self.settings.server;
+        Ok(TcpListener::bind((s.host.as_str(), s.port)).await?)
+    }
+}
+
+/// A server running in the background of this process (tests, the demo).
+pub struct Running {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// The tasks' engines.
+    pub tasks: Vec<TaskHandle>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    join: tokio::task::JoinHandle<Result<(), ServerError>>,
+}
+
+impl Running {
+    /// The base URL, `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(mut self) -> Result<(), ServerError> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.join).await.unwrap_or(Ok(()))
+    }
+}
+
+/// Starts a server with these settings on `listener` in the background.
+pub async fn spawn(settings: Settings, listener: TcpListener) -> Result<Running, ServerError> {
+    let server = Server::start(settings).await?;
+    let addr = listener.local_addr()?;
+    let tasks = server.tasks().to_vec();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let join = tokio::spawn(server.serve(listener, async move {
+        let _ = rx.await;
+    }));
+    Ok(Running {
+        addr,
+        tasks,
+        stop: Some(tx),
+        join,
+    })
+}

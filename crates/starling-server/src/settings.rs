@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use starling_core::builtin;
 use starling_core::spec::ModelSpec;
 use starling_core::train::Plan;
-use starling_core::builtin;
 
 /// Errors in loading settings.
 #[derive(Debug, thiserror::Error)]
@@ -188,7 +188,9 @@ impl TaskSettings {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
-            return Err(invalid("a task name uses only letters, digits, `-` and `_`".into()));
+            return Err(invalid(
+                "a task name uses only letters, digits, `-` and `_`".into(),
+            ));
         }
         let spec = match &self.spec_file {
             Some(path) => {
@@ -207,7 +209,10 @@ impl TaskSettings {
             })?,
         };
         spec.validate().map_err(|e| invalid(e.to_string()))?;
-        let plan = self.plan.clone().unwrap_or_else(|| builtin::default_plan(&spec.name));
+        let plan = self
+            .plan
+            .clone()
+            .unwrap_or_else(|| builtin::default_plan(&spec.name));
         plan.validate().map_err(|e| invalid(e.to_string()))?;
         let r = &self.rounds;
         if r.goal == 0 || r.min == 0 || r.min > r.goal {
@@ -325,11 +330,16 @@ impl Settings {
             .collect::<Result<Vec<_>, _>>()?;
         for (i, d) in defs.iter().enumerate() {
             if defs[..i].iter().any(|o| o.name == d.name) {
-                return Err(SettingsError::Invalid(format!("task `{}` is defined twice", d.name)));
+                return Err(SettingsError::Invalid(format!(
+                    "task `{}` is defined twice",
+                    d.name
+                )));
             }
         }
         if self.server.max_body_bytes < 1024 {
-            return Err(SettingsError::Invalid("server.max_body_bytes must be at least 1024".into()));
+            return Err(SettingsError::Invalid(
+                "server.max_body_bytes must be at least 1024".into(),
+            ));
         }
         Ok(defs)
     }
@@ -371,9 +381,18 @@ mod tests {
     fn inconsistent_settings_are_named() {
         let bad: Result<Settings, _> = toml::from_str("[server]\nprot = 1\n");
         assert!(bad.unwrap_err().to_string().contains("prot"));
-        let s: Settings = toml::from_str("[[tasks]]\nname='x'\n[tasks.rounds]\ngoal=2\nmin=3\n").unwrap();
-        assert!(s.task_definitions().unwrap_err().to_string().contains("min <= goal"));
+        let s: Settings =
+            toml::from_str("[[tasks]]\nname='x'\n[tasks.rounds]\ngoal=2\nmin=3\n").unwrap();
+        assert!(s
+            .task_definitions()
+            .unwrap_err()
+            .to_string()
+            .contains("min <= goal"));
         let s: Settings = toml::from_str("[[tasks]]\nname='x'\nmodel='cnn9'\n").unwrap();
-        assert!(s.task_definitions().unwrap_err().to_string().contains("unknown model `cnn9`"));
+        assert!(s
+            .task_definitions()
+            .unwrap_err()
+            .to_string()
+            .contains("unknown model `cnn9`"));
     }
 }

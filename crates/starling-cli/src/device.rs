@@ -1,0 +1,92 @@
+//! `starling device`: one device training on a local CSV file.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use starling_client::data::load_csv;
+use starling_client::device::DeviceEvent;
+use starling_client::{Device, DeviceOptions, HttpTransport};
+use starling_core::data::TargetColumn;
+
+/// Arguments of `starling device`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The server's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080", env = "STARLING_SERVER")]
+    server: String,
+    /// The task to contribute to.
+    #[arg(long, default_value = "linear")]
+    task: String,
+    /// Local data: a CSV file of numbers (a header row is allowed).
+    #[arg(long)]
+    data: PathBuf,
+    /// Target column: a 0-based index or a header name (default: the last column).
+    #[arg(long)]
+    target_column: Option<String>,
+    /// Updates to contribute before exiting (0: run until stopped).
+    #[arg(long, default_value_t = 1)]
+    rounds: u64,
+    /// Give up after the server has been unreachable this many seconds (0: never).
+    #[arg(long, default_value_t = 300)]
+    give_up_after: u64,
+}
+
+/// Parses a `--target-column` value.
+pub fn target_column(arg: Option<&str>) -> TargetColumn {
+    match arg {
+        None => TargetColumn::Last,
+        Some(s) => s
+            .parse()
+            .map_or_else(|_| TargetColumn::Name(s.into()), TargetColumn::Index),
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let data = load_csv(&args.data, &target_column(args.target_column.as_deref()))?;
+    let options = DeviceOptions {
+        task: args.task,
+        rounds: (args.rounds > 0).then_some(args.rounds),
+        give_up_after: (args.give_up_after > 0).then(|| Duration::from_secs(args.give_up_after)),
+        ..DeviceOptions::default()
+    };
+    tracing::info!(server = %args.server, examples = data.len(), "device starting");
+    let mut device = Device::new(HttpTransport::new(&args.server), data, options);
+    let report = crate::runtime()?.block_on(async move {
+        tokio::select! {
+            r = device.run(log_event) => r.map(Some),
+            _ = tokio::signal::ctrl_c() => Ok(None),
+        }
+    })?;
+    match report {
+        Some(r) => tracing::info!(
+            contributions = r.contributions,
+            skipped = r.skipped,
+            version = r.last_version,
+            "device done"
+        ),
+        None => tracing::info!("device stopped"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn log_event(e: &DeviceEvent) {
+    match e {
+        DeviceEvent::Waiting { secs, reason } => {
+            tracing::info!("{reason}; coming back in {secs:.1}s")
+        }
+        DeviceEvent::Training { round, version } => tracing::info!(round, version, "training"),
+        DeviceEvent::Contributed {
+            round,
+            examples,
+            loss_before,
+            loss_after,
+        } => tracing::info!(round, examples, loss_before, loss_after, "update accepted"),
+        DeviceEvent::Skipped { round, reason } => {
+            tracing::warn!(round, "update not used: {reason}")
+        }
+        DeviceEvent::Unreachable { error, retry_in } => {
+            tracing::warn!("server unreachable ({error}); retrying in {retry_in:.1?}");
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! The task that owns one task's round state. It answers check-ins, reserves uploads, and
+//! closes rounds: commit (durably, then announce) or abandon.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::Rng;
+use starling_core::aggregate::{FedAvgStrategy, Strategy};
+use starling_core::params::Layout;
+use starling_core::Parameters;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep_until, Instant};
+
+use super::round::{ClosedRound, OpenRound};
+use super::{
+    Assignment, CheckIn, Command, EngineError, HandleInner, ModelState, TaskHandle, TaskStatus,
+};
+use crate::metrics::Metrics;
+use crate::settings::TaskDefinition;
+use crate::store::{now_ms, Checkpoint, RoundRecord, RoundStatus, Store};
+
+struct Actor {
+    def: TaskDefinition,
+    layout: Layout,
+    store: Store,
+    metrics: Arc<Metrics>,
+    strategy: Box<dyn Strategy>,
+    model: ModelState,
+    status: watch::Sender<TaskStatus>,
+    shards: usize,
+}
+
+/// The served form of a checkpoint: safetensors with the task, version and spec as metadata.
+fn model_state(def: &TaskDefinition, version: u64, params: Parameters) -> ModelState {
+    let meta = std::collections::HashMap::from([
+        ("task".to_string(), def.name.clone()),
+        ("version".to_string(), version.to_string()),
+        ("spec".to_string(), def.spec.to_json()),
+    ]);
+    let body = Bytes::from(params.to_safetensors(Some(meta)));
+    ModelState {
+        version,
+        params: Arc::new(params),
+        body,
+    }
+}
+
+fn new_token() -> String {
+    let v: u128 = rand::rng().random();
+    format!("{v:032x}")
+}
+
+/// Loads (or creates) a task in the store, opens its next round and starts its engine.
+pub async fn spawn(
+    def: TaskDefinition,
+    store: Store,
+    metrics: Arc<Metrics>,
+) -> Result<TaskHandle, EngineError> {
+    let (checkpoint, next_round) = store
+        .ensure_task(&def.name, &def.spec, || def.spec.init_params(def.init_seed))
+        .await?;
+    let layout = def.spec.layout();
+    let shards = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let model = model_state(&def, checkpoint.version, checkpoint.params);
+    let round = OpenRound::open(
+        next_round,
+        model.version,
+        &layout,
+        &def.rounds,
+        shards,
+        now_ms(),
+        Instant::now(),
+    );
+    tracing::info!(
+        task = %def.name, version = model.version, round = round.number,
+        "task ready"
+    );
+    let (status_tx, status_rx) = watch::channel(TaskStatus {
+        model: model.clone(),
+        round: round.info(),
+        last_round: None,
+    });
+    let (tx, rx) = mpsc::channel(1024);
+    let handle = TaskHandle {
+        inner: Arc::new(HandleInner {
+            name: def.name.clone(),
+            spec: def.spec.clone(),
+            plan: def.plan.clone(),
+            policy: def.rounds.clone(),
+            layout: layout.clone(),
+            max_update_norm: def.max_update_norm,
+            tx,
+            status: status_rx,
+            metrics: metrics.clone(),
+        }),
+    };
+    let actor = Actor {
+        def,
+        layout,
+        store,
+        metrics,
+        strategy: Box::new(FedAvgStrategy),
+        model,
+        status: status_tx,
+        shards,
+    };
+    tokio::spawn(actor.run(round, rx));
+    Ok(handle)
+}
+
+impl Actor {
+    async fn run(mut self, mut round: OpenRound, mut rx: mpsc::Receiver<Command>) {
+        loop {
+            let closing = round.is_closing();
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.handle(&mut round, cmd),
+                    None => break,
+                },
+                () = sleep_until(round.deadline), if !closing => round.deadline_passed(),
+            }
+            if round.ready_to_close() {
+                round = self.close(round).await;
+            }
+            let info = round.info();
+            self.status.send_if_modified(|s| {
+                let changed = s.round != info;
+                s.round = info;
+                changed
+            });
+        }
+        tracing::debug!(task = %self.def.name, "engine stopped");
+    }
+
+    fn handle(&mut self, round: &mut OpenRound, cmd: Command) {
+        match cmd {
+            Command::CheckIn { reply } => {
+                let answer = if round.has_room() {
+                    let token = new_token();
+                    round.assign(token.clone());
+                    CheckIn::Assigned(Assignment {
+                        round: round.number,
+                        base_version: round.base_version,
+                        token,
+                        deadline_in: round.deadline.saturating_duration_since(Instant::now()),
+                        plan: self.def.plan.clone(),
+                    })
+                } else {
+                    let jitter = 1.0 + rand::rng().random_range(0.0..0.5);
+                    CheckIn::Retry {
+                        after: Duration::from_secs_f64(self.def.rounds.retry_secs * jitter),
+                        reason: if round.is_closing() {
+                            "the round is closing"
+                        } else {
+                            "the round is full"
+                        },
+                    }
+                };
+                self.metrics.count_checkin(&answer);
+                let _ = reply.send(answer);
+            }
+            Command::Reserve {
+                round: number,
+                base_version,
+                token,
+                reply,
+            } => {
+                let result = if number == round.number {
+                    round.reserve(base_version, &token)
+                } else if number >= 1 && number < round.number {
+                    Err(EngineError::RoundClosed(number))
+                } else {
+                    Err(EngineError::UnknownRound(number))
+                };
+                let _ = reply.send(result);
+            }
+            Command::Folded {
+                round: number,
+                token,
+            } if number == round.number => {
+                round.folded(&token);
+            }
+            Command::Released {
+                round: number,
+                token,
+            } if number == round.number => {
+                round.released(&token);
+            }
+            Command::Folded { .. } | Command::Released { .. } => {}
+        }
+    }
+
+    /// Closes `round` and opens the next one. A commit is durable before it is announced; a
+    /// storage failure abandons the round and keeps the model.
+    async fn close(&mut self, round: OpenRound) -> OpenRound {
+        let (number, base, started) = (round.number, round.base_version, round.started_at_ms);
+        let mut record = RoundRecord {
+            round: number,
+            status: RoundStatus::Abandoned,
+            base_version: base,
+            version: None,
+            participants: round.updates(),
+            examples: 0,
+            mean_loss: None,
+            started_at_ms: started,
+            ended_at_ms: now_ms(),
+        };
+        match round.close() {
+            ClosedRound::Commit { aggregate } => {
+                record.examples = aggregate.examples();
+                record.mean_loss = aggregate.mean_loss();
+                match self.strategy.next_params(&self.model.params, &aggregate) {
+                    Ok(params) => {
+                        let checkpoint = Checkpoint {
+                            version: self.model.version + 1,
+                            params,
+                        };
+                        record.status = RoundStatus::Committed;
+                        record.version = Some(checkpoint.version);
+                        match self
+                            .store
+                            .record_round(&self.def.name, &record, Some(&checkpoint))
+                            .await
+                        {
+                            Ok(()) => {
+                                self.model =
+                                    model_state(&self.def, checkpoint.version, checkpoint.params);
+                                self.metrics.count_round(true);
+                                tracing::info!(
+                                    task = %self.def.name, round = number, version = self.model.version,
+                                    participants = record.participants, examples = record.examples,
+                                    mean_loss = record.mean_loss.unwrap_or(f64::NAN),
+                                    "round committed"
+                                );
+                            }
+                            Err(e) => {
+                                tracing::error!(task = %self.def.name, round = number, error = %e,
+                                    "could not store the round's checkpoint; round abandoned");
+                                self.metrics.count_round(false);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(task = %self.def.name, round = number, error = %e,
+                            "strategy failed; round abandoned");
+                        self.metrics.count_round(false);
+                    }
+                }
+            }
+            ClosedRound::Abandon { updates } => {
+                tracing::info!(
+                    task = %self.def.name, round = number, updates,
+                    min = self.def.rounds.min, "round abandoned at its deadline"
+                );
+                if let Err(e) = self.store.record_round(&self.def.name, &record, None).await {
+                    tracing::error!(task = %self.def.name, round = number, error = %e,
+                        "could not record the abandoned round");
+                }
+                self.metrics.count_round(false);
+            }
+        }
+        let next = OpenRound::open(
+            number + 1,
+            self.model.version,
+            &self.layout,
+            &self.def.rounds,
+            self.shards,
+            now_ms(),
+            Instant::now(),
+        );
+        let model = self.model.clone();
+        self.status.send_modify(|s| {
+            s.model = model;
+            s.round = next.info();
+            s.last_round = Some(record);
+        });
+        next
+    }
+}

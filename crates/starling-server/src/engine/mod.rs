@@ -1,0 +1,329 @@
+//! The round engine. One tokio task owns each task's round state ([`actor`]); handlers talk
+//! to it through a [`TaskHandle`], and read-mostly state (the current model, the open round)
+//! is published through a `watch` channel. No HTTP types here: the same engine serves the
+//! HTTP API and an in-memory transport.
+//!
+//! - [`round`]: the phases of a round as types (open, then closed as committed or abandoned).
+//! - [`shards`]: per-core partial aggregates, so uploads fold in parallel without a global lock.
+//! - [`actor`]: the task that owns the round state.
+
+mod actor;
+pub mod round;
+pub mod shards;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use starling_core::params::Layout;
+use starling_core::update::{self, UpdateError};
+use starling_core::{ModelSpec, Parameters, Plan};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::metrics::Metrics;
+use crate::settings::{RoundPolicy, TaskDefinition};
+use crate::store::{Store, StoreError};
+
+pub use actor::spawn;
+
+/// Why the engine refused a request. Every refusal leaves the aggregate untouched.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The update itself is unusable.
+    #[error(transparent)]
+    Update(#[from] UpdateError),
+    /// The round number was never opened.
+    #[error("round {0} does not exist")]
+    UnknownRound(u64),
+    /// The round is over (committed, abandoned, or full).
+    #[error("round {0} is closed")]
+    RoundClosed(u64),
+    /// The update was trained from another version than the round's.
+    #[error("update is built on version {got}, round {round} trains version {expected}")]
+    StaleVersion {
+        /// The round.
+        round: u64,
+        /// The update's base version.
+        got: u64,
+        /// The round's base version.
+        expected: u64,
+    },
+    /// The upload token is not an assignment of this round.
+    #[error("upload token is not an assignment of round {0}")]
+    UnknownToken(u64),
+    /// The assignment already delivered its update.
+    #[error("this assignment already delivered its update")]
+    Duplicate,
+    /// The engine is shutting down.
+    #[error("the task is shutting down")]
+    Unavailable,
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl EngineError {
+    /// A stable, machine-readable code for the refusal.
+    pub fn code(&self) -> &'static str {
+        use starling_core::params::ParamsError;
+        match self {
+            EngineError::Update(UpdateError::Params(ParamsError::Malformed(_))) => {
+                "malformed_update"
+            }
+            EngineError::Update(UpdateError::Params(_)) => "wrong_tensors",
+            EngineError::Update(
+                UpdateError::MissingField(_) | UpdateError::InvalidField { .. },
+            ) => "invalid_metadata",
+            EngineError::Update(UpdateError::NoExamples(_)) => "invalid_examples",
+            EngineError::Update(UpdateError::NotFinite(_)) => "not_finite",
+            EngineError::Update(UpdateError::NormTooLarge { .. }) => "norm_too_large",
+            EngineError::UnknownRound(_) => "unknown_round",
+            EngineError::RoundClosed(_) => "round_closed",
+            EngineError::StaleVersion { .. } => "stale_version",
+            EngineError::UnknownToken(_) => "invalid_token",
+            EngineError::Duplicate => "duplicate_update",
+            EngineError::Unavailable => "unavailable",
+            EngineError::Store(_) => "internal",
+        }
+    }
+}
+
+/// The answer to a check-in.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CheckIn {
+    /// Work for this round.
+    Assigned(Assignment),
+    /// Come back later (pace steering).
+    Retry {
+        /// When to come back.
+        after: Duration,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+/// An assignment: train `base_version` with `plan`, upload to `round` with `token`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assignment {
+    /// The round.
+    pub round: u64,
+    /// The version to train from.
+    pub base_version: u64,
+    /// The upload token.
+    pub token: String,
+    /// Time left before the round's deadline.
+    pub deadline_in: Duration,
+    /// What to do.
+    pub plan: Plan,
+}
+
+/// An accepted update.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Receipt {
+    /// The round it went into.
+    pub round: u64,
+    /// Updates folded into that round so far, this one included.
+    pub updates_in_round: u64,
+}
+
+/// The open round, as published to readers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoundInfo {
+    /// Round number.
+    pub round: u64,
+    /// Version being trained.
+    pub base_version: u64,
+    /// Updates folded in so far.
+    pub updates: u64,
+    /// Assignments handed out.
+    pub assigned: u64,
+    /// Updates that commit the round.
+    pub goal: u32,
+    /// Updates needed at the deadline.
+    pub min: u32,
+    /// Deadline, Unix milliseconds.
+    pub deadline_ms: i64,
+}
+
+/// The current model, as published to readers.
+#[derive(Debug, Clone)]
+pub struct ModelState {
+    /// The version.
+    pub version: u64,
+    /// The parameters.
+    pub params: Arc<Parameters>,
+    /// The checkpoint as served: safetensors with `task`, `version` and `spec` metadata.
+    pub body: Bytes,
+}
+
+/// Read-mostly state of a task.
+#[derive(Debug, Clone)]
+pub struct TaskStatus {
+    /// The current model.
+    pub model: ModelState,
+    /// The open round.
+    pub round: RoundInfo,
+    /// The last round closed by this process, if any.
+    pub last_round: Option<crate::store::RoundRecord>,
+}
+
+pub(crate) enum Command {
+    CheckIn {
+        reply: oneshot::Sender<CheckIn>,
+    },
+    Reserve {
+        round: u64,
+        base_version: u64,
+        token: String,
+        reply: oneshot::Sender<Result<Arc<shards::Shards>, EngineError>>,
+    },
+    Folded {
+        round: u64,
+        token: String,
+    },
+    Released {
+        round: u64,
+        token: String,
+    },
+}
+
+/// A cheap, cloneable handle to one task's engine.
+#[derive(Clone)]
+pub struct TaskHandle {
+    inner: Arc<HandleInner>,
+}
+
+struct HandleInner {
+    name: String,
+    spec: ModelSpec,
+    plan: Plan,
+    policy: RoundPolicy,
+    layout: Layout,
+    max_update_norm: Option<f64>,
+    tx: mpsc::Sender<Command>,
+    status: watch::Receiver<TaskStatus>,
+    metrics: Arc<Metrics>,
+}
+
+impl TaskHandle {
+    /// The task's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The model spec.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.inner.spec
+    }
+
+    /// The plan devices follow.
+    pub fn plan(&self) -> &Plan {
+        &self.inner.plan
+    }
+
+    /// The round policy.
+    pub fn policy(&self) -> &RoundPolicy {
+        &self.inner.policy
+    }
+
+    /// The current status (model and open round).
+    pub fn status(&self) -> TaskStatus {
+        self.inner.status.borrow().clone()
+    }
+
+    /// A receiver that sees every new status.
+    pub fn subscribe(&self) -> watch::Receiver<TaskStatus> {
+        self.inner.status.clone()
+    }
+
+    /// A device asks for work.
+    pub async fn check_in(&self) -> Result<CheckIn, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::CheckIn { reply }).await?;
+        rx.await.map_err(|_| EngineError::Unavailable)
+    }
+
+    async fn send(&self, cmd: Command) -> Result<(), EngineError> {
+        self.inner
+            .tx
+            .send(cmd)
+            .await
+            .map_err(|_| EngineError::Unavailable)
+    }
+
+    /// Checks an update (off the async reactor), reserves its assignment, folds it into a
+    /// partial aggregate and reports it to the round. The body is dropped afterwards: nothing
+    /// of it is kept but its contribution to the sums.
+    pub async fn upload(&self, round: u64, body: Bytes) -> Result<Receipt, EngineError> {
+        let result = self.upload_inner(round, body).await;
+        self.inner.metrics.count_update(&result);
+        result
+    }
+
+    async fn upload_inner(&self, round: u64, body: Bytes) -> Result<Receipt, EngineError> {
+        let layout = self.inner.layout.clone();
+        let bound = self.inner.max_update_norm;
+        let checked = body.clone();
+        let meta = tokio::task::spawn_blocking(move || {
+            update::decode(&checked, &layout, bound).map(|v| v.meta)
+        })
+        .await
+        .map_err(|_| EngineError::Unavailable)??;
+
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Reserve {
+            round,
+            base_version: meta.base_version,
+            token: meta.token.clone(),
+            reply,
+        })
+        .await?;
+        let shards = rx.await.map_err(|_| EngineError::Unavailable)??;
+
+        // Folding and reporting run in their own task so that a client hanging up cannot
+        // leave the round waiting for an update that was reserved but never reported.
+        let handle = self.clone();
+        let token = meta.token;
+        tokio::spawn(async move {
+            let layout = handle.inner.layout.clone();
+            let folded = tokio::task::spawn_blocking(move || {
+                let view = update::decode_unchecked(&body, &layout)?;
+                Ok::<u64, UpdateError>(shards.fold(&view))
+            })
+            .await;
+            match folded {
+                Ok(Ok(count)) => {
+                    handle.send(Command::Folded { round, token }).await?;
+                    Ok(Receipt {
+                        round,
+                        updates_in_round: count,
+                    })
+                }
+                Ok(Err(e)) => {
+                    let _ = handle.send(Command::Released { round, token }).await;
+                    Err(EngineError::Update(e))
+                }
+                Err(_) => {
+                    let _ = handle.send(Command::Released { round, token }).await;
+                    Err(EngineError::Unavailable)
+                }
+            }
+        })
+        .await
+        .map_err(|_| EngineError::Unavailable)?
+    }
+}
+
+/// Starts the engines of all tasks on one store.
+pub async fn start_tasks(
+    defs: Vec<TaskDefinition>,
+    store: Store,
+    metrics: Arc<Metrics>,
+) -> Result<Vec<TaskHandle>, EngineError> {
+    let mut handles = Vec::with_capacity(defs.len());
+    for def in defs {
+        handles.push(spawn(def, store.clone(), metrics.clone()).await?);
+    }
+    Ok(handles)
+}

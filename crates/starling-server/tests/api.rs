@@ -1,0 +1,559 @@
+//! The HTTP API against a real server on 127.0.0.1:0 with a real SQLite file.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use starling_core::params::Layout;
+use starling_core::update::{self, UpdateMeta};
+use starling_core::{FedAvg, Parameters, Tensor};
+use starling_server::settings::{RoundPolicy, TaskSettings};
+use starling_server::{Running, Settings};
+
+struct Harness {
+    server: Running,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_with(policy: RoundPolicy, max_body_bytes: usize) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = Settings::default();
+    settings.server.data_dir = dir.path().to_path_buf();
+    settings.server.max_body_bytes = max_body_bytes;
+    settings.tasks = vec![TaskSettings {
+        rounds: policy,
+        ..TaskSettings::default()
+    }];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    Harness {
+        server: starling_server::spawn(settings, listener).await.unwrap(),
+        http: reqwest::Client::new(),
+        _dir: dir,
+    }
+}
+
+fn policy(goal: u32, min: u32, deadline_secs: f64) -> RoundPolicy {
+    RoundPolicy {
+        goal,
+        min,
+        deadline_secs,
+        overcommit: 2.0,
+        retry_secs: 1.0,
+    }
+}
+
+async fn start(goal: u32) -> Harness {
+    start_with(policy(goal, 1, 60.0), 1 << 20).await
+}
+
+struct Assigned {
+    round: u64,
+    base_version: u64,
+    token: String,
+}
+
+impl Harness {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.server.url())
+    }
+
+    async fn get_json(&self, path: &str) -> Value {
+        let r = self.http.get(self.url(path)).send().await.unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+        r.json().await.unwrap()
+    }
+
+    async fn check_in(&self) -> Value {
+        let r = self
+            .http
+            .post(self.url("/v1/tasks/linear/checkin"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        r.json().await.unwrap()
+    }
+
+    async fn assigned(&self) -> Assigned {
+        let v = self.check_in().await;
+        assert_eq!(v["status"], "assigned", "{v}");
+        Assigned {
+            round: v["round"].as_u64().unwrap(),
+            base_version: v["base_version"].as_u64().unwrap(),
+            token: v["token"].as_str().unwrap().to_string(),
+        }
+    }
+
+    async fn upload_raw(&self, round: &str, body: Vec<u8>) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .post(self.url(&format!("/v1/tasks/linear/rounds/{round}/updates")))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn upload(&self, a: &Assigned, delta: &Parameters, examples: u64) -> (StatusCode, Value) {
+        let body = update::encode(
+            delta,
+            &UpdateMeta {
+                base_version: a.base_version,
+                examples,
+                loss: Some(0.5),
+                token: a.token.clone(),
+            },
+        );
+        self.upload_raw(&a.round.to_string(), body).await
+    }
+
+    async fn task(&self) -> Value {
+        self.get_json("/v1/tasks/linear").await
+    }
+
+    async fn model(&self) -> (u64, Parameters) {
+        let r = self
+            .http
+            .get(self.url("/v1/tasks/linear/model"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let etag: u64 = r.headers()["etag"]
+            .to_str()
+            .unwrap()
+            .trim_matches('"')
+            .parse()
+            .unwrap();
+        let body = r.bytes().await.unwrap();
+        (
+            etag,
+            Parameters::from_safetensors_with_layout(&body, &layout())
+                .unwrap()
+                .0,
+        )
+    }
+
+    /// Polls until the task's version reaches `version`.
+    async fn wait_version(&self, version: u64) -> Value {
+        for _ in 0..200 {
+            let t = self.task().await;
+            if t["version"].as_u64().unwrap() >= version {
+                return t;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("version {version} never came");
+    }
+}
+
+fn layout() -> Layout {
+    Layout::new(vec![("W".into(), vec![1, 1]), ("b".into(), vec![1])])
+}
+
+fn delta(w: f32, b: f32) -> Parameters {
+    Parameters::new(vec![
+        ("W".into(), Tensor::new(vec![1, 1], vec![w]).unwrap()),
+        ("b".into(), Tensor::new(vec![1], vec![b]).unwrap()),
+    ])
+    .unwrap()
+}
+
+fn error_code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("<no error code>")
+}
+
+/// The parameters FedAvg must commit for these valid updates on the demo's initial model.
+fn expected_after(updates: &[(Parameters, u64)]) -> Parameters {
+    let base = starling_core::builtin::linear(1, 1).init_params(0);
+    let mut agg = FedAvg::new(&layout());
+    for (d, n) in updates {
+        let body = update::encode(
+            d,
+            &UpdateMeta {
+                base_version: 0,
+                examples: *n,
+                loss: None,
+                token: String::new(),
+            },
+        );
+        agg.accept(&update::decode(&body, &layout(), None).unwrap());
+    }
+    agg.finish(&base).unwrap()
+}
+
+#[tokio::test]
+async fn health_tasks_and_model_download_with_etag() {
+    let h = start(2).await;
+    assert_eq!(h.get_json("/v1/health").await["status"], "ok");
+    let tasks = h.get_json("/v1/tasks").await;
+    assert_eq!(tasks[0]["name"], "linear");
+    assert_eq!(tasks[0]["version"], 0);
+    assert_eq!(tasks[0]["parameters"]["W"], 5.0);
+    assert_eq!(tasks[0]["parameters"]["b"], 3.0);
+    let (v, p) = h.model().await;
+    assert_eq!(v, 0);
+    assert_eq!(p.get("W").unwrap().data(), &[5.0]);
+    let r = h
+        .http
+        .get(h.url("/v1/tasks/linear/model"))
+        .header("if-none-match", "\"0\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    let spec: Value = h.get_json("/v1/openapi.json").await;
+    assert!(spec["paths"]["/v1/tasks/{task}/checkin"].is_object());
+    let r = h.http.get(h.url("/metrics")).send().await.unwrap();
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("starling_model_version{task=\"linear\"} 0"));
+}
+
+#[tokio::test]
+async fn a_round_commits_at_its_goal_with_the_weighted_average() {
+    let h = start(2).await;
+    let a = h.assigned().await;
+    let b = h.assigned().await;
+    assert_eq!((a.round, a.base_version), (1, 0));
+    assert_ne!(a.token, b.token);
+    let (s, v) = h.upload(&a, &delta(-1.0, -0.5), 30).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v["updates_in_round"], 1);
+    let (s, _) = h.upload(&b, &delta(-2.0, 0.5), 10).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let t = h.wait_version(1).await;
+    assert_eq!(t["round"]["round"], 2);
+    let (v, p) = h.model().await;
+    assert_eq!(v, 1);
+    assert_eq!(
+        p,
+        expected_after(&[(delta(-1.0, -0.5), 30), (delta(-2.0, 0.5), 10)])
+    );
+    // W = 5 + (30 * -1 + 10 * -2) / 40 = 3.75
+    assert!((p.get("W").unwrap().data()[0] - 3.75).abs() < 1e-6);
+    let hist = h.get_json("/v1/tasks/linear/rounds").await;
+    let r1 = &hist["rounds"][0];
+    assert_eq!(r1["status"], "committed");
+    assert_eq!(r1["participants"], 2);
+    assert_eq!(r1["examples"], 40);
+    assert_eq!(r1["version"], 1);
+}
+
+#[tokio::test]
+async fn devices_beyond_the_goal_are_told_when_to_come_back() {
+    let h = start_with(
+        RoundPolicy {
+            overcommit: 1.0,
+            ..policy(2, 1, 60.0)
+        },
+        1 << 20,
+    )
+    .await;
+    h.assigned().await;
+    h.assigned().await;
+    let r = h
+        .http
+        .post(h.url("/v1/tasks/linear/checkin"))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().contains_key("retry-after"));
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["status"], "retry");
+    let secs = v["retry_after_secs"].as_f64().unwrap();
+    assert!((1.0..=1.5).contains(&secs), "{secs}");
+}
+
+/// Every refusal: a JSON error with a 4xx status, and the round's aggregate unchanged — the
+/// round finally commits exactly what the valid updates alone give.
+#[tokio::test]
+async fn bad_updates_are_refused_and_leave_the_aggregate_unchanged() {
+    let h = start_with(policy(3, 1, 60.0), 4096).await;
+    let a = h.assigned().await;
+    let good = delta(-1.0, 0.25);
+    let (s, _) = h.upload(&a, &good, 20).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let b = h.assigned().await;
+    let round = b.round.to_string();
+
+    let meta = |examples: i64, base: u64| {
+        HashMap::from([
+            ("base_version".to_string(), base.to_string()),
+            ("examples".to_string(), examples.to_string()),
+            ("token".to_string(), b.token.clone()),
+        ])
+    };
+    let wrong_name = Parameters::new(vec![
+        ("W".into(), Tensor::full(vec![1, 1], 1.0)),
+        ("c".into(), Tensor::full(vec![1], 1.0)),
+    ])
+    .unwrap();
+    let wrong_shape = Parameters::new(vec![
+        ("W".into(), Tensor::full(vec![2, 1], 1.0)),
+        ("b".into(), Tensor::full(vec![1], 1.0)),
+    ])
+    .unwrap();
+    let cases: Vec<(&str, String, Vec<u8>, StatusCode, &str)> = vec![
+        (
+            "malformed body",
+            round.clone(),
+            b"not safetensors".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "malformed_update",
+        ),
+        (
+            "empty body",
+            round.clone(),
+            Vec::new(),
+            StatusCode::BAD_REQUEST,
+            "malformed_update",
+        ),
+        (
+            "unknown round",
+            "999".into(),
+            delta(1.0, 1.0).to_safetensors(Some(meta(5, 0))),
+            StatusCode::NOT_FOUND,
+            "unknown_round",
+        ),
+        (
+            "non-numeric round",
+            "abc".into(),
+            delta(1.0, 1.0).to_safetensors(Some(meta(5, 0))),
+            StatusCode::NOT_FOUND,
+            "unknown_round",
+        ),
+        (
+            "wrong tensor names",
+            round.clone(),
+            wrong_name.to_safetensors(Some(meta(5, 0))),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "wrong_tensors",
+        ),
+        (
+            "wrong shape",
+            round.clone(),
+            wrong_shape.to_safetensors(Some(meta(5, 0))),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "wrong_tensors",
+        ),
+        (
+            "NaN",
+            round.clone(),
+            delta(f32::NAN, 1.0).to_safetensors(Some(meta(5, 0))),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not_finite",
+        ),
+        (
+            "infinity",
+            round.clone(),
+            delta(1.0, f32::NEG_INFINITY).to_safetensors(Some(meta(5, 0))),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not_finite",
+        ),
+        (
+            "zero examples",
+            round.clone(),
+            delta(1.0, 1.0).to_safetensors(Some(meta(0, 0))),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_examples",
+        ),
+        (
+            "negative examples",
+            round.clone(),
+            delta(1.0, 1.0).to_safetensors(Some(meta(-3, 0))),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_examples",
+        ),
+        (
+            "wrong base version",
+            round.clone(),
+            delta(1.0, 1.0).to_safetensors(Some(meta(5, 4))),
+            StatusCode::CONFLICT,
+            "stale_version",
+        ),
+        (
+            "unknown token",
+            round.clone(),
+            update::encode(
+                &delta(1.0, 1.0),
+                &UpdateMeta {
+                    base_version: 0,
+                    examples: 5,
+                    loss: None,
+                    token: "forged".into(),
+                },
+            ),
+            StatusCode::FORBIDDEN,
+            "invalid_token",
+        ),
+        (
+            "oversized body",
+            round.clone(),
+            vec![0u8; 8192],
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        (
+            "second update of an assignment",
+            a.round.to_string(),
+            update::encode(
+                &good,
+                &UpdateMeta {
+                    base_version: 0,
+                    examples: 20,
+                    loss: None,
+                    token: a.token.clone(),
+                },
+            ),
+            StatusCode::CONFLICT,
+            "duplicate_update",
+        ),
+    ];
+    let mut unknown_task = h
+        .http
+        .post(h.url("/v1/tasks/nope/rounds/1/updates"))
+        .body(update::encode(
+            &good,
+            &UpdateMeta {
+                base_version: 0,
+                examples: 1,
+                loss: None,
+                token: b.token.clone(),
+            },
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown_task.status(), StatusCode::NOT_FOUND);
+    let v: Value = unknown_task.json().await.unwrap();
+    assert_eq!(error_code(&v), "unknown_task");
+    unknown_task = h
+        .http
+        .post(h.url("/v1/tasks/nope/checkin"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown_task.status(), StatusCode::NOT_FOUND);
+
+    for (what, round, body, status, code) in cases {
+        let (s, v) = h.upload_raw(&round, body).await;
+        assert_eq!(s, status, "{what}: {v}");
+        assert_eq!(error_code(&v), code, "{what}: {v}");
+        assert!(
+            !v["error"]["message"].as_str().unwrap().is_empty(),
+            "{what}"
+        );
+        assert_eq!(
+            h.task().await["round"]["updates"],
+            1,
+            "{what} changed the round"
+        );
+    }
+
+    // The assignment that saw every refusal can still deliver, and the round commits exactly
+    // the valid updates.
+    let (s, v) = h.upload(&b, &delta(-3.0, 0.5), 10).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let c = h.assigned().await;
+    let (s, _) = h.upload(&c, &delta(0.5, 0.5), 5).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    h.wait_version(1).await;
+    let (_, p) = h.model().await;
+    assert_eq!(
+        p,
+        expected_after(&[(good, 20), (delta(-3.0, 0.5), 10), (delta(0.5, 0.5), 5)])
+    );
+}
+
+#[tokio::test]
+async fn an_update_for_a_committed_round_or_an_old_version_is_refused() {
+    let h = start(1).await;
+    let a = h.assigned().await;
+    let late = h.assigned().await; // overcommit 2: a second assignment of round 1
+    let (s, _) = h.upload(&a, &delta(-1.0, -1.0), 10).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    h.wait_version(1).await;
+    let (s, v) = h.upload(&late, &delta(1.0, 1.0), 10).await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::CONFLICT, "round_closed"),
+        "{v}"
+    );
+    // Round 2 trains version 1; an update built on version 0 is stale.
+    let b = h.assigned().await;
+    assert_eq!((b.round, b.base_version), (2, 1));
+    let stale = Assigned {
+        base_version: 0,
+        ..b
+    };
+    let (s, v) = h.upload(&stale, &delta(1.0, 1.0), 10).await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::CONFLICT, "stale_version"),
+        "{v}"
+    );
+    assert_eq!(h.task().await["round"]["updates"], 0);
+}
+
+#[tokio::test]
+async fn deadline_commits_above_the_minimum_and_abandons_below_it() {
+    let h = start_with(policy(5, 2, 0.6), 1 << 20).await;
+    // Round 1: one update, minimum two: abandoned at the deadline, model unchanged.
+    let a = h.assigned().await;
+    assert_eq!(
+        h.upload(&a, &delta(1.0, 1.0), 10).await.0,
+        StatusCode::ACCEPTED
+    );
+    let mut t = h.task().await;
+    for _ in 0..100 {
+        if t["round"]["round"] == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        t = h.task().await;
+    }
+    assert_eq!(t["round"]["round"], 2, "{t}");
+    assert_eq!(t["version"], 0);
+    assert_eq!(h.model().await.1.get("W").unwrap().data(), &[5.0]);
+    // Round 2: two updates, minimum two: committed at the deadline.
+    let b = h.assigned().await;
+    let c = h.assigned().await;
+    assert_eq!(b.round, 2);
+    assert_eq!(
+        h.upload(&b, &delta(-1.0, 0.0), 10).await.0,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        h.upload(&c, &delta(-3.0, 0.0), 10).await.0,
+        StatusCode::ACCEPTED
+    );
+    h.wait_version(1).await;
+    assert_eq!(h.model().await.1.get("W").unwrap().data(), &[3.0]);
+    let hist = h.get_json("/v1/tasks/linear/rounds").await;
+    assert_eq!(hist["rounds"][0]["status"], "abandoned");
+    assert_eq!(hist["rounds"][0]["participants"], 1);
+    assert_eq!(hist["rounds"][1]["status"], "committed");
+}
+
+#[tokio::test]
+async fn unknown_endpoints_answer_json() {
+    let h = start(1).await;
+    let r = h.http.get(h.url("/v2/nothing")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(error_code(&v), "not_found");
+    let r = h
+        .http
+        .get(h.url("/v1/tasks/nope/model"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+}
