@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
+use starling_core::checkpoint;
 use starling_core::train::{self, check_data};
-use starling_core::update::{self, UpdateMeta};
-use starling_core::{Dataset, Model, ModelSpec, Parameters};
+use starling_core::{Dataset, Model, Parameters};
 
 use crate::transport::{CheckInReply, ModelDownload, Transport};
 use crate::ClientError;
@@ -115,24 +115,6 @@ pub struct Device<T> {
     cached: Option<Cached>,
 }
 
-/// Decodes a served checkpoint: spec from the metadata, tensors in the spec's layout.
-pub fn decode_checkpoint(body: &[u8]) -> Result<(Model, Parameters, u64), ClientError> {
-    let protocol = |m: String| ClientError::Protocol(format!("model download: {m}"));
-    let (_, meta) = Parameters::from_safetensors(body).map_err(|e| protocol(e.to_string()))?;
-    let spec_json = meta
-        .get("spec")
-        .ok_or_else(|| protocol("no spec in metadata".into()))?;
-    let spec = ModelSpec::from_json(spec_json).map_err(|e| protocol(e.to_string()))?;
-    let version = meta
-        .get("version")
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| protocol("no version in metadata".into()))?;
-    let (params, _) = Parameters::from_safetensors_with_layout(body, &spec.layout())
-        .map_err(|e| protocol(e.to_string()))?;
-    let model = Model::new(spec).map_err(|e| protocol(e.to_string()))?;
-    Ok((model, params, version))
-}
-
 impl<T: Transport> Device<T> {
     /// A device with its data.
     pub fn new(transport: T, data: Dataset, options: DeviceOptions) -> Self {
@@ -192,7 +174,10 @@ impl<T: Transport> Device<T> {
             .retry(on_event, || self.transport.download(&task, cached_version))
             .await?;
         if let Some(d) = download {
-            let (model, params, v) = decode_checkpoint(&d.body)?;
+            let c = checkpoint::decode(&d.body)
+                .map_err(|e| ClientError::Protocol(format!("model download: {e}")))?;
+            let model = Model::new(c.spec).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let (params, v) = (c.params, c.version);
             if v != d.version {
                 return Err(ClientError::Protocol(format!(
                     "model metadata says version {v}, ETag says {}",
@@ -256,16 +241,7 @@ impl<T: Transport> Device<T> {
                 self.data.clone(),
             );
             let (body, tr) = tokio::task::spawn_blocking(move || {
-                let mut params = base.clone();
-                let tr = train::train(&model, &mut params, &data, &plan, |_| {})?;
-                let delta = params.sub(&base).expect("training keeps the layout");
-                let meta = UpdateMeta {
-                    base_version,
-                    examples: tr.examples as u64,
-                    loss: Some(tr.after.loss),
-                    token,
-                };
-                Ok::<_, ClientError>((update::encode(&delta, &meta), tr))
+                train::local_update(&model, &base, &data, &plan, base_version, token, |_| {})
             })
             .await
             .map_err(|e| ClientError::Protocol(format!("training task failed: {e}")))??;

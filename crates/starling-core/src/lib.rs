@@ -8,11 +8,13 @@
 //! - [`model`], [`layers`], [`loss`], [`optim`]: the lean built-in trainer.
 //! - [`data`]: in-memory data sets and CSV parsing; [`train`]: the local training loop
 //!   driven by a [`train::Plan`].
+//! - [`checkpoint`]: the served form of a model version (spec and version in the metadata).
 //! - [`update`]: the update wire format and its validation (DESIGN.md invariant 3).
 //! - [`aggregate`]: the streaming FedAvg aggregator and the [`aggregate::Strategy`] hook.
 
 pub mod aggregate;
 pub mod builtin;
+pub mod checkpoint;
 pub mod data;
 pub mod layers;
 pub mod loss;

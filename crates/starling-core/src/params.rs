@@ -305,12 +305,12 @@ fn check_names_and_shapes<'a>(
         .collect()
 }
 
+/// Each tensor's raw little-endian bytes in layout order, and the string metadata.
+pub type RawTensors<'a> = (Vec<&'a [u8]>, HashMap<String, String>);
+
 /// Parses a safetensors body without copying tensor data: returns each layout entry's raw
 /// little-endian bytes, in layout order, and the string metadata.
-pub fn decode_views<'a>(
-    bytes: &'a [u8],
-    layout: &Layout,
-) -> Result<(Vec<&'a [u8]>, HashMap<String, String>), ParamsError> {
+pub fn decode_views<'a>(bytes: &'a [u8], layout: &Layout) -> Result<RawTensors<'a>, ParamsError> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| ParamsError::Malformed(e.to_string()))?;
     let views: Vec<(String, safetensors::tensor::TensorView<'a>)> = st.tensors();
     for (name, view) in &views {

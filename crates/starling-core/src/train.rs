@@ -185,3 +185,27 @@ pub fn train(
         after,
     })
 }
+
+/// What a device does with an assignment: trains a copy of `base` on its data and encodes
+/// the update (the parameter difference, the example count and the local loss). Shared by
+/// the native device, the browser app and the simulator.
+pub fn local_update(
+    model: &Model,
+    base: &Parameters,
+    data: &Dataset,
+    plan: &Plan,
+    base_version: u64,
+    token: String,
+    progress: impl FnMut(Progress),
+) -> Result<(Vec<u8>, TrainReport), TrainError> {
+    let mut params = base.clone();
+    let report = train(model, &mut params, data, plan, progress)?;
+    let delta = params.sub(base)?;
+    let meta = crate::update::UpdateMeta {
+        base_version,
+        examples: report.examples as u64,
+        loss: Some(report.after.loss),
+        token,
+    };
+    Ok((crate::update::encode(&delta, &meta), report))
+}

@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rand::Rng;
 use starling_core::aggregate::{FedAvgStrategy, Strategy};
+use starling_core::checkpoint;
 use starling_core::params::Layout;
 use starling_core::Parameters;
 use tokio::sync::{mpsc, watch};
@@ -33,12 +34,7 @@ struct Actor {
 
 /// The served form of a checkpoint: safetensors with the task, version and spec as metadata.
 fn model_state(def: &TaskDefinition, version: u64, params: Parameters) -> ModelState {
-    let meta = std::collections::HashMap::from([
-        ("task".to_string(), def.name.clone()),
-        ("version".to_string(), version.to_string()),
-        ("spec".to_string(), def.spec.to_json()),
-    ]);
-    let body = Bytes::from(params.to_safetensors(Some(meta)));
+    let body = Bytes::from(checkpoint::encode(&def.name, version, &def.spec, &params));
     ModelState {
         version,
         params: Arc::new(params),
