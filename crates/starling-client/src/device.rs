@@ -29,6 +29,9 @@ pub struct DeviceOptions {
     pub backoff_max: Duration,
     /// Give up when the server has been unreachable this long (`None`: never).
     pub give_up_after: Option<Duration>,
+    /// An opaque, random id the device shows the server so that it gets at most one
+    /// assignment per round. It identifies nothing outside this run.
+    pub device_id: String,
 }
 
 impl Default for DeviceOptions {
@@ -40,6 +43,7 @@ impl Default for DeviceOptions {
             backoff_initial: Duration::from_millis(250),
             backoff_max: Duration::from_secs(30),
             give_up_after: Some(Duration::from_secs(300)),
+            device_id: format!("{:016x}", rand::rng().random::<u64>()),
         }
     }
 }
@@ -203,9 +207,10 @@ impl<T: Transport> Device<T> {
     ) -> Result<DeviceReport, ClientError> {
         let mut report = DeviceReport::default();
         let task = self.options.task.clone();
+        let device_id = self.options.device_id.clone();
         while self.options.rounds.is_none_or(|r| report.contributions < r) {
             let reply = self
-                .retry(&mut on_event, || self.transport.check_in(&task))
+                .retry(&mut on_event, || self.transport.check_in(&task, &device_id))
                 .await?;
             let (round, base_version, token, plan) = match reply {
                 CheckInReply::Retry {

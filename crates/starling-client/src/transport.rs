@@ -46,10 +46,11 @@ pub struct ModelDownload {
 
 /// The protocol, as the device sees it.
 pub trait Transport: Send + Sync {
-    /// Asks for work.
+    /// Asks for work on behalf of the device that calls itself `device`.
     fn check_in(
         &self,
         task: &str,
+        device: &str,
     ) -> impl std::future::Future<Output = Result<CheckInReply, ClientError>> + Send;
     /// Downloads the current checkpoint; `None` when it is still `cached_version`.
     fn download(
@@ -121,10 +122,11 @@ async fn refusal(resp: reqwest::Response) -> ClientError {
 }
 
 impl Transport for HttpTransport {
-    async fn check_in(&self, task: &str) -> Result<CheckInReply, ClientError> {
+    async fn check_in(&self, task: &str, device: &str) -> Result<CheckInReply, ClientError> {
         let resp = self
             .client
             .post(self.url(&format!("/v1/tasks/{task}/checkin")))
+            .json(&serde_json::json!({ "device": device }))
             .send()
             .await
             .map_err(unreachable)?;

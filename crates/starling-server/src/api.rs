@@ -229,12 +229,44 @@ async fn get_model(
         .into_response())
 }
 
+/// The optional body of a check-in.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckInBody {
+    /// An opaque id the device chose for itself (at most one assignment per round).
+    device: Option<String>,
+}
+
 async fn check_in(
     State(s): State<AppState>,
     Path(task): Path<String>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let t = s.task(&task)?;
-    Ok(match t.check_in().await? {
+    let body = body.map_err(|r| ApiError::new(r.status(), "bad_request", r.body_text()))?;
+    let device = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let b: CheckInBody = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("check-in body: {e}"),
+            )
+        })?;
+        if b.device
+            .as_ref()
+            .is_some_and(|d| d.is_empty() || d.len() > 128)
+        {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "a device id has 1 to 128 characters",
+            ));
+        }
+        b.device
+    };
+    Ok(match t.check_in(device).await? {
         CheckIn::Assigned(a) => Json(json!({
             "status": "assigned",
             "round": a.round,

@@ -543,6 +543,43 @@ async fn deadline_commits_above_the_minimum_and_abandons_below_it() {
 }
 
 #[tokio::test]
+async fn a_device_gets_one_assignment_per_round() {
+    let h = start(3).await;
+    let ask = |body: &'static str| {
+        h.http
+            .post(h.url("/v1/tasks/linear/checkin"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let first: Value = ask(r#"{"device": "phone-a"}"#)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["status"], "assigned");
+    let again: Value = ask(r#"{"device": "phone-a"}"#)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["status"], "retry", "{again}");
+    let other: Value = ask(r#"{"device": "phone-b"}"#)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(other["status"], "assigned");
+    let bad = ask(r#"{"device": 7}"#).await.unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    let v: Value = bad.json().await.unwrap();
+    assert_eq!(error_code(&v), "bad_request");
+}
+
+#[tokio::test]
 async fn unknown_endpoints_answer_json() {
     let h = start(1).await;
     let r = h.http.get(h.url("/v2/nothing")).send().await.unwrap();

@@ -129,12 +129,24 @@ impl Actor {
         tracing::debug!(task = %self.def.name, "engine stopped");
     }
 
+    /// The policy's retry time plus up to 50% jitter, so that devices do not come back
+    /// together.
+    fn retry_after(&self) -> Duration {
+        let jitter = 1.0 + rand::rng().random_range(0.0..0.5);
+        Duration::from_secs_f64(self.def.rounds.retry_secs * jitter)
+    }
+
     fn handle(&mut self, round: &mut OpenRound, cmd: Command) {
         match cmd {
-            Command::CheckIn { reply } => {
-                let answer = if round.has_room() {
+            Command::CheckIn { device, reply } => {
+                let answer = if device.as_ref().is_some_and(|d| round.has_device(d)) {
+                    CheckIn::Retry {
+                        after: self.retry_after(),
+                        reason: "this device already has this round's assignment",
+                    }
+                } else if round.has_room() {
                     let token = new_token();
-                    round.assign(token.clone());
+                    round.assign(token.clone(), device);
                     CheckIn::Assigned(Assignment {
                         round: round.number,
                         base_version: round.base_version,
@@ -143,9 +155,8 @@ impl Actor {
                         plan: self.def.plan.clone(),
                     })
                 } else {
-                    let jitter = 1.0 + rand::rng().random_range(0.0..0.5);
                     CheckIn::Retry {
-                        after: Duration::from_secs_f64(self.def.rounds.retry_secs * jitter),
+                        after: self.retry_after(),
                         reason: if round.is_closing() {
                             "the round is closing"
                         } else {

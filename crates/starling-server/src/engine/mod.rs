@@ -170,6 +170,7 @@ pub struct TaskStatus {
 
 pub(crate) enum Command {
     CheckIn {
+        device: Option<String>,
         reply: oneshot::Sender<CheckIn>,
     },
     Reserve {
@@ -237,10 +238,11 @@ impl TaskHandle {
         self.inner.status.clone()
     }
 
-    /// A device asks for work.
-    pub async fn check_in(&self) -> Result<CheckIn, EngineError> {
+    /// A device asks for work. `device` is an opaque id the device chose for itself; a device
+    /// that names one gets at most one assignment per round.
+    pub async fn check_in(&self, device: Option<String>) -> Result<CheckIn, EngineError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::CheckIn { reply }).await?;
+        self.send(Command::CheckIn { device, reply }).await?;
         rx.await.map_err(|_| EngineError::Unavailable)
     }
 

@@ -3,7 +3,7 @@
 //! aggregate, or an abandonment. New phases (secure aggregation's key exchange and unmasking)
 //! slot in as further types between the two.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use starling_core::params::Layout;
@@ -39,6 +39,7 @@ pub struct OpenRound {
     /// The deadline, Unix milliseconds.
     pub deadline_ms: i64,
     assignments: HashMap<String, AssignmentState>,
+    devices: HashSet<String>,
     in_flight: u64,
     folded: u64,
     closing: bool,
@@ -81,6 +82,7 @@ impl OpenRound {
             deadline: now + dur,
             deadline_ms: now_ms + dur.as_millis() as i64,
             assignments: HashMap::new(),
+            devices: HashSet::new(),
             in_flight: 0,
             folded: 0,
             closing: false,
@@ -97,9 +99,17 @@ impl OpenRound {
             && self.folded + self.in_flight < u64::from(self.policy.goal)
     }
 
-    /// Records a new assignment.
-    pub fn assign(&mut self, token: String) {
+    /// Records a new assignment, for a device that named itself or not.
+    pub fn assign(&mut self, token: String, device: Option<String>) {
         self.assignments.insert(token, AssignmentState::Assigned);
+        if let Some(d) = device {
+            self.devices.insert(d);
+        }
+    }
+
+    /// Whether this device already holds an assignment of the round.
+    pub fn has_device(&self, device: &str) -> bool {
+        self.devices.contains(device)
     }
 
     /// Checks an upload's round-level facts and marks its assignment in flight.
