@@ -1,0 +1,89 @@
+//! `starling.example.toml` at the repository root parses with the real settings type, resolves
+//! into tasks, and documents the defaults it claims to.
+
+use std::path::PathBuf;
+
+use starling_server::settings::{RoundPolicy, TaskSettings};
+use starling_server::Settings;
+
+fn example_path() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../starling.example.toml")
+}
+
+#[test]
+fn example_config_parses_and_resolves() {
+    let s = Settings::from_toml_file(&example_path()).unwrap();
+    assert_eq!(s.server.host, "127.0.0.1");
+    assert_eq!(s.server.port, 8080);
+    assert_eq!(s.server.max_body_bytes, 64 * 1024 * 1024);
+    assert_eq!(s.tasks.len(), 1);
+
+    let defs = s.task_definitions().unwrap();
+    assert_eq!(defs.len(), 1);
+    let d = &defs[0];
+    assert_eq!(d.name, "linear");
+    assert_eq!(d.spec, starling_core::builtin::linear(1, 1));
+    assert_eq!(d.plan.learning_rate, 0.01);
+    assert_eq!((d.rounds.goal, d.rounds.min), (10, 5));
+    assert_eq!(d.max_update_norm, None);
+}
+
+/// The file says it configures exactly what `starling serve` does without a file; a changed
+/// default must be changed in the file too.
+#[test]
+fn example_config_documents_the_defaults() {
+    let s = Settings::from_toml_file(&example_path()).unwrap();
+    let defaults = Settings::default();
+    let (a, b) = (&s.server, &defaults.server);
+    assert_eq!(a.host, b.host);
+    assert_eq!(a.port, b.port);
+    assert_eq!(a.data_dir, b.data_dir);
+    assert_eq!(a.database, b.database);
+    assert_eq!(a.max_body_bytes, b.max_body_bytes);
+    assert_eq!(a.shutdown_timeout_secs, b.shutdown_timeout_secs);
+
+    let task = &s.tasks[0];
+    let default_task = TaskSettings::default();
+    assert_eq!(task.name, default_task.name);
+    assert_eq!(task.model, default_task.model);
+    assert_eq!(task.spec_file, default_task.spec_file);
+    assert_eq!(task.inputs, default_task.inputs);
+    assert_eq!(task.outputs, default_task.outputs);
+    assert_eq!(task.init_seed, default_task.init_seed);
+    assert_eq!(task.max_update_norm, default_task.max_update_norm);
+    assert_eq!(task.plan, Some(starling_core::Plan::default()));
+    assert_eq!(task.rounds, RoundPolicy::default());
+
+    let from_file = &s.task_definitions().unwrap()[0];
+    let without_file = &defaults.task_definitions().unwrap()[0];
+    assert_eq!(from_file.name, without_file.name);
+    assert_eq!(from_file.spec, without_file.spec);
+    assert_eq!(from_file.plan, without_file.plan);
+    assert_eq!(from_file.rounds, without_file.rounds);
+    assert_eq!(from_file.init_seed, without_file.init_seed);
+}
+
+/// The keys shown commented out (they have no default) are real keys too: uncommenting them
+/// still parses.
+#[test]
+fn commented_out_keys_are_valid_keys() {
+    let text = std::fs::read_to_string(example_path()).unwrap();
+    let uncommented: String = text
+        .lines()
+        .map(|line| match line.strip_prefix("# ") {
+            Some(rest) if is_key_value(rest) => format!("{rest}\n"),
+            _ => format!("{line}\n"),
+        })
+        .collect();
+    let s: Settings = toml::from_str(&uncommented).unwrap();
+    assert!(s.server.database.is_some());
+    assert!(s.tasks[0].spec_file.is_some());
+    assert!(s.tasks[0].max_update_norm.is_some());
+}
+
+/// `key = value` with a bare lowercase key, as opposed to a prose comment.
+fn is_key_value(line: &str) -> bool {
+    line.split_once(" = ").is_some_and(|(key, _)| {
+        !key.is_empty() && key.chars().all(|c| c == '_' || c.is_ascii_lowercase())
+    })
+}

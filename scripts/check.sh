@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Every check the project has, in one command: the same locally and in CI (.ci/run calls it).
+# Set-up first, then the cheap checks, so a formatting slip fails in seconds, not minutes.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() {
+    printf '\n==> %s\n' "$*"
+}
+
+step "set-up: bash scripts/setup.sh"
+bash scripts/setup.sh
+
+step "format: cargo fmt --all --check"
+cargo fmt --all --check
+
+step "lint: cargo clippy --workspace --all-targets --locked -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "tests: cargo test --workspace --locked"
+cargo test --workspace --locked
+
+step "all checks passed"
