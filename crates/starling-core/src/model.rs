@@ -1,10 +1,22 @@
 //! A sequential model built from a [`ModelSpec`]: forward pass, loss, and gradients.
+//!
+//! The layers' buffers (activations, gradients, im2col scratch) live in a per-thread
+//! workspace that grows to the largest batch seen and is then reused, so a training step
+//! allocates nothing once warm — this matters when one thread trains thousands of simulated
+//! devices one after another. `flatten` moves no data, and an element-wise activation works
+//! in place on the previous layer's output unless a backward pass still needs that output
+//! (the output of another activation); no layer needs its pre-activation input.
+
+use std::cell::RefCell;
 
 use crate::layers::activation::Activation;
+use crate::layers::conv::Conv2d;
 use crate::layers::dense;
+use crate::layers::pool::MaxPool;
 use crate::loss;
 use crate::params::{Layout, Parameters};
 use crate::spec::{LayerSpec, LossSpec, ModelSpec, SpecError};
+use crate::tensor::numel;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -14,8 +26,21 @@ enum Op {
         inputs: usize,
         units: usize,
     },
+    Conv {
+        weight: usize,
+        bias: usize,
+        conv: Conv2d,
+    },
+    MaxPool(MaxPool),
     Act(Activation),
+    Flatten,
 }
+
+/// Values per activation buffer the evaluation chunk size aims at (4 MiB of f32): a CNN's
+/// wide feature maps get small chunks, a regression model big ones.
+const EVAL_BUFFER_VALUES: usize = 1 << 20;
+/// The largest evaluation chunk.
+const MAX_EVAL_CHUNK: usize = 1024;
 
 /// A model ready to run: the spec compiled into a list of operations over a parameter set in
 /// the spec's layout.
@@ -24,6 +49,11 @@ pub struct Model {
     spec: ModelSpec,
     layout: Layout,
     ops: Vec<Op>,
+    /// For each operation, the activation buffers (`Workspace::acts`) of its input and of its
+    /// output: the same one for an in-place operation, a later one otherwise.
+    slots: Vec<(usize, usize)>,
+    /// Examples per chunk in [`Model::evaluate`] and [`Model::forward`].
+    eval_chunk: usize,
 }
 
 /// Loss and, for classifiers, accuracy over a data set.
@@ -35,33 +65,119 @@ pub struct Metrics {
     pub accuracy: Option<f32>,
 }
 
+/// Reusable buffers of the forward and backward passes.
+#[derive(Debug, Default)]
+struct Workspace {
+    /// The input, then the output of each operation that is not in place.
+    acts: Vec<Vec<f32>>,
+    /// Per operation: the winners of a max-pooling layer's windows.
+    argmax: Vec<Vec<u32>>,
+    col: Vec<f32>,
+    dcol: Vec<f32>,
+    /// Gradient buffers of the backward pass (swapped layer by layer).
+    grad: Vec<f32>,
+    spare: Vec<f32>,
+}
+
+thread_local! {
+    static WORKSPACE: RefCell<Workspace> = RefCell::new(Workspace::default());
+}
+
+/// Runs `f` with this thread's workspace (a fresh one if it is somehow in use already).
+fn with_workspace<R>(f: impl FnOnce(&mut Workspace) -> R) -> R {
+    WORKSPACE.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut ws) => f(&mut ws),
+        Err(_) => f(&mut Workspace::default()),
+    })
+}
+
+fn dims3(shape: &[usize]) -> [usize; 3] {
+    match *shape {
+        [c, h, w] => [c, h, w],
+        _ => unreachable!("validated specs give image layers 3-D inputs"),
+    }
+}
+
 impl Model {
     /// Compiles a spec.
     pub fn new(spec: ModelSpec) -> Result<Self, SpecError> {
         spec.validate()?;
         let layout = spec.layout();
-        let mut dense_seen = 0;
-        let mut width = spec.inputs;
-        let mut ops = Vec::new();
-        for l in &spec.layers {
-            ops.push(match l {
-                LayerSpec::Dense { units, .. } => {
-                    let op = Op::Dense {
-                        weight: 2 * dense_seen,
-                        bias: 2 * dense_seen + 1,
-                        inputs: width,
-                        units: *units,
-                    };
-                    dense_seen += 1;
-                    width = *units;
-                    op
-                }
+        let (resolved, result) = spec.resolve();
+        result?;
+        let mut next_param = 0;
+        let mut widest = spec.inputs;
+        let mut ops = Vec::with_capacity(spec.layers.len());
+        for (layer, r) in spec.layers.iter().zip(&resolved) {
+            let (weight, bias) = (next_param, next_param + 1);
+            next_param += r.params.len();
+            widest = widest.max(numel(&r.output));
+            ops.push(match layer {
+                LayerSpec::Dense { units, .. } => Op::Dense {
+                    weight,
+                    bias,
+                    inputs: numel(&r.input),
+                    units: *units,
+                },
+                LayerSpec::Conv2d {
+                    filters,
+                    kernel,
+                    stride,
+                    padding,
+                    ..
+                } => Op::Conv {
+                    weight,
+                    bias,
+                    conv: Conv2d::new(dims3(&r.input), *filters, *kernel, *stride, *padding)
+                        .expect("validated convolution"),
+                },
+                LayerSpec::MaxPool { size, stride } => Op::MaxPool(
+                    MaxPool::new(dims3(&r.input), *size, stride.unwrap_or(*size))
+                        .expect("validated pooling"),
+                ),
+                LayerSpec::Flatten => Op::Flatten,
                 LayerSpec::Relu => Op::Act(Activation::Relu),
                 LayerSpec::Sigmoid => Op::Act(Activation::Sigmoid),
                 LayerSpec::Tanh => Op::Act(Activation::Tanh),
             });
         }
-        Ok(Self { spec, layout, ops })
+        let eval_chunk = (EVAL_BUFFER_VALUES / widest).clamp(1, MAX_EVAL_CHUNK);
+        let slots = Self::assign_slots(&ops);
+        Ok(Self {
+            spec,
+            layout,
+            ops,
+            slots,
+            eval_chunk,
+        })
+    }
+
+    /// Chooses each operation's input and output buffer for training: `flatten` keeps its
+    /// input's, an activation keeps it unless it holds another activation's output (whose
+    /// backward pass reads it), every other operation gets a new one.
+    fn assign_slots(ops: &[Op]) -> Vec<(usize, usize)> {
+        let mut slots = Vec::with_capacity(ops.len());
+        let (mut cur, mut fresh) = (0, 1);
+        // Whether the buffer `cur` holds an activation's output.
+        let mut holds_activation = false;
+        for op in ops {
+            let out = match op {
+                Op::Flatten => cur,
+                Op::Act(_) if !holds_activation => cur,
+                _ => {
+                    fresh += 1;
+                    fresh - 1
+                }
+            };
+            holds_activation = match op {
+                Op::Flatten => holds_activation,
+                Op::Act(_) => true,
+                _ => false,
+            };
+            slots.push((cur, out));
+            cur = out;
+        }
+        slots
     }
 
     /// The spec.
@@ -74,12 +190,97 @@ impl Model {
         &self.layout
     }
 
-    /// Runs the layers on `n` rows of `x`, keeping every layer's output (the input first).
-    fn forward_all(&self, params: &Parameters, x: &[f32], n: usize) -> Vec<Vec<f32>> {
-        let mut acts = vec![x.to_vec()];
+    /// Runs the layers on `n` rows of `x` without keeping anything for a backward pass;
+    /// returns the output, held in `acts`.
+    fn forward_eval<'w>(
+        &self,
+        params: &Parameters,
+        x: &[f32],
+        n: usize,
+        acts: &'w mut Vec<Vec<f32>>,
+        col: &mut Vec<f32>,
+    ) -> &'w [f32] {
+        assert_eq!(x.len(), n * self.spec.inputs, "input length");
+        if acts.len() < 2 {
+            acts.resize_with(2, Vec::new);
+        }
+        let (first, rest) = acts.split_at_mut(1);
+        let (mut cur, mut next) = (&mut first[0], &mut rest[0]);
+        cur.clear();
+        cur.extend_from_slice(x);
         for op in &self.ops {
-            let input = acts.last().expect("acts starts non-empty");
-            let out = match *op {
+            match op {
+                Op::Act(a) => {
+                    a.forward(cur);
+                    continue;
+                }
+                Op::Flatten => continue,
+                Op::Dense {
+                    weight,
+                    bias,
+                    inputs,
+                    units,
+                } => dense::forward(
+                    cur,
+                    n,
+                    params.at(*weight).data(),
+                    params.at(*bias).data(),
+                    *inputs,
+                    *units,
+                    next,
+                ),
+                Op::Conv { weight, bias, conv } => {
+                    next.resize(n * conv.output_len(), 0.0);
+                    conv.forward(
+                        cur,
+                        n,
+                        params.at(*weight).data(),
+                        params.at(*bias).data(),
+                        next,
+                        col,
+                    );
+                }
+                Op::MaxPool(pool) => {
+                    next.resize(n * pool.output_len(), 0.0);
+                    pool.forward(cur, n, next, None);
+                }
+            }
+            std::mem::swap(&mut cur, &mut next);
+        }
+        cur
+    }
+
+    /// Runs the layers on `n` rows of `x`, keeping what the backward pass needs: after
+    /// this, `ws.acts[self.slots[i].0]` is the input of operation `i` and
+    /// `ws.acts[self.slots[i].1]` its output.
+    fn forward_train(&self, params: &Parameters, x: &[f32], n: usize, ws: &mut Workspace) {
+        assert_eq!(x.len(), n * self.spec.inputs, "input length");
+        let Workspace {
+            acts, argmax, col, ..
+        } = ws;
+        let slots = self.slots.last().map_or(1, |s| s.1 + 1);
+        if acts.len() < slots {
+            acts.resize_with(slots, Vec::new);
+        }
+        argmax.resize_with(self.ops.len(), Vec::new);
+        acts[0].clear();
+        acts[0].extend_from_slice(x);
+        for (i, (op, &(a, b))) in self.ops.iter().zip(&self.slots).enumerate() {
+            if a == b {
+                if let Op::Act(act) = op {
+                    act.forward(&mut acts[a]);
+                }
+                continue;
+            }
+            let (before, after) = acts.split_at_mut(b);
+            let (input, out) = (&before[a], &mut after[0]);
+            match op {
+                Op::Flatten => unreachable!("flatten is always in place"),
+                Op::Act(act) => {
+                    out.clear();
+                    out.extend_from_slice(input);
+                    act.forward(out);
+                }
                 Op::Dense {
                     weight,
                     bias,
@@ -88,40 +289,58 @@ impl Model {
                 } => dense::forward(
                     input,
                     n,
-                    params.at(weight).data(),
-                    params.at(bias).data(),
-                    inputs,
-                    units,
+                    params.at(*weight).data(),
+                    params.at(*bias).data(),
+                    *inputs,
+                    *units,
+                    out,
                 ),
-                Op::Act(a) => {
-                    let mut y = input.clone();
-                    a.forward(&mut y);
-                    y
+                Op::Conv { weight, bias, conv } => {
+                    out.resize(n * conv.output_len(), 0.0);
+                    conv.forward(
+                        input,
+                        n,
+                        params.at(*weight).data(),
+                        params.at(*bias).data(),
+                        out,
+                        col,
+                    );
                 }
-            };
-            acts.push(out);
+                Op::MaxPool(pool) => {
+                    out.resize(n * pool.output_len(), 0.0);
+                    pool.forward(input, n, out, Some(&mut argmax[i]));
+                }
+            }
         }
-        acts
     }
 
     /// The model's output for `n` rows of `x`.
     pub fn forward(&self, params: &Parameters, x: &[f32], n: usize) -> Vec<f32> {
-        self.forward_all(params, x, n)
-            .pop()
-            .expect("at least the input")
+        let fw = self.spec.inputs;
+        assert_eq!(x.len(), n * fw, "input length");
+        let mut out = Vec::with_capacity(n * self.spec.outputs());
+        with_workspace(|ws| {
+            let mut start = 0;
+            while start < n {
+                let m = self.eval_chunk.min(n - start);
+                let x = &x[start * fw..(start + m) * fw];
+                out.extend_from_slice(self.forward_eval(params, x, m, &mut ws.acts, &mut ws.col));
+                start += m;
+            }
+        });
+        out
     }
 
-    /// The batch's mean loss given the model's output, and the gradient of that loss with
-    /// respect to the output.
-    fn loss(&self, output: &[f32], target: &[f32]) -> (f32, Vec<f32>) {
-        let mut grad = vec![0.0; output.len()];
-        let l = match self.spec.loss {
-            LossSpec::Mse => loss::mse(output, target, &mut grad),
+    /// The batch's mean loss given the model's output; writes the gradient of that loss with
+    /// respect to the output into `grad`.
+    fn loss(&self, output: &[f32], target: &[f32], grad: &mut Vec<f32>) -> f32 {
+        grad.resize(output.len(), 0.0);
+        match self.spec.loss {
+            LossSpec::Mse => loss::mse(output, target, grad),
             LossSpec::SoftmaxCrossEntropy => {
-                loss::softmax_cross_entropy(output, target, self.spec.outputs(), &mut grad)
+                loss::softmax_cross_entropy(output, target, self.spec.outputs(), grad)
             }
-        };
-        (l, grad)
+        }
     }
 
     /// The mean loss of a batch and its gradient with respect to every parameter, written into
@@ -134,63 +353,108 @@ impl Model {
         n: usize,
         grads: &mut Parameters,
     ) -> f32 {
-        let acts = self.forward_all(params, x, n);
-        let (l, mut dy) = self.loss(acts.last().expect("output"), target);
-        for (i, op) in self.ops.iter().enumerate().rev() {
-            match *op {
-                Op::Dense {
-                    weight,
-                    bias,
-                    inputs,
-                    units,
-                } => {
-                    let mut dw = std::mem::take(grads.at_mut(weight).data_mut_vec());
-                    let mut db = std::mem::take(grads.at_mut(bias).data_mut_vec());
-                    let dx = dense::backward(
-                        &acts[i],
-                        n,
-                        params.at(weight).data(),
-                        &dy,
+        with_workspace(|ws| {
+            self.forward_train(params, x, n, ws);
+            let Workspace {
+                acts,
+                argmax,
+                col,
+                dcol,
+                grad,
+                spare,
+            } = ws;
+            let output = self.slots.last().map_or(0, |s| s.1);
+            let l = self.loss(&acts[output], target, grad);
+            let (mut dy, mut dx) = (grad, spare);
+            for (i, op) in self.ops.iter().enumerate().rev() {
+                // The first layer's input gradient is never needed.
+                let need_dx = i > 0;
+                match op {
+                    Op::Act(a) => {
+                        a.backward(&acts[self.slots[i].1], dy);
+                        continue;
+                    }
+                    Op::Flatten => continue,
+                    Op::Dense {
+                        weight,
+                        bias,
                         inputs,
                         units,
-                        &mut dw,
-                        &mut db,
-                        i > 0,
-                    );
-                    *grads.at_mut(weight).data_mut_vec() = dw;
-                    *grads.at_mut(bias).data_mut_vec() = db;
-                    match dx {
-                        Some(dx) => dy = dx,
-                        None => break,
+                    } => {
+                        let mut dw = std::mem::take(grads.at_mut(*weight).data_mut_vec());
+                        let mut db = std::mem::take(grads.at_mut(*bias).data_mut_vec());
+                        dx.resize(n * inputs, 0.0);
+                        dense::backward(
+                            &acts[self.slots[i].0],
+                            n,
+                            params.at(*weight).data(),
+                            dy,
+                            *inputs,
+                            *units,
+                            &mut dw,
+                            &mut db,
+                            need_dx.then_some(&mut dx[..]),
+                        );
+                        *grads.at_mut(*weight).data_mut_vec() = dw;
+                        *grads.at_mut(*bias).data_mut_vec() = db;
+                    }
+                    Op::Conv { weight, bias, conv } => {
+                        let mut dw = std::mem::take(grads.at_mut(*weight).data_mut_vec());
+                        let mut db = std::mem::take(grads.at_mut(*bias).data_mut_vec());
+                        dx.resize(n * conv.input_len(), 0.0);
+                        conv.backward(
+                            &acts[self.slots[i].0],
+                            n,
+                            params.at(*weight).data(),
+                            dy,
+                            &mut dw,
+                            &mut db,
+                            need_dx.then_some(&mut dx[..]),
+                            col,
+                            dcol,
+                        );
+                        *grads.at_mut(*weight).data_mut_vec() = dw;
+                        *grads.at_mut(*bias).data_mut_vec() = db;
+                    }
+                    Op::MaxPool(pool) => {
+                        if need_dx {
+                            dx.resize(n * pool.input_len(), 0.0);
+                            pool.backward(dy, n, &argmax[i], dx);
+                        }
                     }
                 }
-                Op::Act(a) => a.backward(&acts[i + 1], &mut dy),
+                if !need_dx {
+                    break;
+                }
+                std::mem::swap(&mut dy, &mut dx);
             }
-        }
-        l
+            l
+        })
     }
 
     /// Mean loss (and accuracy for classifiers) over `n` rows, evaluated in chunks.
     pub fn evaluate(&self, params: &Parameters, x: &[f32], target: &[f32], n: usize) -> Metrics {
-        const CHUNK: usize = 1024;
         let (fw, tw) = (self.spec.inputs, self.spec.target_width());
         let mut loss_sum = 0.0f64;
         let mut correct = 0usize;
-        let mut start = 0;
-        while start < n {
-            let m = CHUNK.min(n - start);
-            let out = self.forward(params, &x[start * fw..(start + m) * fw], m);
-            let t = &target[start * tw..(start + m) * tw];
-            let (l, _) = self.loss(&out, t);
-            loss_sum += f64::from(l) * m as f64;
-            if self.spec.loss == LossSpec::SoftmaxCrossEntropy {
-                correct += loss::argmax_rows(&out, self.spec.outputs())
-                    .zip(t)
-                    .filter(|(p, &label)| *p == label as usize)
-                    .count();
+        with_workspace(|ws| {
+            let mut start = 0;
+            while start < n {
+                let m = self.eval_chunk.min(n - start);
+                let xs = &x[start * fw..(start + m) * fw];
+                let out = self.forward_eval(params, xs, m, &mut ws.acts, &mut ws.col);
+                let t = &target[start * tw..(start + m) * tw];
+                let l = self.loss(out, t, &mut ws.grad);
+                loss_sum += f64::from(l) * m as f64;
+                if self.spec.loss == LossSpec::SoftmaxCrossEntropy {
+                    correct += loss::argmax_rows(out, self.spec.outputs())
+                        .zip(t)
+                        .filter(|(p, &label)| *p == label as usize)
+                        .count();
+                }
+                start += m;
             }
-            start += m;
-        }
+        });
         let n_f = n.max(1) as f64;
         Metrics {
             loss: (loss_sum / n_f) as f32,

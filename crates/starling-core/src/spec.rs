@@ -4,8 +4,9 @@
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::layers::{conv, pool};
 use crate::params::{Layout, Parameters};
-use crate::tensor::Tensor;
+use crate::tensor::{numel, Tensor};
 
 /// Errors in a model spec.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -33,7 +34,26 @@ pub enum Init {
     GlorotUniform,
 }
 
+/// Zero padding of a convolution, as in TensorFlow and Keras.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Padding {
+    /// Pad with zeros so that the output has `ceil(input / stride)` rows and columns; when the
+    /// padding is odd, the extra row (column) goes at the bottom (right), as in TensorFlow.
+    Same,
+    /// No padding: only windows that lie wholly inside the input, `(input - kernel) / stride
+    /// + 1` rows and columns.
+    Valid,
+}
+
 /// One layer of a sequential model.
+///
+/// Data flows between layers as a batch of examples, each a row-major tensor of the shape
+/// [`ModelSpec::shapes`] gives: `[features]` for dense layers, `[channels, height, width]`
+/// (NCHW over the batch) for convolutions and pooling. A dense layer needs a one-dimensional
+/// input, so a `flatten` must come between the last convolution or pooling layer and the
+/// first dense layer after it: the spec says where the image becomes a vector, instead of
+/// the trainer guessing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum LayerSpec {
@@ -54,12 +74,56 @@ pub enum LayerSpec {
         #[serde(default = "default_bias_init")]
         bias_init: Init,
     },
+    /// Two-dimensional convolution (cross-correlation, as in every framework) of a
+    /// `[channels, height, width]` input with `filters` square kernels: weight of shape
+    /// `[filters, channels, kernel, kernel]`, bias of shape `[filters]`, output
+    /// `[filters, out_height, out_width]`.
+    Conv2d {
+        /// Number of output channels.
+        filters: usize,
+        /// Side of the square kernel.
+        kernel: usize,
+        /// Step between windows, in both directions (default 1).
+        #[serde(default = "default_stride")]
+        stride: usize,
+        /// `same` or `valid`.
+        padding: Padding,
+        /// Name of the weight tensor (default `conv{i}.weight`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        weight: Option<String>,
+        /// Name of the bias tensor (default `conv{i}.bias`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bias: Option<String>,
+        /// Initialiser of the weight (Glorot uses fan-in `channels k k` and fan-out
+        /// `filters k k`).
+        #[serde(default = "default_weight_init")]
+        weight_init: Init,
+        /// Initialiser of the bias.
+        #[serde(default = "default_bias_init")]
+        bias_init: Init,
+    },
+    /// Max pooling over square `size x size` windows of each channel of a
+    /// `[channels, height, width]` input; only windows wholly inside the input count
+    /// (TensorFlow's `valid`).
+    MaxPool {
+        /// Side of the square window.
+        size: usize,
+        /// Step between windows (default: `size`, non-overlapping windows).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stride: Option<usize>,
+    },
+    /// Turns any input shape into one dimension (no data moves: the layout is row-major).
+    Flatten,
     /// Element-wise `max(0, x)`.
     Relu,
     /// Element-wise logistic sigmoid.
     Sigmoid,
     /// Element-wise hyperbolic tangent.
     Tanh,
+}
+
+fn default_stride() -> usize {
+    1
 }
 
 fn default_weight_init() -> Init {
@@ -87,12 +151,56 @@ pub enum LossSpec {
 pub struct ModelSpec {
     /// A short name (`linear`, `logistic`, …).
     pub name: String,
-    /// Number of input features.
+    /// Number of input features: the product of `input_shape` when that is given.
     pub inputs: usize,
+    /// The shape of one example, e.g. `[1, 28, 28]` (channels, height, width) for an image
+    /// model; absent for a flat vector of `inputs` features. Features arrive row-major, so an
+    /// image is its pixels channel by channel, row by row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_shape: Option<Vec<usize>>,
     /// The layers, applied in order.
     pub layers: Vec<LayerSpec>,
     /// The loss.
     pub loss: LossSpec,
+}
+
+/// A parameter tensor of a layer, resolved against the shape of the layer's input.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ParamEntry {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: Init,
+    /// Inputs and outputs each value contributes to, for Glorot initialisation.
+    pub fans: (usize, usize),
+}
+
+/// One layer resolved against its input: the shapes in and out, and its parameters (weight
+/// first, then bias).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Resolved {
+    pub input: Vec<usize>,
+    pub output: Vec<usize>,
+    pub params: Vec<ParamEntry>,
+}
+
+/// The `[channels, height, width]` of a shape, or an error naming the layer.
+fn image_dims(i: usize, kind: &str, shape: &[usize]) -> Result<[usize; 3], SpecError> {
+    match *shape {
+        [c, h, w] => Ok([c, h, w]),
+        _ => Err(SpecError::Invalid(format!(
+            "layer {i} ({kind}) needs a [channels, height, width] input, got shape {shape:?} \
+             (set input_shape, and do not put {kind} after flatten or dense)"
+        ))),
+    }
+}
+
+fn at_least_one(i: usize, kind: &str, what: &str, v: usize) -> Result<(), SpecError> {
+    if v == 0 {
+        return Err(SpecError::Invalid(format!(
+            "layer {i} ({kind}): {what} must be at least 1"
+        )));
+    }
+    Ok(())
 }
 
 impl ModelSpec {
@@ -109,10 +217,160 @@ impl ModelSpec {
         serde_json::to_string(self).expect("specs always serialize")
     }
 
-    /// Checks widths and names.
+    /// The shape of one example: `input_shape`, or `[inputs]` when that is absent.
+    pub fn input_dims(&self) -> Vec<usize> {
+        self.input_shape
+            .clone()
+            .unwrap_or_else(|| vec![self.inputs])
+    }
+
+    /// The shape of one example before the first layer and after each layer, in order (so
+    /// `layers.len() + 1` shapes).
+    pub fn shapes(&self) -> Result<Vec<Vec<usize>>, SpecError> {
+        let (resolved, result) = self.resolve();
+        result?;
+        let mut shapes = vec![self.input_dims()];
+        shapes.extend(resolved.into_iter().map(|r| r.output));
+        Ok(shapes)
+    }
+
+    /// Resolves the layers in order against the input shape, stopping at the first layer
+    /// that does not fit; the error says which.
+    pub(crate) fn resolve(&self) -> (Vec<Resolved>, Result<(), SpecError>) {
+        let mut out = Vec::with_capacity(self.layers.len());
+        let mut shape = self.input_dims();
+        for (i, layer) in self.layers.iter().enumerate() {
+            match Self::resolve_layer(i, layer, &shape) {
+                Ok((output, params)) => {
+                    out.push(Resolved {
+                        input: std::mem::replace(&mut shape, output.clone()),
+                        output,
+                        params,
+                    });
+                }
+                Err(e) => return (out, Err(e)),
+            }
+        }
+        (out, Ok(()))
+    }
+
+    fn resolve_layer(
+        i: usize,
+        layer: &LayerSpec,
+        shape: &[usize],
+    ) -> Result<(Vec<usize>, Vec<ParamEntry>), SpecError> {
+        let named = |given: &Option<String>, default: String| given.clone().unwrap_or(default);
+        Ok(match layer {
+            LayerSpec::Dense {
+                units,
+                weight,
+                bias,
+                weight_init,
+                bias_init,
+            } => {
+                at_least_one(i, "dense", "units", *units)?;
+                let &[inputs] = shape else {
+                    return Err(SpecError::Invalid(format!(
+                        "layer {i} (dense) gets an input of shape {shape:?}; \
+                         put a `flatten` layer before it"
+                    )));
+                };
+                let fans = (inputs, *units);
+                let params = vec![
+                    ParamEntry {
+                        name: named(weight, format!("dense{i}.weight")),
+                        shape: vec![inputs, *units],
+                        init: weight_init.clone(),
+                        fans,
+                    },
+                    ParamEntry {
+                        name: named(bias, format!("dense{i}.bias")),
+                        shape: vec![*units],
+                        init: bias_init.clone(),
+                        fans,
+                    },
+                ];
+                (vec![*units], params)
+            }
+            LayerSpec::Conv2d {
+                filters,
+                kernel,
+                stride,
+                padding,
+                weight,
+                bias,
+                weight_init,
+                bias_init,
+            } => {
+                let [c, h, w] = image_dims(i, "conv2d", shape)?;
+                at_least_one(i, "conv2d", "filters", *filters)?;
+                at_least_one(i, "conv2d", "kernel", *kernel)?;
+                at_least_one(i, "conv2d", "stride", *stride)?;
+                let too_small = || {
+                    SpecError::Invalid(format!(
+                        "layer {i} (conv2d): a {kernel}x{kernel} kernel with valid padding \
+                         does not fit a {h}x{w} input"
+                    ))
+                };
+                let (oh, _) =
+                    conv::output_size(h, *kernel, *stride, *padding).ok_or_else(too_small)?;
+                let (ow, _) =
+                    conv::output_size(w, *kernel, *stride, *padding).ok_or_else(too_small)?;
+                let kk = kernel * kernel;
+                let fans = (c * kk, filters * kk);
+                let params = vec![
+                    ParamEntry {
+                        name: named(weight, format!("conv{i}.weight")),
+                        shape: vec![*filters, c, *kernel, *kernel],
+                        init: weight_init.clone(),
+                        fans,
+                    },
+                    ParamEntry {
+                        name: named(bias, format!("conv{i}.bias")),
+                        shape: vec![*filters],
+                        init: bias_init.clone(),
+                        fans,
+                    },
+                ];
+                (vec![*filters, oh, ow], params)
+            }
+            LayerSpec::MaxPool { size, stride } => {
+                let [c, h, w] = image_dims(i, "max_pool", shape)?;
+                at_least_one(i, "max_pool", "size", *size)?;
+                let stride = stride.unwrap_or(*size);
+                at_least_one(i, "max_pool", "stride", stride)?;
+                let too_small = || {
+                    SpecError::Invalid(format!(
+                        "layer {i} (max_pool): a {size}x{size} window does not fit a {h}x{w} input"
+                    ))
+                };
+                let oh = pool::output_size(h, *size, stride).ok_or_else(too_small)?;
+                let ow = pool::output_size(w, *size, stride).ok_or_else(too_small)?;
+                (vec![c, oh, ow], Vec::new())
+            }
+            LayerSpec::Flatten => (vec![numel(shape)], Vec::new()),
+            LayerSpec::Relu | LayerSpec::Sigmoid | LayerSpec::Tanh => (shape.to_vec(), Vec::new()),
+        })
+    }
+
+    /// Checks shapes, widths and names.
     pub fn validate(&self) -> Result<(), SpecError> {
         if self.inputs == 0 {
             return Err(SpecError::Invalid("inputs must be at least 1".into()));
+        }
+        if let Some(shape) = &self.input_shape {
+            if shape.is_empty() || shape.contains(&0) {
+                return Err(SpecError::Invalid(format!(
+                    "input_shape {shape:?} must have at least one dimension, none of them 0"
+                )));
+            }
+            if numel(shape) != self.inputs {
+                return Err(SpecError::Invalid(format!(
+                    "input_shape {shape:?} holds {} values but inputs is {}",
+                    numel(shape),
+                    self.inputs
+                )));
+            }
         }
         if !self
             .layers
@@ -123,12 +381,13 @@ impl ModelSpec {
                 "a model needs at least one dense layer".into(),
             ));
         }
-        for l in &self.layers {
-            if let LayerSpec::Dense { units: 0, .. } = l {
-                return Err(SpecError::Invalid(
-                    "a dense layer needs at least 1 unit".into(),
-                ));
-            }
+        let (resolved, result) = self.resolve();
+        result?;
+        let output = &resolved.last().expect("at least one dense layer").output;
+        if output.len() != 1 {
+            return Err(SpecError::Invalid(format!(
+                "the model's output has shape {output:?}; end with a dense layer"
+            )));
         }
         if self.loss == LossSpec::SoftmaxCrossEntropy && self.outputs() < 2 {
             return Err(SpecError::Invalid(
@@ -166,33 +425,24 @@ impl ModelSpec {
         }
     }
 
-    /// For each dense layer: `(layer index, weight name, bias name, inputs, units)`.
-    pub fn dense_layers(&self) -> Vec<(usize, String, String, usize, usize)> {
-        let mut width = self.inputs;
-        let mut out = Vec::new();
-        for (i, l) in self.layers.iter().enumerate() {
-            if let LayerSpec::Dense {
-                units,
-                weight,
-                bias,
-                ..
-            } = l
-            {
-                let w = weight.clone().unwrap_or_else(|| format!("dense{i}.weight"));
-                let b = bias.clone().unwrap_or_else(|| format!("dense{i}.bias"));
-                out.push((i, w, b, width, *units));
-                width = *units;
-            }
-        }
-        out
+    /// The parameters in layout order: layer by layer, each layer's weight then its bias.
+    /// Of a spec that fails [`ModelSpec::validate`], only the layers before the first one
+    /// that does not fit.
+    pub(crate) fn param_entries(&self) -> Vec<ParamEntry> {
+        self.resolve()
+            .0
+            .into_iter()
+            .flat_map(|r| r.params)
+            .collect()
     }
 
-    /// The parameter layout this spec defines.
+    /// The parameter layout this spec defines: layer by layer, each layer's weight then its
+    /// bias.
     pub fn layout(&self) -> Layout {
         Layout::new(
-            self.dense_layers()
+            self.param_entries()
                 .into_iter()
-                .flat_map(|(_, w, b, inp, units)| [(w, vec![inp, units]), (b, vec![units])])
+                .map(|p| (p.name, p.shape))
                 .collect(),
         )
     }
@@ -201,31 +451,18 @@ impl ModelSpec {
     pub fn init_params(&self, seed: u64) -> Parameters {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut tensors = Vec::new();
-        for (i, w, b, inp, units) in self.dense_layers() {
-            let LayerSpec::Dense {
-                weight_init,
-                bias_init,
-                ..
-            } = &self.layers[i]
-            else {
-                unreachable!("dense_layers only lists dense layers")
+        for p in self.param_entries() {
+            let t = match p.init {
+                Init::Constant { value } => Tensor::full(p.shape, value),
+                Init::Zeros => Tensor::zeros(p.shape),
+                Init::GlorotUniform => {
+                    let limit = (6.0 / (p.fans.0 + p.fans.1) as f32).sqrt();
+                    let n = numel(&p.shape);
+                    let data = (0..n).map(|_| rng.random_range(-limit..=limit)).collect();
+                    Tensor::new(p.shape, data).expect("n values for the shape")
+                }
             };
-            for (name, shape, init) in [
-                (w, vec![inp, units], weight_init),
-                (b, vec![units], bias_init),
-            ] {
-                let t = match init {
-                    Init::Constant { value } => Tensor::full(shape, *value),
-                    Init::Zeros => Tensor::zeros(shape),
-                    Init::GlorotUniform => {
-                        let limit = (6.0 / (inp + units) as f32).sqrt();
-                        let n = shape.iter().product();
-                        let data = (0..n).map(|_| rng.random_range(-limit..=limit)).collect();
-                        Tensor::new(shape, data).unwrap()
-                    }
-                };
-                tensors.push((name, t));
-            }
+            tensors.push((p.name, t));
         }
         Parameters::new(tensors).expect("validated specs have unique names")
     }

@@ -3,9 +3,17 @@
 
 use super::gemm::{sgemm, Mat};
 
-/// Forward pass: `x` is `n x inputs`, returns `n x units`.
-pub fn forward(x: &[f32], n: usize, w: &[f32], b: &[f32], inputs: usize, units: usize) -> Vec<f32> {
-    let mut y = Vec::with_capacity(n * units);
+/// Forward pass: `x` is `n x inputs`; `y` is resized to `n x units` and overwritten.
+pub fn forward(
+    x: &[f32],
+    n: usize,
+    w: &[f32],
+    b: &[f32],
+    inputs: usize,
+    units: usize,
+    y: &mut Vec<f32>,
+) {
+    y.clear();
     for _ in 0..n {
         y.extend_from_slice(b);
     }
@@ -14,13 +22,12 @@ pub fn forward(x: &[f32], n: usize, w: &[f32], b: &[f32], inputs: usize, units: 
         Mat::new(x, n, inputs),
         Mat::new(w, inputs, units),
         1.0,
-        &mut y,
+        y,
     );
-    y
 }
 
 /// Backward pass: given `dy` (`n x units`), writes `dW = xᵀ dy` and `db = Σ_rows dy`, and
-/// returns `dx = dy Wᵀ` when `need_dx`.
+/// `dx = dy Wᵀ` (`n x inputs`) when given a buffer for it.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     x: &[f32],
@@ -31,8 +38,8 @@ pub fn backward(
     units: usize,
     dw: &mut [f32],
     db: &mut [f32],
-    need_dx: bool,
-) -> Option<Vec<f32>> {
+    dx: Option<&mut [f32]>,
+) {
     sgemm(
         1.0,
         Mat::new(x, n, inputs).t(),
@@ -46,15 +53,13 @@ pub fn backward(
             *acc += v;
         }
     }
-    need_dx.then(|| {
-        let mut dx = vec![0.0; n * inputs];
+    if let Some(dx) = dx {
         sgemm(
             1.0,
             Mat::new(dy, n, units),
             Mat::new(w, inputs, units).t(),
             0.0,
-            &mut dx,
+            dx,
         );
-        dx
-    })
+    }
 }

@@ -1,9 +1,16 @@
 //! Layers of the built-in trainer, each with a forward and a backward pass over a batch stored
-//! row-major (`n` rows of `width` values).
+//! row-major (`n` examples of `width` values; images as NCHW, channel by channel, row by row).
 //!
 //! - [`dense`]: fully connected `y = x W + b` on a GEMM kernel ([`gemm`]).
+//! - [`conv`]: two-dimensional convolution as im2col + GEMM.
+//! - [`pool`]: max pooling.
 //! - [`activation`]: element-wise ReLU, sigmoid and tanh.
+//!
+//! Flattening needs no layer code: the row-major layout of `[C, H, W]` already is the flat
+//! vector.
 
 pub mod activation;
+pub mod conv;
 pub mod dense;
 pub mod gemm;
+pub mod pool;
