@@ -40,9 +40,13 @@ pub enum UpdateError {
         /// Its value.
         value: String,
     },
-    /// The example count is zero or negative.
-    #[error("an update must count at least one example, got {0}")]
+    /// The example count is zero, negative, or beyond [`MAX_EXAMPLES`].
+    #[error("an update must count between 1 and {MAX_EXAMPLES} examples, got {0}")]
     NoExamples(i64),
+    /// The metadata has a field the protocol does not define: an update carries nothing but
+    /// the fields of [`UpdateMeta`] (DESIGN.md invariant 2).
+    #[error("update metadata has an unknown field `{0}`")]
+    UnknownField(String),
     /// A value is NaN or infinite.
     #[error("tensor `{0}` holds a NaN or infinite value")]
     NotFinite(String),
@@ -78,6 +82,13 @@ pub fn encode(delta: &Parameters, meta: &UpdateMeta) -> Vec<u8> {
     delta.to_safetensors(Some(m))
 }
 
+/// The largest example count one update may claim: far above any device's data, low enough
+/// that sums of counts and weights can never overflow.
+pub const MAX_EXAMPLES: i64 = 1_000_000_000;
+
+/// The metadata fields an update may carry.
+const FIELDS: [&str; 4] = ["base_version", "examples", "token", "loss"];
+
 fn field<'m>(m: &'m HashMap<String, String>, name: &'static str) -> Result<&'m str, UpdateError> {
     m.get(name)
         .map(String::as_str)
@@ -89,11 +100,14 @@ fn parse_meta(m: &HashMap<String, String>) -> Result<UpdateMeta, UpdateError> {
         field,
         value: value.chars().take(40).collect(),
     };
+    if let Some(k) = m.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(UpdateError::UnknownField(k.chars().take(40).collect()));
+    }
     let bv = field(m, "base_version")?;
     let base_version = bv.parse().map_err(|_| invalid("base_version", bv))?;
     let ex = field(m, "examples")?;
     let examples: i64 = ex.parse().map_err(|_| invalid("examples", ex))?;
-    if examples <= 0 {
+    if !(1..=MAX_EXAMPLES).contains(&examples) {
         return Err(UpdateError::NoExamples(examples));
     }
     let token = field(m, "token")?.to_string();
@@ -213,6 +227,20 @@ mod tests {
             decode(&neg, &layout, None).unwrap_err(),
             UpdateError::NoExamples(-4)
         );
+        m.insert("examples".into(), "1000000001".into());
+        let huge = delta(1.0).to_safetensors(Some(m.clone()));
+        assert_eq!(
+            decode(&huge, &layout, None).unwrap_err(),
+            UpdateError::NoExamples(1_000_000_001)
+        );
+        m.insert("examples".into(), "4".into());
+        m.insert("photo".into(), "data:image/png;base64,...".into());
+        let extra = delta(1.0).to_safetensors(Some(m.clone()));
+        assert_eq!(
+            decode(&extra, &layout, None).unwrap_err(),
+            UpdateError::UnknownField("photo".into())
+        );
+        m.remove("photo");
         m.remove("token");
         m.insert("examples".into(), "4".into());
         let no_token = delta(1.0).to_safetensors(Some(m));

@@ -96,6 +96,7 @@ const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS tasks (
     name TEXT PRIMARY KEY,
     spec TEXT NOT NULL,
+    next_round INTEGER NOT NULL DEFAULT 1,
     created_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -179,12 +180,27 @@ impl Store {
         }
         tx.commit().await?;
         let latest = self.latest_checkpoint(name, spec).await?;
-        let next_round: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(round), 0) + 1 FROM rounds WHERE task = ?")
-                .bind(name)
-                .fetch_one(&self.pool)
-                .await?;
+        // A round in progress when the process stopped is lost, but its number is not reused:
+        // assignments handed out for it must meet "round closed", not another round.
+        let next_round: i64 = sqlx::query_scalar(
+            "SELECT MAX(t.next_round, COALESCE((SELECT MAX(round) FROM rounds WHERE task = t.name), 0) + 1) \
+             FROM tasks t WHERE t.name = ?",
+        )
+        .bind(name)
+        .fetch_one(&self.pool)
+        .await?;
+        self.open_round(name, next_round as u64).await?;
         Ok((latest, next_round as u64))
+    }
+
+    /// Records that round `round` is open, so that a restarted server never reuses its number.
+    pub async fn open_round(&self, task: &str, round: u64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE tasks SET next_round = ? + 1 WHERE name = ?")
+            .bind(round as i64)
+            .bind(task)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// The newest committed checkpoint of a task.

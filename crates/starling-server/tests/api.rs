@@ -18,14 +18,22 @@ struct Harness {
 }
 
 async fn start_with(policy: RoundPolicy, max_body_bytes: usize) -> Harness {
+    start_task(
+        TaskSettings {
+            rounds: policy,
+            ..TaskSettings::default()
+        },
+        max_body_bytes,
+    )
+    .await
+}
+
+async fn start_task(task: TaskSettings, max_body_bytes: usize) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = Settings::default();
     settings.server.data_dir = dir.path().to_path_buf();
     settings.server.max_body_bytes = max_body_bytes;
-    settings.tasks = vec![TaskSettings {
-        rounds: policy,
-        ..TaskSettings::default()
-    }];
+    settings.tasks = vec![task];
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     Harness {
         server: starling_server::spawn(settings, listener).await.unwrap(),
@@ -540,6 +548,47 @@ async fn deadline_commits_above_the_minimum_and_abandons_below_it() {
     assert_eq!(hist["rounds"][0]["status"], "abandoned");
     assert_eq!(hist["rounds"][0]["participants"], 1);
     assert_eq!(hist["rounds"][1]["status"], "committed");
+}
+
+#[tokio::test]
+async fn updates_beyond_the_norm_bound_or_with_extra_metadata_are_refused() {
+    let h = start_task(
+        TaskSettings {
+            max_update_norm: Some(10.0),
+            rounds: policy(2, 1, 60.0),
+            ..TaskSettings::default()
+        },
+        1 << 20,
+    )
+    .await;
+    let a = h.assigned().await;
+    let (s, v) = h.upload(&a, &delta(9.0, 9.0), 5).await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "norm_too_large"),
+        "{v}"
+    );
+    let extra = delta(1.0, 1.0).to_safetensors(Some(HashMap::from([
+        ("base_version".to_string(), "0".to_string()),
+        ("examples".to_string(), "5".to_string()),
+        ("token".to_string(), a.token.clone()),
+        ("x".to_string(), "0.5,0.25,0.125".to_string()),
+    ])));
+    let (s, v) = h.upload_raw("1", extra).await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::BAD_REQUEST, "invalid_metadata"),
+        "{v}"
+    );
+    let (s, v) = h.upload(&a, &delta(1.0, 1.0), 2_000_000_000).await;
+    assert_eq!(
+        (s, error_code(&v)),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_examples"),
+        "{v}"
+    );
+    assert_eq!(h.task().await["round"]["updates"], 0);
+    let (s, _) = h.upload(&a, &delta(3.0, 4.0), 5).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
 }
 
 #[tokio::test]

@@ -114,7 +114,9 @@ impl Actor {
                     Some(cmd) => self.handle(&mut round, cmd),
                     None => break,
                 },
-                () = sleep_until(round.deadline), if !closing => round.deadline_passed(),
+                () = sleep_until(round.deadline), if !closing => {
+                    round.deadline_passed(now_ms(), Instant::now());
+                }
             }
             if round.ready_to_close() {
                 round = self.close(round).await;
@@ -213,45 +215,16 @@ impl Actor {
             started_at_ms: started,
             ended_at_ms: now_ms(),
         };
-        match round.close() {
+        let next_params = match round.close() {
             ClosedRound::Commit { aggregate } => {
                 record.examples = aggregate.examples();
                 record.mean_loss = aggregate.mean_loss();
                 match self.strategy.next_params(&self.model.params, &aggregate) {
-                    Ok(params) => {
-                        let checkpoint = Checkpoint {
-                            version: self.model.version + 1,
-                            params,
-                        };
-                        record.status = RoundStatus::Committed;
-                        record.version = Some(checkpoint.version);
-                        match self
-                            .store
-                            .record_round(&self.def.name, &record, Some(&checkpoint))
-                            .await
-                        {
-                            Ok(()) => {
-                                self.model =
-                                    model_state(&self.def, checkpoint.version, checkpoint.params);
-                                self.metrics.count_round(true);
-                                tracing::info!(
-                                    task = %self.def.name, round = number, version = self.model.version,
-                                    participants = record.participants, examples = record.examples,
-                                    mean_loss = record.mean_loss.unwrap_or(f64::NAN),
-                                    "round committed"
-                                );
-                            }
-                            Err(e) => {
-                                tracing::error!(task = %self.def.name, round = number, error = %e,
-                                    "could not store the round's checkpoint; round abandoned");
-                                self.metrics.count_round(false);
-                            }
-                        }
-                    }
+                    Ok(params) => Some(params),
                     Err(e) => {
                         tracing::error!(task = %self.def.name, round = number, error = %e,
                             "strategy failed; round abandoned");
-                        self.metrics.count_round(false);
+                        None
                     }
                 }
             }
@@ -260,12 +233,53 @@ impl Actor {
                     task = %self.def.name, round = number, updates,
                     min = self.def.rounds.min, "round abandoned at its deadline"
                 );
-                if let Err(e) = self.store.record_round(&self.def.name, &record, None).await {
-                    tracing::error!(task = %self.def.name, round = number, error = %e,
-                        "could not record the abandoned round");
-                }
-                self.metrics.count_round(false);
+                None
             }
+        };
+        let committed = match next_params {
+            Some(params) => {
+                let checkpoint = Checkpoint {
+                    version: self.model.version + 1,
+                    params,
+                };
+                let mut done = record.clone();
+                done.status = RoundStatus::Committed;
+                done.version = Some(checkpoint.version);
+                // Durable first, announced after (invariant 4).
+                match self
+                    .store
+                    .record_round(&self.def.name, &done, Some(&checkpoint))
+                    .await
+                {
+                    Ok(()) => {
+                        record = done;
+                        self.model = model_state(&self.def, checkpoint.version, checkpoint.params);
+                        tracing::info!(
+                            task = %self.def.name, round = number, version = self.model.version,
+                            participants = record.participants, examples = record.examples,
+                            mean_loss = record.mean_loss.unwrap_or(f64::NAN),
+                            "round committed"
+                        );
+                        true
+                    }
+                    Err(e) => {
+                        tracing::error!(task = %self.def.name, round = number, error = %e,
+                            "could not store the round's checkpoint; round abandoned");
+                        false
+                    }
+                }
+            }
+            None => false,
+        };
+        if !committed {
+            if let Err(e) = self.store.record_round(&self.def.name, &record, None).await {
+                tracing::error!(task = %self.def.name, round = number, error = %e,
+                    "could not record the abandoned round");
+            }
+        }
+        self.metrics.count_round(committed);
+        if let Err(e) = self.store.open_round(&self.def.name, number + 1).await {
+            tracing::error!(task = %self.def.name, error = %e, "could not record the round number");
         }
         let next = OpenRound::open(
             number + 1,

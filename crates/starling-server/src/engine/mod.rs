@@ -73,7 +73,9 @@ impl EngineError {
             }
             EngineError::Update(UpdateError::Params(_)) => "wrong_tensors",
             EngineError::Update(
-                UpdateError::MissingField(_) | UpdateError::InvalidField { .. },
+                UpdateError::MissingField(_)
+                | UpdateError::InvalidField { .. }
+                | UpdateError::UnknownField(_),
             ) => "invalid_metadata",
             EngineError::Update(UpdateError::NoExamples(_)) => "invalid_examples",
             EngineError::Update(UpdateError::NotFinite(_)) => "not_finite",

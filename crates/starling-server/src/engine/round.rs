@@ -159,9 +159,17 @@ impl OpenRound {
         }
     }
 
-    /// The deadline passed: stop handing out work and reserving uploads.
-    pub fn deadline_passed(&mut self) {
-        self.closing = true;
+    /// The deadline passed: stop handing out work and reserving uploads — unless nobody took
+    /// part at all, in which case the round simply stays open for another period (an idle
+    /// server records no empty rounds).
+    pub fn deadline_passed(&mut self, now_ms: i64, now: Instant) {
+        if self.assignments.is_empty() {
+            let dur = std::time::Duration::from_secs_f64(self.policy.deadline_secs);
+            self.deadline = now + dur;
+            self.deadline_ms = now_ms + dur.as_millis() as i64;
+        } else {
+            self.closing = true;
+        }
     }
 
     /// Whether the round is ready to close (goal reached or deadline passed, nothing in
