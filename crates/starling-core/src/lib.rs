@@ -4,10 +4,14 @@
 //! Map of the crate:
 //! - [`tensor`] and [`params`]: named f32 tensors and their safetensors codec.
 //! - [`spec`]: the JSON model spec that travels with the weights; [`builtin`] has the
-//!   built-in models (`linear`, the original demo's model, and `logistic`).
+//!   built-in models (`linear`, the original demo's model, `logistic`, and the FedAvg
+//!   paper's `mlp` and `cnn`).
 //! - [`model`], [`layers`], [`loss`], [`optim`]: the lean built-in trainer.
 //! - [`data`]: in-memory data sets and CSV parsing; [`train`]: the local training loop
 //!   driven by a [`train::Plan`].
+//! - [`datasets`]: loaders of MNIST / Fashion-MNIST (IDX) and Shakespeare by role, from
+//!   bytes, gzip or raw; [`partition`]: splitting a data set over simulated devices (IID,
+//!   label shards, Dirichlet label skew).
 //! - [`checkpoint`]: the served form of a model version (spec and version in the metadata).
 //! - [`update`]: the update wire format and its validation (DESIGN.md invariant 3).
 //! - [`aggregate`]: the streaming FedAvg aggregator and the [`aggregate::Strategy`] hook.
@@ -16,11 +20,13 @@ pub mod aggregate;
 pub mod builtin;
 pub mod checkpoint;
 pub mod data;
+pub mod datasets;
 pub mod layers;
 pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod partition;
 pub mod spec;
 pub mod tensor;
 pub mod train;
