@@ -383,7 +383,9 @@ impl Model {
                     } => {
                         let mut dw = std::mem::take(grads.at_mut(*weight).data_mut_vec());
                         let mut db = std::mem::take(grads.at_mut(*bias).data_mut_vec());
-                        dx.resize(n * inputs, 0.0);
+                        if need_dx {
+                            dx.resize(n * inputs, 0.0);
+                        }
                         dense::backward(
                             &acts[self.slots[i].0],
                             n,
@@ -401,7 +403,9 @@ impl Model {
                     Op::Conv { weight, bias, conv } => {
                         let mut dw = std::mem::take(grads.at_mut(*weight).data_mut_vec());
                         let mut db = std::mem::take(grads.at_mut(*bias).data_mut_vec());
-                        dx.resize(n * conv.input_len(), 0.0);
+                        if need_dx {
+                            dx.resize(n * conv.input_len(), 0.0);
+                        }
                         conv.backward(
                             &acts[self.slots[i].0],
                             n,
