@@ -5,7 +5,9 @@
 //! - [`device`]: run a device against a server.
 //! - [`train`]: train a built-in model on a CSV file, no server.
 //! - [`demo`]: a server and 20 devices in one process on the original demo's model.
+//! - [`bench`]: benchmarks (aggregator, HTTP ingest, check-in storms).
 
+mod bench;
 mod demo;
 mod device;
 mod serve;
@@ -32,6 +34,9 @@ enum Command {
     Train(train::Args),
     /// Start a server and 20 devices in this process and train the demo's linear model.
     Demo(demo::Args),
+    /// Benchmarks: the aggregator alone, HTTP ingest, check-in storms.
+    #[command(subcommand)]
+    Bench(bench::Command),
 }
 
 fn init_tracing(default: &str) {
@@ -62,6 +67,10 @@ fn main() -> std::process::ExitCode {
         Command::Demo(a) => {
             init_tracing("warn");
             demo::run(a)
+        }
+        Command::Bench(c) => {
+            init_tracing("warn");
+            bench::run(c)
         }
     };
     match result {

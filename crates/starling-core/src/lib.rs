@@ -14,6 +14,7 @@
 //!   label shards, Dirichlet label skew).
 //! - [`checkpoint`]: the served form of a model version (spec and version in the metadata).
 //! - [`update`]: the update wire format and its validation (DESIGN.md invariant 3).
+//! - [`kernels`]: the vectorised aggregation kernel, dispatched on the CPU's features.
 //! - [`aggregate`]: the streaming FedAvg aggregator and the [`aggregate::Strategy`] hook.
 
 pub mod aggregate;
@@ -21,6 +22,7 @@ pub mod builtin;
 pub mod checkpoint;
 pub mod data;
 pub mod datasets;
+pub mod kernels;
 pub mod layers;
 pub mod loss;
 pub mod model;

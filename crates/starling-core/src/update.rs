@@ -137,16 +137,21 @@ pub fn decode<'a>(
 ) -> Result<UpdateView<'a>, UpdateError> {
     let (tensors, metadata) = decode_views(bytes, layout)?;
     let meta = parse_meta(&metadata)?;
-    let mut sq = 0.0f64;
     for (data, (name, _)) in tensors.iter().zip(layout.entries()) {
-        for v in f32s_from_le(data) {
-            if !v.is_finite() {
-                return Err(UpdateError::NotFinite(name.clone()));
-            }
-            sq += f64::from(v) * f64::from(v);
+        let finite = match bytemuck::try_cast_slice::<u8, f32>(data) {
+            Ok(values) if cfg!(target_endian = "little") => crate::kernels::all_finite(values),
+            _ => f32s_from_le(data).all(f32::is_finite),
+        };
+        if !finite {
+            return Err(UpdateError::NotFinite(name.clone()));
         }
     }
     if let Some(bound) = max_norm {
+        let sq: f64 = tensors
+            .iter()
+            .flat_map(|d| f32s_from_le(d))
+            .map(|v| f64::from(v) * f64::from(v))
+            .sum();
         let norm = sq.sqrt();
         if norm > bound {
             return Err(UpdateError::NormTooLarge { norm, bound });

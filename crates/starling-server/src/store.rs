@@ -68,6 +68,9 @@ pub struct RoundRecord {
     pub started_at_ms: i64,
     /// End, Unix milliseconds.
     pub ended_at_ms: i64,
+    /// Milliseconds the commit spent merging the partial aggregates and stepping the model
+    /// (before the database write).
+    pub commit_ms: Option<f64>,
 }
 
 /// A committed model version.
@@ -117,6 +120,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     mean_loss REAL,
     started_at INTEGER NOT NULL,
     ended_at INTEGER NOT NULL,
+    commit_ms REAL,
     PRIMARY KEY (task, round)
 );
 ";
@@ -251,7 +255,8 @@ impl Store {
         }
         sqlx::query(
             "INSERT INTO rounds (task, round, status, base_version, version, participants, \
-             examples, mean_loss, started_at, ended_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             examples, mean_loss, started_at, ended_at, commit_ms) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(task)
         .bind(record.round as i64)
@@ -266,6 +271,7 @@ impl Store {
         .bind(record.mean_loss)
         .bind(record.started_at_ms)
         .bind(record.ended_at_ms)
+        .bind(record.commit_ms)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -276,7 +282,7 @@ impl Store {
     pub async fn rounds(&self, task: &str) -> Result<Vec<RoundRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT round, status, base_version, version, participants, examples, mean_loss, \
-             started_at, ended_at FROM rounds WHERE task = ? ORDER BY round",
+             started_at, ended_at, commit_ms FROM rounds WHERE task = ? ORDER BY round",
         )
         .bind(task)
         .fetch_all(&self.pool)
@@ -297,6 +303,7 @@ impl Store {
                 mean_loss: r.get("mean_loss"),
                 started_at_ms: r.get("started_at"),
                 ended_at_ms: r.get("ended_at"),
+                commit_ms: r.get("commit_ms"),
             })
             .collect())
     }

@@ -214,7 +214,9 @@ impl Actor {
             mean_loss: None,
             started_at_ms: started,
             ended_at_ms: now_ms(),
+            commit_ms: None,
         };
+        let closing_started = std::time::Instant::now();
         let next_params = match round.close() {
             ClosedRound::Commit { aggregate } => {
                 record.examples = aggregate.examples();
@@ -245,6 +247,7 @@ impl Actor {
                 let mut done = record.clone();
                 done.status = RoundStatus::Committed;
                 done.version = Some(checkpoint.version);
+                done.commit_ms = Some(closing_started.elapsed().as_secs_f64() * 1e3);
                 // Durable first, announced after (invariant 4).
                 match self
                     .store

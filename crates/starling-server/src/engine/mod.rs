@@ -260,6 +260,14 @@ impl TaskHandle {
     /// partial aggregate and reports it to the round. The body is dropped afterwards: nothing
     /// of it is kept but its contribution to the sums.
     pub async fn upload(&self, round: u64, body: Bytes) -> Result<Receipt, EngineError> {
+        // The vectorised kernels read tensors in place when the body is 8-byte aligned (the
+        // safetensors header keeps that alignment); a body that landed at an odd offset of a
+        // network buffer is copied once instead of being read byte by byte twice.
+        let body = if body.as_ptr().align_offset(8) == 0 {
+            body
+        } else {
+            Bytes::copy_from_slice(&body)
+        };
         let result = self.upload_inner(round, body).await;
         self.inner.metrics.count_update(&result);
         result
