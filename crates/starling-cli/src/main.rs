@@ -5,12 +5,14 @@
 //! - [`device`]: run a device against a server.
 //! - [`train`]: train a built-in model on a CSV file, no server.
 //! - [`demo`]: a server and 20 devices in one process on the original demo's model.
+//! - [`simulate`]: many virtual devices on the real round engine, in one process.
 //! - [`bench`]: benchmarks (aggregator, HTTP ingest, check-in storms).
 
 mod bench;
 mod demo;
 mod device;
 mod serve;
+mod simulate;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -34,6 +36,8 @@ enum Command {
     Train(train::Args),
     /// Start a server and 20 devices in this process and train the demo's linear model.
     Demo(demo::Args),
+    /// Simulate many devices on the real round engine in this process.
+    Simulate(Box<simulate::Args>),
     /// Benchmarks: the aggregator alone, HTTP ingest, check-in storms.
     #[command(subcommand)]
     Bench(bench::Command),
@@ -67,6 +71,10 @@ fn main() -> std::process::ExitCode {
         Command::Demo(a) => {
             init_tracing("warn");
             demo::run(a)
+        }
+        Command::Simulate(a) => {
+            init_tracing("warn");
+            simulate::run(*a)
         }
         Command::Bench(c) => {
             init_tracing("warn");

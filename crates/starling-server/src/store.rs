@@ -145,6 +145,18 @@ impl Store {
         Ok(Self { pool })
     }
 
+    /// A store in memory only, for simulations: the same schema and code, no file.
+    pub async fn open_memory() -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str("sqlite::memory:")?;
+        // One connection: each in-memory connection would be a database of its own.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await?;
+        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+        Ok(Self { pool })
+    }
+
     /// Registers a task with its initial parameters if it is new, and returns its latest
     /// checkpoint and the number its next round takes.
     pub async fn ensure_task(

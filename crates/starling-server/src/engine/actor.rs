@@ -196,7 +196,8 @@ impl Actor {
             } if number == round.number => {
                 round.released(&token);
             }
-            Command::Folded { .. } | Command::Released { .. } => {}
+            Command::Expire { round: number } if number == round.number => round.expire(),
+            Command::Folded { .. } | Command::Released { .. } | Command::Expire { .. } => {}
         }
     }
 

@@ -189,6 +189,9 @@ pub(crate) enum Command {
         round: u64,
         token: String,
     },
+    Expire {
+        round: u64,
+    },
 }
 
 /// A cheap, cloneable handle to one task's engine.
@@ -246,6 +249,13 @@ impl TaskHandle {
         let (reply, rx) = oneshot::channel();
         self.send(Command::CheckIn { device, reply }).await?;
         rx.await.map_err(|_| EngineError::Unavailable)
+    }
+
+    /// Declares round `round`'s deadline passed now, whatever the clock says: a simulation's
+    /// virtual clock drives deadlines this way. The round then commits if it reached its
+    /// minimum and is abandoned otherwise.
+    pub async fn expire_round(&self, round: u64) -> Result<(), EngineError> {
+        self.send(Command::Expire { round }).await
     }
 
     async fn send(&self, cmd: Command) -> Result<(), EngineError> {

@@ -172,6 +172,11 @@ impl OpenRound {
         }
     }
 
+    /// The deadline is declared passed by a virtual clock: close, even with no assignment.
+    pub fn expire(&mut self) {
+        self.closing = true;
+    }
+
     /// Whether the round is ready to close (goal reached or deadline passed, nothing in
     /// flight).
     pub fn ready_to_close(&self) -> bool {

@@ -1,0 +1,244 @@
+//! `starling simulate`: loads a data set, partitions it over virtual devices and runs the
+//! simulation with a progress bar; writes results (JSON, CSV, SVG plot).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use starling_core::{builtin, Dataset, Plan};
+use starling_sim::data::{self, Partition};
+use starling_sim::{Federation, Sample, SimConfig};
+
+/// Arguments of `starling simulate`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Data set: `mnist` or `fashion-mnist` (a folder of IDX files, --data), `csv` (--train and
+    /// --test files, last column the label), or `shakespeare` (roles JSON, --data).
+    #[arg(long)]
+    dataset: String,
+    /// The IDX folder or the Shakespeare JSON file.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Training CSV (with --dataset csv).
+    #[arg(long)]
+    train: Option<PathBuf>,
+    /// Test CSV (with --dataset csv).
+    #[arg(long)]
+    test: Option<PathBuf>,
+    /// Model: `logistic`, `mlp` (the FedAvg paper's 2NN), `cnn` (the paper's CNN).
+    #[arg(long, default_value = "mlp")]
+    model: String,
+    /// Virtual devices.
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Fraction of the devices sampled per round.
+    #[arg(long, default_value_t = 0.1, conflicts_with = "per_round")]
+    fraction: f64,
+    /// Devices sampled per round (instead of --fraction).
+    #[arg(long)]
+    per_round: Option<usize>,
+    /// Rounds.
+    #[arg(long, default_value_t = 100)]
+    rounds: u32,
+    /// Local epochs.
+    #[arg(long, default_value_t = 1)]
+    epochs: u32,
+    /// Local batch size.
+    #[arg(long, default_value_t = 10)]
+    batch_size: usize,
+    /// Local learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    lr: f32,
+    /// Partition: `iid`, `shards` (label shards, --shards-per-device each) or `dirichlet`
+    /// (--alpha). Shakespeare is always split naturally, one device per role.
+    #[arg(long, default_value = "iid")]
+    partition: String,
+    /// Shards per device with --partition shards.
+    #[arg(long, default_value_t = 2)]
+    shards_per_device: usize,
+    /// Dirichlet concentration with --partition dirichlet.
+    #[arg(long, default_value_t = 0.5)]
+    alpha: f64,
+    /// Probability that a sampled device drops out.
+    #[arg(long, default_value_t = 0.0)]
+    dropout: f64,
+    /// Probability that a sampled device is a straggler (10x slower; misses the deadline).
+    #[arg(long, default_value_t = 0.0)]
+    stragglers: f64,
+    /// Use only the first N training examples.
+    #[arg(long)]
+    train_subset: Option<usize>,
+    /// Use only the first N test examples.
+    #[arg(long)]
+    test_subset: Option<usize>,
+    /// Stop once the test accuracy reaches this (and report the round).
+    #[arg(long)]
+    target_accuracy: Option<f32>,
+    /// Seed of everything.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Folder for results.json, results.csv and plot.svg.
+    #[arg(long, default_value = "target/simulation")]
+    out: PathBuf,
+    /// Print a JSON summary (last line of stdout) instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn head(d: Dataset, n: Option<usize>) -> Dataset {
+    match n {
+        Some(n) if n < d.len() => d.subset(&(0..n).collect::<Vec<_>>()),
+        _ => d,
+    }
+}
+
+fn need(p: &Option<PathBuf>, flag: &str, dataset: &str) -> anyhow::Result<PathBuf> {
+    p.clone()
+        .with_context(|| format!("--dataset {dataset} needs {flag}"))
+}
+
+pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+    let (federation, inputs, classes) = load(&a)?;
+    let spec = match a.model.as_str() {
+        "cnn" => builtin::cnn(builtin::MNIST_SHAPE, classes),
+        "mlp" => builtin::mlp(inputs, classes),
+        "logistic" => builtin::logistic(inputs, classes),
+        other => bail!("unknown model `{other}` for simulation (logistic, mlp, cnn)"),
+    };
+    if spec.inputs != inputs {
+        bail!(
+            "the model `{}` takes {} inputs, the data has {inputs}",
+            spec.name,
+            spec.inputs
+        );
+    }
+    let plan = Plan {
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        learning_rate: a.lr,
+        shuffle: true,
+        seed: a.seed,
+        ..Plan::default()
+    };
+    let sample = match a.per_round {
+        Some(k) => Sample::Count(k),
+        None => Sample::Fraction(a.fraction),
+    };
+    let mut config = SimConfig::new(spec, plan, sample, a.rounds, a.seed);
+    config.dropout = a.dropout;
+    config.stragglers = a.stragglers;
+    config.stop_at_accuracy = a.target_accuracy;
+
+    let (lo, mean, hi) = federation.sizes();
+    if !a.json {
+        println!(
+            "simulating `{}` on {} devices ({lo}..{hi} examples, mean {mean:.0}), {} test examples, {} rounds",
+            a.model,
+            federation.devices.len(),
+            federation.test.len(),
+            a.rounds
+        );
+    }
+    let bar = if a.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(u64::from(a.rounds)).with_style(
+            ProgressStyle::with_template("{bar:30} round {pos}/{len} {elapsed_precise} {msg}")
+                .expect("static template"),
+        )
+    };
+    let report = crate::runtime()?.block_on(starling_sim::run(&config, &federation, |m| {
+        bar.set_position(m.round);
+        bar.set_message(format!(
+            "accuracy {}  loss {:.4}",
+            m.test_accuracy.map_or("-".into(), |x| format!("{x:.4}")),
+            m.test_loss
+        ));
+    }))?;
+    bar.finish_and_clear();
+    let files = report.write(&a.out)?;
+    let peak = starling_bench::machine::peak_rss_mib(std::process::id());
+    let to_target = a.target_accuracy.and_then(|t| report.rounds_to_accuracy(t));
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "rounds": report.rounds.len(),
+                "wall_secs": report.wall_secs,
+                "rounds_per_sec": report.rounds_per_sec,
+                "final_accuracy": report.final_accuracy,
+                "final_loss": report.final_loss,
+                "rounds_to_target": to_target,
+                "peak_rss_mib": peak,
+                "machine": starling_bench::machine::machine(),
+            })
+        );
+    } else {
+        println!(
+            "{} rounds in {:.1} s ({:.2} rounds/s); final test accuracy {}, loss {:.4}; peak memory {} MiB",
+            report.rounds.len(),
+            report.wall_secs,
+            report.rounds_per_sec,
+            report.final_accuracy.map_or("-".into(), |x| format!("{x:.4}")),
+            report.final_loss.unwrap_or(f32::NAN),
+            peak.map_or("-".into(), |m| format!("{m:.0}"))
+        );
+        if let Some(t) = a.target_accuracy {
+            match to_target {
+                Some(r) => println!("reached {t} test accuracy at round {r}"),
+                None => println!("did not reach {t} test accuracy"),
+            }
+        }
+        println!("machine: {}", starling_bench::machine::machine());
+        for f in files {
+            println!("wrote {}", f.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The federation, the input width and the number of classes.
+fn load(a: &Args) -> anyhow::Result<(Federation, usize, usize)> {
+    let how = match a.partition.as_str() {
+        "iid" => Partition::Iid,
+        "shards" => Partition::Shards {
+            shards_per_device: a.shards_per_device,
+        },
+        "dirichlet" => Partition::Dirichlet { alpha: a.alpha },
+        other => bail!("unknown partition `{other}` (iid, shards, dirichlet)"),
+    };
+    let (train, test) = match a.dataset.as_str() {
+        "mnist" | "fashion-mnist" => {
+            data::load_idx_dir(&need(&a.data, "--data FOLDER", &a.dataset)?)?
+        }
+        "csv" => (
+            data::load_csv(&need(&a.train, "--train FILE", "csv")?)?,
+            data::load_csv(&need(&a.test, "--test FILE", "csv")?)?,
+        ),
+        "shakespeare" => {
+            let path = need(&a.data, "--data roles.json.gz", "shakespeare")?;
+            let (devices, test) = data::load_shakespeare(&path, a.devices, 64, 0.2)?;
+            let test = head(test, a.test_subset);
+            let classes = starling_core::datasets::shakespeare::VOCAB_SIZE;
+            let inputs = test.feature_dim();
+            return Ok((Federation::new(devices, test), inputs, classes));
+        }
+        other => bail!("unknown data set `{other}` (mnist, fashion-mnist, csv, shakespeare)"),
+    };
+    let (train, test) = (head(train, a.train_subset), head(test, a.test_subset));
+    let classes = train
+        .targets()
+        .iter()
+        .chain(test.targets())
+        .fold(0.0f32, |m, &t| m.max(t)) as usize
+        + 1;
+    let partition = data::partition_dataset(&train, how, a.devices, classes, a.seed)?;
+    let inputs = train.feature_dim();
+    Ok((
+        Federation::from_partition(&train, &partition, test)?,
+        inputs,
+        classes,
+    ))
+}

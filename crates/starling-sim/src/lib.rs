@@ -1,0 +1,45 @@
+//! Simulation: N virtual devices, each with its own partition of a data set, driving the real
+//! round engine of `starling-server` in one process (DESIGN.md invariant 5: only the transport
+//! and the clock differ).
+//!
+//! - [`data`]: loading MNIST-style IDX folders, CSV files and Shakespeare-by-role JSON from
+//!   any path, and partitioning (IID, label shards, Dirichlet; natural for Shakespeare).
+//! - [`federation`]: the devices' data (partitions of a training set) and the held-out test set.
+//! - [`sim`]: the simulation loop: sampling, local training on every core, drop-outs and
+//!   stragglers on a virtual clock, uploads through the engine, evaluation.
+//! - [`report`]: per-round metrics and the results files (JSON, CSV, SVG plot).
+
+pub mod data;
+pub mod federation;
+pub mod report;
+pub mod sim;
+
+pub use federation::Federation;
+pub use report::{RoundMetrics, SimReport};
+pub use sim::{run, Sample, SimConfig};
+
+/// Errors of a simulation.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The configuration is unusable.
+    #[error("invalid simulation: {0}")]
+    Config(String),
+    /// The round engine refused something it should not have.
+    #[error("round engine: {0}")]
+    Engine(#[from] starling_server::engine::EngineError),
+    /// Storage failed.
+    #[error("store: {0}")]
+    Store(#[from] starling_server::store::StoreError),
+    /// Local training failed.
+    #[error("training: {0}")]
+    Train(#[from] starling_core::train::TrainError),
+    /// Writing results failed.
+    #[error("writing results: {0}")]
+    Io(#[from] std::io::Error),
+    /// A data file is missing or unusable.
+    #[error("{0}")]
+    Data(String),
+    /// Drawing the plot failed.
+    #[error("plot: {0}")]
+    Plot(String),
+}

@@ -1,0 +1,372 @@
+//! The simulation loop. Each round: sample devices (seeded), let them check in with the real
+//! round engine, train the sampled devices on every core, upload their updates through the
+//! engine in device order (so results do not depend on thread timing), let the virtual clock
+//! close the round if drop-outs or stragglers kept it below its goal, and evaluate the new
+//! global model on the held-out test set.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use rand::seq::index::sample;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+use serde::Serialize;
+use starling_core::model::Metrics;
+use starling_core::train::{local_update, Plan};
+use starling_core::{checkpoint, Dataset, Model, ModelSpec, Parameters};
+use starling_server::engine::{self, CheckIn};
+use starling_server::metrics::Metrics as ServerMetrics;
+use starling_server::settings::{RoundPolicy, TaskDefinition};
+use starling_server::store::{RoundStatus, Store};
+
+use crate::report::{RoundMetrics, SimReport};
+use crate::{Federation, SimError};
+
+/// How many devices a round samples.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sample {
+    /// A fraction of all devices (at least one).
+    Fraction(f64),
+    /// A fixed number of devices.
+    Count(usize),
+}
+
+/// What to simulate.
+#[derive(Debug, Clone, Serialize)]
+pub struct SimConfig {
+    /// The model.
+    pub model: ModelSpec,
+    /// The devices' plan (the shuffle seed is mixed with the round and device).
+    pub plan: Plan,
+    /// Devices per round.
+    pub sample: Sample,
+    /// Rounds to run.
+    pub rounds: u32,
+    /// Probability that a sampled device drops out after checking in.
+    pub dropout: f64,
+    /// Probability that a sampled device is a straggler: it runs `straggler_slowdown` times
+    /// slower and, unless the deadline allows, misses the round.
+    pub stragglers: f64,
+    /// How much slower a straggler is.
+    pub straggler_slowdown: f64,
+    /// Virtual seconds a device needs per example and epoch.
+    pub secs_per_example: f64,
+    /// The round deadline in virtual seconds, as a multiple of the time an average device
+    /// needs for its local training.
+    pub deadline_factor: f64,
+    /// Fraction of the sampled devices a round needs to commit at its deadline.
+    pub min_fraction: f64,
+    /// Seed of everything: initial model, partition choice, sampling, fates, shuffles.
+    pub seed: u64,
+    /// Stop once the test accuracy reaches this.
+    pub stop_at_accuracy: Option<f32>,
+    /// Worker threads for local training (0: one per core).
+    pub threads: usize,
+}
+
+impl SimConfig {
+    /// A configuration with the defaults: no drop-outs or stragglers, stragglers 10x slower,
+    /// 1 ms per example, deadline 3x the average device's time, commit with any update.
+    pub fn new(model: ModelSpec, plan: Plan, sample: Sample, rounds: u32, seed: u64) -> Self {
+        Self {
+            model,
+            plan,
+            sample,
+            rounds,
+            dropout: 0.0,
+            stragglers: 0.0,
+            straggler_slowdown: 10.0,
+            secs_per_example: 1e-3,
+            deadline_factor: 3.0,
+            min_fraction: 0.0,
+            seed,
+            stop_at_accuracy: None,
+            threads: 0,
+        }
+    }
+
+    fn per_round(&self, devices: usize) -> Result<usize, SimError> {
+        let k = match self.sample {
+            Sample::Fraction(f) if f > 0.0 && f <= 1.0 => {
+                ((devices as f64 * f).round() as usize).max(1)
+            }
+            Sample::Count(k) if k >= 1 && k <= devices => k,
+            other => {
+                return Err(SimError::Config(format!(
+                    "cannot sample {other:?} of {devices} devices"
+                )))
+            }
+        };
+        Ok(k)
+    }
+
+    fn validate(&self) -> Result<(), SimError> {
+        let prob = |p: f64| (0.0..=1.0).contains(&p);
+        if !prob(self.dropout) || !prob(self.stragglers) || !prob(self.min_fraction) {
+            return Err(SimError::Config(
+                "dropout, stragglers and min_fraction are probabilities in [0, 1]".into(),
+            ));
+        }
+        if self.rounds == 0 {
+            return Err(SimError::Config("rounds must be at least 1".into()));
+        }
+        if !(self.straggler_slowdown >= 1.0
+            && self.deadline_factor > 0.0
+            && self.secs_per_example > 0.0)
+        {
+            return Err(SimError::Config(
+                "straggler_slowdown >= 1, deadline_factor > 0 and secs_per_example > 0".into(),
+            ));
+        }
+        self.plan.validate()?;
+        Ok(())
+    }
+}
+
+/// A sampled device's fate this round.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fate {
+    OnTime,
+    Straggler,
+    Dropped,
+}
+
+/// Loss and accuracy of `params` on `data`, evaluated in parallel chunks.
+pub fn evaluate(model: &Model, params: &Parameters, data: &Dataset) -> Metrics {
+    let n = data.len();
+    let (fw, tw) = (data.feature_dim(), data.target_dim());
+    let chunk = n.div_ceil(rayon::current_num_threads().max(1)).max(1);
+    let parts: Vec<(usize, Metrics)> = (0..n)
+        .step_by(chunk)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|start| {
+            let m = chunk.min(n - start);
+            let x = &data.features()[start * fw..(start + m) * fw];
+            let y = &data.targets()[start * tw..(start + m) * tw];
+            (m, model.evaluate(params, x, y, m))
+        })
+        .collect();
+    let total = n.max(1) as f64;
+    let loss = parts
+        .iter()
+        .map(|(m, r)| *m as f64 * f64::from(r.loss))
+        .sum::<f64>()
+        / total;
+    let accuracy = parts
+        .iter()
+        .map(|(m, r)| r.accuracy.map(|a| *m as f64 * f64::from(a)))
+        .sum::<Option<f64>>()
+        .map(|a| (a / total) as f32);
+    Metrics {
+        loss: loss as f32,
+        accuracy,
+    }
+}
+
+/// A stable per-(round, device) seed.
+fn mix(seed: u64, round: u64, device: usize) -> u64 {
+    let mut x = seed
+        ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (device as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    x ^= x >> 31;
+    x.wrapping_mul(0xBF58_476D_1CE4_E5B9)
+}
+
+/// Runs a simulation, calling `on_round` after every round.
+pub async fn run(
+    config: &SimConfig,
+    federation: &Federation,
+    mut on_round: impl FnMut(&RoundMetrics),
+) -> Result<SimReport, SimError> {
+    config.validate()?;
+    let n = federation.devices.len();
+    let k = config.per_round(n)?;
+    let model = Model::new(config.model.clone()).map_err(|e| SimError::Config(e.to_string()))?;
+    for (i, d) in federation.devices.iter().enumerate() {
+        starling_core::train::check_data(&model, d)
+            .map_err(|e| SimError::Config(format!("device {i}: {e}")))?;
+    }
+    let min = ((k as f64 * config.min_fraction).ceil() as u32).clamp(1, k as u32);
+    let def = TaskDefinition {
+        name: "sim".into(),
+        spec: config.model.clone(),
+        plan: config.plan.clone(),
+        rounds: RoundPolicy {
+            goal: k as u32,
+            min,
+            // Deadlines come from the virtual clock (expire_round), never from the wall clock.
+            deadline_secs: 1e9,
+            overcommit: 1.0,
+            retry_secs: 1.0,
+        },
+        init_seed: config.seed,
+        max_update_norm: None,
+    };
+    let store = Store::open_memory().await?;
+    let task = engine::spawn(def, store, Arc::new(ServerMetrics::default())).await?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(config.threads)
+        .build()
+        .map_err(|e| SimError::Config(e.to_string()))?;
+    let pool = Arc::new(pool);
+    let model = Arc::new(model);
+    let mean_examples =
+        federation.devices.iter().map(Dataset::len).sum::<usize>() as f64 / n as f64;
+    let epoch_secs =
+        |examples: usize| examples as f64 * f64::from(config.plan.epochs) * config.secs_per_example;
+    let deadline = config.deadline_factor
+        * epoch_secs(mean_examples.round() as usize).max(config.secs_per_example);
+
+    let devices = federation.devices.clone();
+    let test = federation.test.clone();
+    let started = Instant::now();
+    let mut virtual_secs = 0.0;
+    let mut rounds = Vec::new();
+    let mut status_rx = task.subscribe();
+    for _ in 0..config.rounds {
+        let status = task.status();
+        let round = status.round.round;
+        let base_version = status.model.version;
+        let base = Arc::new(
+            checkpoint::decode(&status.model.body)
+                .map_err(|e| SimError::Config(format!("checkpoint: {e}")))?
+                .params,
+        );
+        let mut rng = rand::rngs::StdRng::seed_from_u64(mix(config.seed, round, usize::MAX));
+        let mut sampled = sample(&mut rng, n, k).into_vec();
+        sampled.sort_unstable();
+        let fates: Vec<Fate> = sampled
+            .iter()
+            .map(|_| {
+                if rng.random::<f64>() < config.dropout {
+                    Fate::Dropped
+                } else if rng.random::<f64>() < config.stragglers {
+                    Fate::Straggler
+                } else {
+                    Fate::OnTime
+                }
+            })
+            .collect();
+        // Every sampled device checks in and downloads the model.
+        let mut tokens = Vec::with_capacity(k);
+        for &d in &sampled {
+            match task.check_in(Some(format!("device-{d}"))).await? {
+                CheckIn::Assigned(a) => tokens.push(a.token),
+                CheckIn::Retry { reason, .. } => {
+                    return Err(SimError::Config(format!(
+                        "device {d} was not assigned: {reason}"
+                    )))
+                }
+            }
+        }
+        let bytes_down = (status.model.body.len() * k) as u64;
+        // Devices that drop out or run too slow for the deadline never upload.
+        let jobs: Vec<(usize, String, f64)> = sampled
+            .iter()
+            .zip(&fates)
+            .zip(tokens)
+            .filter_map(|((&d, &fate), token)| {
+                let t = epoch_secs(federation.devices[d].len());
+                let t = if fate == Fate::Straggler {
+                    t * config.straggler_slowdown
+                } else {
+                    t
+                };
+                (fate != Fate::Dropped && t <= deadline).then_some((d, token, t))
+            })
+            .collect();
+        let (pool2, model2, base2) = (pool.clone(), model.clone(), base.clone());
+        let plan = config.plan.clone();
+        let seed = config.seed;
+        let devices = devices.clone();
+        let trained: Vec<Result<(Vec<u8>, f64), SimError>> =
+            tokio::task::spawn_blocking(move || {
+                pool2.install(|| {
+                    jobs.into_par_iter()
+                        .map(|(d, token, t)| {
+                            let mut plan = plan.clone();
+                            plan.seed = mix(seed, round, d);
+                            let (body, _) = local_update(
+                                &model2,
+                                &base2,
+                                &devices[d],
+                                &plan,
+                                base_version,
+                                token,
+                                |_| {},
+                            )?;
+                            Ok((body, t))
+                        })
+                        .collect()
+                })
+            })
+            .await
+            .map_err(|e| SimError::Config(format!("training thread: {e}")))?;
+        let mut bytes_up = 0u64;
+        let mut slowest = 0.0f64;
+        let mut reported = 0usize;
+        for r in trained {
+            let (body, t) = r?;
+            bytes_up += body.len() as u64;
+            slowest = slowest.max(t);
+            task.upload(round, Bytes::from(body)).await?;
+            reported += 1;
+        }
+        let round_virtual = if reported < k {
+            task.expire_round(round).await?;
+            deadline
+        } else {
+            slowest
+        };
+        virtual_secs += round_virtual;
+        let st = status_rx
+            .wait_for(|s| s.last_round.as_ref().is_some_and(|r| r.round == round))
+            .await
+            .map_err(|_| SimError::Config("the round engine stopped".into()))?
+            .clone();
+        let record = st.last_round.expect("waited for it");
+        let params = st.model.params.clone();
+        let (model3, test) = (model.clone(), test.clone());
+        let pool3 = pool.clone();
+        let eval = tokio::task::spawn_blocking(move || {
+            pool3.install(|| evaluate(&model3, &params, &test))
+        })
+        .await
+        .map_err(|e| SimError::Config(format!("evaluation thread: {e}")))?;
+        let m = RoundMetrics {
+            round,
+            version: st.model.version,
+            committed: record.status == RoundStatus::Committed,
+            sampled: k,
+            reported,
+            dropped: fates.iter().filter(|f| **f == Fate::Dropped).count(),
+            stragglers: fates.iter().filter(|f| **f == Fate::Straggler).count(),
+            examples: record.examples,
+            train_loss: record.mean_loss,
+            test_loss: eval.loss,
+            test_accuracy: eval.accuracy,
+            bytes_up,
+            bytes_down,
+            virtual_secs,
+            wall_secs: started.elapsed().as_secs_f64(),
+        };
+        on_round(&m);
+        let done = config
+            .stop_at_accuracy
+            .zip(m.test_accuracy)
+            .is_some_and(|(target, acc)| acc >= target);
+        rounds.push(m);
+        if done {
+            break;
+        }
+    }
+    Ok(SimReport::new(
+        config,
+        federation,
+        rounds,
+        started.elapsed().as_secs_f64(),
+    ))
+}

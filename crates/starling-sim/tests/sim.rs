@@ -1,0 +1,170 @@
+//! The simulator on small synthetic data: reproducibility, learning, drop-outs and
+//! stragglers on the virtual clock, results files, and loader errors.
+
+use rand::{Rng, SeedableRng};
+use starling_core::{builtin, Dataset, Plan};
+use starling_sim::data::{self, Partition};
+use starling_sim::{Federation, RoundMetrics, Sample, SimConfig};
+
+/// Four Gaussian blobs in 8 dimensions, labelled by blob.
+fn blobs(n: usize, seed: u64) -> Dataset {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let c = rng.random_range(0..4usize);
+        for j in 0..8 {
+            let center = if j % 4 == c { 1.0 } else { 0.0 };
+            x.push(center + rng.random_range(-1.0f32..1.0));
+        }
+        y.push(c as f32);
+    }
+    Dataset::new(x, y, 8, 1).unwrap()
+}
+
+fn federation(how: Partition, devices: usize) -> Federation {
+    let train = blobs(2000, 1);
+    let parts = data::partition_dataset(&train, how, devices, 4, 7).unwrap();
+    Federation::from_partition(&train, &parts, blobs(500, 2)).unwrap()
+}
+
+fn config(rounds: u32) -> SimConfig {
+    let plan = Plan {
+        epochs: 1,
+        batch_size: 10,
+        learning_rate: 0.1,
+        ..Plan::default()
+    };
+    SimConfig::new(
+        builtin::logistic(8, 4),
+        plan,
+        Sample::Fraction(0.2),
+        rounds,
+        42,
+    )
+}
+
+fn run(config: &SimConfig, fed: &Federation) -> starling_sim::SimReport {
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(starling_sim::run(config, fed, |_| {}))
+        .unwrap()
+}
+
+/// Everything but the wall clock.
+fn deterministic(rounds: &[RoundMetrics]) -> Vec<RoundMetrics> {
+    rounds
+        .iter()
+        .map(|r| RoundMetrics {
+            wall_secs: 0.0,
+            ..r.clone()
+        })
+        .collect()
+}
+
+#[test]
+fn same_seed_same_numbers_and_the_model_learns() {
+    let fed = federation(Partition::Iid, 50);
+    let mut c = config(8);
+    c.dropout = 0.2;
+    let a = run(&c, &fed);
+    let b = run(&c, &fed);
+    assert_eq!(deterministic(&a.rounds), deterministic(&b.rounds));
+    assert_eq!(a.rounds.len(), 8);
+    let first = a.rounds[0].test_accuracy.unwrap();
+    let last = a.final_accuracy.unwrap();
+    assert!(last > 0.8 && last >= first, "accuracy {first} -> {last}");
+    assert!(
+        a.final_loss.unwrap() < a.rounds[0].test_loss,
+        "test loss falls"
+    );
+    assert!(a
+        .rounds
+        .iter()
+        .all(|r| r.sampled == 10 && r.bytes_up > 0 && r.bytes_down > 0));
+    // Another seed draws other devices.
+    c.seed = 43;
+    let d = run(&c, &fed);
+    assert_ne!(deterministic(&a.rounds), deterministic(&d.rounds));
+}
+
+#[test]
+fn drop_outs_and_stragglers_miss_rounds_on_the_virtual_clock() {
+    let fed = federation(Partition::Dirichlet { alpha: 0.5 }, 40);
+    let mut c = config(6);
+    c.dropout = 0.3;
+    c.stragglers = 0.3;
+    let r = run(&c, &fed);
+    let dropped: usize = r.rounds.iter().map(|m| m.dropped).sum();
+    let slow: usize = r.rounds.iter().map(|m| m.stragglers).sum();
+    assert!(
+        dropped > 0 && slow > 0,
+        "dropped {dropped}, stragglers {slow}"
+    );
+    for m in &r.rounds {
+        // A straggler with little data can still make the deadline; a dropped device never does.
+        assert!(m.reported <= m.sampled - m.dropped);
+        assert_eq!(m.committed, m.reported > 0);
+    }
+    // Rounds that waited for missing devices ran to the deadline: the virtual clock moved
+    // further than in a run where everyone reports.
+    let clean = run(&config(6), &fed);
+    assert!(r.rounds.last().unwrap().virtual_secs > clean.rounds.last().unwrap().virtual_secs);
+}
+
+#[test]
+fn results_files_are_written() {
+    let fed = federation(
+        Partition::Shards {
+            shards_per_device: 2,
+        },
+        20,
+    );
+    let r = run(&config(3), &fed);
+    let dir = tempfile::tempdir().unwrap();
+    let files = r.write(dir.path()).unwrap();
+    assert_eq!(files.len(), 3);
+    let csv = std::fs::read_to_string(dir.path().join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+    assert!(csv.starts_with("round,version,committed"));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("results.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["rounds"].as_array().unwrap().len(), 3);
+    let svg = std::fs::read_to_string(dir.path().join("plot.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("<polyline"),
+        "{}",
+        &svg[..200.min(svg.len())]
+    );
+    assert!(svg.contains("test accuracy"));
+}
+
+#[test]
+fn bad_configurations_and_missing_files_are_named() {
+    let fed = federation(Partition::Iid, 10);
+    let mut c = config(1);
+    c.sample = Sample::Count(11);
+    let err = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(starling_sim::run(&c, &fed, |_| {}))
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot sample"), "{err}");
+    let err = data::load_idx_dir(std::path::Path::new("/nonexistent/mnist")).unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/mnist"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ] {
+        std::fs::write(dir.path().join(f), b"\x00\x00\x08\x03truncated").unwrap();
+    }
+    let err = data::load_idx_dir(dir.path()).unwrap_err();
+    assert!(err.to_string().contains("train-images-idx3-ubyte"), "{err}");
+    let err = data::load_csv(std::path::Path::new("/nonexistent.csv")).unwrap_err();
+    assert!(
+        err.to_string().contains("cannot read /nonexistent.csv"),
+        "{err}"
+    );
+}
