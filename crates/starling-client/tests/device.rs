@@ -62,7 +62,7 @@ async fn a_device_retries_until_the_server_comes_up() {
         .unwrap();
     let report = run.await.unwrap().unwrap();
     assert_eq!(report.contributions, 1);
-    let events = events.lock().unwrap();
+    let events = events.lock().unwrap().clone();
     let unreachable = events
         .iter()
         .filter(|e| matches!(e, DeviceEvent::Unreachable { .. }))
