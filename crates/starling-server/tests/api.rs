@@ -595,11 +595,14 @@ async fn updates_beyond_the_norm_bound_or_with_extra_metadata_are_refused() {
 #[tokio::test]
 async fn a_streamed_body_over_the_limit_is_refused_while_reading() {
     let h = start_with(policy(2, 1, 60.0), 4096).await;
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..64).map(|_| Ok(vec![7u8; 1024])).collect();
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..64).map(|_| Ok(vec![7u8; 1024])).collect();
     let r = h
         .http
         .post(h.url("/v1/tasks/linear/rounds/1/updates"))
-        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)))
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
         .send()
         .await
         .unwrap();

@@ -251,9 +251,17 @@ pub async fn run(
             })
             .collect();
         // Every sampled device checks in and downloads the model.
+        let answers = task
+            .check_in_many(
+                sampled
+                    .iter()
+                    .map(|d| Some(format!("device-{d}")))
+                    .collect(),
+            )
+            .await?;
         let mut tokens = Vec::with_capacity(k);
-        for &d in &sampled {
-            match task.check_in(Some(format!("device-{d}"))).await? {
+        for (&d, answer) in sampled.iter().zip(answers) {
+            match answer {
                 CheckIn::Assigned(a) => tokens.push(a.token),
                 CheckIn::Retry { reason, .. } => {
                     return Err(SimError::Config(format!(
@@ -308,11 +316,15 @@ pub async fn run(
         let mut bytes_up = 0u64;
         let mut slowest = 0.0f64;
         let mut reported = 0usize;
+        let mut bodies = Vec::with_capacity(trained.len());
         for r in trained {
             let (body, t) = r?;
             bytes_up += body.len() as u64;
             slowest = slowest.max(t);
-            task.upload(round, Bytes::from(body)).await?;
+            bodies.push(Bytes::from(body));
+        }
+        for r in task.upload_many(round, bodies).await {
+            r?;
             reported += 1;
         }
         let round_virtual = if reported < k {

@@ -138,63 +138,83 @@ impl Actor {
         Duration::from_secs_f64(self.def.rounds.retry_secs * jitter)
     }
 
+    /// One device's check-in: an assignment while the round has room, else a time to come
+    /// back (pace steering).
+    fn check_in(&self, round: &mut OpenRound, device: Option<String>) -> CheckIn {
+        if device.as_ref().is_some_and(|d| round.has_device(d)) {
+            return CheckIn::Retry {
+                after: self.retry_after(),
+                reason: "this device already has this round's assignment",
+            };
+        }
+        if !round.has_room() {
+            return CheckIn::Retry {
+                after: self.retry_after(),
+                reason: if round.is_closing() {
+                    "the round is closing"
+                } else {
+                    "the round is full"
+                },
+            };
+        }
+        let token = new_token();
+        round.assign(token.clone(), device);
+        CheckIn::Assigned(Assignment {
+            round: round.number,
+            base_version: round.base_version,
+            token,
+            deadline_in: round.deadline.saturating_duration_since(Instant::now()),
+            plan: self.def.plan.clone(),
+        })
+    }
+
     fn handle(&mut self, round: &mut OpenRound, cmd: Command) {
         match cmd {
-            Command::CheckIn { device, reply } => {
-                let answer = if device.as_ref().is_some_and(|d| round.has_device(d)) {
-                    CheckIn::Retry {
-                        after: self.retry_after(),
-                        reason: "this device already has this round's assignment",
-                    }
-                } else if round.has_room() {
-                    let token = new_token();
-                    round.assign(token.clone(), device);
-                    CheckIn::Assigned(Assignment {
-                        round: round.number,
-                        base_version: round.base_version,
-                        token,
-                        deadline_in: round.deadline.saturating_duration_since(Instant::now()),
-                        plan: self.def.plan.clone(),
+            Command::CheckIn { devices, reply } => {
+                let answers = devices
+                    .into_iter()
+                    .map(|device| {
+                        let answer = self.check_in(round, device);
+                        self.metrics.count_checkin(&answer);
+                        answer
                     })
-                } else {
-                    CheckIn::Retry {
-                        after: self.retry_after(),
-                        reason: if round.is_closing() {
-                            "the round is closing"
-                        } else {
-                            "the round is full"
-                        },
-                    }
-                };
-                self.metrics.count_checkin(&answer);
-                let _ = reply.send(answer);
+                    .collect();
+                let _ = reply.send(answers);
             }
             Command::Reserve {
                 round: number,
-                base_version,
-                token,
+                updates,
                 reply,
             } => {
-                let result = if number == round.number {
-                    round.reserve(base_version, &token)
-                } else if number >= 1 && number < round.number {
-                    Err(EngineError::RoundClosed(number))
-                } else {
-                    Err(EngineError::UnknownRound(number))
-                };
-                let _ = reply.send(result);
+                let results = updates
+                    .into_iter()
+                    .map(|(base_version, token)| {
+                        if number == round.number {
+                            round.reserve(base_version, &token)
+                        } else if number >= 1 && number < round.number {
+                            Err(EngineError::RoundClosed(number))
+                        } else {
+                            Err(EngineError::UnknownRound(number))
+                        }
+                    })
+                    .collect();
+                let _ = reply.send(results);
             }
             Command::Folded {
                 round: number,
-                token,
+                tokens,
             } if number == round.number => {
-                round.folded(&token);
+                for t in &tokens {
+                    round.folded(t);
+                }
             }
             Command::Released {
                 round: number,
-                token,
+                tokens,
             } if number == round.number => {
-                round.released(&token);
+                for t in &tokens {
+                    round.released(t);
+                }
             }
             Command::Expire { round: number } if number == round.number => round.expire(),
             Command::Folded { .. } | Command::Released { .. } | Command::Expire { .. } => {}

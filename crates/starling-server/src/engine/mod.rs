@@ -170,24 +170,26 @@ pub struct TaskStatus {
     pub last_round: Option<crate::store::RoundRecord>,
 }
 
+/// Requests to a task's actor. Each carries a batch, so that a simulation's thousand devices
+/// cost one message, not a thousand; the HTTP handlers send batches of one.
 pub(crate) enum Command {
     CheckIn {
-        device: Option<String>,
-        reply: oneshot::Sender<CheckIn>,
+        devices: Vec<Option<String>>,
+        reply: oneshot::Sender<Vec<CheckIn>>,
     },
     Reserve {
         round: u64,
-        base_version: u64,
-        token: String,
-        reply: oneshot::Sender<Result<Arc<shards::Shards>, EngineError>>,
+        /// `(base_version, token)` of each update, in order.
+        updates: Vec<(u64, String)>,
+        reply: oneshot::Sender<Vec<Result<Arc<shards::Shards>, EngineError>>>,
     },
     Folded {
         round: u64,
-        token: String,
+        tokens: Vec<String>,
     },
     Released {
         round: u64,
-        token: String,
+        tokens: Vec<String>,
     },
     Expire {
         round: u64,
@@ -246,8 +248,17 @@ impl TaskHandle {
     /// A device asks for work. `device` is an opaque id the device chose for itself; a device
     /// that names one gets at most one assignment per round.
     pub async fn check_in(&self, device: Option<String>) -> Result<CheckIn, EngineError> {
+        let mut answers = self.check_in_many(vec![device]).await?;
+        Ok(answers.pop().expect("one answer per device"))
+    }
+
+    /// Several devices ask for work, answered in order (one message to the task).
+    pub async fn check_in_many(
+        &self,
+        devices: Vec<Option<String>>,
+    ) -> Result<Vec<CheckIn>, EngineError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::CheckIn { device, reply }).await?;
+        self.send(Command::CheckIn { devices, reply }).await?;
         rx.await.map_err(|_| EngineError::Unavailable)
     }
 
@@ -270,70 +281,167 @@ impl TaskHandle {
     /// partial aggregate and reports it to the round. The body is dropped afterwards: nothing
     /// of it is kept but its contribution to the sums.
     pub async fn upload(&self, round: u64, body: Bytes) -> Result<Receipt, EngineError> {
+        let mut results = self.upload_many(round, vec![body]).await;
+        results.pop().expect("one result per update")
+    }
+
+    /// [`TaskHandle::upload`] for several updates of one round, answered in order: one check
+    /// pass, one message to reserve, one fold pass, one report — the same steps as a single
+    /// upload, batched for an in-memory transport. Updates fold in order, so the result does
+    /// not depend on timing.
+    pub async fn upload_many(
+        &self,
+        round: u64,
+        bodies: Vec<Bytes>,
+    ) -> Vec<Result<Receipt, EngineError>> {
+        let results = self.upload_batch(round, bodies).await;
+        for r in &results {
+            self.inner.metrics.count_update(r);
+        }
+        results
+    }
+
+    async fn upload_batch(
+        &self,
+        round: u64,
+        bodies: Vec<Bytes>,
+    ) -> Vec<Result<Receipt, EngineError>> {
+        let n = bodies.len();
+        let all = |e: fn() -> EngineError| (0..n).map(|_| Err(e())).collect::<Vec<_>>();
         // The vectorised kernels read tensors in place when the body is 8-byte aligned (the
         // safetensors header keeps that alignment); a body that landed at an odd offset of a
         // network buffer is copied once instead of being read byte by byte twice.
-        let body = if body.as_ptr().align_offset(8) == 0 {
-            body
-        } else {
-            Bytes::copy_from_slice(&body)
-        };
-        let result = self.upload_inner(round, body).await;
-        self.inner.metrics.count_update(&result);
-        result
-    }
-
-    async fn upload_inner(&self, round: u64, body: Bytes) -> Result<Receipt, EngineError> {
+        let bodies: Vec<Bytes> = bodies
+            .into_iter()
+            .map(|b| {
+                if b.as_ptr().align_offset(8) == 0 {
+                    b
+                } else {
+                    Bytes::copy_from_slice(&b)
+                }
+            })
+            .collect();
         let layout = self.inner.layout.clone();
         let bound = self.inner.max_update_norm;
-        let checked = body.clone();
-        let meta = tokio::task::spawn_blocking(move || {
-            update::decode(&checked, &layout, bound).map(|v| v.meta)
+        let checked = tokio::task::spawn_blocking(move || {
+            bodies
+                .into_iter()
+                .map(|b| {
+                    let meta = update::decode(&b, &layout, bound)?.meta;
+                    Ok::<_, EngineError>((b, meta))
+                })
+                .collect::<Vec<_>>()
         })
-        .await
-        .map_err(|_| EngineError::Unavailable)??;
+        .await;
+        let Ok(checked) = checked else {
+            return all(|| EngineError::Unavailable);
+        };
+        let mut results: Vec<Result<Receipt, EngineError>> = Vec::with_capacity(n);
+        let mut valid = Vec::new();
+        for (i, c) in checked.into_iter().enumerate() {
+            match c {
+                Ok((body, meta)) => {
+                    valid.push((i, body, meta));
+                    results.push(Err(EngineError::Unavailable));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        if valid.is_empty() {
+            return results;
+        }
 
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Reserve {
-            round,
-            base_version: meta.base_version,
-            token: meta.token.clone(),
-            reply,
-        })
-        .await?;
-        let shards = rx.await.map_err(|_| EngineError::Unavailable)??;
+        let updates = valid
+            .iter()
+            .map(|(_, _, m)| (m.base_version, m.token.clone()))
+            .collect();
+        if self
+            .send(Command::Reserve {
+                round,
+                updates,
+                reply,
+            })
+            .await
+            .is_err()
+        {
+            return results;
+        }
+        let Ok(reserved) = rx.await else {
+            return results;
+        };
+        let mut to_fold = Vec::new();
+        for ((i, body, meta), r) in valid.into_iter().zip(reserved) {
+            match r {
+                Ok(shards) => to_fold.push((i, body, meta.token, shards)),
+                Err(e) => results[i] = Err(e),
+            }
+        }
+        if to_fold.is_empty() {
+            return results;
+        }
 
         // Folding and reporting run in their own task so that a client hanging up cannot
         // leave the round waiting for an update that was reserved but never reported.
         let handle = self.clone();
-        let token = meta.token;
-        tokio::spawn(async move {
+        let done = tokio::spawn(async move {
             let layout = handle.inner.layout.clone();
+            let tokens: Vec<String> = to_fold.iter().map(|(_, _, t, _)| t.clone()).collect();
             let folded = tokio::task::spawn_blocking(move || {
-                let view = update::decode_unchecked(&body, &layout)?;
-                Ok::<u64, UpdateError>(shards.fold(&view))
+                to_fold
+                    .into_iter()
+                    .map(|(i, body, token, shards)| {
+                        let r = update::decode_unchecked(&body, &layout).map(|v| shards.fold(&v));
+                        (i, token, r)
+                    })
+                    .collect::<Vec<_>>()
             })
             .await;
-            match folded {
-                Ok(Ok(count)) => {
-                    handle.send(Command::Folded { round, token }).await?;
-                    Ok(Receipt {
-                        round,
-                        updates_in_round: count,
-                    })
-                }
-                Ok(Err(e)) => {
-                    let _ = handle.send(Command::Released { round, token }).await;
-                    Err(EngineError::Update(e))
-                }
-                Err(_) => {
-                    let _ = handle.send(Command::Released { round, token }).await;
-                    Err(EngineError::Unavailable)
+            let Ok(folded) = folded else {
+                // The fold panicked: free the assignments so the round does not wait for them.
+                let _ = handle.send(Command::Released { round, tokens }).await;
+                return Err(EngineError::Unavailable);
+            };
+            let (mut ok, mut failed) = (Vec::new(), Vec::new());
+            let mut out = Vec::with_capacity(folded.len());
+            for (i, token, r) in folded {
+                match r {
+                    Ok(count) => {
+                        ok.push(token);
+                        out.push((
+                            i,
+                            Ok(Receipt {
+                                round,
+                                updates_in_round: count,
+                            }),
+                        ));
+                    }
+                    Err(e) => {
+                        failed.push(token);
+                        out.push((i, Err(EngineError::Update(e))));
+                    }
                 }
             }
+            if !failed.is_empty() {
+                let _ = handle
+                    .send(Command::Released {
+                        round,
+                        tokens: failed,
+                    })
+                    .await;
+            }
+            if !ok.is_empty() {
+                handle.send(Command::Folded { round, tokens: ok }).await?;
+            }
+            Ok::<_, EngineError>(out)
         })
-        .await
-        .map_err(|_| EngineError::Unavailable)?
+        .await;
+        if let Ok(Ok(out)) = done {
+            for (i, r) in out {
+                results[i] = r;
+            }
+        }
+        results
     }
 }
 
