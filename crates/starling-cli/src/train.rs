@@ -13,7 +13,8 @@ use starling_core::{builtin, Model};
 /// Arguments of `starling train`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Built-in model: `linear` (the demo's y = W x + b) or `logistic` (softmax regression).
+    /// Built-in model: `linear` (the demo's y = W x + b), `logistic` (softmax regression),
+    /// `mlp` (the FedAvg paper's 2NN) or `cnn` (the paper's CNN, on square images).
     #[arg(long, default_value = "linear")]
     model: String,
     /// Training data: a CSV file of numbers (a header row is allowed).
@@ -37,7 +38,7 @@ pub struct Args {
     /// Seed of the shuffle.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Classes of `logistic` (default: largest label + 1).
+    /// Classes of a classifier (default: largest label + 1).
     #[arg(long)]
     classes: Option<usize>,
     /// Print one JSON object: each parameter (a number, or a flat list) and the final loss.
@@ -51,12 +52,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         &crate::device::target_column(args.target_column.as_deref()),
     )?;
     let outputs = match args.model.as_str() {
-        "logistic" => args
+        "logistic" | "mlp" | "cnn" => args
             .classes
             .unwrap_or_else(|| data.targets().iter().fold(0.0f32, |m, &t| m.max(t)) as usize + 1),
         _ => 1,
     };
     let Some(spec) = builtin::by_name(&args.model, data.feature_dim(), outputs) else {
+        if args.model == "cnn" {
+            bail!(
+                "the cnn takes square images; {} feature columns are not a square",
+                data.feature_dim()
+            );
+        }
         bail!(
             "unknown model `{}` (built-in models: {})",
             args.model,

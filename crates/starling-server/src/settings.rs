@@ -201,11 +201,19 @@ impl TaskSettings {
                 ModelSpec::from_json(&json).map_err(|e| invalid(e.to_string()))?
             }
             None => builtin::by_name(&self.model, self.inputs, self.outputs).ok_or_else(|| {
-                invalid(format!(
-                    "unknown model `{}` (built-in models: {})",
-                    self.model,
-                    builtin::NAMES.join(", ")
-                ))
+                if builtin::NAMES.contains(&self.model.as_str()) {
+                    invalid(format!(
+                        "the built-in model `{}` cannot take {} inputs (the cnn needs square \
+                         images, e.g. 784 for 28x28)",
+                        self.model, self.inputs
+                    ))
+                } else {
+                    invalid(format!(
+                        "unknown model `{}` (built-in models: {})",
+                        self.model,
+                        builtin::NAMES.join(", ")
+                    ))
+                }
             })?,
         };
         spec.validate().map_err(|e| invalid(e.to_string()))?;
