@@ -1,0 +1,660 @@
+// Starling's device app: shows the task and its global model, takes the person's data
+// points (typed, pasted or loaded from a file on the device), trains on them here in
+// WebAssembly built from starling-core, and contributes the update to the round. The data
+// points never leave this page; only the encoded update is uploaded.
+import init, { WebModel } from "./starling_web.js";
+import { runJob } from "./job.js";
+
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  tasks: [],
+  task: null, // name
+  info: null, // GET /v1/tasks/{task}
+  model: null, // WebModel of the current version
+  modelBytes: null, // its checkpoint, for the worker
+  busy: false,
+  waiting: null, // {round, baseVersion} after an accepted update
+  lastTrained: null, // parameters trained here (trial run)
+  online: null,
+};
+
+// ---- talking to the server ------------------------------------------------------------
+
+class Unreachable extends Error {}
+
+class Refused extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+async function api(path, options = {}) {
+  let resp;
+  try {
+    resp = await fetch(path, { cache: "no-store", ...options });
+  } catch (e) {
+    setOnline(false);
+    throw new Unreachable("cannot reach the server");
+  }
+  if (!resp.ok) {
+    let code = `http_${resp.status}`;
+    let message = resp.statusText || `HTTP ${resp.status}`;
+    try {
+      const body = await resp.json();
+      code = body.error.code;
+      message = body.error.message;
+    } catch (_) {
+      if (resp.status >= 500) {
+        setOnline(false);
+        throw new Unreachable(`the server answered ${resp.status}`);
+      }
+    }
+    setOnline(true);
+    throw new Refused(resp.status, code, message);
+  }
+  setOnline(true);
+  return resp;
+}
+
+function setOnline(online) {
+  if (state.online === online) return;
+  state.online = online;
+  const pill = $("conn");
+  pill.textContent = online ? "online" : "server unreachable";
+  pill.className = online ? "pill ok" : "pill bad";
+  if (online) {
+    hideBanner("offline");
+  } else {
+    showBanner(
+      "offline",
+      "The server cannot be reached. Check your connection; your data stays here and " +
+        "the page retries on its own.",
+    );
+  }
+}
+
+function showBanner(kind, text) {
+  const b = $("banner");
+  b.dataset.kind = kind;
+  b.textContent = text;
+  b.hidden = false;
+}
+
+function hideBanner(kind) {
+  const b = $("banner");
+  if (!kind || b.dataset.kind === kind) b.hidden = true;
+}
+
+function setStatus(text, kind = "info") {
+  const s = $("status");
+  s.textContent = text;
+  s.className = `status ${kind}`;
+}
+
+// ---- training, in a worker when the browser has module workers -------------------------
+
+let worker = null;
+let workerFailed = false;
+let jobCounter = 0;
+const jobs = new Map();
+
+function startWorker() {
+  try {
+    worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
+  } catch (_) {
+    workerFailed = true;
+    return;
+  }
+  worker.onmessage = (event) => {
+    const msg = event.data;
+    const job = jobs.get(msg.id);
+    if (!job) return;
+    if (msg.type === "progress") {
+      job.onProgress(msg.step, msg.total, msg.loss);
+    } else if (msg.type === "done") {
+      jobs.delete(msg.id);
+      job.resolve(msg.result);
+    } else if (msg.type === "error") {
+      jobs.delete(msg.id);
+      job.reject(new Error(msg.message));
+    }
+  };
+  worker.onerror = () => {
+    // The worker could not load (old browser): train on the page instead.
+    workerFailed = true;
+    worker = null;
+    for (const [id, job] of jobs) {
+      jobs.delete(id);
+      runHere(job.job, job.onProgress).then(job.resolve, job.reject);
+    }
+  };
+}
+
+async function runHere(job, onProgress) {
+  return runJob(WebModel, job, onProgress);
+}
+
+function train(job, onProgress) {
+  if (!worker || workerFailed) return runHere(job, onProgress);
+  return new Promise((resolve, reject) => {
+    const id = ++jobCounter;
+    jobs.set(id, { job, onProgress, resolve, reject });
+    // A copy of the checkpoint: the page keeps its own.
+    worker.postMessage({ id, job: { ...job, checkpoint: job.checkpoint.slice() } });
+  });
+}
+
+// ---- the task and its model -----------------------------------------------------------
+
+function fmt(v) {
+  if (!Number.isFinite(v)) return String(v);
+  const a = Math.abs(v);
+  if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(3);
+  return v.toFixed(4);
+}
+
+function isLine(model) {
+  if (!model || model.inputs !== 1 || model.targetWidth !== 1) return false;
+  const names = model.parameterNames();
+  return names.length === 2 && model.parameterShape(0).join("x") === "1x1";
+}
+
+async function loadTasks() {
+  const tasks = await (await api("/v1/tasks")).json();
+  state.tasks = tasks;
+  const select = $("task");
+  select.replaceChildren(
+    ...tasks.map((t) => {
+      const o = document.createElement("option");
+      o.value = t.name;
+      o.textContent = `${t.name} (${t.spec.name})`;
+      return o;
+    }),
+  );
+  $("task-picker").hidden = tasks.length < 2;
+  const wanted = new URLSearchParams(location.search).get("task");
+  const pick = tasks.find((t) => t.name === wanted) || tasks[0];
+  if (!pick) throw new Error("the server hosts no task");
+  select.value = pick.name;
+  await selectTask(pick.name);
+}
+
+async function selectTask(name) {
+  state.task = name;
+  state.model = null;
+  state.lastTrained = null;
+  state.waiting = null;
+  $("task-name").textContent = name;
+  await refreshInfo();
+  await loadModel();
+  buildPointForm();
+  checkData();
+}
+
+async function refreshInfo() {
+  const info = await (await api(`/v1/tasks/${encodeURIComponent(state.task)}`)).json();
+  const previous = state.info;
+  state.info = info;
+  const r = info.round;
+  $("round").textContent = `${r.round} · ${r.updates}/${r.goal} updates`;
+  $("plan").textContent =
+    `Plan: ${info.plan.epochs} epoch(s), batches of ${info.plan.batch_size}, ` +
+    `learning rate ${Number(info.plan.learning_rate.toPrecision(6))}.`;
+  if (previous && previous.version !== info.version) await loadModel();
+  if (state.waiting) checkCommitted();
+}
+
+async function loadModel() {
+  const resp = await api(`/v1/tasks/${encodeURIComponent(state.task)}/model`);
+  const bytes = new Uint8Array(await resp.arrayBuffer());
+  const model = new WebModel(bytes);
+  if (state.model) state.model.free();
+  state.model = model;
+  state.modelBytes = bytes;
+  renderModel();
+}
+
+function renderModel() {
+  const m = state.model;
+  $("version").textContent = String(m.version);
+  $("version").dataset.version = String(m.version);
+  const table = $("params");
+  const rows = m.parameterNames().map((name, i) => {
+    const values = Array.from(m.parameterValues(i));
+    const shape = Array.from(m.parameterShape(i));
+    const tr = document.createElement("tr");
+    const th = document.createElement("th");
+    th.textContent = name;
+    const td = document.createElement("td");
+    td.dataset.param = name;
+    td.dataset.values = values.length <= 64 ? JSON.stringify(values) : "";
+    const shown = values.slice(0, 6).map(fmt).join(", ");
+    td.textContent =
+      values.length === 1 ? shown : `[${shown}${values.length > 6 ? ", …" : ""}]`;
+    const small = document.createElement("small");
+    small.textContent = ` ${shape.join("×")}`;
+    th.append(small);
+    tr.append(th, td);
+    return tr;
+  });
+  table.replaceChildren(...rows);
+  const formula = $("formula");
+  if (isLine(m)) {
+    const w = m.parameterValues(0)[0];
+    const b = m.parameterValues(1)[0];
+    formula.textContent = `y = ${fmt(w)} · x + ${fmt(b)}`;
+    formula.hidden = false;
+  } else {
+    formula.textContent = `${m.modelName}: ${m.inputs} input(s)`;
+    formula.hidden = false;
+  }
+  drawPlot();
+}
+
+// ---- the person's data ----------------------------------------------------------------
+
+function columnNames() {
+  const m = state.model;
+  if (!m) return [];
+  const xs =
+    m.inputs === 1 ? ["x"] : Array.from({ length: m.inputs }, (_, i) => `x${i + 1}`);
+  const target = state.info && state.info.spec.loss === "softmax_cross_entropy" ? "class" : "y";
+  const ys =
+    m.targetWidth === 1 ? [target] : Array.from({ length: m.targetWidth }, (_, i) => `y${i + 1}`);
+  return xs.concat(ys);
+}
+
+function buildPointForm() {
+  const names = columnNames();
+  const fields = $("point-fields");
+  // Point-by-point entry makes sense for a few columns; wider data comes as CSV.
+  $("point-form").hidden = names.length > 6;
+  fields.replaceChildren(
+    ...names.map((name, i) => {
+      const label = document.createElement("label");
+      label.className = "field";
+      label.textContent = name;
+      const input = document.createElement("input");
+      input.type = "text";
+      input.inputMode = "decimal";
+      input.id = `col${i}`;
+      input.name = name;
+      input.placeholder = "0.0";
+      input.enterKeyHint = i + 1 < names.length ? "next" : "done";
+      label.append(input);
+      return label;
+    }),
+  );
+  $("csv").placeholder = `${names.join(",")}\n1.0,3.1\n2.0,4.9`;
+}
+
+function addPoint(event) {
+  event.preventDefault();
+  const inputs = Array.from($("point-fields").querySelectorAll("input"));
+  const values = inputs.map((i) => i.value.trim().replace(",", "."));
+  const bad = inputs.findIndex((_, i) => values[i] === "" || !Number.isFinite(Number(values[i])));
+  if (bad >= 0) {
+    setDataStatus(`Enter a number for ${inputs[bad].name}.`, "error");
+    inputs[bad].focus();
+    return;
+  }
+  const csv = $("csv");
+  const text = csv.value;
+  csv.value = text + (text === "" || text.endsWith("\n") ? "" : "\n") + values.join(",") + "\n";
+  inputs.forEach((i) => (i.value = ""));
+  inputs[0].focus();
+  checkData();
+}
+
+function setDataStatus(text, kind) {
+  const s = $("data-status");
+  s.textContent = text;
+  s.className = `note ${kind}`;
+}
+
+// Parses the data with the core's CSV reader and checks it against the model. Returns the
+// parsed points for the plot, or null (with the reason shown) when they cannot be used.
+function checkData() {
+  if (!state.model) return null;
+  let data;
+  try {
+    data = state.model.checkData($("csv").value);
+  } catch (e) {
+    setDataStatus(`Your data can't be used yet: ${e.message}.`, "error");
+    drawPlot(null);
+    return null;
+  }
+  const points = { n: data.examples, xs: data.features(), ys: data.targets() };
+  data.free();
+  setDataStatus(
+    `${points.n} point${points.n === 1 ? "" : "s"} ready — they stay on this device.`,
+    "ok",
+  );
+  drawPlot(points);
+  return points;
+}
+
+function loadFile() {
+  const file = $("file").files[0];
+  if (!file) return;
+  const reader = new FileReader();
+  reader.onload = () => {
+    $("csv").value = String(reader.result);
+    checkData();
+    $("file").value = "";
+  };
+  reader.onerror = () => setDataStatus(`Cannot read ${file.name}.`, "error");
+  reader.readAsText(file);
+}
+
+function examplePoints() {
+  // A few noisy points of y = 2x + 1, for trying the app out.
+  const rows = [];
+  for (let i = 0; i < 8; i++) {
+    const x = Math.round((Math.random() * 4 - 2) * 100) / 100;
+    const y = Math.round((2 * x + 1 + (Math.random() - 0.5) * 0.4) * 100) / 100;
+    rows.push(`${x},${y}`);
+  }
+  $("csv").value = `x,y\n${rows.join("\n")}\n`;
+  checkData();
+}
+
+// ---- plot (one input, one target) -----------------------------------------------------
+
+let lastPoints = null;
+
+function drawPlot(points) {
+  if (points !== undefined) lastPoints = points;
+  const canvas = $("plot");
+  const m = state.model;
+  if (!m || !isLine(m)) {
+    canvas.hidden = true;
+    return;
+  }
+  canvas.hidden = false;
+  const ratio = window.devicePixelRatio || 1;
+  const width = canvas.clientWidth || 300;
+  const height = Math.round(width * 0.6);
+  canvas.width = width * ratio;
+  canvas.height = height * ratio;
+  canvas.style.height = `${height}px`;
+  const ctx = canvas.getContext("2d");
+  ctx.scale(ratio, ratio);
+  ctx.clearRect(0, 0, width, height);
+  const xs = lastPoints ? Array.from(lastPoints.xs) : [];
+  const ys = lastPoints ? Array.from(lastPoints.ys) : [];
+  const w = m.parameterValues(0)[0];
+  const b = m.parameterValues(1)[0];
+  const lines = [{ w, b, color: "#1d4e89", dash: [] }];
+  if (state.lastTrained) {
+    lines.push({ w: state.lastTrained.W, b: state.lastTrained.b, color: "#d9822b", dash: [6, 4] });
+  }
+  let x0 = Math.min(-2, ...xs);
+  let x1 = Math.max(2, ...xs);
+  const lineYs = lines.flatMap((l) => [l.w * x0 + l.b, l.w * x1 + l.b]);
+  let y0 = Math.min(...ys, ...lineYs);
+  let y1 = Math.max(...ys, ...lineYs);
+  if (y1 - y0 < 1e-6) {
+    y0 -= 1;
+    y1 += 1;
+  }
+  const pad = 0.08;
+  [x0, x1] = [x0 - (x1 - x0) * pad, x1 + (x1 - x0) * pad];
+  [y0, y1] = [y0 - (y1 - y0) * pad, y1 + (y1 - y0) * pad];
+  const px = (x) => ((x - x0) / (x1 - x0)) * width;
+  const py = (y) => height - ((y - y0) / (y1 - y0)) * height;
+  ctx.strokeStyle = "#c9d2e0";
+  ctx.lineWidth = 1;
+  ctx.beginPath();
+  ctx.moveTo(px(0), 0);
+  ctx.lineTo(px(0), height);
+  ctx.moveTo(0, py(0));
+  ctx.lineTo(width, py(0));
+  ctx.stroke();
+  for (const l of lines) {
+    ctx.strokeStyle = l.color;
+    ctx.setLineDash(l.dash);
+    ctx.lineWidth = 2;
+    ctx.beginPath();
+    ctx.moveTo(px(x0), py(l.w * x0 + l.b));
+    ctx.lineTo(px(x1), py(l.w * x1 + l.b));
+    ctx.stroke();
+  }
+  ctx.setLineDash([]);
+  ctx.fillStyle = "#2a9d8f";
+  xs.forEach((x, i) => {
+    ctx.beginPath();
+    ctx.arc(px(x), py(ys[i]), 4, 0, Math.PI * 2);
+    ctx.fill();
+  });
+}
+
+// ---- train and contribute -------------------------------------------------------------
+
+function setBusy(busy) {
+  state.busy = busy;
+  for (const id of ["train", "contribute", "add-point", "clear", "example"]) $(id).disabled = busy;
+}
+
+function showTraining(result) {
+  $("loss-before").textContent = fmt(result.lossBefore);
+  $("loss-after").textContent = fmt(result.lossAfter);
+  $("loss-after").dataset.loss = String(result.lossAfter);
+}
+
+function progressTo(step, total) {
+  $("progress").max = total;
+  $("progress").value = step;
+}
+
+async function trialRun() {
+  if (state.busy || !state.model) return;
+  if (!checkData()) {
+    setStatus("Add some usable data points first (see the message above).", "error");
+    return;
+  }
+  setBusy(true);
+  progressTo(0, 1);
+  setStatus("Training on this device…");
+  try {
+    const result = await train(
+      {
+        checkpoint: state.modelBytes,
+        csv: $("csv").value,
+        plan: JSON.stringify(state.info.plan),
+      },
+      progressTo,
+    );
+    showTraining(result);
+    const p = result.parameters;
+    const names = Object.keys(p);
+    $("local-params").textContent = names
+      .map((n) => `${n} = ${p[n].length === 1 ? fmt(p[n][0]) : `[${p[n].slice(0, 3).map(fmt).join(", ")}…]`}`)
+      .join(", ");
+    state.lastTrained = isLine(state.model) ? { W: p[names[0]][0], b: p[names[1]][0] } : null;
+    drawPlot();
+    setStatus(
+      `Trained on ${result.examples} point(s) in ${result.steps} step(s). ` +
+        "Nothing was sent. Press “Contribute update” to share the update.",
+      "ok",
+    );
+  } catch (e) {
+    setStatus(`Training failed: ${e.message}`, "error");
+  } finally {
+    setBusy(false);
+  }
+}
+
+async function contribute() {
+  if (state.busy || !state.model) return;
+  if (!checkData()) {
+    setStatus("Add some usable data points first (see the message above).", "error");
+    return;
+  }
+  setBusy(true);
+  progressTo(0, 1);
+  try {
+    setStatus("Asking the server for a place in the round…");
+    const task = encodeURIComponent(state.task);
+    const answer = await (await api(`/v1/tasks/${task}/checkin`, { method: "POST" })).json();
+    if (answer.status !== "assigned") {
+      const secs = Math.ceil(answer.retry_after_secs || 1);
+      setStatus(
+        `No place in this round right now (${answer.reason}). Try again in about ${secs} s.`,
+        "warn",
+      );
+      return;
+    }
+    if (state.model.version !== answer.base_version) await loadModel();
+    if (state.model.version !== answer.base_version) {
+      setStatus("The model changed while checking in. Press Contribute again.", "warn");
+      return;
+    }
+    setStatus(`Training for round ${answer.round} on this device…`);
+    const result = await train(
+      {
+        checkpoint: state.modelBytes,
+        csv: $("csv").value,
+        plan: JSON.stringify(answer.plan),
+        baseVersion: answer.base_version,
+        token: answer.token,
+      },
+      progressTo,
+    );
+    showTraining(result);
+    setStatus(`Sending the update (${result.update.length} bytes, no data points)…`);
+    const receipt = await (
+      await api(answer.upload_url, {
+        method: "POST",
+        headers: { "content-type": "application/octet-stream" },
+        body: result.update,
+      })
+    ).json();
+    state.waiting = { round: answer.round, baseVersion: answer.base_version };
+    $("status").dataset.accepted = String(answer.round);
+    setStatus(
+      `✓ The server accepted your update: ${receipt.updates_in_round} of ` +
+        `${state.info.round.goal} in round ${answer.round}. Waiting for the round to commit…`,
+      "ok",
+    );
+    await refreshInfo();
+  } catch (e) {
+    setStatus(explain(e), e instanceof Unreachable ? "error" : "warn");
+  } finally {
+    setBusy(false);
+  }
+}
+
+function explain(e) {
+  if (e instanceof Unreachable) {
+    return "Cannot reach the server, so nothing was sent. Check the connection and try again.";
+  }
+  if (e instanceof Refused) {
+    switch (e.code) {
+      case "round_closed":
+      case "stale_version":
+        return (
+          "The round closed before your update arrived, so it was not counted. " +
+          "Press Contribute again to train on the new model."
+        );
+      case "invalid_token":
+        return "The assignment expired before the update arrived. Press Contribute again.";
+      case "duplicate_update":
+        return "This update was already counted.";
+      default:
+        return `The server refused the update: ${e.message}`;
+    }
+  }
+  return `Something went wrong: ${e.message}`;
+}
+
+function checkCommitted() {
+  const w = state.waiting;
+  const info = state.info;
+  if (!w || !info) return;
+  if (info.version > w.baseVersion) {
+    state.waiting = null;
+    const p = info.parameters;
+    const shown = p
+      ? Object.entries(p)
+          .filter(([, v]) => typeof v === "number")
+          .map(([n, v]) => `${n} = ${fmt(v)}`)
+          .join(", ")
+      : "";
+    $("status").dataset.committed = String(info.version);
+    setStatus(
+      `✓ Round ${w.round} committed: the global model is now version ${info.version}` +
+        (shown ? ` (${shown}).` : "."),
+      "ok",
+    );
+  } else if (info.round.round > w.round) {
+    state.waiting = null;
+    setStatus(
+      `Round ${w.round} ended without enough updates before its deadline, so the model ` +
+        "is unchanged. You can contribute to the next round.",
+      "warn",
+    );
+  }
+}
+
+// ---- start ----------------------------------------------------------------------------
+
+async function poll() {
+  try {
+    if (state.task) await refreshInfo();
+    else await loadTasks();
+  } catch (e) {
+    if (!(e instanceof Unreachable)) console.warn(e);
+  }
+  setTimeout(poll, state.waiting ? 700 : 3000);
+}
+
+async function main() {
+  $("point-form").addEventListener("submit", addPoint);
+  $("csv").addEventListener("input", () => checkData());
+  $("file").addEventListener("change", loadFile);
+  $("example").addEventListener("click", examplePoints);
+  $("clear").addEventListener("click", () => {
+    $("csv").value = "";
+    state.lastTrained = null;
+    checkData();
+  });
+  $("train").addEventListener("click", trialRun);
+  $("contribute").addEventListener("click", contribute);
+  $("task").addEventListener("change", (e) => selectTask(e.target.value).catch(report));
+  window.addEventListener("resize", () => drawPlot());
+
+  await init();
+  startWorker();
+  try {
+    await loadTasks();
+  } catch (e) {
+    report(e);
+  }
+  document.body.dataset.ready = "true";
+  setTimeout(poll, 3000);
+
+  if ("serviceWorker" in navigator && window.isSecureContext) {
+    navigator.serviceWorker.register("/app/sw.js", { scope: "/app/" }).catch(() => {});
+  }
+}
+
+function report(e) {
+  if (e instanceof Unreachable) return; // the banner says it
+  showBanner("error", `Cannot load the task: ${e.message}`);
+}
+
+// For tests and the curious: train on given CSV text with a plan (JSON), on the current
+// model or on a given checkpoint (an array of bytes), exactly as the Train button does.
+window.starling = {
+  async train(csv, plan, checkpointBytes) {
+    const checkpoint = checkpointBytes ? Uint8Array.from(checkpointBytes) : state.modelBytes;
+    const r = await train({ checkpoint, csv, plan }, () => {});
+    return { parameters: r.parameters, lossBefore: r.lossBefore, lossAfter: r.lossAfter };
+  },
+};
+
+main();

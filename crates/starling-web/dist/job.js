@@ -1,0 +1,39 @@
+// One training job on the WebAssembly module: shared by the worker (worker.js) and by the
+// page itself when module workers are unavailable, so both paths run the same code.
+//
+// job = { checkpoint: Uint8Array, csv: string, plan: string (JSON),
+//         baseVersion?: number, token?: string }  -- with a token it encodes an update.
+
+export function runJob(WebModel, job, onProgress) {
+  const model = new WebModel(job.checkpoint);
+  let data = null;
+  let out = null;
+  try {
+    data = model.checkData(job.csv);
+    const contributing = typeof job.token === "string";
+    out = contributing
+      ? model.localUpdate(data, job.plan, job.baseVersion, job.token, onProgress)
+      : model.train(data, job.plan, onProgress);
+    const names = model.parameterNames();
+    const parameters = {};
+    if (!contributing) {
+      names.forEach((name, i) => {
+        parameters[name] = Array.from(out.parameterValues(i));
+      });
+    }
+    return {
+      examples: out.examples,
+      steps: out.steps,
+      lossBefore: out.lossBefore,
+      lossAfter: out.lossAfter,
+      accuracyBefore: out.accuracyBefore ?? null,
+      accuracyAfter: out.accuracyAfter ?? null,
+      parameters,
+      update: out.takeUpdate(),
+    };
+  } finally {
+    if (out) out.free();
+    if (data) data.free();
+    model.free();
+  }
+}
