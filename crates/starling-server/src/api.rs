@@ -98,7 +98,7 @@ impl IntoResponse for ApiError {
 /// The router of the whole API.
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     Router::new()
-        .route("/", get(index))
+        .merge(crate::web::router())
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/tasks", get(list_tasks))
@@ -119,24 +119,6 @@ async fn not_found() -> ApiError {
         "not_found",
         "no such endpoint; see /v1/openapi.json",
     )
-}
-
-async fn index(State(s): State<AppState>) -> String {
-    let mut text = String::from("Starling federated learning server\n\nTasks:\n");
-    for t in s.tasks.iter() {
-        let st = t.status();
-        text.push_str(&format!(
-            "  {}  model {}  version {}  round {} ({}/{} updates)\n",
-            t.name(),
-            t.spec().name,
-            st.model.version,
-            st.round.round,
-            st.round.updates,
-            st.round.goal
-        ));
-    }
-    text.push_str("\nAPI: /v1/tasks, /v1/tasks/{task}/model, /v1/tasks/{task}/rounds, /v1/openapi.json, /metrics\n");
-    text
 }
 
 async fn health(State(s): State<AppState>) -> Json<Value> {

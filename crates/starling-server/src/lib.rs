@@ -6,12 +6,14 @@
 //! - [`engine`]: the round engine (one task owns each task's round state).
 //! - [`api`]: the HTTP API (axum).
 //! - [`metrics`]: Prometheus counters.
+//! - [`web`]: the device app (the browser client), embedded and served at `/` and `/app/`.
 
 pub mod api;
 pub mod engine;
 pub mod metrics;
 pub mod settings;
 pub mod store;
+pub mod web;
 
 use std::future::Future;
 use std::net::SocketAddr;

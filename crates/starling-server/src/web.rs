@@ -1,0 +1,138 @@
+//! The device app's pages: the browser client built by `scripts/build-web.sh` into
+//! `crates/starling-web/dist/`, embedded in the binary so that `starling serve` needs no files
+//! beside it. The page is served at `/`, `/app` and `/app/`; its assets at `/app/<file>`.
+
+use std::sync::OnceLock;
+
+use axum::extract::Path;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+
+/// One embedded file: name under `/app/`, content type, bytes.
+type Asset = (&'static str, &'static str, &'static [u8]);
+
+macro_rules! dist {
+    ($name:literal, $type:literal) => {
+        (
+            $name,
+            $type,
+            include_bytes!(concat!("../../starling-web/dist/", $name)) as &[u8],
+        )
+    };
+}
+
+/// Every file of the app. A unit test checks this list against the `dist/` directory.
+const ASSETS: &[Asset] = &[
+    dist!("index.html", "text/html; charset=utf-8"),
+    dist!("app.js", "text/javascript; charset=utf-8"),
+    dist!("job.js", "text/javascript; charset=utf-8"),
+    dist!("worker.js", "text/javascript; charset=utf-8"),
+    dist!("sw.js", "text/javascript; charset=utf-8"),
+    dist!("starling_web.js", "text/javascript; charset=utf-8"),
+    dist!("starling_web_bg.wasm", "application/wasm"),
+    dist!("style.css", "text/css; charset=utf-8"),
+    dist!("manifest.webmanifest", "application/manifest+json"),
+    dist!("icon.svg", "image/svg+xml"),
+    dist!("icon-192.png", "image/png"),
+    dist!("icon-512.png", "image/png"),
+];
+
+/// The routes of the device app, to merge into the API's router.
+pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    Router::new()
+        .route("/", get(page))
+        .route("/app", get(page))
+        .route("/app/", get(page))
+        .route("/app/{file}", get(asset))
+}
+
+/// FNV-1a of each file, computed once: the `ETag` that lets browsers revalidate cheaply.
+fn etags() -> &'static [String] {
+    static TAGS: OnceLock<Vec<String>> = OnceLock::new();
+    TAGS.get_or_init(|| {
+        ASSETS
+            .iter()
+            .map(|(_, _, bytes)| {
+                let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+                });
+                format!("\"{hash:016x}\"")
+            })
+            .collect()
+    })
+}
+
+fn serve(index: usize, headers: &HeaderMap) -> Response {
+    let (_, content_type, bytes) = ASSETS[index];
+    let etag = &etags()[index];
+    let fresh = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+    let common = [
+        (
+            header::ETAG,
+            HeaderValue::from_str(etag).expect("hex digits and quotes are a valid header"),
+        ),
+        // Always revalidate: a new server build must reach installed apps at once.
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        (
+            header::HeaderName::from_static("x-content-type-options"),
+            HeaderValue::from_static("nosniff"),
+        ),
+    ];
+    if fresh {
+        return (StatusCode::NOT_MODIFIED, common).into_response();
+    }
+    (
+        common,
+        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+        bytes,
+    )
+        .into_response()
+}
+
+async fn page(headers: HeaderMap) -> Response {
+    serve(0, &headers)
+}
+
+async fn asset(Path(file): Path<String>, headers: HeaderMap) -> Response {
+    match ASSETS.iter().position(|(name, _, _)| *name == file) {
+        Some(i) => serve(i, &headers),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"error": {
+                "code": "not_found",
+                "message": format!("the device app has no file `{file}`"),
+            }})),
+        )
+            .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_built_file_is_served() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../starling-web/dist");
+        let mut built: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        built.sort();
+        let mut served: Vec<String> = ASSETS.iter().map(|(n, _, _)| n.to_string()).collect();
+        served.sort();
+        assert_eq!(built, served, "update ASSETS in web.rs to match dist/");
+    }
+
+    #[test]
+    fn etags_differ_per_file() {
+        let tags = etags();
+        assert_eq!(tags.len(), ASSETS.len());
+        assert_ne!(tags[0], tags[1]);
+    }
+}
