@@ -16,7 +16,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 use starling_client::{Device, DeviceOptions, HttpTransport};
 use starling_core::data::{synthetic_line, TargetColumn};
-use starling_core::spec::{Init, LayerSpec, LossSpec, ModelSpec};
+use starling_core::spec::ModelSpec;
 use starling_core::{checkpoint, train, Dataset, Model, Plan};
 use starling_server::settings::{RoundPolicy, TaskSettings};
 use starling_server::{Running, Settings};
@@ -544,28 +544,14 @@ async fn same_numbers() -> Result<()> {
     open_app(c, &server, "/app/", 0).await?;
 
     let line = starling_core::data::to_csv(&synthetic_line(2.0, 1.0, (-2.0, 2.0), 37, 0.2, 9));
-    let mlp = ModelSpec {
-        name: "mlp".into(),
-        inputs: 2,
-        layers: vec![
-            LayerSpec::Dense {
-                units: 8,
-                weight: None,
-                bias: None,
-                weight_init: Init::GlorotUniform,
-                bias_init: Init::Zeros,
-            },
-            LayerSpec::Tanh,
-            LayerSpec::Dense {
-                units: 1,
-                weight: None,
-                bias: None,
-                weight_init: Init::GlorotUniform,
-                bias_init: Init::Constant { value: 0.1 },
-            },
-        ],
-        loss: LossSpec::Mse,
-    };
+    // From JSON, as a server would load it: a 2-8-1 network with tanh.
+    let mlp = ModelSpec::from_json(
+        r#"{"name": "mlp", "inputs": 2, "loss": "mse", "layers": [
+            {"type": "dense", "units": 8},
+            {"type": "tanh"},
+            {"type": "dense", "units": 1, "bias_init": {"kind": "constant", "value": 0.1}}
+        ]}"#,
+    )?;
     let mlp_checkpoint = checkpoint::encode("mlp", 0, &mlp, &mlp.init_params(3));
     let mut mlp_csv = String::from("a,b,y\n");
     for i in 0..50 {
