@@ -17,7 +17,25 @@ const state = {
   waiting: null, // {round, baseVersion} after an accepted update
   lastTrained: null, // parameters trained here (trial run)
   online: null,
+  assignment: null, // the open round's assignment, kept until its update is accepted
 };
+
+// A random id this browser keeps: the server gives one device at most one assignment per
+// round, so pressing Contribute twice does not count the same data twice.
+function deviceId() {
+  let id = null;
+  try {
+    id = localStorage.getItem("starling-device");
+  } catch (_) {}
+  if (!id) {
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    id = "web-" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+    try {
+      localStorage.setItem("starling-device", id);
+    } catch (_) {}
+  }
+  return id;
+}
 
 // ---- talking to the server ------------------------------------------------------------
 
@@ -497,19 +515,31 @@ async function contribute() {
   setBusy(true);
   progressTo(0, 1);
   try {
-    setStatus("Asking the server for a place in the round…");
     const task = encodeURIComponent(state.task);
-    const answer = await (await api(`/v1/tasks/${task}/checkin`, { method: "POST" })).json();
-    if (answer.status !== "assigned") {
-      const secs = Math.ceil(answer.retry_after_secs || 1);
-      setStatus(
-        `No place in this round right now (${answer.reason}). Try again in about ${secs} s.`,
-        "warn",
-      );
-      return;
+    let answer = state.assignment;
+    if (!answer || answer.task !== state.task || answer.round !== state.info.round.round) {
+      setStatus("Asking the server for a place in the round…");
+      answer = await (
+        await api(`/v1/tasks/${task}/checkin`, {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ device: deviceId() }),
+        })
+      ).json();
+      if (answer.status !== "assigned") {
+        const secs = Math.ceil(answer.retry_after_secs || 1);
+        setStatus(
+          `No place in this round right now (${answer.reason}). Try again in about ${secs} s.`,
+          "warn",
+        );
+        return;
+      }
+      answer.task = state.task;
+      state.assignment = answer;
     }
     if (state.model.version !== answer.base_version) await loadModel();
     if (state.model.version !== answer.base_version) {
+      state.assignment = null;
       setStatus("The model changed while checking in. Press Contribute again.", "warn");
       return;
     }
@@ -533,6 +563,7 @@ async function contribute() {
         body: result.update,
       })
     ).json();
+    state.assignment = null;
     state.waiting = { round: answer.round, baseVersion: answer.base_version };
     $("status").dataset.accepted = String(answer.round);
     setStatus(
@@ -556,11 +587,13 @@ function explain(e) {
     switch (e.code) {
       case "round_closed":
       case "stale_version":
+        state.assignment = null;
         return (
           "The round closed before your update arrived, so it was not counted. " +
           "Press Contribute again to train on the new model."
         );
       case "invalid_token":
+        state.assignment = null;
         return "The assignment expired before the update arrived. Press Contribute again.";
       case "duplicate_update":
         return "This update was already counted.";
