@@ -14,6 +14,9 @@ bash scripts/setup.sh
 step "format: cargo fmt --all --check"
 cargo fmt --all --check
 
+step "device app: bash scripts/build-web.sh (the tests serve this fresh build)"
+bash scripts/build-web.sh
+
 step "lint: cargo clippy --workspace --all-targets --locked -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 

@@ -11,6 +11,30 @@ fi
 cargo --version
 rustc --version
 
-# Later steps go here, each one idempotent: the wasm32-unknown-unknown target (for
-# starling-web and the core's wasm build), the wasm-bindgen CLI at the version Cargo.lock
-# pins, and a headless Chromium for the browser tests.
+# starling-web: the wasm32 target and the wasm-bindgen CLI at exactly the version of the
+# wasm-bindgen crate in Cargo.lock (the JS glue and the module's imports must match).
+if rustup target list --installed | grep -qx wasm32-unknown-unknown; then
+    echo "wasm32-unknown-unknown: installed"
+else
+    rustup target add wasm32-unknown-unknown
+fi
+wasm_bindgen=$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock)
+if [ "$(wasm-bindgen --version 2>/dev/null | awk '{ print $2 }')" = "$wasm_bindgen" ]; then
+    echo "wasm-bindgen CLI $wasm_bindgen: installed"
+else
+    cargo install wasm-bindgen-cli --version "$wasm_bindgen" --locked
+fi
+
+# The device app's browser tests: Debian's Chromium and ChromeDriver (headless).
+if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
+    echo "chromium and chromedriver: installed"
+elif command -v apt-get >/dev/null 2>&1; then
+    sudo=""
+    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium chromium-driver
+else
+    echo "error: install Chromium and ChromeDriver (/usr/bin/chromium, /usr/bin/chromedriver)," \
+        "or point STARLING_CHROMIUM and STARLING_CHROMEDRIVER at them" >&2
+    exit 1
+fi
