@@ -43,7 +43,10 @@ impl Viewport {
 
 fn find_tool(env: &str, candidates: &[&str]) -> Result<PathBuf> {
     if let Ok(p) = std::env::var(env) {
-        return Ok(PathBuf::from(p));
+        if Path::new(&p).is_file() {
+            return Ok(PathBuf::from(p));
+        }
+        bail!("${env} is {p}, which does not exist: run scripts/setup.sh or fix ${env}");
     }
     for c in candidates {
         if Path::new(c).is_file() {
