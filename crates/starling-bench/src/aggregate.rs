@@ -42,6 +42,7 @@ pub fn update_body(params: usize, token: &str) -> (Layout, Vec<u8>) {
         base_version: 0,
         examples: 10,
         loss: Some(0.5),
+        accuracy: None,
         token: token.into(),
     };
     (delta.layout(), update::encode(&delta, &meta))

@@ -106,6 +106,7 @@ fn contribute(url: &str, task: &str, d: &Parameters, examples: u64) -> u64 {
             base_version: a["base_version"].as_u64().unwrap(),
             examples,
             loss: Some(0.125),
+            accuracy: None,
             token: a["token"].as_str().unwrap().into(),
         },
     );

@@ -21,6 +21,7 @@ fn body(params: usize) -> (starling_core::Layout, Vec<u8>) {
         base_version: 0,
         examples: 10,
         loss: Some(0.5),
+        accuracy: None,
         token: "bench".into(),
     };
     (delta.layout(), update::encode(&delta, &meta))

@@ -27,6 +27,8 @@ pub struct FedAvg {
     examples: u64,
     loss_sum: f64,
     loss_weight: f64,
+    accuracy_sum: f64,
+    accuracy_weight: f64,
 }
 
 impl FedAvg {
@@ -40,6 +42,8 @@ impl FedAvg {
             examples: 0,
             loss_sum: 0.0,
             loss_weight: 0.0,
+            accuracy_sum: 0.0,
+            accuracy_weight: 0.0,
         }
     }
 
@@ -59,6 +63,10 @@ impl FedAvg {
             self.loss_sum += w * f64::from(l);
             self.loss_weight += w;
         }
+        if let Some(a) = update.meta.accuracy {
+            self.accuracy_sum += w * f64::from(a);
+            self.accuracy_weight += w;
+        }
     }
 
     /// Merges another partial aggregate of the same round into this one.
@@ -74,6 +82,8 @@ impl FedAvg {
         self.examples += other.examples;
         self.loss_sum += other.loss_sum;
         self.loss_weight += other.loss_weight;
+        self.accuracy_sum += other.accuracy_sum;
+        self.accuracy_weight += other.accuracy_weight;
         Ok(())
     }
 
@@ -90,6 +100,11 @@ impl FedAvg {
     /// Example-weighted mean of the reported local losses.
     pub fn mean_loss(&self) -> Option<f64> {
         (self.loss_weight > 0.0).then(|| self.loss_sum / self.loss_weight)
+    }
+
+    /// Example-weighted mean of the reported local accuracies.
+    pub fn mean_accuracy(&self) -> Option<f64> {
+        (self.accuracy_weight > 0.0).then(|| self.accuracy_sum / self.accuracy_weight)
     }
 
     /// The layout aggregated.
@@ -218,6 +233,7 @@ mod tests {
                 base_version: 0,
                 examples,
                 loss: Some(1.0),
+                accuracy: None,
                 token: "t".into(),
             },
         )

@@ -205,6 +205,7 @@ pub fn local_update(
         base_version,
         examples: report.examples as u64,
         loss: Some(report.after.loss),
+        accuracy: report.after.accuracy,
         token,
     };
     Ok((crate::update::encode(&delta, &meta), report))

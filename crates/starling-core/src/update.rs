@@ -19,6 +19,8 @@ pub struct UpdateMeta {
     pub examples: u64,
     /// Mean local loss after training, if the device reports it.
     pub loss: Option<f32>,
+    /// Local accuracy after training (classifiers), if the device reports it.
+    pub accuracy: Option<f32>,
     /// The upload token of the assignment this update answers.
     pub token: String,
 }
@@ -79,6 +81,9 @@ pub fn encode(delta: &Parameters, meta: &UpdateMeta) -> Vec<u8> {
     if let Some(l) = meta.loss {
         m.insert("loss".into(), l.to_string());
     }
+    if let Some(a) = meta.accuracy {
+        m.insert("accuracy".into(), a.to_string());
+    }
     delta.to_safetensors(Some(m))
 }
 
@@ -87,7 +92,7 @@ pub fn encode(delta: &Parameters, meta: &UpdateMeta) -> Vec<u8> {
 pub const MAX_EXAMPLES: i64 = 1_000_000_000;
 
 /// The metadata fields an update may carry.
-const FIELDS: [&str; 4] = ["base_version", "examples", "token", "loss"];
+const FIELDS: [&str; 5] = ["base_version", "examples", "token", "loss", "accuracy"];
 
 fn field<'m>(m: &'m HashMap<String, String>, name: &'static str) -> Result<&'m str, UpdateError> {
     m.get(name)
@@ -121,10 +126,21 @@ fn parse_meta(m: &HashMap<String, String>) -> Result<UpdateMeta, UpdateError> {
             Some(v)
         }
     };
+    let accuracy = match m.get("accuracy") {
+        None => None,
+        Some(a) => {
+            let v: f32 = a.parse().map_err(|_| invalid("accuracy", a))?;
+            if !(0.0..=1.0).contains(&v) {
+                return Err(invalid("accuracy", a));
+            }
+            Some(v)
+        }
+    };
     Ok(UpdateMeta {
         base_version,
         examples: examples as u64,
         loss,
+        accuracy,
         token,
     })
 }
@@ -191,6 +207,7 @@ mod tests {
             base_version: 3,
             examples,
             loss: Some(0.5),
+            accuracy: Some(0.75),
             token: "t".into(),
         }
     }
@@ -246,6 +263,16 @@ mod tests {
             UpdateError::UnknownField("photo".into())
         );
         m.remove("photo");
+        m.insert("accuracy".into(), "1.5".into());
+        let acc = delta(1.0).to_safetensors(Some(m.clone()));
+        assert!(matches!(
+            decode(&acc, &layout, None),
+            Err(UpdateError::InvalidField {
+                field: "accuracy",
+                ..
+            })
+        ));
+        m.remove("accuracy");
         m.remove("token");
         m.insert("examples".into(), "4".into());
         let no_token = delta(1.0).to_safetensors(Some(m));

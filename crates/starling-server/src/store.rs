@@ -64,6 +64,8 @@ pub struct RoundRecord {
     pub examples: u64,
     /// Example-weighted mean of the devices' local losses.
     pub mean_loss: Option<f64>,
+    /// Example-weighted mean of the devices' local accuracies (classifiers).
+    pub mean_accuracy: Option<f64>,
     /// Start, Unix milliseconds.
     pub started_at_ms: i64,
     /// End, Unix milliseconds.
@@ -118,6 +120,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     participants INTEGER NOT NULL,
     examples INTEGER NOT NULL,
     mean_loss REAL,
+    mean_accuracy REAL,
     started_at INTEGER NOT NULL,
     ended_at INTEGER NOT NULL,
     commit_ms REAL,
@@ -267,8 +270,8 @@ impl Store {
         }
         sqlx::query(
             "INSERT INTO rounds (task, round, status, base_version, version, participants, \
-             examples, mean_loss, started_at, ended_at, commit_ms) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             examples, mean_loss, mean_accuracy, started_at, ended_at, commit_ms) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(task)
         .bind(record.round as i64)
@@ -281,6 +284,7 @@ impl Store {
         .bind(record.participants as i64)
         .bind(record.examples as i64)
         .bind(record.mean_loss)
+        .bind(record.mean_accuracy)
         .bind(record.started_at_ms)
         .bind(record.ended_at_ms)
         .bind(record.commit_ms)
@@ -294,7 +298,7 @@ impl Store {
     pub async fn rounds(&self, task: &str) -> Result<Vec<RoundRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT round, status, base_version, version, participants, examples, mean_loss, \
-             started_at, ended_at, commit_ms FROM rounds WHERE task = ? ORDER BY round",
+             mean_accuracy, started_at, ended_at, commit_ms FROM rounds WHERE task = ? ORDER BY round",
         )
         .bind(task)
         .fetch_all(&self.pool)
@@ -313,6 +317,7 @@ impl Store {
                 participants: r.get::<i64, _>("participants") as u64,
                 examples: r.get::<i64, _>("examples") as u64,
                 mean_loss: r.get("mean_loss"),
+                mean_accuracy: r.get("mean_accuracy"),
                 started_at_ms: r.get("started_at"),
                 ended_at_ms: r.get("ended_at"),
                 commit_ms: r.get("commit_ms"),

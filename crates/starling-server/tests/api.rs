@@ -113,6 +113,7 @@ impl Harness {
                 base_version: a.base_version,
                 examples,
                 loss: Some(0.5),
+                accuracy: None,
                 token: a.token.clone(),
             },
         );
@@ -186,6 +187,7 @@ fn expected_after(updates: &[(Parameters, u64)]) -> Parameters {
                 base_version: 0,
                 examples: *n,
                 loss: None,
+                accuracy: None,
                 token: String::new(),
             },
         );
@@ -395,6 +397,7 @@ async fn bad_updates_are_refused_and_leave_the_aggregate_unchanged() {
                     base_version: 0,
                     examples: 5,
                     loss: None,
+                    accuracy: None,
                     token: "forged".into(),
                 },
             ),
@@ -417,6 +420,7 @@ async fn bad_updates_are_refused_and_leave_the_aggregate_unchanged() {
                     base_version: 0,
                     examples: 20,
                     loss: None,
+                    accuracy: None,
                     token: a.token.clone(),
                 },
             ),
@@ -433,6 +437,7 @@ async fn bad_updates_are_refused_and_leave_the_aggregate_unchanged() {
                 base_version: 0,
                 examples: 1,
                 loss: None,
+                accuracy: None,
                 token: b.token.clone(),
             },
         ))

@@ -118,6 +118,7 @@ async fn parallel_uploads_aggregate_like_a_sequential_fold() {
                     base_version: 0,
                     examples: *n,
                     loss: None,
+                    accuracy: None,
                     token: a["token"].as_str().unwrap().into(),
                 },
             );
@@ -147,6 +148,7 @@ async fn parallel_uploads_aggregate_like_a_sequential_fold() {
                 base_version: 0,
                 examples: *n,
                 loss: None,
+                accuracy: None,
                 token: String::new(),
             },
         );

@@ -59,6 +59,7 @@ async fn batched_check_ins_and_uploads_answer_each_item_in_order() {
                 base_version: 0,
                 examples: 10,
                 loss: None,
+                accuracy: None,
                 token: t.into(),
             },
         ))

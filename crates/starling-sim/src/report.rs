@@ -30,6 +30,8 @@ pub struct RoundMetrics {
     pub examples: u64,
     /// Example-weighted mean of the devices' local losses after training.
     pub train_loss: Option<f64>,
+    /// Example-weighted mean of the devices' local accuracies after training.
+    pub train_accuracy: Option<f64>,
     /// Loss of the global model on the test set.
     pub test_loss: f32,
     /// Accuracy of the global model on the test set (classifiers).
@@ -100,12 +102,12 @@ impl SimReport {
     pub fn to_csv(&self) -> String {
         let mut out = String::from(
             "round,version,committed,sampled,reported,dropped,stragglers,examples,train_loss,\
-             test_loss,test_accuracy,bytes_up,bytes_down,virtual_secs,wall_secs\n",
+             train_accuracy,test_loss,test_accuracy,bytes_up,bytes_down,virtual_secs,wall_secs\n",
         );
         let opt = |v: Option<String>| v.unwrap_or_default();
         for r in &self.rounds {
             out.push_str(&format!(
-                "{},{},{},{},{},{},{},{},{},{},{},{},{},{:.6},{:.6}\n",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.6},{:.6}\n",
                 r.round,
                 r.version,
                 r.committed,
@@ -115,6 +117,7 @@ impl SimReport {
                 r.stragglers,
                 r.examples,
                 opt(r.train_loss.map(|v| v.to_string())),
+                opt(r.train_accuracy.map(|v| v.to_string())),
                 r.test_loss,
                 opt(r.test_accuracy.map(|v| v.to_string())),
                 r.bytes_up,

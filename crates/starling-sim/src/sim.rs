@@ -358,6 +358,7 @@ pub async fn run(
             stragglers: fates.iter().filter(|f| **f == Fate::Straggler).count(),
             examples: record.examples,
             train_loss: record.mean_loss,
+            train_accuracy: record.mean_accuracy,
             test_loss: eval.loss,
             test_accuracy: eval.accuracy,
             bytes_up,

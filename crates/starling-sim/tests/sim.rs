@@ -81,6 +81,11 @@ fn same_seed_same_numbers_and_the_model_learns() {
         .rounds
         .iter()
         .all(|r| r.sampled == 10 && r.bytes_up > 0 && r.bytes_down > 0));
+    // Devices report their local accuracy; the round records its example-weighted mean.
+    assert!(a
+        .rounds
+        .iter()
+        .all(|r| r.train_accuracy.is_some_and(|x| (0.0..=1.0).contains(&x))));
     // Another seed draws other devices.
     c.seed = 43;
     let d = run(&c, &fed);

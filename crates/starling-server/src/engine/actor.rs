@@ -233,6 +233,7 @@ impl Actor {
             participants: round.updates(),
             examples: 0,
             mean_loss: None,
+            mean_accuracy: None,
             started_at_ms: started,
             ended_at_ms: now_ms(),
             commit_ms: None,
@@ -242,6 +243,7 @@ impl Actor {
             ClosedRound::Commit { aggregate } => {
                 record.examples = aggregate.examples();
                 record.mean_loss = aggregate.mean_loss();
+                record.mean_accuracy = aggregate.mean_accuracy();
                 match self.strategy.next_params(&self.model.params, &aggregate) {
                     Ok(params) => Some(params),
                     Err(e) => {
