@@ -1,6 +1,6 @@
 //! The device loop: check in, wait when told to, download the model, train on local data,
-//! upload the update. Only the update (a parameter difference, an example count and a local
-//! loss) ever leaves the device; the data stays in this process.
+//! upload the update. Only the update (a parameter difference, an example count, and the local
+//! loss and accuracy) ever leaves the device; the data stays in this process.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -215,35 +215,7 @@ impl Model {
                     continue;
                 }
                 Op::Flatten => continue,
-                Op::Dense {
-                    weight,
-                    bias,
-                    inputs,
-                    units,
-                } => dense::forward(
-                    cur,
-                    n,
-                    params.at(*weight).data(),
-                    params.at(*bias).data(),
-                    *inputs,
-                    *units,
-                    next,
-                ),
-                Op::Conv { weight, bias, conv } => {
-                    next.resize(n * conv.output_len(), 0.0);
-                    conv.forward(
-                        cur,
-                        n,
-                        params.at(*weight).data(),
-                        params.at(*bias).data(),
-                        next,
-                        col,
-                    );
-                }
-                Op::MaxPool(pool) => {
-                    next.resize(n * pool.output_len(), 0.0);
-                    pool.forward(cur, n, next, None);
-                }
+                op => Self::forward_op(op, params, cur, n, next, col, None),
             }
             std::mem::swap(&mut cur, &mut next);
         }
@@ -281,36 +253,54 @@ impl Model {
                     out.extend_from_slice(input);
                     act.forward(out);
                 }
-                Op::Dense {
-                    weight,
-                    bias,
-                    inputs,
-                    units,
-                } => dense::forward(
+                op => Self::forward_op(op, params, input, n, out, col, Some(&mut argmax[i])),
+            }
+        }
+    }
+
+    /// The forward pass of one layer that writes a new buffer (dense, convolution, pooling):
+    /// shared by evaluation and training, which differ only in what they keep. Pooling records
+    /// where each maximum came from when `argmax` is given (training).
+    fn forward_op(
+        op: &Op,
+        params: &Parameters,
+        input: &[f32],
+        n: usize,
+        out: &mut Vec<f32>,
+        col: &mut Vec<f32>,
+        argmax: Option<&mut Vec<u32>>,
+    ) {
+        match op {
+            Op::Dense {
+                weight,
+                bias,
+                inputs,
+                units,
+            } => dense::forward(
+                input,
+                n,
+                params.at(*weight).data(),
+                params.at(*bias).data(),
+                *inputs,
+                *units,
+                out,
+            ),
+            Op::Conv { weight, bias, conv } => {
+                out.resize(n * conv.output_len(), 0.0);
+                conv.forward(
                     input,
                     n,
                     params.at(*weight).data(),
                     params.at(*bias).data(),
-                    *inputs,
-                    *units,
                     out,
-                ),
-                Op::Conv { weight, bias, conv } => {
-                    out.resize(n * conv.output_len(), 0.0);
-                    conv.forward(
-                        input,
-                        n,
-                        params.at(*weight).data(),
-                        params.at(*bias).data(),
-                        out,
-                        col,
-                    );
-                }
-                Op::MaxPool(pool) => {
-                    out.resize(n * pool.output_len(), 0.0);
-                    pool.forward(input, n, out, Some(&mut argmax[i]));
-                }
+                    col,
+                );
             }
+            Op::MaxPool(pool) => {
+                out.resize(n * pool.output_len(), 0.0);
+                pool.forward(input, n, out, argmax);
+            }
+            Op::Act(_) | Op::Flatten => unreachable!("activations and flatten work in place"),
         }
     }
 

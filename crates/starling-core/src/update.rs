@@ -2,7 +2,8 @@
 //!
 //! An update is a safetensors body: one F32 tensor per parameter, holding the *difference*
 //! between the parameters the device trained from and those it ended with, plus string
-//! metadata: `base_version`, `examples`, `token` (the assignment) and optionally `loss`.
+//! metadata: `base_version`, `examples`, `token` (the assignment) and optionally `loss` and
+//! `accuracy` (local metrics after training); any other field is refused.
 //! [`decode`] checks everything that can be checked without the round's state and returns a
 //! borrowed [`UpdateView`] — the tensor data is never copied.
 

@@ -98,7 +98,7 @@ impl ServerSettings {
 pub struct TaskSettings {
     /// The task's name, used in URLs.
     pub name: String,
-    /// A built-in model (`linear`, `logistic`) — or set `spec_file`.
+    /// A built-in model (`linear`, `logistic`, `mlp`, `cnn`) — or set `spec_file`.
     pub model: String,
     /// A JSON model spec file, instead of a built-in model.
     pub spec_file: Option<PathBuf>,

@@ -1,7 +1,8 @@
 //! Starling's browser device app: the core's model loading, local training and update
 //! encoding compiled to WebAssembly, and the page (in `www/`) that runs them on a phone or
 //! desktop browser. The person's data is parsed and trained on inside the page; only the
-//! update (a parameter difference, an example count and a loss) is uploaded.
+//! update (a parameter difference, an example count, and the local loss and accuracy) is
+//! uploaded.
 //!
 //! - [`device`]: the device's steps in plain Rust over `starling-core` (tested natively).
 //! - [`bindings`]: their JavaScript face through `wasm-bindgen`.

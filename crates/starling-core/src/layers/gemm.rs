@@ -1,4 +1,5 @@
-//! A safe wrapper around `matrixmultiply::sgemm`, the one place the crate uses `unsafe`.
+//! A safe wrapper around `matrixmultiply::sgemm`; with `crate::kernels`, one of the two places
+//! the crate uses `unsafe`.
 //!
 //! The wrapper checks every slice against the dimensions and strides it is given, so the
 //! kernel never reads or writes out of bounds.
