@@ -286,46 +286,54 @@ pub async fn run(
                 (fate != Fate::Dropped && t <= deadline).then_some((d, token, t))
             })
             .collect();
-        let (pool2, model2, base2) = (pool.clone(), model.clone(), base.clone());
-        let plan = config.plan.clone();
-        let seed = config.seed;
-        let devices = devices.clone();
-        let trained: Vec<Result<(Vec<u8>, f64), SimError>> =
-            tokio::task::spawn_blocking(move || {
-                pool2.install(|| {
-                    jobs.into_par_iter()
-                        .map(|(d, token, t)| {
-                            let mut plan = plan.clone();
-                            plan.seed = mix(seed, round, d);
-                            let (body, _) = local_update(
-                                &model2,
-                                &base2,
-                                &devices[d],
-                                &plan,
-                                base_version,
-                                token,
-                                |_| {},
-                            )?;
-                            Ok((body, t))
-                        })
-                        .collect()
-                })
-            })
-            .await
-            .map_err(|e| SimError::Config(format!("training thread: {e}")))?;
         let mut bytes_up = 0u64;
         let mut slowest = 0.0f64;
         let mut reported = 0usize;
-        let mut bodies = Vec::with_capacity(trained.len());
-        for r in trained {
-            let (body, t) = r?;
-            bytes_up += body.len() as u64;
-            slowest = slowest.max(t);
-            bodies.push(Bytes::from(body));
-        }
-        for r in task.upload_many(round, bodies).await {
-            r?;
-            reported += 1;
+        // Train and upload in waves, so that at most one wave of updates (not a whole round's)
+        // is in memory at once: the round's memory stays O(model size x wave).
+        let wave = (pool.current_num_threads() * 16).max(64);
+        let mut jobs = jobs.into_iter().peekable();
+        while jobs.peek().is_some() {
+            let batch: Vec<(usize, String, f64)> = jobs.by_ref().take(wave).collect();
+            let (pool2, model2, base2) = (pool.clone(), model.clone(), base.clone());
+            let plan = config.plan.clone();
+            let seed = config.seed;
+            let devices = devices.clone();
+            let trained: Vec<Result<(Vec<u8>, f64), SimError>> =
+                tokio::task::spawn_blocking(move || {
+                    pool2.install(|| {
+                        batch
+                            .into_par_iter()
+                            .map(|(d, token, t)| {
+                                let mut plan = plan.clone();
+                                plan.seed = mix(seed, round, d);
+                                let (body, _) = local_update(
+                                    &model2,
+                                    &base2,
+                                    &devices[d],
+                                    &plan,
+                                    base_version,
+                                    token,
+                                    |_| {},
+                                )?;
+                                Ok((body, t))
+                            })
+                            .collect()
+                    })
+                })
+                .await
+                .map_err(|e| SimError::Config(format!("training thread: {e}")))?;
+            let mut bodies = Vec::with_capacity(trained.len());
+            for r in trained {
+                let (body, t) = r?;
+                bytes_up += body.len() as u64;
+                slowest = slowest.max(t);
+                bodies.push(Bytes::from(body));
+            }
+            for r in task.upload_many(round, bodies).await {
+                r?;
+                reported += 1;
+            }
         }
         let round_virtual = if reported < k {
             task.expire_round(round).await?;
