@@ -267,6 +267,33 @@ min = 3
     );
 }
 
+/// Cloud platforms (Heroku) tell the server its port in `PORT`.
+#[test]
+fn serve_listens_on_the_port_in_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = starling();
+    cmd.arg("serve")
+        .env("PORT", port.to_string())
+        .env("STARLING_HOST", "127.0.0.1")
+        .env_remove("STARLING_PORT");
+    let server = ServeProcess::start_with(cmd, &config, &dir.path().join("data"), "info");
+    assert_eq!(server.url, format!("http://127.0.0.1:{port}"));
+    let health: serde_json::Value = http()
+        .get(format!("{}/v1/health", server.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    server.terminate();
+}
+
 #[test]
 fn serve_reports_bad_settings_clearly() {
     let dir = tempfile::tempdir().unwrap();

@@ -26,14 +26,22 @@ impl ServeProcess {
     /// Starts `starling serve --port 0` with a config file and a data directory, and waits
     /// for the address it prints.
     pub fn start(config: &Path, data_dir: &Path, log: &str) -> Self {
-        let mut child = starling()
-            .args(["serve", "--port", "0", "--config"])
+        let mut cmd = starling();
+        cmd.args(["serve", "--port", "0"])
+            .env_remove("PORT")
+            .env_remove("STARLING_PORT");
+        Self::start_with(cmd, config, data_dir, log)
+    }
+
+    /// Starts `cmd` (a `starling serve` command with its port settings) with a config file
+    /// and a data directory, and waits for the address it prints.
+    pub fn start_with(mut cmd: Command, config: &Path, data_dir: &Path, log: &str) -> Self {
+        let mut child = cmd
+            .arg("--config")
             .arg(config)
             .arg("--data-dir")
             .arg(data_dir)
             .env("STARLING_LOG", log)
-            .env_remove("PORT")
-            .env_remove("STARLING_PORT")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
