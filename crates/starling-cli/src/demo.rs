@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use starling_client::{Device, DeviceOptions, HttpTransport};
 use starling_core::data::synthetic_line;
 use starling_core::Plan;
-use starling_server::settings::{RoundPolicy, TaskSettings};
+use starling_server::settings::{plan_table, RoundPolicy, TaskSettings};
 use starling_server::Settings;
 
 /// Arguments of `starling demo`.
@@ -53,12 +53,12 @@ async fn demo(args: Args, goal: u32) -> anyhow::Result<ExitCode> {
     settings.server.port = 0;
     settings.server.data_dir = dir.path().to_path_buf();
     settings.tasks = vec![TaskSettings {
-        plan: Some(Plan {
+        plan: Some(plan_table(&Plan {
             epochs: 5,
             batch_size: 10,
             learning_rate: 0.01,
             ..Plan::default()
-        }),
+        })),
         rounds: RoundPolicy {
             goal,
             min: goal.div_ceil(2),

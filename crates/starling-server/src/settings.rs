@@ -108,8 +108,9 @@ pub struct TaskSettings {
     pub outputs: usize,
     /// Seed of the initial parameters.
     pub init_seed: u64,
-    /// The plan devices follow.
-    pub plan: Option<Plan>,
+    /// The plan devices follow: keys given here override the model's default plan
+    /// ([`builtin::default_plan`]); keys left out keep it.
+    pub plan: Option<toml::Table>,
     /// The round policy.
     pub rounds: RoundPolicy,
     /// Refuse updates whose L2 norm exceeds this.
@@ -130,6 +131,11 @@ impl Default for TaskSettings {
             max_update_norm: None,
         }
     }
+}
+
+/// A whole plan as `[tasks.plan]` overrides, for settings built in code.
+pub fn plan_table(plan: &Plan) -> toml::Table {
+    toml::Table::try_from(plan).expect("a plan is a flat table of numbers and booleans")
 }
 
 /// When a round commits, is abandoned, and how devices are paced.
@@ -217,10 +223,15 @@ impl TaskSettings {
             })?,
         };
         spec.validate().map_err(|e| invalid(e.to_string()))?;
-        let plan = self
-            .plan
-            .clone()
-            .unwrap_or_else(|| builtin::default_plan(&spec.name));
+        let mut plan = builtin::default_plan(&spec.name);
+        if let Some(overrides) = &self.plan {
+            let mut merged =
+                toml::Table::try_from(&plan).map_err(|e| invalid(format!("plan: {e}")))?;
+            merged.extend(overrides.clone());
+            plan = merged
+                .try_into()
+                .map_err(|e: toml::de::Error| invalid(format!("plan: {}", e.message())))?;
+        }
         plan.validate().map_err(|e| invalid(e.to_string()))?;
         let r = &self.rounds;
         if r.goal == 0 || r.min == 0 || r.min > r.goal {
@@ -383,6 +394,26 @@ mod tests {
         assert_eq!(d.spec.outputs(), 10);
         assert_eq!(d.plan.epochs, 2);
         assert_eq!(d.rounds.goal, 20);
+    }
+
+    /// Keys missing from `[tasks.plan]` keep the model's own defaults, not the generic ones.
+    #[test]
+    fn a_partial_plan_keeps_the_models_defaults() {
+        let s: Settings = toml::from_str(
+            "[[tasks]]\nname = 'digits'\nmodel = 'logistic'\ninputs = 64\noutputs = 10\n\
+             [tasks.plan]\nepochs = 3\n",
+        )
+        .unwrap();
+        let d = &s.task_definitions().unwrap()[0];
+        assert_eq!(d.plan.epochs, 3);
+        assert_eq!(
+            d.plan.learning_rate,
+            builtin::default_plan("logistic").learning_rate
+        );
+        let bad: Settings =
+            toml::from_str("[[tasks]]\nname = 'x'\n[tasks.plan]\nepoch = 3\n").unwrap();
+        let err = bad.task_definitions().unwrap_err().to_string();
+        assert!(err.contains("epoch"), "{err}");
     }
 
     #[test]

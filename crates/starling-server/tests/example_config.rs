@@ -51,7 +51,7 @@ fn example_config_documents_the_defaults() {
     assert_eq!(task.outputs, default_task.outputs);
     assert_eq!(task.init_seed, default_task.init_seed);
     assert_eq!(task.max_update_norm, default_task.max_update_norm);
-    assert_eq!(task.plan, Some(starling_core::Plan::default()));
+
     assert_eq!(task.rounds, RoundPolicy::default());
 
     let from_file = &s.task_definitions().unwrap()[0];

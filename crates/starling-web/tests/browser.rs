@@ -187,7 +187,7 @@ impl Server {
         let mut settings = Settings::default();
         settings.server.data_dir = dir.path().to_path_buf();
         settings.tasks = vec![TaskSettings {
-            plan: Some(plan),
+            plan: Some(starling_server::settings::plan_table(&plan)),
             rounds: RoundPolicy {
                 goal,
                 min: goal,
