@@ -289,7 +289,26 @@ async fn upload(
     Path((task, round)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let t = s.task(&task)?;
+    // Refusals before the engine sees the update are counted here; the engine counts its own.
+    let (t, round, body) =
+        check_upload(&s, &task, &round, body).inspect_err(|e| s.metrics.count_refusal(e.code))?;
+    let receipt = t.upload(round, body).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(
+            json!({"status": "accepted", "round": receipt.round, "updates_in_round": receipt.updates_in_round}),
+        ),
+    ))
+}
+
+/// What can be checked of an upload before the engine: the task, the round number, the body.
+fn check_upload<'s>(
+    s: &'s AppState,
+    task: &str,
+    round: &str,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(&'s TaskHandle, u64, Bytes), ApiError> {
+    let t = s.task(task)?;
     let round: u64 = round.parse().map_err(|_| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -315,13 +334,7 @@ async fn upload(
             "the update body is empty; send a safetensors file",
         ));
     }
-    let receipt = t.upload(round, body).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(
-            json!({"status": "accepted", "round": receipt.round, "updates_in_round": receipt.updates_in_round}),
-        ),
-    ))
+    Ok((t, round, body))
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {

@@ -32,14 +32,18 @@ impl Metrics {
             Ok(_) => {
                 self.updates_accepted.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) => {
-                let mut m = self
-                    .updates_rejected
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                *m.entry(e.code()).or_default() += 1;
-            }
+            Err(e) => self.count_refusal(e.code()),
         }
+    }
+
+    /// An upload refused before it reached a task's engine (unknown task, bad round number,
+    /// a body over the limit or empty).
+    pub(crate) fn count_refusal(&self, code: &'static str) {
+        let mut m = self
+            .updates_rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *m.entry(code).or_default() += 1;
     }
 
     pub(crate) fn count_round(&self, committed: bool) {

@@ -614,6 +614,20 @@ async fn a_streamed_body_over_the_limit_is_refused_while_reading() {
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let v: Value = r.json().await.unwrap();
     assert_eq!(error_code(&v), "payload_too_large");
+    // Refused before the engine saw it, and still counted.
+    let metrics = h
+        .http
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("starling_updates_total{outcome=\"payload_too_large\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
