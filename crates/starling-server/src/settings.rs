@@ -297,16 +297,23 @@ impl Settings {
         Ok(s)
     }
 
-    /// Parses a TOML file.
+    /// Parses a TOML file. A relative `spec_file` is taken relative to the file's folder.
     pub fn from_toml_file(path: &Path) -> Result<Self, SettingsError> {
         let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| SettingsError::Parse {
+        let mut settings: Settings = toml::from_str(&text).map_err(|e| SettingsError::Parse {
             path: path.to_path_buf(),
             message: e.to_string(),
-        })
+        })?;
+        let dir = path.parent().unwrap_or(Path::new(""));
+        for task in &mut settings.tasks {
+            if let Some(spec) = task.spec_file.as_mut().filter(|p| p.is_relative()) {
+                *spec = dir.join(&*spec);
+            }
+        }
+        Ok(settings)
     }
 
     /// Applies environment overrides. `STARLING_PORT` wins over `PORT`.
@@ -414,6 +421,21 @@ mod tests {
             toml::from_str("[[tasks]]\nname = 'x'\n[tasks.plan]\nepoch = 3\n").unwrap();
         let err = bad.task_definitions().unwrap_err().to_string();
         assert!(err.contains("epoch"), "{err}");
+    }
+
+    #[test]
+    fn a_relative_spec_file_is_found_beside_the_settings_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = builtin::logistic(4, 3);
+        std::fs::write(dir.path().join("model.json"), spec.to_json()).unwrap();
+        let cfg = dir.path().join("starling.toml");
+        std::fs::write(
+            &cfg,
+            "[[tasks]]\nname = 'custom'\nspec_file = 'model.json'\n",
+        )
+        .unwrap();
+        let s = Settings::from_toml_file(&cfg).unwrap();
+        assert_eq!(s.task_definitions().unwrap()[0].spec, spec);
     }
 
     #[test]
