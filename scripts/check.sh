@@ -16,6 +16,13 @@ cargo fmt --all --check
 
 step "device app: bash scripts/build-web.sh (the tests serve this fresh build)"
 bash scripts/build-web.sh
+# The committed dist/ is what a fresh clone serves without the wasm toolchain: it must be the
+# build of this very source (the build is reproducible), or the app runs stale code.
+if ! git diff --quiet -- crates/starling-web/dist; then
+    git --no-pager diff --stat -- crates/starling-web/dist
+    echo "error: crates/starling-web/dist is stale; commit the output of scripts/build-web.sh" >&2
+    exit 1
+fi
 
 step "lint: cargo clippy --workspace --all-targets --locked -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
