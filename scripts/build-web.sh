@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Builds the browser device app into crates/starling-web/dist/: the WebAssembly module
-# (starling-web for wasm32-unknown-unknown, profile wasm-release), its JS glue from
-# wasm-bindgen --target web, and the page's assets from crates/starling-web/www/. Prints the
-# module's raw and gzip sizes. `starling serve` embeds dist/, which is committed so that a
+# Builds the browser device app's generated files into crates/starling-web/dist/: the
+# WebAssembly module (starling-web for wasm32-unknown-unknown, profile wasm-release) and its JS
+# glue from wasm-bindgen --target web. Prints the module's raw and gzip sizes. `starling serve`
+# embeds dist/ beside the page's own files in www/; dist/ is committed so that a
 # fresh clone serves the app without the wasm toolchain; scripts/check.sh runs this first so
 # the tests use a fresh build. Files whose content did not change are left untouched, so
 # the server is not recompiled for nothing.
@@ -32,7 +32,8 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 wasm-bindgen --target web --no-typescript --out-dir "$out" \
     "$target_dir/wasm32-unknown-unknown/wasm-release/starling_web.wasm"
-cp "$crate"/www/* "$out"/
+# dist/ holds only what the build generates; the server embeds the page's own files from
+# www/ directly, so they are not committed twice.
 
 mkdir -p "$dist"
 for f in "$out"/*; do
@@ -46,6 +47,6 @@ done
 wasm=$dist/starling_web_bg.wasm
 raw=$(wc -c <"$wasm")
 gz=$(gzip -9 -c "$wasm" | wc -c)
-total=$(cat "$dist"/* | wc -c)
+total=$(cat "$dist"/* "$crate"/www/* | wc -c)
 printf 'starling-web: %s raw, %s gzip (%d KB gzip; goal < 100 KB); the whole app %s bytes\n' \
     "$raw" "$gz" $(((gz + 1023) / 1024)) "$total"

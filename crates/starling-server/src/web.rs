@@ -1,6 +1,6 @@
-//! The device app's pages: the browser client built by `scripts/build-web.sh` into
-//! `crates/starling-web/dist/`, embedded in the binary so that `starling serve` needs no files
-//! beside it. The page is served at `/`, `/app` and `/app/`; its assets at `/app/<file>`.
+//! The device app's pages: the page's own files from `crates/starling-web/www/` and the wasm
+//! module with its JS glue that `scripts/build-web.sh` generates into `crates/starling-web/dist/`,
+//! embedded in the binary so that `starling serve` needs no files beside it. The page is served at `/`, `/app` and `/app/`; its assets at `/app/<file>`.
 
 use std::sync::OnceLock;
 
@@ -13,30 +13,32 @@ use axum::{Json, Router};
 /// One embedded file: name under `/app/`, content type, bytes.
 type Asset = (&'static str, &'static str, &'static [u8]);
 
-macro_rules! dist {
-    ($name:literal, $type:literal) => {
+/// An embedded file of `crates/starling-web/`: `www` (the page's own files) or `dist` (what
+/// `scripts/build-web.sh` generates: the wasm module and its JS glue).
+macro_rules! asset {
+    ($dir:literal, $name:literal, $type:literal) => {
         (
             $name,
             $type,
-            include_bytes!(concat!("../../starling-web/dist/", $name)) as &[u8],
+            include_bytes!(concat!("../../starling-web/", $dir, "/", $name)) as &[u8],
         )
     };
 }
 
-/// Every file of the app. A unit test checks this list against the `dist/` directory.
+/// Every file of the app. A unit test checks this list against `www/` and `dist/`.
 const ASSETS: &[Asset] = &[
-    dist!("index.html", "text/html; charset=utf-8"),
-    dist!("app.js", "text/javascript; charset=utf-8"),
-    dist!("job.js", "text/javascript; charset=utf-8"),
-    dist!("worker.js", "text/javascript; charset=utf-8"),
-    dist!("sw.js", "text/javascript; charset=utf-8"),
-    dist!("starling_web.js", "text/javascript; charset=utf-8"),
-    dist!("starling_web_bg.wasm", "application/wasm"),
-    dist!("style.css", "text/css; charset=utf-8"),
-    dist!("manifest.webmanifest", "application/manifest+json"),
-    dist!("icon.svg", "image/svg+xml"),
-    dist!("icon-192.png", "image/png"),
-    dist!("icon-512.png", "image/png"),
+    asset!("www", "index.html", "text/html; charset=utf-8"),
+    asset!("www", "app.js", "text/javascript; charset=utf-8"),
+    asset!("www", "job.js", "text/javascript; charset=utf-8"),
+    asset!("www", "worker.js", "text/javascript; charset=utf-8"),
+    asset!("www", "sw.js", "text/javascript; charset=utf-8"),
+    asset!("dist", "starling_web.js", "text/javascript; charset=utf-8"),
+    asset!("dist", "starling_web_bg.wasm", "application/wasm"),
+    asset!("www", "style.css", "text/css; charset=utf-8"),
+    asset!("www", "manifest.webmanifest", "application/manifest+json"),
+    asset!("www", "icon.svg", "image/svg+xml"),
+    asset!("www", "icon-192.png", "image/png"),
+    asset!("www", "icon-512.png", "image/png"),
 ];
 
 /// The routes of the device app, to merge into the API's router.
@@ -118,15 +120,19 @@ mod tests {
 
     #[test]
     fn every_built_file_is_served() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../starling-web/dist");
-        let mut built: Vec<String> = std::fs::read_dir(dir)
-            .unwrap()
+        let app = concat!(env!("CARGO_MANIFEST_DIR"), "/../starling-web");
+        let mut built: Vec<String> = ["www", "dist"]
+            .iter()
+            .flat_map(|d| std::fs::read_dir(format!("{app}/{d}")).unwrap())
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         built.sort();
         let mut served: Vec<String> = ASSETS.iter().map(|(n, _, _)| n.to_string()).collect();
         served.sort();
-        assert_eq!(built, served, "update ASSETS in web.rs to match dist/");
+        assert_eq!(
+            built, served,
+            "update ASSETS in web.rs to match www/ and dist/"
+        );
     }
 
     #[test]

@@ -8,8 +8,8 @@
 //! - [`bindings`]: their JavaScript face through `wasm-bindgen`.
 //!
 //! `scripts/build-web.sh` builds the module for `wasm32-unknown-unknown`, generates the JS
-//! glue into `dist/` and copies `www/` beside it; `starling serve` embeds `dist/` and serves
-//! it at `/` and `/app/`.
+//! glue into `dist/`; `starling serve` embeds `www/` and `dist/` and serves them at `/` and
+//! `/app/`.
 
 pub mod bindings;
 pub mod device;
