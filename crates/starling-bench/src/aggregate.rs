@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use starling_core::params::Layout;
 use starling_core::update::{self, UpdateMeta};
-use starling_core::{FedAvg, Parameters, Tensor};
+use starling_core::{Parameters, Tensor, WeightedSum};
 
 /// One row of the aggregator benchmark.
 #[derive(Debug, Clone, Serialize)]
@@ -75,9 +75,10 @@ pub fn run(params: &[usize], budget: Duration) -> Vec<AggregateRow> {
         .iter()
         .map(|&p| {
             let (layout, body) = update_body(p.max(2), "bench");
-            let view = update::decode(&body, &layout, None).expect("a valid update");
-            let mut agg = FedAvg::new(&layout);
-            let src: Vec<u8> = view.tensors.concat();
+            let view = update::check(body.clone(), &update::Rules::lenient(&layout))
+                .expect("a valid update");
+            let mut agg = WeightedSum::new(&layout);
+            let src: Vec<u8> = view.tensors().collect::<Vec<_>>().concat();
             let mut dst = vec![0u8; src.len()];
             let bytes = src.len() as f64;
             let (mut acc, mut cpy) = (f64::INFINITY, f64::INFINITY);

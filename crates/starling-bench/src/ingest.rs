@@ -60,15 +60,20 @@ pub struct IngestRow {
     pub errors: usize,
 }
 
-fn config(o: &IngestOptions, body_len: usize) -> String {
+fn config(o: &IngestOptions) -> String {
     format!(
         r#"
 [server]
-max_body_bytes = {max}
+# All the load comes from 127.0.0.1, and the bench sets its own concurrency.
+max_connections_per_address = 100000
+max_uploads_in_flight = 100000
 [[tasks]]
 name = "{task}"
 model = "linear"
 inputs = {inputs}
+min_cohort = 1
+max_assignments_per_address = 100000
+max_update_norm = 1e30
 [tasks.rounds]
 goal = {n}
 min = {n}
@@ -76,7 +81,6 @@ deadline_secs = 3600
 overcommit = 1.0
 retry_secs = 0.2
 "#,
-        max = (body_len * 2).max(1 << 20),
         task = o.task,
         inputs = o.params - 1,
         n = o.devices
@@ -110,7 +114,7 @@ pub async fn run(o: &IngestOptions) -> Result<IngestRow, BenchError> {
     let (server, url) = match &o.server {
         Some(u) => (None, u.trim_end_matches('/').to_string()),
         None => {
-            let s = ServerProcess::start(&o.exe, &config(o, template.len()))?;
+            let s = ServerProcess::start(&o.exe, &config(o))?;
             let u = s.url.clone();
             (Some(s), u)
         }
@@ -178,6 +182,10 @@ pub async fn run(o: &IngestOptions) -> Result<IngestRow, BenchError> {
             let t = Instant::now();
             let r = http
                 .post(format!("{url}/v1/tasks/{task}/rounds/{round}/updates"))
+                .header(
+                    starling_core::protocol::TOKEN_HEADER,
+                    a["token"].as_str().unwrap_or_default(),
+                )
                 .body(body)
                 .send()
                 .await?;

@@ -7,12 +7,15 @@
 //! - [`server`]: a `starling serve` child process to measure from outside.
 //! - [`ingest`]: N devices uploading valid updates over HTTP; throughput, latency, memory.
 //! - [`checkin`]: thousands of concurrent check-ins against a small goal.
+//! - [`soak`]: honest devices, aborted and malformed uploads and slow clients at once for a
+//!   fixed time; rounds committed and stuck, refusals by reason, server memory over time.
 
 pub mod aggregate;
 pub mod checkin;
 pub mod ingest;
 pub mod machine;
 pub mod server;
+pub mod soak;
 
 /// Errors of a benchmark run.
 #[derive(Debug, thiserror::Error)]

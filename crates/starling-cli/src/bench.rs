@@ -1,11 +1,14 @@
-//! `starling bench …`: runs the benchmarks of `starling-bench` and prints their figures as a
-//! table with the machine they ran on, or as JSON (`--json`).
+//! `starling bench …`: runs the benchmarks of `starling-bench` (aggregate, ingest, checkin,
+//! soak) and prints their figures as a table with the machine they ran on, or as JSON
+//! (`--json`).
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
+use starling_bench::soak::{self, PhaseReport, SoakOptions, SoakReport};
 use starling_bench::{aggregate, checkin, ingest, machine};
 
 /// The benchmarks.
@@ -56,6 +59,81 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Honest devices, aborted and malformed uploads and slow clients at once against a
+    /// `starling serve`: rounds committed and stuck, refusals by reason, server RSS over time.
+    Soak(SoakArgs),
+}
+
+/// `starling bench soak`'s flags (defaults as in `SoakOptions::new`).
+#[derive(clap::Args)]
+pub struct SoakArgs {
+    /// Seconds of traffic (the quiet baseline runs as long again).
+    #[arg(long, default_value_t = 120.0)]
+    secs: f64,
+    /// Parameters per update (a logistic model of P/10 inputs and 10 classes).
+    #[arg(long, value_parser = count, default_value = "1e5")]
+    params: usize,
+    /// Device loops (check in, download, train, upload; honest or faulty per upload).
+    #[arg(long, default_value_t = 32)]
+    devices: usize,
+    /// Share of uploads that hang up after all or part of the body (half FIN, half RST).
+    #[arg(long, default_value_t = 0.2)]
+    abort_fraction: f64,
+    /// Share of uploads with a bad body or token (each must get a 4xx).
+    #[arg(long, default_value_t = 0.1)]
+    malformed_fraction: f64,
+    /// Connections trickling headers or a body a few bytes at a time.
+    #[arg(long, default_value_t = 50)]
+    slow_clients: usize,
+    /// First run the honest load alone on a fresh server and compare peak RSS.
+    #[arg(long)]
+    quiet_baseline: bool,
+    /// Round goal.
+    #[arg(long, default_value_t = 20)]
+    goal: u32,
+    /// The fewest updates a round commits with at its deadline.
+    #[arg(long, default_value_t = 10)]
+    min: u32,
+    /// Round deadline in seconds (a round open 3x as long is stuck).
+    #[arg(long, default_value_t = 10.0)]
+    deadline_secs: f64,
+    /// Assignments per round as a multiple of the goal.
+    #[arg(long, default_value_t = 2.0)]
+    overcommit: f64,
+    /// The server's header timeout, seconds.
+    #[arg(long, default_value_t = 5.0)]
+    header_timeout_secs: f64,
+    /// The server's body timeout, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    body_timeout_secs: f64,
+    /// Seed of the load generator's random choices.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl SoakArgs {
+    fn options(&self, exe: std::path::PathBuf) -> SoakOptions {
+        SoakOptions {
+            exe,
+            secs: self.secs,
+            params: self.params,
+            devices: self.devices,
+            abort_fraction: self.abort_fraction,
+            malformed_fraction: self.malformed_fraction,
+            slow_clients: self.slow_clients,
+            quiet_baseline: self.quiet_baseline,
+            goal: self.goal,
+            min: self.min,
+            deadline_secs: self.deadline_secs,
+            overcommit: self.overcommit,
+            header_timeout_secs: self.header_timeout_secs,
+            body_timeout_secs: self.body_timeout_secs,
+            seed: self.seed,
+        }
+    }
 }
 
 /// Parses counts written as integers or in scientific notation (`1e6`).
@@ -199,6 +277,279 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Command::Soak(a) => {
+            let exe = std::env::current_exe().context("cannot find the starling binary")?;
+            let o = a.options(exe);
+            let bar = if a.json {
+                ProgressBar::hidden()
+            } else {
+                ProgressBar::new(o.secs.ceil() as u64).with_style(
+                    ProgressStyle::with_template("{prefix:>5} {bar:30} {pos}/{len} s  {msg}")
+                        .expect("static template"),
+                )
+            };
+            if !a.json {
+                eprintln!(
+                    "soak: {} s{} ...",
+                    o.secs,
+                    if o.quiet_baseline {
+                        ", after a quiet baseline as long"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            let report = crate::runtime()?.block_on(soak::run(&o, |p| {
+                if bar.prefix() != p.phase {
+                    bar.set_prefix(p.phase);
+                    bar.set_length(p.total_secs.ceil() as u64);
+                }
+                bar.set_position(p.elapsed_secs as u64);
+                bar.set_message(format!(
+                    "round {}  version {}  accepted {}  stuck {}  RSS {} MiB",
+                    p.round,
+                    p.version,
+                    p.accepted,
+                    p.stuck,
+                    opt(p.rss_mib, 1)
+                ));
+            }))?;
+            bar.finish_and_clear();
+            if a.json {
+                println!("{}", json!({"machine": m, "soak": report}));
+            } else {
+                print_soak(&report, &m);
+            }
+            if !report.verdict.pass {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `k v, k v, ...` of a map, or `none`.
+fn counts<'a>(map: impl IntoIterator<Item = (&'a String, &'a u64)>) -> String {
+    let s: Vec<String> = map.into_iter().map(|(k, v)| format!("{k} {v}")).collect();
+    if s.is_empty() {
+        "none".into()
+    } else {
+        s.join(", ")
+    }
+}
+
+fn print_soak(r: &SoakReport, m: &machine::Machine) {
+    let s = &r.soak;
+    println!(
+        "soak: {:.0} s against `starling serve` on 127.0.0.1: {} devices ({:.0}% of uploads aborted, {:.0}% malformed), {} slow clients",
+        r.secs,
+        r.devices,
+        r.abort_fraction * 100.0,
+        r.malformed_fraction * 100.0,
+        r.slow_clients
+    );
+    println!(
+        "task: logistic, {} parameters ({:.1} kB updates); rounds of goal {}, min {}, deadline {} s; server timeouts: headers {} s, body {} s",
+        s.parameter_count,
+        s.update_bytes as f64 / 1e3,
+        r.goal,
+        r.min,
+        r.deadline_secs,
+        r.header_timeout_secs,
+        r.body_timeout_secs
+    );
+    println!("machine: {m}");
+    println!();
+    let runs: Vec<&PhaseReport> = r.quiet.iter().chain(std::iter::once(s)).collect();
+    let num = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
+    type Row = (&'static str, fn(&PhaseReport) -> String);
+    let rows: [Row; 11] = [
+        ("rounds committed", |p| {
+            p.at_stop
+                .rounds_committed
+                .map_or("-".into(), |v| v.to_string())
+        }),
+        ("rounds abandoned", |p| {
+            p.at_stop
+                .rounds_abandoned
+                .map_or("-".into(), |v| v.to_string())
+        }),
+        ("rounds stuck (open > 3x deadline)", |p| {
+            p.rounds_stuck.to_string()
+        }),
+        ("longest round, s", |p| {
+            format!("{:.1}", p.longest_round_secs)
+        }),
+        ("honest uploads sent", |p| p.tally.honest_sent.to_string()),
+        ("honest uploads accepted", |p| {
+            p.tally.honest_accepted.to_string()
+        }),
+        ("honest uploads refused", |p| {
+            p.tally.honest_refused.values().sum::<u64>().to_string()
+        }),
+        ("check-ins failed", |p| p.tally.checkin_errors.to_string()),
+        ("status polls failed", |p| p.poll_errors.to_string()),
+        ("server RSS at the end, MiB", |p| {
+            opt(p.rss.last().map(|x| x.rss_mib), 1)
+        }),
+        ("server peak RSS, MiB", |p| opt(p.peak_rss_mib, 1)),
+    ];
+    print!("{:<36}", "");
+    for p in &runs {
+        print!(" {:>10}", p.phase);
+    }
+    println!();
+    for (label, f) in rows {
+        print!("{label:<36}");
+        for p in &runs {
+            print!(" {:>10}", f(p));
+        }
+        println!();
+    }
+    println!();
+    let t = &s.tally;
+    println!(
+        "check-ins: assigned {}, told to come back {}, failed {}; model downloads {} (failed {})",
+        t.checkins_assigned, t.checkins_retry, t.checkin_errors, t.model_downloads, t.model_errors
+    );
+    println!(
+        "honest uploads refused, by reason: {}; transport errors {}",
+        counts(&t.honest_refused),
+        t.honest_transport_errors
+    );
+    println!(
+        "aborted uploads: {}; could not be written {}",
+        counts(&t.aborted),
+        t.abort_errors
+    );
+    println!("malformed uploads, by kind: answers");
+    for (kind, answers) in &t.malformed {
+        println!("  {kind:<16} {}", counts(answers));
+    }
+    println!("slow connections, by kind: how they ended");
+    for k in &s.slow {
+        println!(
+            "  {:<22} {}; cut after p50 {:.1} s, max {:.1} s",
+            k.kind,
+            counts(&k.ended),
+            k.p50_cut_secs,
+            k.max_cut_secs
+        );
+    }
+    if t.slow_uncut > 0 {
+        println!(
+            "  {} connection(s) still open well past their timeout",
+            t.slow_uncut
+        );
+    }
+    println!(
+        "server updates by outcome (when the traffic stopped): {}",
+        counts(&s.at_stop.updates)
+    );
+    println!(
+        "server connections refused (per-address limit): {}",
+        num(s.at_stop.connections_refused)
+    );
+    let step = s.rss.len().div_ceil(12).max(1);
+    let series: Vec<String> = s
+        .rss
+        .iter()
+        .step_by(step)
+        .chain(
+            s.rss
+                .last()
+                .filter(|_| !(s.rss.len() - 1).is_multiple_of(step)),
+        )
+        .map(|x| format!("{:.0}s {:.1}", x.t_secs, x.rss_mib))
+        .collect();
+    println!("server RSS over time, MiB: {}", series.join(", "));
+    let d = &s.drain;
+    println!(
+        "after the traffic stopped: open round {} -> {}, version {} -> {} in {:.1} s ({}); uploads in flight at the end: {}",
+        d.from_round,
+        d.to_round,
+        d.from_version,
+        d.to_version,
+        d.secs,
+        if d.ok {
+            "the open round closed and the next committed"
+        } else {
+            "NOT drained"
+        },
+        match s.at_end.in_flight {
+            Some(n) => format!("{n} ({})", s.at_end.in_flight_metrics.join(", ")),
+            None => "not exposed by /metrics".into(),
+        }
+    );
+    if !d.ok {
+        println!(
+            "  the drain's devices: assigned {}, told to come back {}, accepted {}, refused {}; the open round at the end: {}",
+            d.checkins.0,
+            d.checkins.1,
+            d.accepted,
+            counts(&d.refused),
+            d.final_round
+        );
+    }
+    if let (Some(ratio), Some(q)) = (r.verdict.rss_ratio, &r.quiet) {
+        println!(
+            "peak server RSS: soak {} MiB = {ratio:.2}x quiet {} MiB (limit 2x)",
+            opt(s.peak_rss_mib, 1),
+            opt(q.peak_rss_mib, 1)
+        );
+    }
+    if !t.errors.is_empty() {
+        println!("first errors seen by the load generator:");
+        for e in &t.errors {
+            println!("  {e}");
+        }
+    }
+    if r.verdict.pass {
+        println!("verdict: PASS");
+    } else {
+        println!("verdict: FAIL");
+        for p in &r.verdict.problems {
+            println!("  - {p}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: Command,
+    }
+
+    #[test]
+    fn soak_flags_default_to_the_library_defaults() {
+        let Cli {
+            command: Command::Soak(a),
+        } = Cli::try_parse_from(["bench", "soak"]).unwrap()
+        else {
+            panic!("not soak");
+        };
+        let exe = std::path::PathBuf::from("starling");
+        let from_flags = format!("{:?}", a.options(exe.clone()));
+        assert_eq!(from_flags, format!("{:?}", SoakOptions::new(exe)));
+        let Cli {
+            command: Command::Soak(a),
+        } = Cli::try_parse_from([
+            "bench",
+            "soak",
+            "--secs",
+            "20",
+            "--quiet-baseline",
+            "--json",
+        ])
+        .unwrap()
+        else {
+            panic!("not soak");
+        };
+        assert!(a.quiet_baseline && a.json && a.secs == 20.0);
+    }
 }

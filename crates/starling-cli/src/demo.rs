@@ -66,6 +66,11 @@ async fn demo(args: Args, goal: u32) -> anyhow::Result<ExitCode> {
             overcommit: 1.0,
             retry_secs: 0.1,
         },
+        // A demo of a few devices in one process: it lowers the minimum cohort (the server
+        // warns that such rounds reveal much about each device), and all its devices share
+        // 127.0.0.1.
+        min_cohort: goal.div_ceil(2),
+        max_assignments_per_address: u32::try_from(args.devices).unwrap_or(u32::MAX),
         ..TaskSettings::default()
     }];
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

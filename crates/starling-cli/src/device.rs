@@ -27,9 +27,21 @@ pub struct Args {
     /// Updates to contribute before exiting (0: run until stopped).
     #[arg(long, default_value_t = 1)]
     rounds: u64,
-    /// Give up after the server has been unreachable this many seconds (0: never).
+    /// Give up after the server has been unreachable or failing this many seconds (0: never).
     #[arg(long, default_value_t = 300)]
     give_up_after: u64,
+    /// Seconds one request may take, from connecting until the answer is read; a server that
+    /// does not answer in time counts as unreachable.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0, value_parser = positive_secs)]
+    request_timeout: f64,
+}
+
+/// Parses a positive, finite number of seconds.
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 1e9 => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
 }
 
 /// Parses a `--target-column` value.
@@ -48,6 +60,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         task: args.task,
         rounds: (args.rounds > 0).then_some(args.rounds),
         give_up_after: (args.give_up_after > 0).then(|| Duration::from_secs(args.give_up_after)),
+        request_timeout: Duration::from_secs_f64(args.request_timeout),
         ..DeviceOptions::default()
     };
     tracing::info!(server = %args.server, examples = data.len(), "device starting");
@@ -85,8 +98,8 @@ fn log_event(e: &DeviceEvent) {
         DeviceEvent::Skipped { round, reason } => {
             tracing::warn!(round, "update not used: {reason}")
         }
-        DeviceEvent::Unreachable { error, retry_in } => {
-            tracing::warn!("server unreachable ({error}); retrying in {retry_in:.1?}");
+        DeviceEvent::Retrying { error, retry_in } => {
+            tracing::warn!("{error}; retrying in {retry_in:.1?}");
         }
     }
 }

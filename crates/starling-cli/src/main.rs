@@ -6,8 +6,10 @@
 //! - [`train`]: train a built-in model on a CSV file, no server.
 //! - [`demo`]: a server and 20 devices in one process on the original demo's model.
 //! - [`simulate`]: many virtual devices on the real round engine, in one process.
-//! - [`bench`]: benchmarks (aggregator, HTTP ingest, check-in storms).
+//! - [`bench`]: benchmarks (aggregator, HTTP ingest, check-in storms, soak).
+//! - [`admin`]: operate a running server through its admin API (rollback).
 
+mod admin;
 mod bench;
 mod demo;
 mod device;
@@ -17,6 +19,12 @@ mod train;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
+
+/// Every freed heap block is zeroed: request buffers that held an individual update (the
+/// HTTP library's read buffers among them) leave nothing behind when they are freed.
+#[global_allocator]
+static ALLOCATOR: zeroizing_alloc::ZeroAlloc<std::alloc::System> =
+    zeroizing_alloc::ZeroAlloc(std::alloc::System);
 
 /// Starling: federated learning in Rust.
 #[derive(Parser)]
@@ -41,6 +49,9 @@ enum Command {
     /// Benchmarks: the aggregator alone, HTTP ingest, check-in storms.
     #[command(subcommand)]
     Bench(bench::Command),
+    /// Operate a running server through its admin API (token in STARLING_ADMIN_TOKEN).
+    #[command(subcommand)]
+    Admin(admin::Command),
 }
 
 fn init_tracing(default: &str) {
@@ -79,6 +90,10 @@ fn main() -> std::process::ExitCode {
         Command::Bench(c) => {
             init_tracing("warn");
             bench::run(c)
+        }
+        Command::Admin(c) => {
+            init_tracing("warn");
+            admin::run(c)
         }
     };
     match result {

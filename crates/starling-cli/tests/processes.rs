@@ -16,6 +16,9 @@ const LINEAR_TASK: &str = r#"
 [[tasks]]
 name = "linear"
 model = "linear"
+# Three devices, all on 127.0.0.1: a test-sized round, said explicitly.
+min_cohort = 3
+max_assignments_per_address = 100
 [tasks.plan]
 epochs = 5
 batch_size = 10
@@ -100,6 +103,7 @@ fn contribute(url: &str, task: &str, d: &Parameters, examples: u64) -> u64 {
         .unwrap();
     assert_eq!(a["status"], "assigned", "{a}");
     let round = a["round"].as_u64().unwrap();
+    let token = a["token"].as_str().unwrap();
     let body = update::encode(
         d,
         &UpdateMeta {
@@ -107,11 +111,12 @@ fn contribute(url: &str, task: &str, d: &Parameters, examples: u64) -> u64 {
             examples,
             loss: Some(0.125),
             accuracy: None,
-            token: a["token"].as_str().unwrap().into(),
+            token: token.into(),
         },
     );
     let r = http()
         .post(format!("{url}/v1/tasks/{task}/rounds/{round}/updates"))
+        .header("x-starling-token", token)
         .body(body)
         .send()
         .unwrap();
@@ -141,6 +146,8 @@ fn model_bytes(url: &str, task: &str) -> (u64, Vec<u8>) {
 const TWO_PER_ROUND: &str = r#"
 [[tasks]]
 name = "linear"
+min_cohort = 2
+max_assignments_per_address = 100
 [tasks.rounds]
 goal = 2
 min = 2
@@ -203,6 +210,10 @@ fn nothing_a_device_uploaded_is_stored_or_logged() {
 name = "wide"
 model = "linear"
 inputs = 16
+# Distinctive values far from anything else in memory, so larger than the default bound.
+max_update_norm = 1e6
+min_cohort = 3
+max_assignments_per_address = 100
 [tasks.rounds]
 goal = 3
 min = 3
@@ -313,4 +324,160 @@ fn serve_reports_bad_settings_clearly() {
         .unwrap();
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/starling.toml"));
     let _ = Duration::ZERO;
+}
+
+/// Every readable region of a process's memory, read through `/proc/<pid>/mem` (the test
+/// runs as the server's parent, which may read it).
+fn process_memory(pid: u32) -> Vec<(String, Vec<u8>)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut regions = Vec::new();
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (range, perms) = (fields.next().unwrap(), fields.next().unwrap());
+        let name = fields.nth(3).unwrap_or("[anon]").to_string();
+        if !perms.starts_with('r') || name == "[vvar]" || name == "[vsyscall]" {
+            continue;
+        }
+        let (start, end) = range.split_once('-').unwrap();
+        let start = u64::from_str_radix(start, 16).unwrap();
+        let end = u64::from_str_radix(end, 16).unwrap();
+        let mut buf = vec![0u8; (end - start) as usize];
+        if mem.seek(SeekFrom::Start(start)).is_ok() && mem.read_exact(&mut buf).is_ok() {
+            regions.push((line.to_string(), buf));
+        }
+    }
+    regions
+}
+
+/// Issue point 10: once a round committed and the devices' connections closed, the bytes of
+/// their updates are nowhere in the server's memory (freed or not), while the committed
+/// model is: the scan sees what is there.
+#[test]
+fn no_individual_update_lingers_in_server_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        r#"
+[[tasks]]
+name = "wide"
+model = "linear"
+inputs = 16
+# Distinctive values far from anything else in memory, so larger than the default bound.
+max_update_norm = 1e6
+min_cohort = 3
+max_assignments_per_address = 100
+[tasks.rounds]
+goal = 3
+min = 3
+"#,
+    );
+    let server = ServeProcess::start(&config, &dir.path().join("data"), "info");
+    let uploads: Vec<Vec<f32>> = (0..3)
+        .map(|d| {
+            (0..16)
+                .map(|i| 2345.678 + 1000.0 * d as f32 + 0.73 * i as f32)
+                .collect()
+        })
+        .collect();
+    for w in &uploads {
+        contribute(&server.url, "wide", &delta(w, -4321.0 - d_of(w)), 11);
+    }
+    wait_version(&server.url, "wide", 1);
+    let pid = server.child.id();
+    let base = 5.0f32;
+    // As the server computes it: the mean step in f64, added to the base, rounded once.
+    let committed_at = |i: usize| {
+        (f64::from(base) + uploads.iter().map(|w| f64::from(w[i])).sum::<f64>() / 3.0) as f32
+    };
+    let committed = le_bytes(&[committed_at(0), committed_at(1)]);
+    // The server closes the test's connections (each request used its own client) a moment
+    // after they hang up; give it that moment.
+    let mut found = Vec::new();
+    for _ in 0..50 {
+        let memory = process_memory(pid);
+        assert!(
+            memory
+                .iter()
+                .any(|(_, m)| memchr::memmem::find(m, &committed).is_some()),
+            "the scan finds the committed model in memory"
+        );
+        found = uploads
+            .iter()
+            .enumerate()
+            .flat_map(|(d, w)| {
+                let needle = le_bytes(w);
+                memory
+                    .iter()
+                    .filter(|(_, m)| memchr::memmem::find(m, &needle).is_some())
+                    .map(|(region, _)| format!("device {d} in {region}"))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if found.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    server.terminate();
+    assert!(
+        found.is_empty(),
+        "update bytes remain in server memory: {found:?}"
+    );
+}
+
+/// The bias of a test upload, distinct per device.
+fn d_of(w: &[f32]) -> f32 {
+    w[0] / 1000.0
+}
+
+/// The operator's rollback through `starling admin` against a real `starling serve`: the
+/// task goes back to an earlier version, a wrong token is refused, and the admin token
+/// appears in no log line, even at `trace`.
+#[test]
+fn an_operator_rolls_back_with_starling_admin_and_the_token_is_never_logged() {
+    const TOKEN: &str = "operator-token-7f3a9c1e5b";
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "[[tasks]]\nname = \"linear\"\nmin_cohort = 1\n[tasks.rounds]\ngoal = 1\nmin = 1\n",
+    );
+    let mut cmd = starling();
+    cmd.args(["serve", "--port", "0"])
+        .env_remove("PORT")
+        .env_remove("STARLING_PORT")
+        .env("STARLING_ADMIN_TOKEN", TOKEN);
+    let server = ServeProcess::start_with(cmd, &config, &dir.path().join("data"), "trace");
+    for v in 1..=2u64 {
+        contribute(&server.url, "linear", &delta(&[-1.0], 0.0), 1);
+        wait_version(&server.url, "linear", v);
+    }
+    let admin = |token: &str| {
+        starling()
+            .args(["admin", "rollback", "--server", &server.url])
+            .args(["--task", "linear", "--version", "1"])
+            .env("STARLING_ADMIN_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    let wrong = admin("not-the-operator-token");
+    assert!(!wrong.status.success());
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(err.contains("unauthorized"), "{err}");
+    let ok = admin(TOKEN);
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(out.contains("now version 3"), "{out}");
+    let (version, body) = model_bytes(&server.url, "linear");
+    assert_eq!(version, 3);
+    let params = checkpoint::decode(&body).unwrap().params;
+    assert_eq!(params.get("W").unwrap().data(), &[4.0], "version 1's W");
+    let logs = server.terminate();
+    assert!(logs.contains("rolled back"), "{logs}");
+    assert!(!logs.contains(TOKEN), "the admin token is in the logs");
 }

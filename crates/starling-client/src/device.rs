@@ -1,17 +1,38 @@
 //! The device loop: check in, wait when told to, download the model, train on local data,
 //! upload the update. Only the update (a parameter difference, an example count, and the local
 //! loss and accuracy) ever leaves the device; the data stays in this process.
+//!
+//! Every request runs under [`DeviceOptions::request_timeout`]. A request that fails in a way
+//! worth repeating ([`ClientError::is_retryable`]: the server unreachable or silent, any 5xx,
+//! or a retryable [`ErrorCode`]) is sent again after a jittered exponential back-off, or after
+//! the answer's `Retry-After` when it is longer, each wait capped at
+//! [`DeviceOptions::max_wait`]. The device gives up once the server has been failing for
+//! [`DeviceOptions::give_up_after`], counted from the start of the first failed request; no
+//! wait is longer than the time left, so it gives up at most one request timeout late.
+//!
+//! A trained update is kept and uploaded again (the same bytes) while its round is open: until
+//! the round's deadline, as the check-in told it. It is dropped, and the device checks in
+//! again, only when the server says the round no longer takes it (`round_closed`,
+//! `stale_version`, `invalid_token`, `duplicate_update`) or when the deadline passes while
+//! the server is failing. Any other refusal is an error. A `duplicate_update` answer to a
+//! second or later try means an earlier try got through (only this device holds the token),
+//! so it counts as a contribution.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use rand::Rng;
 use starling_core::checkpoint;
+use starling_core::protocol::{CheckInAnswer, ErrorCode};
 use starling_core::train::{self, check_data};
 use starling_core::{Dataset, Model, Parameters};
+use tokio::time::Instant;
 
-use crate::transport::{CheckInReply, ModelDownload, Transport};
+use crate::transport::{
+    ModelDownload, Transport, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT,
+};
 use crate::ClientError;
 
 /// How a device behaves.
@@ -21,14 +42,21 @@ pub struct DeviceOptions {
     pub task: String,
     /// Stop after this many accepted updates (`None`: run until stopped).
     pub rounds: Option<u64>,
-    /// Longest wait a "come back later" answer can impose.
+    /// Longest single wait: a "come back later" answer, a `Retry-After`, or a back-off delay.
     pub max_wait: Duration,
-    /// First back-off delay when the server is unreachable.
+    /// First back-off delay when the server is unreachable or failing.
     pub backoff_initial: Duration,
     /// Longest back-off delay.
     pub backoff_max: Duration,
-    /// Give up when the server has been unreachable this long (`None`: never).
+    /// Give up when the server has been unreachable or failing this long, counted from the
+    /// start of the first failed request (`None`: never). A hard deadline: no wait goes past
+    /// it, so the device gives up at most one request timeout after it.
     pub give_up_after: Option<Duration>,
+    /// Longest time to open a connection.
+    pub connect_timeout: Duration,
+    /// Longest time for one whole request, from connecting until the answer is read; a server
+    /// that does not answer in this time counts as unreachable.
+    pub request_timeout: Duration,
     /// An opaque, random id the device shows the server so that it gets at most one
     /// assignment per round. It identifies nothing outside this run.
     pub device_id: String,
@@ -43,6 +71,8 @@ impl Default for DeviceOptions {
             backoff_initial: Duration::from_millis(250),
             backoff_max: Duration::from_secs(30),
             give_up_after: Some(Duration::from_secs(300)),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
             device_id: format!("{:016x}", rand::rng().random::<u64>()),
         }
     }
@@ -83,8 +113,9 @@ pub enum DeviceEvent {
         /// Why.
         reason: String,
     },
-    /// The server could not be reached; retrying.
-    Unreachable {
+    /// A request failed in a way worth repeating (the server unreachable, silent, or failing);
+    /// the device sends it again after `retry_in`.
+    Retrying {
         /// The error.
         error: String,
         /// Delay before the next try.
@@ -117,49 +148,88 @@ pub struct Device<T> {
     data: Arc<Dataset>,
     options: DeviceOptions,
     cached: Option<Cached>,
+    /// When the current run of failed requests began (`None`: the last request got an answer).
+    failing_since: Option<Instant>,
+}
+
+/// Runs `op` under the request timeout and repeats it while it fails in a way worth
+/// repeating (see the module's docs). Returns the first answer that is not such a failure;
+/// [`ClientError::GaveUp`] once the server has been failing for `give_up_after`; or the last
+/// (retryable) error when the next try would not start before `until`.
+async fn retry<R, F, Fut>(
+    options: &DeviceOptions,
+    failing_since: &mut Option<Instant>,
+    until: Option<Instant>,
+    on_event: &mut impl FnMut(&DeviceEvent),
+    mut op: F,
+) -> Result<R, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<R, ClientError>>,
+{
+    let mut delay = options.backoff_initial;
+    loop {
+        let attempt = Instant::now();
+        let error = match tokio::time::timeout(options.request_timeout, op()).await {
+            Ok(Err(e)) if e.is_retryable() => e,
+            Ok(other) => {
+                *failing_since = None;
+                return other;
+            }
+            Err(_) => ClientError::Unreachable(format!(
+                "no answer within the request timeout ({:?})",
+                options.request_timeout
+            )),
+        };
+        let since = *failing_since.get_or_insert(attempt);
+        let now = Instant::now();
+        let deadline = options
+            .give_up_after
+            .and_then(|limit| since.checked_add(limit));
+        if deadline.is_some_and(|d| now >= d) {
+            return Err(ClientError::GaveUp {
+                after: now - since,
+                last_error: error.to_string(),
+            });
+        }
+        let (backoff, spread) = {
+            let mut rng = rand::rng();
+            (
+                delay.mul_f64(rng.random_range(0.5..=1.0)),
+                rng.random_range(1.0..=1.2),
+            )
+        };
+        // The server's `Retry-After` is the least wait; a little more spreads the devices it
+        // sent away together.
+        let mut wait = error
+            .retry_after()
+            .map_or(backoff, |after| after.mul_f64(spread).max(backoff))
+            .min(options.max_wait);
+        if let Some(d) = deadline {
+            wait = wait.min(d - now);
+        }
+        if until.is_some_and(|u| now.checked_add(wait).is_none_or(|next| next >= u)) {
+            return Err(error);
+        }
+        on_event(&DeviceEvent::Retrying {
+            error: error.to_string(),
+            retry_in: wait,
+        });
+        tokio::time::sleep(wait).await;
+        delay = delay.saturating_mul(2).min(options.backoff_max);
+    }
 }
 
 impl<T: Transport> Device<T> {
-    /// A device with its data.
-    pub fn new(transport: T, data: Dataset, options: DeviceOptions) -> Self {
+    /// A device with its data; sets the transport's timeouts from `options`.
+    pub fn new(mut transport: T, data: Dataset, options: DeviceOptions) -> Self {
+        transport.set_timeouts(options.connect_timeout, options.request_timeout);
         Self {
             transport,
             data: Arc::new(data),
             options,
             cached: None,
-        }
-    }
-
-    /// Retries `op` while the server is unreachable, with jittered exponential back-off.
-    async fn retry<R, F, Fut>(
-        &self,
-        on_event: &mut impl FnMut(&DeviceEvent),
-        mut op: F,
-    ) -> Result<R, ClientError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<R, ClientError>>,
-    {
-        let started = tokio::time::Instant::now();
-        let mut delay = self.options.backoff_initial;
-        loop {
-            match op().await {
-                Err(ClientError::Unreachable(error)) => {
-                    if let Some(limit) = self.options.give_up_after {
-                        if started.elapsed() >= limit {
-                            return Err(ClientError::GaveUp(limit));
-                        }
-                    }
-                    let jittered = delay.mul_f64(rand::rng().random_range(0.5..1.0));
-                    on_event(&DeviceEvent::Unreachable {
-                        error,
-                        retry_in: jittered,
-                    });
-                    tokio::time::sleep(jittered).await;
-                    delay = (delay * 2).min(self.options.backoff_max);
-                }
-                other => return other,
-            }
+            failing_since: None,
         }
     }
 
@@ -174,9 +244,14 @@ impl<T: Transport> Device<T> {
         }
         let cached_version = self.cached.as_ref().map(|c| c.version);
         let task = self.options.task.clone();
-        let download: Option<ModelDownload> = self
-            .retry(on_event, || self.transport.download(&task, cached_version))
-            .await?;
+        let download: Option<ModelDownload> = retry(
+            &self.options,
+            &mut self.failing_since,
+            None,
+            on_event,
+            || self.transport.download(&task, cached_version),
+        )
+        .await?;
         if let Some(d) = download {
             let c = checkpoint::decode(&d.body)
                 .map_err(|e| ClientError::Protocol(format!("model download: {e}")))?;
@@ -209,27 +284,43 @@ impl<T: Transport> Device<T> {
         let task = self.options.task.clone();
         let device_id = self.options.device_id.clone();
         while self.options.rounds.is_none_or(|r| report.contributions < r) {
-            let reply = self
-                .retry(&mut on_event, || self.transport.check_in(&task, &device_id))
-                .await?;
-            let (round, base_version, token, plan) = match reply {
-                CheckInReply::Retry {
+            let answer = retry(
+                &self.options,
+                &mut self.failing_since,
+                None,
+                &mut on_event,
+                || self.transport.check_in(&task, &device_id),
+            )
+            .await?;
+            let checked_in = Instant::now();
+            let (round, base_version, token, deadline_secs, plan) = match answer {
+                CheckInAnswer::Retry {
                     retry_after_secs,
                     reason,
                 } => {
-                    let secs = retry_after_secs.clamp(0.0, self.options.max_wait.as_secs_f64());
+                    let secs = if retry_after_secs.is_finite() {
+                        retry_after_secs.clamp(0.0, self.options.max_wait.as_secs_f64())
+                    } else {
+                        self.options.max_wait.as_secs_f64()
+                    };
                     on_event(&DeviceEvent::Waiting { secs, reason });
                     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
                     continue;
                 }
-                CheckInReply::Assigned {
+                CheckInAnswer::Assigned {
                     round,
                     base_version,
                     token,
+                    deadline_secs,
                     plan,
                     ..
-                } => (round, base_version, token, plan),
+                } => (round, base_version, token, deadline_secs, plan),
             };
+            // The round's deadline as this device sees it, no earlier than the server's
+            // (`None`: too far away to matter).
+            let round_ends = Duration::try_from_secs_f64(deadline_secs)
+                .ok()
+                .and_then(|d| checked_in.checked_add(d));
             if !self.ensure_model(base_version, &mut on_event).await? {
                 // The round committed between check-in and download: ask again.
                 continue;
@@ -240,23 +331,68 @@ impl<T: Transport> Device<T> {
                 round,
                 version: base_version,
             });
-            let (model, base, data) = (
+            let (model, base, data, update_token) = (
                 cached.model.clone(),
                 cached.params.clone(),
                 self.data.clone(),
+                token.clone(),
             );
             let (body, tr) = tokio::task::spawn_blocking(move || {
-                train::local_update(&model, &base, &data, &plan, base_version, token, |_| {})
+                train::local_update(
+                    &model,
+                    &base,
+                    &data,
+                    &plan,
+                    base_version,
+                    update_token,
+                    |_| {},
+                )
             })
             .await
             .map_err(|e| ClientError::Protocol(format!("training task failed: {e}")))??;
-            let result = self
-                .retry(&mut on_event, || {
-                    self.transport.upload(&task, round, body.clone())
-                })
-                .await;
-            match result {
-                Ok(()) => {
+            // Kept until the round takes it or no longer can: every try sends these bytes.
+            let body = Bytes::from(body);
+            let mut tries = 0u32;
+            let result = retry(
+                &self.options,
+                &mut self.failing_since,
+                round_ends,
+                &mut on_event,
+                || {
+                    tries += 1;
+                    self.transport.upload(&task, round, &token, body.clone())
+                },
+            )
+            .await;
+            let skipped = match result {
+                Ok(_) => None,
+                // Only this assignment holds the token: an earlier try got through even though
+                // its answer was lost or was an error.
+                Err(e) if e.code() == Some(ErrorCode::DuplicateUpdate) && tries > 1 => None,
+                Err(e)
+                    if matches!(
+                        e.code(),
+                        Some(
+                            ErrorCode::RoundClosed
+                                | ErrorCode::StaleVersion
+                                | ErrorCode::InvalidToken
+                                | ErrorCode::DuplicateUpdate
+                        )
+                    ) =>
+                {
+                    Some(match e {
+                        ClientError::Refused { message, .. } => message,
+                        other => other.to_string(),
+                    })
+                }
+                // `retry` stopped because the round's deadline came while the server failed.
+                Err(e) if e.is_retryable() => Some(format!(
+                    "the round's deadline passed before the server took the update ({e})"
+                )),
+                Err(e) => return Err(e),
+            };
+            match skipped {
+                None => {
                     report.contributions += 1;
                     report.last_loss = Some(tr.after.loss);
                     on_event(&DeviceEvent::Contributed {
@@ -266,19 +402,10 @@ impl<T: Transport> Device<T> {
                         loss_after: tr.after.loss,
                     });
                 }
-                Err(ClientError::Refused { code, message, .. })
-                    if matches!(
-                        code.as_str(),
-                        "round_closed" | "stale_version" | "duplicate_update"
-                    ) =>
-                {
+                Some(reason) => {
                     report.skipped += 1;
-                    on_event(&DeviceEvent::Skipped {
-                        round,
-                        reason: message,
-                    });
+                    on_event(&DeviceEvent::Skipped { round, reason });
                 }
-                Err(e) => return Err(e),
             }
         }
         Ok(report)

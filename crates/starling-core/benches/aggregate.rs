@@ -6,7 +6,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use starling_core::update::{self, UpdateMeta};
-use starling_core::{FedAvg, Parameters, Tensor};
+use starling_core::{Parameters, Tensor, WeightedSum};
 
 fn body(params: usize) -> (starling_core::Layout, Vec<u8>) {
     let w: Vec<f32> = (0..params - 1)
@@ -33,8 +33,8 @@ fn aggregate(c: &mut Criterion) {
         let (layout, bytes) = body(params);
         group.throughput(Throughput::Bytes(4 * params as u64));
         group.sample_size(if params >= 10_000_000 { 10 } else { 50 });
-        let view = update::decode(&bytes, &layout, None).unwrap();
-        let mut agg = FedAvg::new(&layout);
+        let view = update::check(bytes.clone(), &update::Rules::lenient(&layout)).unwrap();
+        let mut agg = WeightedSum::new(&layout);
         group.bench_with_input(BenchmarkId::new("accept", params), &params, |b, _| {
             b.iter(|| agg.accept(black_box(&view)));
         });
@@ -45,7 +45,7 @@ fn aggregate(c: &mut Criterion) {
                 b.iter(|| update::decode(black_box(&bytes), &layout, None).unwrap());
             },
         );
-        let src: Vec<u8> = view.tensors.concat();
+        let src: Vec<u8> = view.tensors().collect::<Vec<_>>().concat();
         let mut dst = vec![0u8; src.len()];
         group.bench_with_input(BenchmarkId::new("memcpy", params), &params, |b, _| {
             b.iter(|| dst.copy_from_slice(black_box(&src)));

@@ -1,10 +1,11 @@
-//! Streaming aggregation. [`FedAvg`] folds updates in one at a time — weighted by example
-//! count, accumulated in f64 — and keeps nothing but the running sums (DESIGN.md invariants
-//! 1, 6 and 7). A [`Strategy`] turns the finished aggregate into the next parameters.
+//! Streaming aggregation. [`WeightedSum`] folds checked updates in one at a time — each
+//! with the weight validation gave it, accumulated in f64 — and keeps nothing but the running
+//! sums (DESIGN.md invariants 1, 6 and 7). A [`Strategy`] turns the finished sum into the
+//! next parameters; [`FedAvg`] is plain federated averaging.
 
 use crate::params::{f32s_from_le, Layout, Parameters};
 use crate::tensor::Tensor;
-use crate::update::UpdateView;
+use crate::update::CheckedUpdate;
 
 /// Errors combining aggregates.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -15,11 +16,14 @@ pub enum AggregateError {
     /// Nothing was aggregated.
     #[error("the aggregate is empty")]
     Empty,
+    /// A strategy's saved state does not fit it.
+    #[error("saved strategy state is unusable: {0}")]
+    State(String),
 }
 
-/// The running, example-weighted sum of updates of one round.
+/// The running, weighted sum of the updates of one round (or one buffer).
 #[derive(Debug, Clone)]
-pub struct FedAvg {
+pub struct WeightedSum {
     layout: Layout,
     sums: Vec<f64>,
     weight: f64,
@@ -31,7 +35,7 @@ pub struct FedAvg {
     accuracy_weight: f64,
 }
 
-impl FedAvg {
+impl WeightedSum {
     /// An empty aggregate for a model layout.
     pub fn new(layout: &Layout) -> Self {
         Self {
@@ -47,30 +51,31 @@ impl FedAvg {
         }
     }
 
-    /// Folds one checked update in, weighted by its example count.
-    pub fn accept(&mut self, update: &UpdateView<'_>) {
-        let w = update.meta.examples as f64;
+    /// Folds one checked update in, with the weight its check gave it.
+    pub fn accept(&mut self, update: &CheckedUpdate) {
+        let w = update.weight();
         let mut offset = 0;
-        for data in &update.tensors {
+        for data in update.tensors() {
             let n = data.len() / 4;
             fold(&mut self.sums[offset..offset + n], data, w);
             offset += n;
         }
+        let meta = update.meta();
         self.weight += w;
         self.updates += 1;
-        self.examples += update.meta.examples;
-        if let Some(l) = update.meta.loss {
+        self.examples += meta.examples;
+        if let Some(l) = meta.loss {
             self.loss_sum += w * f64::from(l);
             self.loss_weight += w;
         }
-        if let Some(a) = update.meta.accuracy {
+        if let Some(a) = meta.accuracy {
             self.accuracy_sum += w * f64::from(a);
             self.accuracy_weight += w;
         }
     }
 
     /// Merges another partial aggregate of the same round into this one.
-    pub fn merge(&mut self, other: &FedAvg) -> Result<(), AggregateError> {
+    pub fn merge(&mut self, other: &WeightedSum) -> Result<(), AggregateError> {
         if self.layout != other.layout {
             return Err(AggregateError::LayoutMismatch);
         }
@@ -92,17 +97,22 @@ impl FedAvg {
         self.updates
     }
 
-    /// Examples behind the folded updates.
+    /// Examples the folded updates claim.
     pub fn examples(&self) -> u64 {
         self.examples
     }
 
-    /// Example-weighted mean of the reported local losses.
+    /// The total weight folded in.
+    pub fn weight(&self) -> f64 {
+        self.weight
+    }
+
+    /// Weighted mean of the reported local losses.
     pub fn mean_loss(&self) -> Option<f64> {
         (self.loss_weight > 0.0).then(|| self.loss_sum / self.loss_weight)
     }
 
-    /// Example-weighted mean of the reported local accuracies.
+    /// Weighted mean of the reported local accuracies.
     pub fn mean_accuracy(&self) -> Option<f64> {
         (self.accuracy_weight > 0.0).then(|| self.accuracy_sum / self.accuracy_weight)
     }
@@ -112,7 +122,7 @@ impl FedAvg {
         &self.layout
     }
 
-    /// The example-weighted mean update, in f64, flat in layout order.
+    /// The weighted mean update, in f64, flat in layout order.
     pub fn mean(&self) -> Result<Vec<f64>, AggregateError> {
         if self.weight <= 0.0 {
             return Err(AggregateError::Empty);
@@ -168,31 +178,49 @@ pub fn apply(
 }
 
 /// How the server turns a round's aggregate into the next model (Flower's `aggregate_fit`).
-/// Strategies with server state (momentum, FedAdam's moments) keep it in `self`.
-pub trait Strategy: Send + Sync {
+/// Strategies with server state (momentum, FedAdam's moments) keep it in `self`, and save it
+/// with every committed version ([`Strategy::state`]) so that a restart resumes it exactly.
+pub trait Strategy: Send + Sync + std::fmt::Debug {
     /// The strategy's name.
     fn name(&self) -> &'static str;
     /// The next parameters from the current ones and the round's aggregate.
     fn next_params(
         &mut self,
         base: &Parameters,
-        aggregate: &FedAvg,
+        aggregate: &WeightedSum,
     ) -> Result<Parameters, AggregateError>;
+    /// The server state to store with the version [`Strategy::next_params`] produced
+    /// (empty for a stateless strategy).
+    fn state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Resumes from a stored state.
+    fn restore(&mut self, state: &[u8]) -> Result<(), AggregateError> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err(AggregateError::State(format!(
+                "{} keeps no state, but {} bytes were stored",
+                self.name(),
+                state.len()
+            )))
+        }
+    }
 }
 
-/// Plain federated averaging (McMahan et al. 2017): the next model is the example-weighted
-/// mean of the devices' models, i.e. the base plus the mean update.
+/// Plain federated averaging (McMahan et al. 2017): the next model is the weighted mean of
+/// the devices' models, i.e. the base plus the mean update.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct FedAvgStrategy;
+pub struct FedAvg;
 
-impl Strategy for FedAvgStrategy {
+impl Strategy for FedAvg {
     fn name(&self) -> &'static str {
         "fedavg"
     }
     fn next_params(
         &mut self,
         base: &Parameters,
-        aggregate: &FedAvg,
+        aggregate: &WeightedSum,
     ) -> Result<Parameters, AggregateError> {
         aggregate.finish(base)
     }
@@ -201,7 +229,7 @@ impl Strategy for FedAvgStrategy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::update::{decode, encode, UpdateMeta};
+    use crate::update::{check, encode, Rules, UpdateMeta};
     use rand::{Rng, SeedableRng};
 
     fn random_params(rng: &mut impl Rng, scale: f32) -> Parameters {
@@ -251,11 +279,12 @@ mod tests {
             .collect();
         let bodies: Vec<Vec<u8>> = devices.iter().map(|(d, n)| upload(d, *n)).collect();
 
-        let mut agg = FedAvg::new(&layout);
+        let rules = Rules::lenient(&layout);
+        let mut agg = WeightedSum::new(&layout);
         for b in &bodies {
-            agg.accept(&decode(b, &layout, None).unwrap());
+            agg.accept(&check(b.clone(), &rules).unwrap());
         }
-        let next = FedAvgStrategy.next_params(&base, &agg).unwrap();
+        let next = FedAvg.next_params(&base, &agg).unwrap();
 
         // Naive: average the devices' final models (base + delta), weighted by examples.
         let total: f64 = devices.iter().map(|(_, n)| *n as f64).sum();
@@ -279,11 +308,11 @@ mod tests {
         assert_eq!(agg.updates(), 25);
 
         // Order independence and merging: two partial sums over a different order.
-        let mut left = FedAvg::new(&layout);
-        let mut right = FedAvg::new(&layout);
+        let mut left = WeightedSum::new(&layout);
+        let mut right = WeightedSum::new(&layout);
         for (i, b) in bodies.iter().enumerate().rev() {
             let part = if i % 3 == 0 { &mut left } else { &mut right };
-            part.accept(&decode(b, &layout, None).unwrap());
+            part.accept(&check(b.clone(), &rules).unwrap());
         }
         left.merge(&right).unwrap();
         let merged = left.finish(&base).unwrap();
@@ -299,12 +328,12 @@ mod tests {
     fn empty_aggregate_has_no_mean() {
         let layout = Layout::new(vec![("w".into(), vec![2])]);
         assert_eq!(
-            FedAvg::new(&layout).mean().unwrap_err(),
+            WeightedSum::new(&layout).mean().unwrap_err(),
             AggregateError::Empty
         );
-        let other = FedAvg::new(&Layout::new(vec![("v".into(), vec![2])]));
+        let other = WeightedSum::new(&Layout::new(vec![("v".into(), vec![2])]));
         assert_eq!(
-            FedAvg::new(&layout).merge(&other).unwrap_err(),
+            WeightedSum::new(&layout).merge(&other).unwrap_err(),
             AggregateError::LayoutMismatch
         );
     }

@@ -79,8 +79,8 @@ impl Dataset {
                 "feature and target widths must be at least 1".into(),
             ));
         }
-        if features.len() % feature_dim != 0
-            || targets.len() % target_dim != 0
+        if !features.len().is_multiple_of(feature_dim)
+            || !targets.len().is_multiple_of(target_dim)
             || features.len() / feature_dim != targets.len() / target_dim
         {
             return Err(DataError::Shape(

@@ -89,4 +89,22 @@ mod tests {
         v[1001] = f32::MAX;
         assert!(all_finite(&v));
     }
+
+    /// `#[target_feature(enable = "avx512f")]` above is stable only since Rust 1.89: the
+    /// workspace must not promise an older compiler (issue point 11).
+    #[test]
+    fn the_declared_minimum_rust_builds_the_avx512_kernel() {
+        let manifest = include_str!("../../../Cargo.toml");
+        let declared = manifest
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("rust-version = "))
+            .expect("the workspace declares a rust-version")
+            .trim_matches('"');
+        let mut parts = declared.split('.').map(|p| p.parse::<u32>().unwrap());
+        let (major, minor) = (parts.next().unwrap(), parts.next().unwrap_or(0));
+        assert!(
+            (major, minor) >= (1, 89),
+            "rust-version {declared} is older than 1.89, which avx512f target features need"
+        );
+    }
 }

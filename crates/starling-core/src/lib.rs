@@ -15,7 +15,9 @@
 //! - [`checkpoint`]: the served form of a model version (spec and version in the metadata).
 //! - [`update`]: the update wire format and its validation (DESIGN.md invariant 3).
 //! - [`kernels`]: the vectorised aggregation kernel, dispatched on the CPU's features.
-//! - [`aggregate`]: the streaming FedAvg aggregator and the [`aggregate::Strategy`] hook.
+//! - [`aggregate`]: the streaming weighted sum ([`WeightedSum`]) and the [`Strategy`] hook
+//!   with [`FedAvg`].
+//! - [`protocol`]: the HTTP API's typed requests, answers, headers and error codes.
 
 pub mod aggregate;
 pub mod builtin;
@@ -29,16 +31,17 @@ pub mod model;
 pub mod optim;
 pub mod params;
 pub mod partition;
+pub mod protocol;
 pub mod spec;
 pub mod tensor;
 pub mod train;
 pub mod update;
 
-pub use aggregate::{FedAvg, Strategy};
+pub use aggregate::{FedAvg, Strategy, WeightedSum};
 pub use data::Dataset;
 pub use model::Model;
 pub use params::{Layout, Parameters};
 pub use spec::ModelSpec;
 pub use tensor::Tensor;
 pub use train::{Plan, TrainReport};
-pub use update::{UpdateMeta, UpdateView};
+pub use update::{CheckedUpdate, UpdateMeta, UpdateView};

@@ -58,7 +58,7 @@ pub struct Model {
 
 /// Loss and, for classifiers, accuracy over a data set.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Metrics {
+pub struct Evaluation {
     /// Mean loss per example.
     pub loss: f32,
     /// Fraction of examples whose largest output is the label (classifiers only).
@@ -427,7 +427,7 @@ impl Model {
     }
 
     /// Mean loss (and accuracy for classifiers) over `n` rows, evaluated in chunks.
-    pub fn evaluate(&self, params: &Parameters, x: &[f32], target: &[f32], n: usize) -> Metrics {
+    pub fn evaluate(&self, params: &Parameters, x: &[f32], target: &[f32], n: usize) -> Evaluation {
         let (fw, tw) = (self.spec.inputs, self.spec.target_width());
         let mut loss_sum = 0.0f64;
         let mut correct = 0usize;
@@ -450,7 +450,7 @@ impl Model {
             }
         });
         let n_f = n.max(1) as f64;
-        Metrics {
+        Evaluation {
             loss: (loss_sum / n_f) as f32,
             accuracy: (self.spec.loss == LossSpec::SoftmaxCrossEntropy)
                 .then(|| (correct as f64 / n_f) as f32),

@@ -6,7 +6,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{DataError, Dataset};
-use crate::model::{Metrics, Model};
+use crate::model::{Evaluation, Model};
 use crate::optim::Sgd;
 use crate::params::{Parameters, ParamsError};
 use crate::spec::LossSpec;
@@ -84,10 +84,10 @@ pub struct TrainReport {
     pub examples: usize,
     /// Optimiser steps taken.
     pub steps: usize,
-    /// Metrics over the whole local data before training.
-    pub before: Metrics,
-    /// Metrics over the whole local data after training.
-    pub after: Metrics,
+    /// Loss and accuracy over the whole local data before training.
+    pub before: Evaluation,
+    /// Loss and accuracy over the whole local data after training.
+    pub after: Evaluation,
 }
 
 /// Progress of local training, reported after every step.

@@ -4,12 +4,19 @@
 //! between the parameters the device trained from and those it ended with, plus string
 //! metadata: `base_version`, `examples`, `token` (the assignment) and optionally `loss` and
 //! `accuracy` (local metrics after training); any other field is refused.
-//! [`decode`] checks everything that can be checked without the round's state and returns a
-//! borrowed [`UpdateView`] — the tensor data is never copied.
+//! [`check`] checks everything that can be checked without the round's state and returns a
+//! [`CheckedUpdate`]: the only thing an aggregate folds (DESIGN.md invariant 3). It owns the
+//! request body, locates the tensors in it once without copying them, and zeroes the body when
+//! it is dropped, so no individual update lingers in freed memory (invariant 1).
+//! [`decode`] gives a borrowed [`UpdateView`] for inspection (tests, the browser's checks).
 
 use std::collections::HashMap;
+use std::ops::Range;
+
+use zeroize::Zeroizing;
 
 use crate::params::{decode_views, f32s_from_le, Layout, Parameters, ParamsError};
+use crate::protocol::parse_canonical_u64;
 
 /// Metadata of an update.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,6 +79,120 @@ pub struct UpdateView<'a> {
     pub tensors: Vec<&'a [u8]>,
 }
 
+/// How much one update weighs in the average. The weight is decided here, by validation, and
+/// nowhere else: a device can claim any example count, but it cannot weigh more than this.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Weighting {
+    /// By the claimed example count, capped at `cap` (FedAvg with bounded influence).
+    Examples {
+        /// The most weight one update carries.
+        cap: u64,
+    },
+    /// Every update weighs 1, whatever it claims.
+    Uniform,
+}
+
+/// What a task requires of an update beyond the wire format.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    /// The model's tensor names and shapes.
+    pub layout: Layout,
+    /// The largest L2 norm an update may have.
+    pub max_norm: Option<f64>,
+    /// How updates are weighted.
+    pub weighting: Weighting,
+}
+
+impl Rules {
+    /// Rules of a layout with no norm bound and uncapped example weighting (tests, benches).
+    pub fn lenient(layout: &Layout) -> Self {
+        Self {
+            layout: layout.clone(),
+            max_norm: None,
+            weighting: Weighting::Examples {
+                cap: MAX_EXAMPLES as u64,
+            },
+        }
+    }
+}
+
+/// An update that passed [`check`]: the only type an aggregate folds. It owns the request
+/// body (zeroed on drop) and knows where each tensor lies in it.
+pub struct CheckedUpdate {
+    body: Zeroizing<Vec<u8>>,
+    tensors: Vec<Range<usize>>,
+    meta: UpdateMeta,
+    weight: f64,
+}
+
+impl std::fmt::Debug for CheckedUpdate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the values: an update's numbers stay out of logs (invariant 1).
+        f.debug_struct("CheckedUpdate")
+            .field("meta", &self.meta)
+            .field("weight", &self.weight)
+            .field("bytes", &self.body.len())
+            .finish()
+    }
+}
+
+impl CheckedUpdate {
+    /// The metadata.
+    pub fn meta(&self) -> &UpdateMeta {
+        &self.meta
+    }
+
+    /// The update's weight in the average, as [`Weighting`] decided it.
+    pub fn weight(&self) -> f64 {
+        self.weight
+    }
+
+    /// Each parameter's little-endian f32 bytes, in layout order.
+    pub fn tensors(&self) -> impl Iterator<Item = &[u8]> {
+        self.tensors.iter().map(|r| &self.body[r.clone()])
+    }
+}
+
+/// The largest body an update of `layout` can need: its values plus a generous allowance for
+/// the safetensors header (names, shapes, offsets, the metadata). The server refuses a larger
+/// upload before reading it.
+pub fn max_encoded_len(layout: &Layout) -> usize {
+    let names: usize = layout
+        .entries()
+        .iter()
+        .map(|(n, s)| n.len() + 24 * s.len() + 96)
+        .sum();
+    8 + 4096 + names + 4 * layout.numel()
+}
+
+/// Checks an update against a task's rules: the safetensors structure, exactly the model's
+/// tensors, the metadata, finite values, the norm bound. The body is zeroed whether it passes
+/// or not.
+pub fn check(body: Vec<u8>, rules: &Rules) -> Result<CheckedUpdate, UpdateError> {
+    let body = Zeroizing::new(body);
+    let view = decode(&body, &rules.layout, rules.max_norm)?;
+    let start = body.as_ptr() as usize;
+    let tensors = view
+        .tensors
+        .iter()
+        .map(|t| {
+            let offset = t.as_ptr() as usize - start;
+            offset..offset + t.len()
+        })
+        .collect();
+    let meta = view.meta;
+    let weight = match rules.weighting {
+        Weighting::Examples { cap } => meta.examples.min(cap) as f64,
+        Weighting::Uniform => 1.0,
+    };
+    Ok(CheckedUpdate {
+        body,
+        tensors,
+        meta,
+        weight,
+    })
+}
+
 /// Encodes an update for upload.
 pub fn encode(delta: &Parameters, meta: &UpdateMeta) -> Vec<u8> {
     let mut m = HashMap::from([
@@ -106,13 +227,21 @@ fn parse_meta(m: &HashMap<String, String>) -> Result<UpdateMeta, UpdateError> {
         field,
         value: value.chars().take(40).collect(),
     };
-    if let Some(k) = m.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+    // The smallest unknown key, so that the same body always gets the same message.
+    if let Some(k) = m.keys().filter(|k| !FIELDS.contains(&k.as_str())).min() {
         return Err(UpdateError::UnknownField(k.chars().take(40).collect()));
     }
     let bv = field(m, "base_version")?;
-    let base_version = bv.parse().map_err(|_| invalid("base_version", bv))?;
+    let base_version = parse_canonical_u64(bv).ok_or_else(|| invalid("base_version", bv))?;
     let ex = field(m, "examples")?;
-    let examples: i64 = ex.parse().map_err(|_| invalid("examples", ex))?;
+    // A plain decimal number, possibly negative (refused below with its value).
+    let examples: i64 = match ex.strip_prefix('-') {
+        Some(digits) => parse_canonical_u64(digits)
+            .and_then(|v| i64::try_from(v).ok())
+            .map(|v| -v),
+        None => parse_canonical_u64(ex).map(|v| i64::try_from(v).unwrap_or(i64::MAX)),
+    }
+    .ok_or_else(|| invalid("examples", ex))?;
     if !(1..=MAX_EXAMPLES).contains(&examples) {
         return Err(UpdateError::NoExamples(examples));
     }
@@ -121,7 +250,9 @@ fn parse_meta(m: &HashMap<String, String>) -> Result<UpdateMeta, UpdateError> {
         None => None,
         Some(l) => {
             let v: f32 = l.parse().map_err(|_| invalid("loss", l))?;
-            if !v.is_finite() {
+            // Losses (MSE, cross-entropy) are never negative: a negative one is a lie that
+            // would drag the round's mean below what any device saw.
+            if !(v.is_finite() && v >= 0.0) {
                 return Err(invalid("loss", l));
             }
             Some(v)
@@ -177,19 +308,6 @@ pub fn decode<'a>(
     Ok(UpdateView { meta, tensors })
 }
 
-/// Re-reads an update that [`decode`] already accepted: parses the header and metadata and
-/// locates the tensors, without scanning the values again.
-pub fn decode_unchecked<'a>(
-    bytes: &'a [u8],
-    layout: &Layout,
-) -> Result<UpdateView<'a>, UpdateError> {
-    let (tensors, metadata) = decode_views(bytes, layout)?;
-    Ok(UpdateView {
-        meta: parse_meta(&metadata)?,
-        tensors,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,6 +338,33 @@ mod tests {
         let v = decode(&bytes, &d.layout(), None).unwrap();
         assert_eq!(v.meta, meta(7));
         assert_eq!(v.tensors.len(), 2);
+    }
+
+    /// The weight comes from the rules, not from the claim: a device that claims a billion
+    /// examples weighs no more than the cap.
+    #[test]
+    fn checked_updates_carry_a_bounded_weight() {
+        let d = delta(1.0);
+        let rules = |weighting| Rules {
+            layout: d.layout(),
+            max_norm: Some(10.0),
+            weighting,
+        };
+        let body = encode(&d, &meta(1_000_000_000));
+        let capped = check(body.clone(), &rules(Weighting::Examples { cap: 100 })).unwrap();
+        assert_eq!(capped.weight(), 100.0);
+        assert_eq!(capped.meta().examples, 1_000_000_000);
+        let uniform = check(body.clone(), &rules(Weighting::Uniform)).unwrap();
+        assert_eq!(uniform.weight(), 1.0);
+        let small = check(
+            encode(&d, &meta(7)),
+            &rules(Weighting::Examples { cap: 100 }),
+        )
+        .unwrap();
+        assert_eq!(small.weight(), 7.0);
+        let values: Vec<f32> = small.tensors().flat_map(f32s_from_le).collect();
+        assert_eq!(values, vec![1.0, 1.0]);
+        assert!(!format!("{small:?}").contains("1.0, 1.0"));
     }
 
     #[test]
@@ -274,6 +419,26 @@ mod tests {
             })
         ));
         m.remove("accuracy");
+        for (field, value) in [
+            ("examples", "+4"),
+            ("examples", "04"),
+            ("examples", "4.0"),
+            ("base_version", "+1"),
+            ("base_version", "01"),
+            ("loss", "-0.5"),
+            ("loss", "inf"),
+        ] {
+            let mut bad = m.clone();
+            bad.insert(field.into(), value.into());
+            let body = delta(1.0).to_safetensors(Some(bad));
+            assert!(
+                matches!(
+                    decode(&body, &layout, None),
+                    Err(UpdateError::InvalidField { .. })
+                ),
+                "{field} = {value:?} must be refused"
+            );
+        }
         m.remove("token");
         m.insert("examples".into(), "4".into());
         let no_token = delta(1.0).to_safetensors(Some(m));

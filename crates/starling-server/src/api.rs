@@ -1,21 +1,56 @@
-//! The HTTP API (v1): JSON for control, safetensors for tensors, every error as
-//! `{"error": {"code", "message"}}` with a fitting status. Handlers translate between HTTP and
-//! the round engine and hold no logic of their own.
+//! The HTTP API (v1): JSON for control, safetensors for tensors. Answers are the types of
+//! [`starling_core::protocol`]: [`CheckInAnswer`], [`UploadReceipt`], and for every refusal an
+//! [`ErrorBody`] whose HTTP status is its [`ErrorCode`]'s ([`ErrorCode::status`]), never chosen
+//! here. Handlers translate between HTTP and the round engine and hold no logic of their own,
+//! beyond refusing what can be refused before a body is read.
+//!
+//! An upload is checked in this order, all before a byte of its body is read (so that an
+//! `Expect: 100-continue` client is answered without being asked for the body): the task, the
+//! round number (a canonical decimal on the *raw* path, so `+10`, `010` and `%31` are not round
+//! numbers), the [`TOKEN_HEADER`], the declared `Content-Length` against the task's
+//! [`TaskHandle::max_upload_bytes`], a slot among `max_uploads_in_flight` (none free: 503
+//! `busy` with `Retry-After`), and the engine's [`TaskHandle::admit_upload`]. Only then is the
+//! body read, within the same size limit (chunked bodies too) and `body_timeout_secs`, each
+//! received chunk wiped once copied when this side holds it alone, and handed to
+//! [`TaskHandle::upload`]. A client that hangs up mid-body is counted as
+//! `client_disconnected`, not as a refusal.
+//!
+//! Errors that axum produces itself (a 405, a path it cannot decode) are turned into an
+//! [`ErrorBody`] by the `json_errors` layer; the serving loop (`net.rs`) refuses URIs over
+//! [`MAX_URI_BYTES`] before routing. Hyper's own answers to requests it cannot parse (400 for a
+//! malformed request line or header, 431 for a head over the read buffer, 414 for a URI over
+//! 64 KiB) are written before any service runs and carry no body; they cannot be made JSON
+//! from here.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::body::{Body, Bytes, HttpBody};
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use http_body_util::BodyExt;
 use serde_json::{json, Value};
+use starling_core::protocol::{
+    parse_canonical_u64, CheckInAnswer, CheckInRequest, ErrorBody, ErrorCode, RollbackAnswer,
+    RollbackRequest, UploadReceipt, ADMIN_TOKEN_HEADER, MAX_DEVICE_ID, TOKEN_HEADER,
+    VERSION_HEADER,
+};
+use tokio::sync::Semaphore;
+use zeroize::{Zeroize, Zeroizing};
 
-use crate::engine::{CheckIn, EngineError, TaskHandle};
+use crate::engine::{Caller, CheckIn, EngineError, Receipt, TaskHandle, Upload};
 use crate::metrics::Metrics;
+use crate::settings::Secret;
 use crate::store::Store;
+
+/// The longest request URI answered; longer ones get 414 `uri_too_long` (hyper's own limit,
+/// which answers without a body, is far larger).
+pub const MAX_URI_BYTES: usize = 8 * 1024;
 
 /// Shared state of the handlers.
 #[derive(Clone)]
@@ -26,77 +61,117 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The store (round history).
     pub store: Store,
+    /// Limits on request bodies.
+    pub limits: BodyLimits,
+    /// Slots for upload bodies being received or checked (`max_uploads_in_flight`).
+    pub uploads: Arc<Semaphore>,
+    /// The admin API's token; `None` turns the admin API off.
+    pub admin_token: Option<Secret>,
+}
+
+/// Limits on request bodies.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// The largest body of every request but an upload (`max_body_bytes`); an upload's limit
+    /// is its task's [`TaskHandle::max_upload_bytes`].
+    pub max_body_bytes: usize,
+    /// The time a client has to send a whole body (`body_timeout_secs`).
+    pub body_timeout: Duration,
 }
 
 impl AppState {
     fn task(&self, name: &str) -> Result<&TaskHandle, ApiError> {
         self.tasks.iter().find(|t| t.name() == name).ok_or_else(|| {
             ApiError::new(
-                StatusCode::NOT_FOUND,
-                "unknown_task",
-                format!("no task named `{name}`"),
+                ErrorCode::UnknownTask,
+                format!("no task named `{}`", shown(name)),
             )
         })
     }
 }
 
-/// An error answer.
+/// At most 64 characters of something the client sent, for a message.
+fn shown(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.chars().count() <= MAX {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(MAX).collect::<String>())
+    }
+}
+
+/// An error answer: a code (which fixes the status) and a message for people.
 #[derive(Debug)]
 pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     message: String,
+    retry_after_secs: Option<u64>,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    /// An error answer with this code and message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
-            status,
             code,
             message: message.into(),
+            retry_after_secs: None,
         }
+    }
+
+    /// The code.
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+
+    /// 503 `busy` with `Retry-After: 1`.
+    fn busy() -> Self {
+        Self {
+            retry_after_secs: Some(1),
+            ..Self::new(ErrorCode::Busy, server_message(ErrorCode::Busy))
+        }
+    }
+}
+
+/// The message of a 5xx answer: generic, the details go to the log.
+fn server_message(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::Busy => "too many uploads are in flight; try again after Retry-After seconds",
+        ErrorCode::Unavailable => "the task is shutting down; try again later",
+        _ => "internal error; the details are in the server's log",
     }
 }
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
-        let status = match &e {
-            EngineError::Update(_)
-                if e.code() == "malformed_update" || e.code() == "invalid_metadata" =>
-            {
-                StatusCode::BAD_REQUEST
-            }
-            EngineError::Update(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            EngineError::UnknownRound(_) => StatusCode::NOT_FOUND,
-            EngineError::RoundClosed(_)
-            | EngineError::StaleVersion { .. }
-            | EngineError::Duplicate => StatusCode::CONFLICT,
-            EngineError::UnknownToken(_) => StatusCode::FORBIDDEN,
-            EngineError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            EngineError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        if status.is_server_error() {
-            tracing::error!(error = %e, "request failed");
-            let message = if status == StatusCode::SERVICE_UNAVAILABLE {
-                "the server is shutting down"
+        let code = e.code();
+        if code.status() >= 500 {
+            if code == ErrorCode::Internal {
+                tracing::error!(error = %e, %code, "request failed");
             } else {
-                "internal error"
-            };
-            return ApiError::new(status, e.code(), message);
+                tracing::warn!(error = %e, %code, "request refused");
+            }
+            return ApiError::new(code, server_message(code));
         }
-        ApiError::new(status, e.code(), e.to_string())
+        ApiError::new(code, e.to_string())
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
-        (self.status, body).into_response()
+        let status =
+            StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (status, Json(ErrorBody::new(self.code, self.message))).into_response();
+        if let Some(secs) = self.retry_after_secs {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
     }
 }
 
 /// The router of the whole API.
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(crate::web::router())
         .route("/v1/health", get(health))
@@ -107,16 +182,78 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/tasks/{task}/checkin", post(check_in))
         .route("/v1/tasks/{task}/rounds", get(rounds))
         .route("/v1/tasks/{task}/rounds/{round}/updates", post(upload))
+        .route("/v1/admin/tasks/{task}/rollback", post(rollback))
         .route("/metrics", get(metrics))
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Refuses a URI longer than [`MAX_URI_BYTES`]; the serving loop calls this before routing.
+pub(crate) fn check_uri(uri: &Uri) -> Result<(), ApiError> {
+    let len = uri.path_and_query().map_or(0, |p| p.as_str().len())
+        + uri.authority().map_or(0, |a| a.as_str().len());
+    if len > MAX_URI_BYTES {
+        return Err(ApiError::new(
+            ErrorCode::UriTooLong,
+            format!("the URI has {len} bytes; the server reads at most {MAX_URI_BYTES}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The code of an error answer that axum (not a handler) produced, by its status.
+fn code_for_status(status: StatusCode) -> ErrorCode {
+    match status {
+        StatusCode::NOT_FOUND => ErrorCode::NotFound,
+        StatusCode::METHOD_NOT_ALLOWED => ErrorCode::MethodNotAllowed,
+        StatusCode::REQUEST_TIMEOUT => ErrorCode::RequestTimeout,
+        StatusCode::PAYLOAD_TOO_LARGE => ErrorCode::PayloadTooLarge,
+        StatusCode::URI_TOO_LONG => ErrorCode::UriTooLong,
+        StatusCode::SERVICE_UNAVAILABLE => ErrorCode::Unavailable,
+        s if s.is_server_error() => ErrorCode::Internal,
+        _ => ErrorCode::BadRequest,
+    }
+}
+
+/// Turns an error answer that is not JSON (axum's 405, its extractors' rejections) into an
+/// [`ErrorBody`] with the status of the matching code, keeping its other headers (`Allow`).
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let code = code_for_status(status);
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .ok()
+        .and_then(|b| String::from_utf8(b.to_vec()).ok())
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty());
+    let message = if code.status() >= 500 {
+        tracing::error!(%status, message = text.as_deref().unwrap_or(""), "request failed");
+        server_message(code).to_string()
+    } else {
+        text.unwrap_or_else(|| code.description().to_string())
+    };
+    let mut answer = ApiError::new(code, message).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            answer.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    answer
 }
 
 async fn not_found() -> ApiError {
     ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
+        ErrorCode::NotFound,
         "no such endpoint; see /v1/openapi.json",
     )
 }
@@ -192,7 +329,7 @@ async fn get_model(
         (header::ETAG, etag_value),
         (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
         (
-            header::HeaderName::from_static("x-starling-version"),
+            header::HeaderName::from_static(VERSION_HEADER),
             HeaderValue::from(model.version),
         ),
     ];
@@ -211,63 +348,71 @@ async fn get_model(
         .into_response())
 }
 
-/// The optional body of a check-in.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CheckInBody {
-    /// An opaque id the device chose for itself (at most one assignment per round).
-    device: Option<String>,
-}
-
 async fn check_in(
     State(s): State<AppState>,
     Path(task): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Result<Response, ApiError> {
     let t = s.task(&task)?;
-    let body = body.map_err(|r| ApiError::new(r.status(), "bad_request", r.body_text()))?;
+    let address = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_canonical());
+    let limit = s.limits.max_body_bytes;
+    let body = read_body(request.into_body(), limit, s.limits.body_timeout)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge => ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("a check-in body has at most {limit} bytes"),
+            ),
+            BodyError::TimedOut => ApiError::new(
+                ErrorCode::RequestTimeout,
+                "the check-in body did not arrive in time",
+            ),
+            BodyError::Disconnected => {
+                ApiError::new(ErrorCode::BadRequest, "the check-in body ended early")
+            }
+            BodyError::Malformed(m) => {
+                ApiError::new(ErrorCode::BadRequest, format!("check-in body: {m}"))
+            }
+        })?;
     let device = if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
-        let b: CheckInBody = serde_json::from_slice(&body).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("check-in body: {e}"),
-            )
-        })?;
-        if b.device
+        let request: CheckInRequest = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("check-in body: {e}")))?;
+        if request
+            .device
             .as_ref()
-            .is_some_and(|d| d.is_empty() || d.len() > 128)
+            .is_some_and(|d| d.is_empty() || d.len() > MAX_DEVICE_ID)
         {
             return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "a device id has 1 to 128 characters",
+                ErrorCode::BadRequest,
+                format!("a device id has 1 to {MAX_DEVICE_ID} characters"),
             ));
         }
-        b.device
+        request.device
     };
-    Ok(match t.check_in(device).await? {
-        CheckIn::Assigned(a) => Json(json!({
-            "status": "assigned",
-            "round": a.round,
-            "base_version": a.base_version,
-            "token": a.token,
-            "deadline_secs": a.deadline_in.as_secs_f64(),
-            "plan": a.plan,
-            "model_url": format!("/v1/tasks/{task}/model"),
-            "upload_url": format!("/v1/tasks/{task}/rounds/{}/updates", a.round),
-        }))
+    let name = t.name();
+    Ok(match t.check_in(Caller { device, address }).await? {
+        CheckIn::Assigned(a) => Json(CheckInAnswer::Assigned {
+            round: a.round,
+            base_version: a.base_version,
+            token: a.token,
+            deadline_secs: a.deadline_in.as_secs_f64(),
+            plan: a.plan,
+            model_url: format!("/v1/tasks/{name}/model"),
+            upload_url: format!("/v1/tasks/{name}/rounds/{}/updates", a.round),
+        })
         .into_response(),
         CheckIn::Retry { after, reason } => (
             StatusCode::OK,
             [(header::RETRY_AFTER, after.as_secs_f64().ceil().to_string())],
-            Json(json!({
-                "status": "retry",
-                "retry_after_secs": after.as_secs_f64(),
-                "reason": reason,
-            })),
+            Json(CheckInAnswer::Retry {
+                retry_after_secs: after.as_secs_f64(),
+                reason: reason.to_string(),
+            }),
         )
             .into_response(),
     })
@@ -284,57 +429,267 @@ async fn rounds(
     ))
 }
 
-async fn upload(
-    State(s): State<AppState>,
-    Path((task, round)): Path<(String, String)>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    // Refusals before the engine sees the update are counted here; the engine counts its own.
-    let (t, round, body) =
-        check_upload(&s, &task, &round, body).inspect_err(|e| s.metrics.count_refusal(e.code))?;
-    let receipt = t.upload(round, body).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(
-            json!({"status": "accepted", "round": receipt.round, "updates_in_round": receipt.updates_in_round}),
-        ),
-    ))
+async fn upload(State(s): State<AppState>, request: Request) -> Response {
+    // A body the server refuses before reading it stays unread on the connection: the answer
+    // says `Connection: close`, so the client does not send its next request after it.
+    let has_body = request.body().size_hint().exact() != Some(0);
+    let read = std::sync::atomic::AtomicBool::new(false);
+    match receive_upload(&s, request, &read).await {
+        Ok(receipt) => (
+            StatusCode::ACCEPTED,
+            Json(UploadReceipt {
+                status: "accepted".into(),
+                round: receipt.round,
+                updates_in_round: receipt.updates_in_round,
+            }),
+        )
+            .into_response(),
+        Err(e) => {
+            let mut response = e.into_response();
+            if has_body && !read.load(std::sync::atomic::Ordering::Relaxed) {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
+        }
+    }
 }
 
-/// What can be checked of an upload before the engine: the task, the round number, the body.
-fn check_upload<'s>(
-    s: &'s AppState,
-    task: &str,
-    round: &str,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<(&'s TaskHandle, u64, Bytes), ApiError> {
-    let t = s.task(task)?;
-    let round: u64 = round.parse().map_err(|_| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_round",
-            format!("`{round}` is not a round number"),
-        )
-    })?;
-    let body = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                r.body_text(),
-            )
-        } else {
-            ApiError::new(StatusCode::BAD_REQUEST, "malformed_update", r.body_text())
+/// The raw (still percent-encoded) `i`th segment of the request's path.
+fn raw_segment(uri: &Uri, i: usize) -> &str {
+    uri.path().split('/').nth(i).unwrap_or("")
+}
+
+/// Counts an upload as `client_disconnected` if it is dropped while armed: hyper drops a
+/// request's handler when its connection fails, which is how most hang-ups mid-body end.
+struct HangUpWatch<'m> {
+    metrics: &'m Metrics,
+    armed: bool,
+}
+
+impl Drop for HangUpWatch<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.metrics.count_client_disconnected();
         }
-    })?;
-    if body.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed_update",
-            "the update body is empty; send a safetensors file",
-        ));
     }
-    Ok((t, round, body))
+}
+
+/// Checks, reads and hands over one upload; see the module's docs for the order.
+async fn receive_upload(
+    s: &AppState,
+    request: Request,
+    read: &std::sync::atomic::AtomicBool,
+) -> Result<Receipt, ApiError> {
+    // Refusals before `TaskHandle::upload` are counted here; the engine counts its own.
+    let refuse = |e: ApiError| {
+        s.metrics.count_refusal(e.code());
+        e
+    };
+    let (parts, body) = request.into_parts();
+    // The route is /v1/tasks/{task}/rounds/{round}/updates.
+    let t = s.task(raw_segment(&parts.uri, 3)).map_err(refuse)?;
+    let round_text = raw_segment(&parts.uri, 5);
+    let round = parse_canonical_u64(round_text).ok_or_else(|| {
+        refuse(ApiError::new(
+            ErrorCode::UnknownRound,
+            format!(
+                "`{}` is not a round number (plain decimal digits, no sign or leading zero)",
+                shown(round_text)
+            ),
+        ))
+    })?;
+    let token = match parts.headers.get(TOKEN_HEADER).map(HeaderValue::to_str) {
+        None => {
+            return Err(refuse(ApiError::new(
+                ErrorCode::MissingToken,
+                "send the assignment's token in the X-Starling-Token header",
+            )))
+        }
+        Some(Err(_)) => {
+            return Err(refuse(ApiError::new(
+                ErrorCode::InvalidToken,
+                "the X-Starling-Token header is not a token",
+            )))
+        }
+        Some(Ok(t)) => t.to_string(),
+    };
+    let limit = t.max_upload_bytes();
+    let declared = body.size_hint().exact();
+    if let Some(n) = declared {
+        if n > limit as u64 {
+            return Err(refuse(too_large(limit)));
+        }
+        if n == 0 {
+            return Err(refuse(empty_upload()));
+        }
+    }
+    let Ok(_slot) = s.uploads.clone().try_acquire_owned() else {
+        tracing::debug!(task = t.name(), round, "upload refused: too many in flight");
+        return Err(refuse(ApiError::busy()));
+    };
+    let _in_flight = s.metrics.track_upload();
+    t.admit_upload(round, &token)
+        .await
+        .map_err(|e| refuse(e.into()))?;
+
+    let mut hang_up = HangUpWatch {
+        metrics: &s.metrics,
+        armed: true,
+    };
+    let received = read_body(body, limit, s.limits.body_timeout).await;
+    hang_up.armed = false;
+    read.store(
+        matches!(received, Ok(_) | Err(BodyError::Malformed(_))),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let mut body = match received {
+        Ok(body) => body,
+        Err(BodyError::TooLarge) => return Err(refuse(too_large(limit))),
+        Err(BodyError::TimedOut) => {
+            return Err(refuse(ApiError::new(
+                ErrorCode::RequestTimeout,
+                format!(
+                    "the update did not arrive within {} s",
+                    s.limits.body_timeout.as_secs_f64()
+                ),
+            )))
+        }
+        Err(BodyError::Disconnected) => {
+            // Nobody will read this answer; the hang-up is counted, not the refusal.
+            s.metrics.count_client_disconnected();
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "the connection closed before the whole body arrived",
+            ));
+        }
+        Err(BodyError::Malformed(m)) => {
+            return Err(refuse(ApiError::new(
+                ErrorCode::MalformedUpdate,
+                format!("the body could not be read: {m}"),
+            )))
+        }
+    };
+    if body.is_empty() {
+        return Err(refuse(empty_upload()));
+    }
+    let body = std::mem::take(&mut *body);
+    Ok(t.upload(
+        round,
+        Upload {
+            token: Some(token),
+            body,
+        },
+    )
+    .await?)
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        ErrorCode::PayloadTooLarge,
+        format!("an update of this task has at most {limit} bytes"),
+    )
+}
+
+fn empty_upload() -> ApiError {
+    ApiError::new(
+        ErrorCode::MalformedUpdate,
+        "the update body is empty; send a safetensors file",
+    )
+}
+
+/// Why a body was not read whole.
+#[derive(Debug)]
+enum BodyError {
+    /// Over the limit, declared or counted.
+    TooLarge,
+    /// Not whole within the timeout.
+    TimedOut,
+    /// The client hung up (or its connection failed) before the end.
+    Disconnected,
+    /// Not valid HTTP framing (a broken chunked encoding).
+    Malformed(String),
+}
+
+impl BodyError {
+    fn from_transport(e: axum::Error) -> Self {
+        let inner = e.into_inner();
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&*inner);
+        while let Some(e) = source {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+                ) {
+                    return BodyError::Malformed(io.to_string());
+                }
+            }
+            source = e.source();
+        }
+        BodyError::Disconnected
+    }
+}
+
+/// Reads a whole body of at most `limit` bytes within `timeout` into one buffer (allocated
+/// once from `Content-Length` when there is one), wiping each received chunk once copied
+/// when this side holds it alone, and the partial buffer if reading stops early.
+async fn read_body(
+    body: Body,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Zeroizing<Vec<u8>>, BodyError> {
+    let declared = body.size_hint().exact();
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(BodyError::TooLarge);
+    }
+    let mut buffer = Zeroizing::new(Vec::with_capacity(
+        declared.map_or(0, |n| n as usize).min(limit),
+    ));
+    let read = async {
+        let mut body = body;
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame.map_err(BodyError::from_transport)?.into_data() else {
+                continue; // trailers
+            };
+            let fits = buffer.len() + data.len() <= limit;
+            if fits {
+                append_wiping(&mut buffer, &data, limit);
+            }
+            wipe(data);
+            if !fits {
+                return Err(BodyError::TooLarge);
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Err(_) => Err(BodyError::TimedOut),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(())) => Ok(buffer),
+    }
+}
+
+/// Appends `data`, growing the buffer by hand when it must so that the old allocation is
+/// wiped before it is freed.
+fn append_wiping(buffer: &mut Vec<u8>, data: &[u8], limit: usize) {
+    let needed = buffer.len() + data.len();
+    if needed > buffer.capacity() {
+        let capacity = needed.max(buffer.capacity() * 2).max(16 * 1024).min(limit);
+        let mut grown = Vec::with_capacity(capacity.max(needed));
+        grown.extend_from_slice(buffer);
+        let mut old = std::mem::replace(buffer, grown);
+        old.zeroize();
+    }
+    buffer.extend_from_slice(data);
+}
+
+/// Wipes a received chunk if nobody else holds it (hyper's read buffer often still does, and
+/// then the bytes are overwritten when that buffer is reused).
+fn wipe(data: Bytes) {
+    if let Ok(mut unique) = data.try_into_mut() {
+        unique.as_mut().zeroize();
+    }
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
@@ -342,4 +697,47 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         s.metrics.render(&s.tasks),
     )
+}
+
+/// Lets an admin call through only with the admin token. Both tokens are hashed before they
+/// are compared, so the comparison's timing reveals nothing about the token; neither is
+/// ever logged.
+fn check_admin(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    use sha2::{Digest, Sha256};
+    let Some(token) = &s.admin_token else {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "the admin API is off: set server.admin_token (or STARLING_ADMIN_TOKEN)",
+        ));
+    };
+    let given = headers
+        .get(ADMIN_TOKEN_HEADER)
+        .map_or(&[][..], HeaderValue::as_bytes);
+    if Sha256::digest(given) == Sha256::digest(token.expose().as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "the X-Starling-Admin-Token header is missing or wrong",
+        ))
+    }
+}
+
+/// `POST /v1/admin/tasks/{task}/rollback`: the task goes back to a stored version.
+async fn rollback(
+    State(s): State<AppState>,
+    Path(task): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<RollbackAnswer>, ApiError> {
+    check_admin(&s, &headers)?;
+    let t = s.task(&task)?;
+    let request: RollbackRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("rollback body: {e}")))?;
+    let version = t.rollback(request.version).await?;
+    Ok(Json(RollbackAnswer {
+        task: t.name().to_string(),
+        restored: request.version,
+        version,
+    }))
 }

@@ -5,12 +5,15 @@
 //! - [`store`]: the SQLite store of tasks, checkpoints and round records.
 //! - [`engine`]: the round engine (one task owns each task's round state).
 //! - [`api`]: the HTTP API (axum).
-//! - [`metrics`]: Prometheus counters.
+//! - `net`: the serving loop: accepting connections within the connection limits, hyper's
+//!   HTTP/1.1 with header and idle timeouts, graceful shutdown.
+//! - [`metrics`]: Prometheus counters and gauges.
 //! - [`web`]: the device app (the browser client), embedded and served at `/` and `/app/`.
 
 pub mod api;
 pub mod engine;
 pub mod metrics;
+mod net;
 pub mod settings;
 pub mod store;
 pub mod web;
@@ -18,7 +21,6 @@ pub mod web;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 
@@ -66,15 +68,26 @@ impl Server {
                 source,
             })?;
         let metrics = Arc::new(metrics::Metrics::default());
-        let tasks = engine::start_tasks(defs, store.clone(), metrics.clone()).await?;
-        Ok(Self {
-            state: api::AppState {
-                tasks: Arc::new(tasks),
-                metrics,
-                store,
+        let tasks = engine::start_tasks(
+            defs,
+            store.clone(),
+            metrics.clone(),
+            engine::SystemClock::new(),
+        )
+        .await?;
+        let sv = &settings.server;
+        let state = api::AppState {
+            tasks: Arc::new(tasks),
+            metrics,
+            store,
+            limits: api::BodyLimits {
+                max_body_bytes: sv.max_body_bytes,
+                body_timeout: net::secs(sv.body_timeout_secs),
             },
-            settings,
-        })
+            uploads: Arc::new(tokio::sync::Semaphore::new(sv.max_uploads_in_flight)),
+            admin_token: sv.admin_token.clone(),
+        };
+        Ok(Self { state, settings })
     }
 
     /// The tasks' engines.
@@ -82,34 +95,31 @@ impl Server {
         &self.state.tasks
     }
 
-    /// The HTTP router.
+    /// The HTTP router. The serving loop ([`Server::serve`]) adds, before routing, the
+    /// client's address (`ConnectInfo<SocketAddr>`) and the refusal of URIs over
+    /// [`api::MAX_URI_BYTES`].
     pub fn router(&self) -> axum::Router {
-        api::router(self.state.clone(), self.settings.server.max_body_bytes)
+        api::router(self.state.clone())
     }
 
-    /// Serves HTTP on an already-bound listener until `shutdown` resolves, then lets
-    /// in-flight requests finish (up to the configured timeout) and closes the store.
+    /// Serves HTTP on an already-bound listener until `shutdown` resolves, then stops
+    /// accepting, lets in-flight requests finish (up to `shutdown_timeout_secs`) and closes
+    /// the store. Connections are limited and timed as the `[server]` settings say (see
+    /// `net.rs`); this raises the process's open-files limit to serve `max_connections`.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            shutdown.await;
-            let _ = tx.send(true);
-        });
-        let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        };
-        let serving = axum::serve(listener, self.router()).with_graceful_shutdown(wait(rx.clone()));
-        let grace = Duration::from_secs_f64(self.settings.server.shutdown_timeout_secs);
-        tokio::select! {
-            r = serving => r?,
-            () = async { wait(rx).await; tokio::time::sleep(grace).await } => {
-                tracing::warn!("in-flight requests did not finish within {grace:?}; stopping anyway");
-            }
-        }
+        let limits = net::Limits::from_settings(&self.settings.server);
+        net::serve(
+            listener,
+            self.router(),
+            self.state.metrics.clone(),
+            limits,
+            shutdown,
+        )
+        .await;
         self.state.store.close().await;
         tracing::info!("server stopped");
         Ok(())

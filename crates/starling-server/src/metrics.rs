@@ -1,21 +1,45 @@
-//! Counters for `GET /metrics`, in the Prometheus text format.
+//! Counters and gauges for `GET /metrics`, in the Prometheus text format.
+//!
+//! The engine counts what it answers (`count_checkin`, `count_update`, `count_round`); the
+//! HTTP layer counts uploads it refuses before the engine sees them (`count_refusal`), upload
+//! bodies cut off by their client (`count_client_disconnected`), and keeps the gauges of
+//! uploads in flight and open connections (`track_upload`, `track_connection`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use starling_core::protocol::ErrorCode;
 
 use crate::engine::{CheckIn, EngineError, Receipt, TaskHandle};
 
-/// Process-wide counters.
+/// Process-wide counters and gauges.
 #[derive(Debug, Default)]
 pub struct Metrics {
     checkins_assigned: AtomicU64,
     checkins_retry: AtomicU64,
     updates_accepted: AtomicU64,
     updates_rejected: Mutex<BTreeMap<&'static str, u64>>,
+    updates_client_disconnected: AtomicU64,
     rounds_committed: AtomicU64,
     rounds_abandoned: AtomicU64,
+    uploads_in_flight: AtomicU64,
+    connections_open: AtomicU64,
+    connections_refused: AtomicU64,
+}
+
+/// Holds one unit of a gauge (an upload in flight, an open connection) until dropped.
+#[derive(Debug)]
+pub(crate) struct GaugeGuard {
+    metrics: Arc<Metrics>,
+    gauge: fn(&Metrics) -> &AtomicU64,
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        (self.gauge)(&self.metrics).fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Metrics {
@@ -36,14 +60,23 @@ impl Metrics {
         }
     }
 
-    /// An upload refused before it reached a task's engine (unknown task, bad round number,
-    /// a body over the limit or empty).
-    pub(crate) fn count_refusal(&self, code: &'static str) {
+    /// An upload refused outside [`TaskHandle::upload`]: before the body was read (unknown
+    /// task, bad round number, missing token, a declared size over the limit, too many
+    /// uploads in flight, the engine's admission check) or while it was (over the limit,
+    /// too slow, empty).
+    pub(crate) fn count_refusal(&self, code: ErrorCode) {
         let mut m = self
             .updates_rejected
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        *m.entry(code).or_default() += 1;
+        *m.entry(code.as_str()).or_default() += 1;
+    }
+
+    /// An upload whose client hung up before its whole body arrived. Not a refusal: nothing
+    /// was answered, and the update never reached the engine.
+    pub(crate) fn count_client_disconnected(&self) {
+        self.updates_client_disconnected
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn count_round(&self, committed: bool) {
@@ -55,7 +88,30 @@ impl Metrics {
         .fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Updates rejected so far, over all reasons.
+    /// A connection closed at once because its address already had its share open.
+    pub(crate) fn count_connection_refused(&self) {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn track(self: &Arc<Self>, gauge: fn(&Metrics) -> &AtomicU64) -> GaugeGuard {
+        gauge(self).fetch_add(1, Ordering::Relaxed);
+        GaugeGuard {
+            metrics: self.clone(),
+            gauge,
+        }
+    }
+
+    /// Counts an upload in flight until the guard is dropped.
+    pub(crate) fn track_upload(self: &Arc<Self>) -> GaugeGuard {
+        self.track(|m| &m.uploads_in_flight)
+    }
+
+    /// Counts an open connection until the guard is dropped.
+    pub(crate) fn track_connection(self: &Arc<Self>) -> GaugeGuard {
+        self.track(|m| &m.connections_open)
+    }
+
+    /// Updates rejected so far, over all reasons (client disconnects are not rejections).
     pub fn updates_rejected(&self) -> u64 {
         self.updates_rejected
             .lock()
@@ -64,15 +120,30 @@ impl Metrics {
             .sum()
     }
 
+    /// Upload bodies being received or checked now.
+    pub fn uploads_in_flight(&self) -> u64 {
+        self.uploads_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// HTTP connections open now.
+    pub fn connections_open(&self) -> u64 {
+        self.connections_open.load(Ordering::Relaxed)
+    }
+
     /// Renders the counters and the tasks' gauges.
     pub fn render(&self, tasks: &[TaskHandle]) -> String {
         let mut out = String::new();
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "# HELP starling_checkins_total Check-ins answered, by outcome."
+        let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+        };
+        family(
+            &mut out,
+            "starling_checkins_total",
+            "counter",
+            "Check-ins answered, by outcome.",
         );
-        let _ = writeln!(out, "# TYPE starling_checkins_total counter");
         let _ = writeln!(
             out,
             "starling_checkins_total{{outcome=\"assigned\"}} {}",
@@ -83,15 +154,21 @@ impl Metrics {
             "starling_checkins_total{{outcome=\"retry\"}} {}",
             get(&self.checkins_retry)
         );
-        let _ = writeln!(
-            out,
-            "# HELP starling_updates_total Updates received, by outcome."
+        family(
+            &mut out,
+            "starling_updates_total",
+            "counter",
+            "Updates received, by outcome: accepted, an error code, or client_disconnected.",
         );
-        let _ = writeln!(out, "# TYPE starling_updates_total counter");
         let _ = writeln!(
             out,
             "starling_updates_total{{outcome=\"accepted\"}} {}",
             get(&self.updates_accepted)
+        );
+        let _ = writeln!(
+            out,
+            "starling_updates_total{{outcome=\"client_disconnected\"}} {}",
+            get(&self.updates_client_disconnected)
         );
         for (code, n) in self
             .updates_rejected
@@ -101,11 +178,45 @@ impl Metrics {
         {
             let _ = writeln!(out, "starling_updates_total{{outcome=\"{code}\"}} {n}");
         }
+        family(
+            &mut out,
+            "starling_uploads_in_flight",
+            "gauge",
+            "Upload bodies being received or checked now.",
+        );
         let _ = writeln!(
             out,
-            "# HELP starling_rounds_total Rounds closed, by outcome."
+            "starling_uploads_in_flight {}",
+            get(&self.uploads_in_flight)
         );
-        let _ = writeln!(out, "# TYPE starling_rounds_total counter");
+        family(
+            &mut out,
+            "starling_connections_open",
+            "gauge",
+            "HTTP connections open now.",
+        );
+        let _ = writeln!(
+            out,
+            "starling_connections_open {}",
+            get(&self.connections_open)
+        );
+        family(
+            &mut out,
+            "starling_connections_refused_total",
+            "counter",
+            "Connections closed at once because their address had max_connections_per_address open.",
+        );
+        let _ = writeln!(
+            out,
+            "starling_connections_refused_total {}",
+            get(&self.connections_refused)
+        );
+        family(
+            &mut out,
+            "starling_rounds_total",
+            "counter",
+            "Rounds closed, by outcome.",
+        );
         let _ = writeln!(
             out,
             "starling_rounds_total{{outcome=\"committed\"}} {}",
@@ -116,32 +227,32 @@ impl Metrics {
             "starling_rounds_total{{outcome=\"abandoned\"}} {}",
             get(&self.rounds_abandoned)
         );
-        let _ = writeln!(
-            out,
-            "# HELP starling_model_version Current model version per task."
+        family(
+            &mut out,
+            "starling_model_version",
+            "gauge",
+            "Current model version per task.",
         );
-        let _ = writeln!(out, "# TYPE starling_model_version gauge");
         for t in tasks {
-            let s = t.status();
             let _ = writeln!(
                 out,
                 "starling_model_version{{task=\"{}\"}} {}",
                 t.name(),
-                s.model.version
+                t.status().model.version
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP starling_round_updates Updates folded into the open round per task."
+        family(
+            &mut out,
+            "starling_round_updates",
+            "gauge",
+            "Updates folded into the open round per task.",
         );
-        let _ = writeln!(out, "# TYPE starling_round_updates gauge");
         for t in tasks {
-            let s = t.status();
             let _ = writeln!(
                 out,
                 "starling_round_updates{{task=\"{}\"}} {}",
                 t.name(),
-                s.round.updates
+                t.status().round.updates
             );
         }
         out

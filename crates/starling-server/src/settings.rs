@@ -43,7 +43,7 @@ pub enum SettingsError {
 }
 
 /// All settings of a server.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Default, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     /// The HTTP server and storage.
@@ -53,7 +53,7 @@ pub struct Settings {
 }
 
 /// The HTTP server and storage.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerSettings {
     /// Address to bind.
@@ -64,10 +64,50 @@ pub struct ServerSettings {
     pub data_dir: PathBuf,
     /// SQLite file; default `<data_dir>/starling.db`.
     pub database: Option<PathBuf>,
-    /// Largest accepted request body, in bytes.
+    /// Largest accepted request body, in bytes, of every request but an upload (whose limit
+    /// is derived from its task's model size).
     pub max_body_bytes: usize,
     /// Seconds to let in-flight requests finish on shutdown.
     pub shutdown_timeout_secs: f64,
+    /// Seconds a client has to send a request's headers once it starts, or once its
+    /// connection is open.
+    pub header_timeout_secs: f64,
+    /// Seconds a client has to send a whole request body.
+    pub body_timeout_secs: f64,
+    /// Seconds a kept-alive connection may sit idle between requests.
+    pub idle_timeout_secs: f64,
+    /// Connections open at once, over all clients; further clients wait in the listen queue.
+    pub max_connections: usize,
+    /// Connections open at once from one client address; further ones are closed at once.
+    pub max_connections_per_address: usize,
+    /// Upload bodies being received or checked at once; further uploads get 503 `busy` with
+    /// `Retry-After`, so memory stays bounded whatever the number of clients.
+    pub max_uploads_in_flight: usize,
+    /// The token of the admin API (`/v1/admin/...`); without one the admin API is off.
+    pub admin_token: Option<Secret>,
+}
+
+/// A secret setting: shown as `<redacted>` by `Debug`, so it never reaches a log.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The secret itself, for comparing with what a request presents.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 impl Default for ServerSettings {
@@ -77,8 +117,15 @@ impl Default for ServerSettings {
             port: 8080,
             data_dir: PathBuf::from("starling-data"),
             database: None,
-            max_body_bytes: 64 * 1024 * 1024,
+            max_body_bytes: 64 * 1024,
             shutdown_timeout_secs: 10.0,
+            header_timeout_secs: 10.0,
+            body_timeout_secs: 60.0,
+            idle_timeout_secs: 30.0,
+            max_connections: 1024,
+            max_connections_per_address: 128,
+            max_uploads_in_flight: 32,
+            admin_token: None,
         }
     }
 }
@@ -93,7 +140,7 @@ impl ServerSettings {
 }
 
 /// One federated training task.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TaskSettings {
     /// The task's name, used in URLs.
@@ -113,8 +160,64 @@ pub struct TaskSettings {
     pub plan: Option<toml::Table>,
     /// The round policy.
     pub rounds: RoundPolicy,
-    /// Refuse updates whose L2 norm exceeds this.
-    pub max_update_norm: Option<f64>,
+    /// Refuse updates whose L2 norm exceeds this; also the bound on one commit's step.
+    pub max_update_norm: f64,
+    /// The most weight one update carries: its example count is capped at this, so no
+    /// device can own the average by claiming a huge count.
+    pub max_examples_per_update: u64,
+    /// How updates are weighted in the average.
+    pub weighting: Weighting,
+    /// The fewest devices a round may publish anything about (a model version or round
+    /// statistics). Below [`MIN_COHORT`] only by saying so here; the server warns.
+    pub min_cohort: u32,
+    /// Assignments one client address may hold in one round.
+    pub max_assignments_per_address: u32,
+    /// Which committed checkpoints are kept on disk.
+    pub retention: Retention,
+}
+
+/// The smallest `min_cohort` a task gets without saying so: rounds of fewer devices let the
+/// difference of two versions reveal a device's update.
+pub const MIN_COHORT: u32 = 10;
+
+/// How updates are weighted in the average.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Weighting {
+    /// By example count, capped at `max_examples_per_update` (FedAvg).
+    #[default]
+    Examples,
+    /// Every update weighs the same, whatever it claims.
+    Uniform,
+}
+
+/// Which committed checkpoints are kept: the newest `keep_last`, and every version that is a
+/// multiple of `keep_every` (0: none). Version 0, the initial model, is always kept.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Retention {
+    /// The newest versions kept (at least 1).
+    pub keep_last: u64,
+    /// Versions that are multiples of this are kept too (0: none).
+    pub keep_every: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            keep_last: 10,
+            keep_every: 100,
+        }
+    }
+}
+
+impl Retention {
+    /// Whether `version` is kept while `latest` is the newest.
+    pub fn keeps(&self, version: u64, latest: u64) -> bool {
+        version == 0
+            || version + self.keep_last > latest
+            || (self.keep_every > 0 && version.is_multiple_of(self.keep_every))
+    }
 }
 
 impl Default for TaskSettings {
@@ -128,7 +231,12 @@ impl Default for TaskSettings {
             init_seed: 0,
             plan: None,
             rounds: RoundPolicy::default(),
-            max_update_norm: None,
+            max_update_norm: 1000.0,
+            max_examples_per_update: 10_000,
+            weighting: Weighting::Examples,
+            min_cohort: MIN_COHORT,
+            max_assignments_per_address: 3,
+            retention: Retention::default(),
         }
     }
 }
@@ -158,8 +266,8 @@ pub struct RoundPolicy {
 impl Default for RoundPolicy {
     fn default() -> Self {
         Self {
-            goal: 10,
-            min: 5,
+            goal: 12,
+            min: 10,
             deadline_secs: 60.0,
             overcommit: 1.3,
             retry_secs: 5.0,
@@ -180,8 +288,18 @@ pub struct TaskDefinition {
     pub rounds: RoundPolicy,
     /// Seed of the initial parameters.
     pub init_seed: u64,
-    /// L2 bound on updates.
-    pub max_update_norm: Option<f64>,
+    /// L2 bound on updates and on a commit's step.
+    pub max_update_norm: f64,
+    /// Cap on one update's weight.
+    pub max_examples_per_update: u64,
+    /// How updates are weighted.
+    pub weighting: Weighting,
+    /// The fewest devices a published round may have.
+    pub min_cohort: u32,
+    /// Assignments one client address may hold in one round.
+    pub max_assignments_per_address: u32,
+    /// Which checkpoints are kept.
+    pub retention: Retention,
 }
 
 impl TaskSettings {
@@ -249,10 +367,44 @@ impl TaskSettings {
         if !(r.retry_secs.is_finite() && r.retry_secs > 0.0) {
             return Err(invalid("rounds.retry_secs must be positive".into()));
         }
-        if let Some(n) = self.max_update_norm {
-            if !(n.is_finite() && n > 0.0) {
-                return Err(invalid("max_update_norm must be positive".into()));
-            }
+        if !(self.max_update_norm.is_finite() && self.max_update_norm > 0.0) {
+            return Err(invalid(
+                "max_update_norm must be a positive, finite number".into(),
+            ));
+        }
+        if self.max_examples_per_update == 0
+            || self.max_examples_per_update > starling_core::update::MAX_EXAMPLES as u64
+        {
+            return Err(invalid(format!(
+                "max_examples_per_update must be 1 to {}",
+                starling_core::update::MAX_EXAMPLES
+            )));
+        }
+        if self.min_cohort == 0 {
+            return Err(invalid("min_cohort must be at least 1".into()));
+        }
+        if r.min < self.min_cohort {
+            return Err(invalid(format!(
+                "rounds.min ({}) is below min_cohort ({}): a round of fewer devices would \
+                 publish a model that reveals their updates; raise rounds.min, or lower \
+                 min_cohort explicitly (demos only)",
+                r.min, self.min_cohort
+            )));
+        }
+        if self.min_cohort < MIN_COHORT {
+            tracing::warn!(
+                task = %self.name, min_cohort = self.min_cohort,
+                "min_cohort is below {MIN_COHORT}: a round of this few devices publishes a model \
+                 and statistics that reveal much about each device's update; for demos only"
+            );
+        }
+        if self.max_assignments_per_address == 0 {
+            return Err(invalid(
+                "max_assignments_per_address must be at least 1".into(),
+            ));
+        }
+        if self.retention.keep_last == 0 {
+            return Err(invalid("retention.keep_last must be at least 1".into()));
         }
         Ok(TaskDefinition {
             name: self.name.clone(),
@@ -261,6 +413,11 @@ impl TaskSettings {
             rounds: r.clone(),
             init_seed: self.init_seed,
             max_update_norm: self.max_update_norm,
+            max_examples_per_update: self.max_examples_per_update,
+            weighting: self.weighting,
+            min_cohort: self.min_cohort,
+            max_assignments_per_address: self.max_assignments_per_address,
+            retention: self.retention,
         })
     }
 }
@@ -287,7 +444,7 @@ where
 impl Settings {
     /// Loads settings: defaults, then `file` if given, then environment variables
     /// (`STARLING_HOST`, `STARLING_PORT`, `PORT`, `STARLING_DATA_DIR`, `STARLING_DATABASE`,
-    /// `STARLING_MAX_BODY_BYTES`).
+    /// `STARLING_MAX_BODY_BYTES`, `STARLING_ADMIN_TOKEN`).
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
         let mut s = match file {
             Some(path) => Self::from_toml_file(path)?,
@@ -340,6 +497,9 @@ impl Settings {
         if let Some(m) = parse_env("STARLING_MAX_BODY_BYTES")? {
             self.server.max_body_bytes = m;
         }
+        if let Some(t) = env_var("STARLING_ADMIN_TOKEN") {
+            self.server.admin_token = Some(Secret(t));
+        }
         Ok(())
     }
 
@@ -362,10 +522,41 @@ impl Settings {
                 )));
             }
         }
-        if self.server.max_body_bytes < 1024 {
+        let sv = &self.server;
+        if sv.max_body_bytes < 1024 {
             return Err(SettingsError::Invalid(
                 "server.max_body_bytes must be at least 1024".into(),
             ));
+        }
+        for (key, secs) in [
+            ("header_timeout_secs", sv.header_timeout_secs),
+            ("body_timeout_secs", sv.body_timeout_secs),
+            ("idle_timeout_secs", sv.idle_timeout_secs),
+        ] {
+            if !(secs.is_finite() && secs > 0.0) {
+                return Err(SettingsError::Invalid(format!(
+                    "server.{key} must be positive"
+                )));
+            }
+        }
+        if sv.admin_token.as_ref().is_some_and(|t| t.0.len() < 16) {
+            return Err(SettingsError::Invalid(
+                "server.admin_token must have at least 16 characters".into(),
+            ));
+        }
+        for (key, n) in [
+            ("max_connections", sv.max_connections),
+            (
+                "max_connections_per_address",
+                sv.max_connections_per_address,
+            ),
+            ("max_uploads_in_flight", sv.max_uploads_in_flight),
+        ] {
+            if n == 0 {
+                return Err(SettingsError::Invalid(format!(
+                    "server.{key} must be at least 1"
+                )));
+            }
         }
         Ok(defs)
     }

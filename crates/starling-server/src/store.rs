@@ -13,6 +13,9 @@ use sqlx::{Row, SqlitePool};
 use starling_core::params::ParamsError;
 use starling_core::{ModelSpec, Parameters};
 
+use crate::engine::round::AbandonReason;
+use crate::settings::Retention;
+
 /// Storage errors.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -28,6 +31,14 @@ pub enum StoreError {
         version: i64,
         /// Why.
         source: ParamsError,
+    },
+    /// A stored strategy state does not fit the task's strategy.
+    #[error("stored strategy state of task `{task}` is unusable: {message}")]
+    StrategyState {
+        /// The task.
+        task: String,
+        /// Why.
+        message: String,
     },
     /// The configured model differs from the stored one.
     #[error(
@@ -54,6 +65,8 @@ pub struct RoundRecord {
     pub round: u64,
     /// How it ended.
     pub status: RoundStatus,
+    /// Why it ended without a new version (`None` for a commit).
+    pub reason: Option<AbandonReason>,
     /// The version devices trained from.
     pub base_version: u64,
     /// The version committed, if any.
@@ -75,13 +88,16 @@ pub struct RoundRecord {
     pub commit_ms: Option<f64>,
 }
 
-/// A committed model version.
+/// A committed model version as stored: the parameters and the strategy's server state that
+/// produced them, so that a restart resumes the strategy exactly.
 #[derive(Debug, Clone)]
-pub struct Checkpoint {
+pub struct StoredVersion {
     /// Version number (0: the initial parameters).
     pub version: u64,
     /// The parameters.
     pub params: Parameters,
+    /// The strategy's saved state (empty for a stateless strategy).
+    pub strategy_state: Vec<u8>,
 }
 
 /// The SQLite store.
@@ -109,6 +125,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     version INTEGER NOT NULL,
     params BLOB NOT NULL,
     created_at INTEGER NOT NULL,
+    strategy_state BLOB NOT NULL DEFAULT x'',
     PRIMARY KEY (task, version)
 );
 CREATE TABLE IF NOT EXISTS rounds (
@@ -124,9 +141,37 @@ CREATE TABLE IF NOT EXISTS rounds (
     started_at INTEGER NOT NULL,
     ended_at INTEGER NOT NULL,
     commit_ms REAL,
+    reason TEXT,
     PRIMARY KEY (task, round)
 );
 ";
+
+/// Columns added since the first schema: `(table, column, definition)`, added to databases
+/// created before them.
+const ADDED_COLUMNS: [(&str, &str, &str); 2] = [
+    ("checkpoints", "strategy_state", "BLOB NOT NULL DEFAULT x''"),
+    ("rounds", "reason", "TEXT"),
+];
+
+async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
+    sqlx::raw_sql(SCHEMA).execute(pool).await?;
+    for (table, column, definition) in ADDED_COLUMNS {
+        let has: i64 = sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?"
+        ))
+        .bind(column)
+        .fetch_one(pool)
+        .await?;
+        if has == 0 {
+            sqlx::raw_sql(&format!(
+                "ALTER TABLE {table} ADD COLUMN {column} {definition}"
+            ))
+            .execute(pool)
+            .await?;
+        }
+    }
+    Ok(())
+}
 
 impl Store {
     /// Opens (creating if needed) the SQLite file and its schema.
@@ -144,7 +189,7 @@ impl Store {
             .max_connections(4)
             .connect_with(options)
             .await?;
-        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+        migrate(&pool).await?;
         Ok(Self { pool })
     }
 
@@ -156,7 +201,7 @@ impl Store {
             .max_connections(1)
             .connect_with(options)
             .await?;
-        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+        migrate(&pool).await?;
         Ok(Self { pool })
     }
 
@@ -167,7 +212,7 @@ impl Store {
         name: &str,
         spec: &ModelSpec,
         initial: impl FnOnce() -> Parameters,
-    ) -> Result<(Checkpoint, u64), StoreError> {
+    ) -> Result<(StoredVersion, u64), StoreError> {
         let mut tx = self.pool.begin().await?;
         let stored: Option<String> = sqlx::query_scalar("SELECT spec FROM tasks WHERE name = ?")
             .bind(name)
@@ -222,18 +267,55 @@ impl Store {
         Ok(())
     }
 
-    /// The newest committed checkpoint of a task.
+    /// The newest committed version of a task.
     pub async fn latest_checkpoint(
         &self,
         task: &str,
         spec: &ModelSpec,
-    ) -> Result<Checkpoint, StoreError> {
+    ) -> Result<StoredVersion, StoreError> {
         let row = sqlx::query(
-            "SELECT version, params FROM checkpoints WHERE task = ? ORDER BY version DESC LIMIT 1",
+            "SELECT version, params, strategy_state FROM checkpoints WHERE task = ? \
+             ORDER BY version DESC LIMIT 1",
         )
         .bind(task)
         .fetch_one(&self.pool)
         .await?;
+        Self::stored_version(task, spec, &row)
+    }
+
+    /// A stored version of a task, if it was committed and is still kept.
+    pub async fn version(
+        &self,
+        task: &str,
+        spec: &ModelSpec,
+        version: u64,
+    ) -> Result<Option<StoredVersion>, StoreError> {
+        let row = sqlx::query(
+            "SELECT version, params, strategy_state FROM checkpoints WHERE task = ? AND version = ?",
+        )
+        .bind(task)
+        .bind(version as i64)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Self::stored_version(task, spec, &r))
+            .transpose()
+    }
+
+    /// The numbers of a task's stored versions, oldest first.
+    pub async fn versions(&self, task: &str) -> Result<Vec<u64>, StoreError> {
+        let versions: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM checkpoints WHERE task = ? ORDER BY version")
+                .bind(task)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(versions.into_iter().map(|v| v as u64).collect())
+    }
+
+    fn stored_version(
+        task: &str,
+        spec: &ModelSpec,
+        row: &sqlx::sqlite::SqliteRow,
+    ) -> Result<StoredVersion, StoreError> {
         let version: i64 = row.get("version");
         let bytes: Vec<u8> = row.get("params");
         let (params, _) = Parameters::from_safetensors_with_layout(&bytes, &spec.layout())
@@ -242,36 +324,54 @@ impl Store {
                 version,
                 source,
             })?;
-        Ok(Checkpoint {
+        Ok(StoredVersion {
             version: version as u64,
             params,
+            strategy_state: row.get("strategy_state"),
         })
     }
 
-    /// Durably records a finished round and, for a committed one, its new checkpoint — both
-    /// in one transaction.
+    /// Durably records a finished round and, for a committed one, its new version — both in
+    /// one transaction, which also drops the versions `retention` no longer keeps.
     pub async fn record_round(
         &self,
         task: &str,
         record: &RoundRecord,
-        checkpoint: Option<&Checkpoint>,
+        version: Option<&StoredVersion>,
+        retention: &Retention,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        if let Some(c) = checkpoint {
+        if let Some(c) = version {
             sqlx::query(
-                "INSERT INTO checkpoints (task, version, params, created_at) VALUES (?, ?, ?, ?)",
+                "INSERT INTO checkpoints (task, version, params, created_at, strategy_state) \
+                 VALUES (?, ?, ?, ?, ?)",
             )
             .bind(task)
             .bind(c.version as i64)
             .bind(c.params.to_safetensors(None))
             .bind(record.ended_at_ms)
+            .bind(&c.strategy_state)
             .execute(&mut *tx)
             .await?;
+            let stored: Vec<i64> =
+                sqlx::query_scalar("SELECT version FROM checkpoints WHERE task = ?")
+                    .bind(task)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            for v in stored {
+                if !retention.keeps(v as u64, c.version) {
+                    sqlx::query("DELETE FROM checkpoints WHERE task = ? AND version = ?")
+                        .bind(task)
+                        .bind(v)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
         }
         sqlx::query(
             "INSERT INTO rounds (task, round, status, base_version, version, participants, \
-             examples, mean_loss, mean_accuracy, started_at, ended_at, commit_ms) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             examples, mean_loss, mean_accuracy, started_at, ended_at, commit_ms, reason) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(task)
         .bind(record.round as i64)
@@ -288,6 +388,7 @@ impl Store {
         .bind(record.started_at_ms)
         .bind(record.ended_at_ms)
         .bind(record.commit_ms)
+        .bind(record.reason.map(AbandonReason::as_str))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -298,7 +399,8 @@ impl Store {
     pub async fn rounds(&self, task: &str) -> Result<Vec<RoundRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT round, status, base_version, version, participants, examples, mean_loss, \
-             mean_accuracy, started_at, ended_at, commit_ms FROM rounds WHERE task = ? ORDER BY round",
+             mean_accuracy, started_at, ended_at, commit_ms, reason FROM rounds WHERE task = ? \
+             ORDER BY round",
         )
         .bind(task)
         .fetch_all(&self.pool)
@@ -312,6 +414,9 @@ impl Store {
                 } else {
                     RoundStatus::Abandoned
                 },
+                reason: r
+                    .get::<Option<String>, _>("reason")
+                    .and_then(|s| AbandonReason::parse(&s)),
                 base_version: r.get::<i64, _>("base_version") as u64,
                 version: r.get::<Option<i64>, _>("version").map(|v| v as u64),
                 participants: r.get::<i64, _>("participants") as u64,

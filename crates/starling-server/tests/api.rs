@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use starling_core::params::Layout;
 use starling_core::update::{self, UpdateMeta};
-use starling_core::{FedAvg, Parameters, Tensor};
+use starling_core::{Parameters, Tensor, WeightedSum};
 use starling_server::settings::{RoundPolicy, TaskSettings};
 use starling_server::{Running, Settings};
 
@@ -17,15 +17,19 @@ struct Harness {
     _dir: tempfile::TempDir,
 }
 
+/// The demo's task with small rounds: every request of these tests comes from 127.0.0.1,
+/// and a round of one device is allowed (said explicitly, as a demo must).
+fn small_task(policy: RoundPolicy) -> TaskSettings {
+    TaskSettings {
+        rounds: policy,
+        min_cohort: 1,
+        max_assignments_per_address: 1000,
+        ..TaskSettings::default()
+    }
+}
+
 async fn start_with(policy: RoundPolicy, max_body_bytes: usize) -> Harness {
-    start_task(
-        TaskSettings {
-            rounds: policy,
-            ..TaskSettings::default()
-        },
-        max_body_bytes,
-    )
-    .await
+    start_task(small_task(policy), max_body_bytes).await
 }
 
 async fn start_task(task: TaskSettings, max_body_bytes: usize) -> Harness {
@@ -94,10 +98,11 @@ impl Harness {
         }
     }
 
-    async fn upload_raw(&self, round: &str, body: Vec<u8>) -> (StatusCode, Value) {
+    async fn upload_raw(&self, round: &str, token: &str, body: Vec<u8>) -> (StatusCode, Value) {
         let r = self
             .http
             .post(self.url(&format!("/v1/tasks/linear/rounds/{round}/updates")))
+            .header("x-starling-token", token)
             .body(body)
             .send()
             .await
@@ -117,7 +122,7 @@ impl Harness {
                 token: a.token.clone(),
             },
         );
-        self.upload_raw(&a.round.to_string(), body).await
+        self.upload_raw(&a.round.to_string(), &a.token, body).await
     }
 
     async fn task(&self) -> Value {
@@ -179,7 +184,7 @@ fn error_code(v: &Value) -> &str {
 /// The parameters FedAvg must commit for these valid updates on the demo's initial model.
 fn expected_after(updates: &[(Parameters, u64)]) -> Parameters {
     let base = starling_core::builtin::linear(1, 1).init_params(0);
-    let mut agg = FedAvg::new(&layout());
+    let mut agg = WeightedSum::new(&layout());
     for (d, n) in updates {
         let body = update::encode(
             d,
@@ -191,7 +196,7 @@ fn expected_after(updates: &[(Parameters, u64)]) -> Parameters {
                 token: String::new(),
             },
         );
-        agg.accept(&update::decode(&body, &layout(), None).unwrap());
+        agg.accept(&update::check(body, &update::Rules::lenient(&layout())).unwrap());
     }
     agg.finish(&base).unwrap()
 }
@@ -310,10 +315,13 @@ async fn bad_updates_are_refused_and_leave_the_aggregate_unchanged() {
         ("b".into(), Tensor::full(vec![1], 1.0)),
     ])
     .unwrap();
-    let cases: Vec<(&str, String, Vec<u8>, StatusCode, &str)> = vec![
+    // (what, round, header token, body, status, code)
+    type Case<'a> = (&'a str, String, &'a str, Vec<u8>, StatusCode, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "malformed body",
             round.clone(),
+            &b.token,
             b"not safetensors".to_vec(),
             StatusCode::BAD_REQUEST,
             "malformed_update",
@@ -321,6 +329,7 @@ async fn bad_updates_are_refused_and_leave_the_aggregate_unchanged() {
         (
             "empty body",
             round.clone(),
+            &b.token,
             Vec::new(),
             StatusCode::BAD_REQUEST,
             "malformed_update",
@@ -328,6 +337,7 @@ async fn bad_updates_are_refused_and_leave_the_aggregate_unchanged() {
         (
             "unknown round",
             "999".into(),
+            &b.token,
             delta(1.0, 1.0).to_safetensors(Some(meta(5, 0))),
             StatusCode::NOT_FOUND,
             "unknown_round",
@@ -335,6 +345,7 @@ async fn bad_updates_are_refused_and_leave_the_aggregate_unchanged() {
         (
             "non-numeric round",
             "abc".into(),
+            &b.token,
             delta(1.0, 1.0).to_safetensors(Some(meta(5, 0))),
             StatusCode::NOT_FOUND,
             "unknown_round",
@@ -342,6 +353,7 @@ async fn bad_updates_are_refused_and_leave_the_aggregate_unchanged() {
         (
             "wrong tensor names",
             round.clone(),
+            &b.token,
             wrong_name.to_safetensors(Some(meta(5, 0))),
             StatusCode::UNPROCESSABLE_ENTITY,
             "wrong_tensors",
@@ -349,6 +361,7 @@ async fn bad_updates_are_refused_and_leave_the_aggregate_unchanged() {
         (
             "wrong shape",
             round.clone(),
+            &b.token,
             wrong_shape.to_safetensors(Some(meta(5, 0))),
             StatusCode::UNPROCESSABLE_ENTITY,
             "wrong_tensors",
@@ -356,6 +369,7 @@ async fn bad_updates_are_refused_and_leave_the_aggregate_unchanged() {
         (
             "NaN",
             round.clone(),
+            &b.token,
             delta(f32::NAN, 1.0).to_safetensors(Some(meta(5, 0))),
             StatusCode::UNPROCESSABLE_ENTITY,
             "not_finite",
@@ -363,6 +377,7 @@ async fn bad_updates_are_refused_and_leave_the_aggregate_unchanged() {
         (
             "infinity",
             round.clone(),
+            &b.token,
             delta(1.0, f32::NEG_INFINITY).to_safetensors(Some(meta(5, 0))),
             StatusCode::UNPROCESSABLE_ENTITY,
             "not_finite",
@@ -370,6 +385,7 @@ async fn bad_updates_are_refused_and_leave_the_aggregate_unchanged() {
         (
             "zero examples",
             round.clone(),
+            &b.token,
             delta(1.0, 1.0).to_safetensors(Some(meta(0, 0))),
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_examples",
@@ -377,6 +393,7 @@ async fn bad_updates_are_refused_and_leave_the_aggregate_unchanged() {
         (
             "negative examples",
             round.clone(),
+            &b.token,
             delta(1.0, 1.0).to_safetensors(Some(meta(-3, 0))),
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_examples",
@@ -384,6 +401,7 @@ async fn bad_updates_are_refused_and_leave_the_aggregate_unchanged() {
         (
             "wrong base version",
             round.clone(),
+            &b.token,
             delta(1.0, 1.0).to_safetensors(Some(meta(5, 4))),
             StatusCode::CONFLICT,
             "stale_version",
@@ -391,6 +409,7 @@ async fn bad_updates_are_refused_and_leave_the_aggregate_unchanged() {
         (
             "unknown token",
             round.clone(),
+            "forged",
             update::encode(
                 &delta(1.0, 1.0),
                 &UpdateMeta {
@@ -407,6 +426,7 @@ async fn bad_updates_are_refused_and_leave_the_aggregate_unchanged() {
         (
             "oversized body",
             round.clone(),
+            &b.token,
             vec![0u8; 8192],
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
@@ -414,6 +434,7 @@ async fn bad_updates_are_refused_and_leave_the_aggregate_unchanged() {
         (
             "second update of an assignment",
             a.round.to_string(),
+            &a.token,
             update::encode(
                 &good,
                 &UpdateMeta {
@@ -431,6 +452,7 @@ async fn bad_updates_are_refused_and_leave_the_aggregate_unchanged() {
     let mut unknown_task = h
         .http
         .post(h.url("/v1/tasks/nope/rounds/1/updates"))
+        .header("x-starling-token", &b.token)
         .body(update::encode(
             &good,
             &UpdateMeta {
@@ -455,8 +477,8 @@ async fn bad_updates_are_refused_and_leave_the_aggregate_unchanged() {
         .unwrap();
     assert_eq!(unknown_task.status(), StatusCode::NOT_FOUND);
 
-    for (what, round, body, status, code) in cases {
-        let (s, v) = h.upload_raw(&round, body).await;
+    for (what, round, token, body, status, code) in cases {
+        let (s, v) = h.upload_raw(&round, token, body).await;
         assert_eq!(s, status, "{what}: {v}");
         assert_eq!(error_code(&v), code, "{what}: {v}");
         assert!(
@@ -559,9 +581,8 @@ async fn deadline_commits_above_the_minimum_and_abandons_below_it() {
 async fn updates_beyond_the_norm_bound_or_with_extra_metadata_are_refused() {
     let h = start_task(
         TaskSettings {
-            max_update_norm: Some(10.0),
-            rounds: policy(2, 1, 60.0),
-            ..TaskSettings::default()
+            max_update_norm: 10.0,
+            ..small_task(policy(2, 1, 60.0))
         },
         1 << 20,
     )
@@ -579,7 +600,7 @@ async fn updates_beyond_the_norm_bound_or_with_extra_metadata_are_refused() {
         ("token".to_string(), a.token.clone()),
         ("x".to_string(), "0.5,0.25,0.125".to_string()),
     ])));
-    let (s, v) = h.upload_raw("1", extra).await;
+    let (s, v) = h.upload_raw("1", &a.token, extra).await;
     assert_eq!(
         (s, error_code(&v)),
         (StatusCode::BAD_REQUEST, "invalid_metadata"),
@@ -600,11 +621,13 @@ async fn updates_beyond_the_norm_bound_or_with_extra_metadata_are_refused() {
 #[tokio::test]
 async fn a_streamed_body_over_the_limit_is_refused_while_reading() {
     let h = start_with(policy(2, 1, 60.0), 4096).await;
+    let a = h.assigned().await;
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
         (0..64).map(|_| Ok(vec![7u8; 1024])).collect();
     let r = h
         .http
         .post(h.url("/v1/tasks/linear/rounds/1/updates"))
+        .header("x-starling-token", &a.token)
         .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
             chunks,
         )))
@@ -681,4 +704,174 @@ async fn unknown_endpoints_answer_json() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
+}
+
+/// Issue point 1 over real sockets: clients that send a whole valid upload and hang up before
+/// the answer (with a reset or a plain close) never freeze the round. Each assignment then
+/// delivers (or learns its update already folded), and the round commits all of them.
+#[tokio::test]
+async fn clients_that_hang_up_after_uploading_never_freeze_the_round() {
+    use tokio::io::AsyncWriteExt;
+    const N: usize = 40;
+    let h = start_with(
+        RoundPolicy {
+            overcommit: 1.0,
+            ..policy(N as u32, N as u32, 600.0)
+        },
+        1 << 20,
+    )
+    .await;
+    let mut assigned = Vec::new();
+    for _ in 0..N {
+        assigned.push(h.assigned().await);
+    }
+    for (i, a) in assigned.iter().enumerate() {
+        let body = update::encode(
+            &delta(1.0, 1.0),
+            &UpdateMeta {
+                base_version: 0,
+                examples: 10,
+                loss: None,
+                accuracy: None,
+                token: a.token.clone(),
+            },
+        );
+        let head = format!(
+            "POST /v1/tasks/linear/rounds/1/updates HTTP/1.1\r\nhost: x\r\n\
+             x-starling-token: {}\r\ncontent-length: {}\r\n\r\n",
+            a.token,
+            body.len()
+        );
+        let mut s = tokio::net::TcpStream::connect(h.server.addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&body).await.unwrap();
+        // Hang up at a different moment each time, half with a reset, half with a close.
+        for _ in 0..i % 8 {
+            tokio::task::yield_now().await;
+        }
+        if i % 2 == 0 {
+            // A reset, deliberately: SO_LINGER 0 makes the close abortive.
+            #[allow(deprecated)]
+            s.set_linger(Some(Duration::ZERO)).unwrap();
+        }
+        drop(s);
+    }
+    for a in &assigned {
+        let (s, v) = h.upload(a, &delta(1.0, 1.0), 10).await;
+        assert!(
+            s == StatusCode::ACCEPTED
+                || ["duplicate_update", "round_closed"].contains(&error_code(&v)),
+            "{s} {v}"
+        );
+    }
+    let t = h.wait_version(1).await;
+    assert_eq!(t["round"]["round"], 2);
+    let hist = h.get_json("/v1/tasks/linear/rounds").await;
+    assert_eq!(hist["rounds"][0]["participants"], N);
+    assert_eq!(h.model().await.1.get("W").unwrap().data(), &[6.0]);
+}
+
+/// Issue point 6 over HTTP: one client address checking in under 13 device ids gets the
+/// task's per-address cap of assignments, not the round.
+#[tokio::test]
+async fn one_client_address_cannot_hoard_a_round_under_many_ids() {
+    let h = start_task(
+        TaskSettings {
+            max_assignments_per_address: 3,
+            ..small_task(policy(13, 1, 60.0))
+        },
+        1 << 20,
+    )
+    .await;
+    let mut assigned = 0;
+    for i in 0..13 {
+        let v: Value = h
+            .http
+            .post(h.url("/v1/tasks/linear/checkin"))
+            .json(&serde_json::json!({"device": format!("sybil-{i}")}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["status"] == "assigned" {
+            assigned += 1;
+        } else {
+            assert!(v["reason"].as_str().unwrap().contains("address"), "{v}");
+        }
+    }
+    assert_eq!(assigned, 3);
+    assert_eq!(h.task().await["round"]["assigned"], 3);
+}
+
+/// The admin API: a rollback needs the admin token (and an admin API that is on); with it,
+/// the task goes back to a stored version, which becomes a new version.
+#[tokio::test]
+async fn an_operator_rolls_a_task_back_with_the_admin_token() {
+    const TOKEN: &str = "a-long-admin-token-for-tests";
+    let rollback = |h: &Harness, token: Option<&str>, version: u64| {
+        let mut r = h
+            .http
+            .post(h.url("/v1/admin/tasks/linear/rollback"))
+            .json(&serde_json::json!({ "version": version }));
+        if let Some(t) = token {
+            r = r.header("x-starling-admin-token", t);
+        }
+        r.send()
+    };
+    // The admin API is off without a token in the settings.
+    let off = start(1).await;
+    let r = rollback(&off, Some(TOKEN), 0).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = Settings::default();
+    settings.server.data_dir = dir.path().to_path_buf();
+    settings.server.admin_token = Some(starling_server::settings::Secret::new(TOKEN));
+    settings.tasks = vec![small_task(policy(1, 1, 60.0))];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h = Harness {
+        server: starling_server::spawn(settings, listener).await.unwrap(),
+        http: reqwest::Client::new(),
+        _dir: dir,
+    };
+    for v in 1..=2u64 {
+        let a = h.assigned().await;
+        assert_eq!(
+            h.upload(&a, &delta(-1.0, 0.0), 1).await.0,
+            StatusCode::ACCEPTED
+        );
+        h.wait_version(v).await;
+    }
+    assert_eq!(h.model().await.1.get("W").unwrap().data(), &[3.0]);
+    for token in [None, Some("wrong-token-of-some-length")] {
+        let r = rollback(&h, token, 1).await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(error_code(&v), "unauthorized");
+    }
+    assert_eq!(h.task().await["version"], 2, "refused calls change nothing");
+    let r = rollback(&h, Some(TOKEN), 99).await.unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(error_code(&v), "unknown_version");
+
+    let r = rollback(&h, Some(TOKEN), 1).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["restored"].as_u64(), v["version"].as_u64()),
+        (Some(1), Some(3))
+    );
+    let (version, params) = h.model().await;
+    assert_eq!(version, 3);
+    assert_eq!(
+        params.get("W").unwrap().data(),
+        &[4.0],
+        "version 1's parameters"
+    );
+    let hist = h.get_json("/v1/tasks/linear/rounds").await;
+    let last = hist["rounds"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["reason"], "rolled_back", "{last}");
 }

@@ -1,15 +1,20 @@
 //! The round engine through its handle, without HTTP: the batched calls an in-memory
-//! transport (the simulator) uses.
+//! transport (the simulator) uses, and the faults a hostile or vanishing client can cause.
+//! Deadlines run on a virtual clock that the test moves, not on real sleeps.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::Bytes;
 use starling_core::update::{self, UpdateMeta};
 use starling_core::{Parameters, Tensor};
-use starling_server::engine::{self, CheckIn, EngineError};
+use starling_server::engine::round::AbandonReason;
+use starling_server::engine::{
+    self, Caller, CheckIn, Clock, EngineError, SystemClock, TaskHandle, Upload, VirtualClock,
+};
 use starling_server::metrics::Metrics;
-use starling_server::settings::{RoundPolicy, TaskSettings};
-use starling_server::store::Store;
+use starling_server::settings::{Retention, RoundPolicy, TaskSettings, Weighting};
+use starling_server::store::{RoundStatus, Store};
 
 fn delta(v: f32) -> Parameters {
     Parameters::new(vec![
@@ -19,26 +24,103 @@ fn delta(v: f32) -> Parameters {
     .unwrap()
 }
 
-#[tokio::test]
-async fn batched_check_ins_and_uploads_answer_each_item_in_order() {
-    let def = TaskSettings {
-        rounds: RoundPolicy {
-            goal: 3,
-            min: 1,
-            deadline_secs: 600.0,
-            overcommit: 1.0,
-            retry_secs: 1.0,
+fn body(v: f32, token: &str, examples: u64, base_version: u64) -> Vec<u8> {
+    update::encode(
+        &delta(v),
+        &UpdateMeta {
+            base_version,
+            examples,
+            loss: Some(0.5),
+            accuracy: None,
+            token: token.into(),
         },
+    )
+}
+
+fn policy(goal: u32, min: u32) -> RoundPolicy {
+    RoundPolicy {
+        goal,
+        min,
+        deadline_secs: 600.0,
+        overcommit: 1.0,
+        retry_secs: 1.0,
+    }
+}
+
+/// The demo's task with small rounds, a round of one device allowed (as a demo says so).
+fn small(goal: u32, min: u32) -> TaskSettings {
+    TaskSettings {
+        rounds: policy(goal, min),
+        min_cohort: 1,
         ..TaskSettings::default()
     }
-    .resolve()
-    .unwrap();
-    let store = Store::open_memory().await.unwrap();
-    let task = engine::spawn(def, store, Arc::new(Metrics::default()))
+}
+
+async fn spawn(settings: TaskSettings, store: Store) -> TaskHandle {
+    spawn_on(settings, store, SystemClock::new()).await
+}
+
+async fn spawn_on(settings: TaskSettings, store: Store, clock: Arc<dyn Clock>) -> TaskHandle {
+    engine::spawn(
+        settings.resolve().unwrap(),
+        store,
+        Arc::new(Metrics::default()),
+        clock,
+    )
+    .await
+    .unwrap()
+}
+
+async fn tokens(task: &TaskHandle, n: usize) -> Vec<String> {
+    let answers = task
+        .check_in_many((0..n).map(|i| Caller::device(format!("d{i}"))).collect())
         .await
         .unwrap();
+    answers
+        .into_iter()
+        .map(|a| match a {
+            CheckIn::Assigned(a) => a.token,
+            CheckIn::Retry { reason, .. } => panic!("not assigned: {reason}"),
+        })
+        .collect()
+}
+
+/// How long a test waits for the engine before it calls the engine stuck (a regression
+/// fails instead of hanging).
+const STUCK: Duration = Duration::from_secs(30);
+
+async fn wait_version(task: &TaskHandle, version: u64) {
+    let mut rx = task.subscribe();
+    tokio::time::timeout(STUCK, rx.wait_for(|s| s.model.version >= version))
+        .await
+        .unwrap_or_else(|_| panic!("version {version} never came: the engine is stuck"))
+        .unwrap();
+}
+
+async fn wait_round(task: &TaskHandle, round: u64) -> starling_server::store::RoundRecord {
+    let mut rx = task.subscribe();
+    let status = tokio::time::timeout(
+        STUCK,
+        rx.wait_for(|s| s.last_round.as_ref().is_some_and(|r| r.round == round)),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("round {round} never closed: the engine is stuck"))
+    .unwrap()
+    .clone();
+    status.last_round.unwrap()
+}
+
+#[tokio::test]
+async fn batched_check_ins_and_uploads_answer_each_item_in_order() {
+    let task = spawn(small(3, 1), Store::open_memory().await.unwrap()).await;
     let answers = task
-        .check_in_many(vec![Some("a".into()), Some("a".into()), None, None, None])
+        .check_in_many(vec![
+            Caller::device("a"),
+            Caller::device("a"),
+            Caller::default(),
+            Caller::default(),
+            Caller::default(),
+        ])
         .await
         .unwrap();
     let tokens: Vec<String> = answers
@@ -52,25 +134,13 @@ async fn batched_check_ins_and_uploads_answer_each_item_in_order() {
     assert!(matches!(answers[1], CheckIn::Retry { .. }));
     assert!(matches!(answers[4], CheckIn::Retry { .. }));
     assert_eq!(tokens.len(), 3);
-    let body = |v: f32, t: &str| {
-        Bytes::from(update::encode(
-            &delta(v),
-            &UpdateMeta {
-                base_version: 0,
-                examples: 10,
-                loss: None,
-                accuracy: None,
-                token: t.into(),
-            },
-        ))
-    };
     let results = task
         .upload_many(
             1,
             vec![
-                body(1.0, &tokens[0]),
-                body(f32::NAN, &tokens[1]),
-                body(3.0, &tokens[2]),
+                body(1.0, &tokens[0], 10, 0).into(),
+                body(f32::NAN, &tokens[1], 10, 0).into(),
+                body(3.0, &tokens[2], 10, 0).into(),
             ],
         )
         .await;
@@ -82,10 +152,318 @@ async fn batched_check_ins_and_uploads_answer_each_item_in_order() {
     );
     assert_eq!(results[2].as_ref().unwrap().updates_in_round, 2);
     // The refused assignment can still deliver, which completes the round.
-    let last = task.upload_many(1, vec![body(2.0, &tokens[1])]).await;
+    let last = task
+        .upload_many(1, vec![body(2.0, &tokens[1], 10, 0).into()])
+        .await;
     assert!(last[0].is_ok());
-    let mut st = task.subscribe();
-    st.wait_for(|s| s.model.version == 1).await.unwrap();
+    wait_version(&task, 1).await;
     let w = task.status().model.params.get("W").unwrap().data()[0];
     assert!((w - 7.0).abs() < 1e-6, "5 + mean(1, 3, 2) = 7, got {w}");
+}
+
+/// Issue point 1: a client that goes away while its upload is between check, reservation,
+/// fold and report (here: the caller's future is dropped after any number of steps) never
+/// strands its reservation. Either the update folded (a retry is a duplicate) or the
+/// assignment is free again; the round always completes.
+#[tokio::test]
+async fn an_upload_whose_caller_vanishes_at_any_point_folds_or_releases() {
+    const N: usize = 24;
+    let task = spawn(
+        small(N as u32, N as u32),
+        Store::open_memory().await.unwrap(),
+    )
+    .await;
+    let tokens = tokens(&task, N).await;
+    for (i, t) in tokens.iter().enumerate() {
+        let (task, body) = (task.clone(), body(1.0, t, 10, 0));
+        let upload =
+            tokio::spawn(async move { task.upload(1, Upload { token: None, body }).await });
+        // Give the upload a different number of scheduler turns before it is dropped, so
+        // the drop lands in every window: before the check, while reserving, while folding.
+        for _ in 0..i % 12 {
+            tokio::task::yield_now().await;
+        }
+        upload.abort();
+    }
+    let mut folded_before = 0;
+    for t in &tokens {
+        match task.upload(1, body(1.0, t, 10, 0).into()).await {
+            Ok(_) => {}
+            Err(EngineError::Duplicate) => folded_before += 1,
+            Err(EngineError::RoundClosed(1)) => folded_before += 1,
+            Err(e) => panic!("unexpected refusal: {e}"),
+        }
+    }
+    // The round commits with every assignment's update, once each.
+    let record = wait_round(&task, 1).await;
+    assert_eq!(record.status, RoundStatus::Committed, "{record:?}");
+    assert_eq!(record.participants, N as u64);
+    assert_eq!(task.status().model.params.get("W").unwrap().data()[0], 6.0);
+    eprintln!("{folded_before} of {N} aborted uploads had folded before the retry");
+}
+
+/// Issue point 2: finite but huge updates. With the default bound they are refused; with a
+/// bound large enough to let them in, the commit that would overflow to infinity is
+/// abandoned with its reason, the model stays finite, and honest updates still fold.
+#[tokio::test]
+async fn a_commit_that_would_make_the_model_non_finite_is_abandoned() {
+    let store = Store::open_memory().await.unwrap();
+    let task = spawn(small(1, 1), store.clone()).await;
+    let t = tokens(&task, 1).await;
+    let err = task
+        .upload(1, body(f32::MAX, &t[0], 10, 0).into())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code().as_str(), "norm_too_large", "{err}");
+    drop(task);
+
+    let store = Store::open_memory().await.unwrap();
+    let loose = TaskSettings {
+        max_update_norm: 1e39,
+        ..small(1, 1)
+    };
+    let task = spawn(loose, store.clone()).await;
+    let t = tokens(&task, 1).await;
+    task.upload(1, body(3.0e38, &t[0], 10, 0).into())
+        .await
+        .unwrap();
+    wait_version(&task, 1).await;
+    let w = task.status().model.params.get("W").unwrap().data()[0];
+    assert!(w.is_finite() && w > 1e38, "{w}");
+    // 3e38 + 3e38 overflows f32: refused at commit, not published.
+    let t = tokens(&task, 1).await;
+    task.upload(2, body(3.0e38, &t[0], 10, 1).into())
+        .await
+        .unwrap();
+    let record = wait_round(&task, 2).await;
+    assert_eq!(record.status, RoundStatus::Abandoned);
+    assert_eq!(record.reason, Some(AbandonReason::NonFiniteModel));
+    assert_eq!(record.mean_loss, None, "nothing published about it");
+    let st = task.status();
+    assert_eq!(st.model.version, 1);
+    assert!(st
+        .model
+        .params
+        .iter()
+        .all(|(_, t)| t.data().iter().all(|v| v.is_finite())));
+    // The stored history says why, and the next round takes honest updates.
+    let rounds = store.rounds("linear").await.unwrap();
+    assert_eq!(rounds[1].reason, Some(AbandonReason::NonFiniteModel));
+    let t = tokens(&task, 1).await;
+    task.upload(3, body(-3.0e38, &t[0], 10, 1).into())
+        .await
+        .unwrap();
+    wait_version(&task, 2).await;
+}
+
+/// Issue point 3: a device that claims a billion examples weighs no more than the task's cap
+/// (or the same as everyone under uniform weighting).
+#[tokio::test]
+async fn one_update_cannot_own_the_average() {
+    for (weighting, cap, attacker_share) in [
+        (Weighting::Examples, 100, 100.0 / 200.0),
+        (Weighting::Uniform, 10_000, 1.0 / 3.0),
+    ] {
+        let task = spawn(
+            TaskSettings {
+                weighting,
+                max_examples_per_update: cap,
+                ..small(3, 3)
+            },
+            Store::open_memory().await.unwrap(),
+        )
+        .await;
+        let t = tokens(&task, 3).await;
+        let results = task
+            .upload_many(
+                1,
+                vec![
+                    body(100.0, &t[0], 1_000_000_000, 0).into(),
+                    body(-1.0, &t[1], 50, 0).into(),
+                    body(0.0, &t[2], 50, 0).into(),
+                ],
+            )
+            .await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        wait_version(&task, 1).await;
+        let w = task.status().model.params.get("W").unwrap().data()[0];
+        let honest = (1.0 - attacker_share) * -0.5;
+        let want = 5.0 + attacker_share * 100.0 + honest;
+        assert!(
+            (f64::from(w) - want).abs() < 1e-4,
+            "{weighting:?}: W = {w}, want {want} (uncapped it would be ~105)"
+        );
+    }
+}
+
+/// Issue point 5: a round below the minimum cohort publishes nothing, and the settings refuse
+/// a minimum below the cohort unless the task lowers `min_cohort` itself.
+#[tokio::test]
+async fn nothing_is_published_about_fewer_devices_than_the_minimum_cohort() {
+    let err = TaskSettings {
+        rounds: policy(1, 1),
+        ..TaskSettings::default()
+    }
+    .resolve()
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("below min_cohort (10)"), "{err}");
+
+    let clock = VirtualClock::new();
+    let task = spawn_on(
+        TaskSettings {
+            rounds: RoundPolicy {
+                deadline_secs: 30.0,
+                ..policy(5, 3)
+            },
+            min_cohort: 3,
+            ..TaskSettings::default()
+        },
+        Store::open_memory().await.unwrap(),
+        Arc::new(clock.clone()),
+    )
+    .await;
+    let t = tokens(&task, 2).await;
+    for (i, t) in t.iter().enumerate() {
+        task.upload(1, body(i as f32, t, 10, 0).into())
+            .await
+            .unwrap();
+    }
+    // The deadline passes on the engine's clock: two of three needed, so no version.
+    clock.advance(Duration::from_secs(31));
+    let record = wait_round(&task, 1).await;
+    assert_eq!(record.status, RoundStatus::Abandoned);
+    assert_eq!(record.reason, Some(AbandonReason::BelowMinimum));
+    assert_eq!(record.version, None);
+    assert_eq!(
+        (record.examples, record.mean_loss, record.mean_accuracy),
+        (0, None, None),
+        "no statistics about two devices"
+    );
+    assert_eq!(task.status().model.version, 0);
+}
+
+/// Issue point 6: one client address cannot take every assignment of a round under many
+/// device ids.
+#[tokio::test]
+async fn one_address_cannot_hoard_a_round() {
+    let task = spawn(
+        TaskSettings {
+            max_assignments_per_address: 3,
+            ..small(13, 1)
+        },
+        Store::open_memory().await.unwrap(),
+    )
+    .await;
+    let attacker = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7));
+    let answers = task
+        .check_in_many(
+            (0..13)
+                .map(|i| Caller {
+                    device: Some(format!("sybil-{i}")),
+                    address: Some(attacker),
+                })
+                .collect(),
+        )
+        .await
+        .unwrap();
+    let assigned = answers
+        .iter()
+        .filter(|a| matches!(a, CheckIn::Assigned(_)))
+        .count();
+    assert_eq!(assigned, 3);
+    assert!(matches!(
+        answers[3],
+        CheckIn::Retry { reason, .. } if reason.contains("address")
+    ));
+    // Other addresses still find room.
+    let honest = task
+        .check_in(Caller {
+            device: Some("phone".into()),
+            address: Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1))),
+        })
+        .await
+        .unwrap();
+    assert!(matches!(honest, CheckIn::Assigned(_)));
+    assert_eq!(task.status().round.assigned, 4);
+}
+
+/// Issue point 7 and the rollback: only the newest `keep_last` versions and every
+/// `keep_every`-th stay on disk; an operator rolls back to a kept version, which becomes a
+/// new version; and a restarted engine resumes from it.
+#[tokio::test]
+async fn old_versions_are_pruned_and_a_task_rolls_back_to_a_kept_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.db")).await.unwrap();
+    let settings = TaskSettings {
+        retention: Retention {
+            keep_last: 3,
+            keep_every: 10,
+        },
+        ..small(1, 1)
+    };
+    let task = spawn(settings.clone(), store.clone()).await;
+    for round in 1..=25u64 {
+        let t = tokens(&task, 1).await;
+        task.upload(round, body(1.0, &t[0], 1, round - 1).into())
+            .await
+            .unwrap();
+        wait_version(&task, round).await;
+    }
+    assert_eq!(
+        store.versions("linear").await.unwrap(),
+        vec![0, 10, 20, 23, 24, 25]
+    );
+    // W was 5 + version after each commit of +1.
+    assert!(matches!(
+        task.rollback(15).await,
+        Err(EngineError::UnknownVersion(15))
+    ));
+    let new_version = task.rollback(10).await.unwrap();
+    assert_eq!(new_version, 26);
+    let st = task.status();
+    assert_eq!(st.model.version, 26);
+    assert_eq!(st.model.params.get("W").unwrap().data()[0], 15.0);
+    assert_eq!(st.round.base_version, 26);
+    drop(task);
+
+    let again = spawn(settings, store.clone()).await;
+    let st = again.status();
+    assert_eq!(st.model.version, 26);
+    assert_eq!(st.model.params.get("W").unwrap().data()[0], 15.0);
+    let rounds = store.rounds("linear").await.unwrap();
+    assert_eq!(
+        rounds.last().unwrap().reason,
+        Some(AbandonReason::RolledBack)
+    );
+}
+
+/// The deadline comes from the clock the engine was given: it passes exactly when the test
+/// moves that clock, and not before.
+#[tokio::test]
+async fn the_deadline_follows_the_engine_clock() {
+    let clock = VirtualClock::new();
+    let task = spawn_on(
+        TaskSettings {
+            rounds: RoundPolicy {
+                deadline_secs: 60.0,
+                ..policy(3, 1)
+            },
+            min_cohort: 1,
+            ..TaskSettings::default()
+        },
+        Store::open_memory().await.unwrap(),
+        Arc::new(clock.clone()),
+    )
+    .await;
+    let t = tokens(&task, 1).await;
+    task.upload(1, body(1.0, &t[0], 5, 0).into()).await.unwrap();
+    clock.advance(Duration::from_secs(59));
+    // A check-in is answered after the actor saw the clock move: the round is still open.
+    let late = task.check_in(Caller::device("late")).await.unwrap();
+    assert!(matches!(late, CheckIn::Assigned(_)));
+    assert_eq!(task.status().round.round, 1);
+    clock.advance(Duration::from_secs(2));
+    let record = wait_round(&task, 1).await;
+    assert_eq!(record.status, RoundStatus::Committed);
 }

@@ -5,19 +5,18 @@
 //! global model on the held-out test set.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::Serialize;
-use starling_core::model::Metrics;
+use starling_core::model::Evaluation;
 use starling_core::train::{local_update, Plan};
 use starling_core::{checkpoint, Dataset, Model, ModelSpec, Parameters};
-use starling_server::engine::{self, CheckIn};
+use starling_server::engine::{self, Caller, CheckIn, Clock, Upload, VirtualClock};
 use starling_server::metrics::Metrics as ServerMetrics;
-use starling_server::settings::{RoundPolicy, TaskDefinition};
+use starling_server::settings::{Retention, RoundPolicy, TaskDefinition, Weighting};
 use starling_server::store::{RoundStatus, Store};
 
 use crate::report::{RoundMetrics, SimReport};
@@ -134,11 +133,11 @@ enum Fate {
 }
 
 /// Loss and accuracy of `params` on `data`, evaluated in parallel chunks.
-pub fn evaluate(model: &Model, params: &Parameters, data: &Dataset) -> Metrics {
+pub fn evaluate(model: &Model, params: &Parameters, data: &Dataset) -> Evaluation {
     let n = data.len();
     let (fw, tw) = (data.feature_dim(), data.target_dim());
     let chunk = n.div_ceil(rayon::current_num_threads().max(1)).max(1);
-    let parts: Vec<(usize, Metrics)> = (0..n)
+    let parts: Vec<(usize, Evaluation)> = (0..n)
         .step_by(chunk)
         .collect::<Vec<_>>()
         .into_par_iter()
@@ -160,7 +159,7 @@ pub fn evaluate(model: &Model, params: &Parameters, data: &Dataset) -> Metrics {
         .map(|(m, r)| r.accuracy.map(|a| *m as f64 * f64::from(a)))
         .sum::<Option<f64>>()
         .map(|a| (a / total) as f32);
-    Metrics {
+    Evaluation {
         loss: loss as f32,
         accuracy,
     }
@@ -190,6 +189,12 @@ pub async fn run(
             .map_err(|e| SimError::Config(format!("device {i}: {e}")))?;
     }
     let min = ((k as f64 * config.min_fraction).ceil() as u32).clamp(1, k as u32);
+    let mean_examples =
+        federation.devices.iter().map(Dataset::len).sum::<usize>() as f64 / n as f64;
+    let epoch_secs =
+        |examples: usize| examples as f64 * f64::from(config.plan.epochs) * config.secs_per_example;
+    let deadline = config.deadline_factor
+        * epoch_secs(mean_examples.round() as usize).max(config.secs_per_example);
     let def = TaskDefinition {
         name: "sim".into(),
         spec: config.model.clone(),
@@ -197,28 +202,37 @@ pub async fn run(
         rounds: RoundPolicy {
             goal: k as u32,
             min,
-            // Deadlines come from the virtual clock (expire_round), never from the wall clock.
-            deadline_secs: 1e9,
+            // Deadlines come from the virtual clock, never from the wall clock.
+            deadline_secs: deadline,
             overcommit: 1.0,
             retry_secs: 1.0,
         },
         init_seed: config.seed,
-        max_update_norm: None,
+        // A simulation's updates are the researcher's own: no bound beyond finiteness (the
+        // bound also caps a commit's step, so it must be finite), weights as claimed, and
+        // rounds of any size.
+        max_update_norm: f64::MAX,
+        max_examples_per_update: starling_core::update::MAX_EXAMPLES as u64,
+        weighting: Weighting::Examples,
+        min_cohort: min,
+        max_assignments_per_address: u32::MAX,
+        retention: Retention::default(),
     };
     let store = Store::open_memory().await?;
-    let task = engine::spawn(def, store, Arc::new(ServerMetrics::default())).await?;
+    let clock = VirtualClock::new();
+    let task = engine::spawn(
+        def,
+        store,
+        Arc::new(ServerMetrics::default()),
+        Arc::new(clock.clone()),
+    )
+    .await?;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(config.threads)
         .build()
         .map_err(|e| SimError::Config(e.to_string()))?;
     let pool = Arc::new(pool);
     let model = Arc::new(model);
-    let mean_examples =
-        federation.devices.iter().map(Dataset::len).sum::<usize>() as f64 / n as f64;
-    let epoch_secs =
-        |examples: usize| examples as f64 * f64::from(config.plan.epochs) * config.secs_per_example;
-    let deadline = config.deadline_factor
-        * epoch_secs(mean_examples.round() as usize).max(config.secs_per_example);
 
     let devices = federation.devices.clone();
     let test = federation.test.clone();
@@ -255,7 +269,7 @@ pub async fn run(
             .check_in_many(
                 sampled
                     .iter()
-                    .map(|d| Some(format!("device-{d}")))
+                    .map(|d| Caller::device(format!("device-{d}")))
                     .collect(),
             )
             .await?;
@@ -286,8 +300,16 @@ pub async fn run(
                 (fate != Fate::Dropped && t <= deadline).then_some((d, token, t))
             })
             .collect();
+        let slowest = jobs.iter().map(|j| j.2).fold(0.0f64, f64::max);
+        // The virtual clock stands at the round's start. The last on-time device reports at
+        // `slowest`: move the clock there first (unless that is the deadline itself), so
+        // that a round that completes opens the next one at the right virtual time.
+        let round_start = clock.now();
+        let at = |secs: f64| round_start + Duration::from_secs_f64(secs);
+        if slowest < deadline {
+            clock.advance_to(at(slowest));
+        }
         let mut bytes_up = 0u64;
-        let mut slowest = 0.0f64;
         let mut reported = 0usize;
         // Train and upload in waves, so that at most one wave of updates (not a whole round's)
         // is in memory at once: the round's memory stays O(model size x wave).
@@ -325,10 +347,9 @@ pub async fn run(
                 .map_err(|e| SimError::Config(format!("training thread: {e}")))?;
             let mut bodies = Vec::with_capacity(trained.len());
             for r in trained {
-                let (body, t) = r?;
+                let (body, _) = r?;
                 bytes_up += body.len() as u64;
-                slowest = slowest.max(t);
-                bodies.push(Bytes::from(body));
+                bodies.push(Upload::from(body));
             }
             for r in task.upload_many(round, bodies).await {
                 r?;
@@ -336,7 +357,8 @@ pub async fn run(
             }
         }
         let round_virtual = if reported < k {
-            task.expire_round(round).await?;
+            // Not everyone reported: the round ends at its deadline, on the virtual clock.
+            clock.advance_to(at(deadline));
             deadline
         } else {
             slowest

@@ -26,7 +26,7 @@ fn reporter(callback: Option<&ProgressCallback>) -> impl FnMut(Progress) + '_ {
     move |p: Progress| {
         let every = (p.total_steps / 100).max(1);
         if let Some(cb) = callback {
-            if p.step % every == 0 || p.step == p.total_steps {
+            if p.step.is_multiple_of(every) || p.step == p.total_steps {
                 cb.call3(
                     &JsValue::UNDEFINED,
                     p.step as f64,

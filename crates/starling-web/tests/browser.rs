@@ -195,6 +195,9 @@ impl Server {
                 overcommit: 2.0,
                 retry_secs: 1.0,
             },
+            // Test-sized rounds, every device on 127.0.0.1: said explicitly.
+            min_cohort: goal,
+            max_assignments_per_address: 100,
             ..TaskSettings::default()
         }];
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -559,7 +559,10 @@ async function contribute() {
     const receipt = await (
       await api(answer.upload_url, {
         method: "POST",
-        headers: { "content-type": "application/octet-stream" },
+        headers: {
+          "content-type": "application/octet-stream",
+          "X-Starling-Token": answer.token,
+        },
         body: result.update,
       })
     ).json();

@@ -1,35 +1,40 @@
-//! The task that owns one task's round state. It answers check-ins, reserves uploads, and
-//! closes rounds: commit (durably, then announce) or abandon.
+//! The task that owns one task's round state. It answers check-ins, admits and reserves
+//! uploads, moves the round through its phases ([`super::round`]) on the engine's clock, and
+//! closes rounds: commit (checked, durably stored, then announced) or abandon with a reason.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use rand::Rng;
-use starling_core::aggregate::{FedAvgStrategy, Strategy};
+use starling_core::aggregate::{FedAvg, Strategy};
 use starling_core::checkpoint;
 use starling_core::params::Layout;
 use starling_core::Parameters;
 use tokio::sync::{mpsc, watch};
-use tokio::time::{sleep_until, Instant};
 
-use super::round::{ClosedRound, OpenRound};
+use super::clock::Clock;
+use super::round::{
+    AbandonReason, ClosedRound, NoRoom, OpenRound, Phase, RoundLimits, RoundSummary,
+};
 use super::{
-    Assignment, CheckIn, Command, EngineError, HandleInner, ModelState, TaskHandle, TaskStatus,
+    Assignment, Caller, CheckIn, Command, EngineError, HandleInner, ModelState, TaskHandle,
+    TaskStatus,
 };
 use crate::metrics::Metrics;
-use crate::settings::TaskDefinition;
-use crate::store::{now_ms, Checkpoint, RoundRecord, RoundStatus, Store};
+use crate::settings::{TaskDefinition, Weighting};
+use crate::store::{RoundRecord, RoundStatus, Store, StoredVersion};
 
 struct Actor {
     def: TaskDefinition,
     layout: Layout,
     store: Store,
     metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
     strategy: Box<dyn Strategy>,
     model: ModelState,
     status: watch::Sender<TaskStatus>,
-    shards: usize,
+    partial_sums: usize,
 }
 
 /// The served form of a checkpoint: safetensors with the task, version and spec as metadata.
@@ -47,29 +52,37 @@ fn new_token() -> String {
     format!("{v:032x}")
 }
 
-/// Loads (or creates) a task in the store, opens its next round and starts its engine.
+/// Loads (or creates) a task in the store, resumes its strategy, opens its next round and
+/// starts its engine on `clock`.
 pub async fn spawn(
     def: TaskDefinition,
     store: Store,
     metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
 ) -> Result<TaskHandle, EngineError> {
-    let (checkpoint, next_round) = store
+    let (stored, next_round) = store
         .ensure_task(&def.name, &def.spec, || def.spec.init_params(def.init_seed))
         .await?;
+    let mut strategy: Box<dyn Strategy> = Box::new(FedAvg);
+    strategy.restore(&stored.strategy_state).map_err(|e| {
+        EngineError::Store(crate::store::StoreError::StrategyState {
+            task: def.name.clone(),
+            message: e.to_string(),
+        })
+    })?;
     let layout = def.spec.layout();
-    let shards = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let model = model_state(&def, checkpoint.version, checkpoint.params);
-    let round = OpenRound::open(
+    let partial_sums = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let model = model_state(&def, stored.version, stored.params);
+    let round = open_round(
+        &def,
+        &layout,
+        &*clock,
+        partial_sums,
         next_round,
         model.version,
-        &layout,
-        &def.rounds,
-        shards,
-        now_ms(),
-        Instant::now(),
     );
     tracing::info!(
-        task = %def.name, version = model.version, round = round.number,
+        task = %def.name, version = model.version, round = next_round,
         "task ready"
     );
     let (status_tx, status_rx) = watch::channel(TaskStatus {
@@ -78,14 +91,24 @@ pub async fn spawn(
         last_round: None,
     });
     let (tx, rx) = mpsc::channel(1024);
+    let weighting = match def.weighting {
+        Weighting::Examples => starling_core::update::Weighting::Examples {
+            cap: def.max_examples_per_update,
+        },
+        Weighting::Uniform => starling_core::update::Weighting::Uniform,
+    };
     let handle = TaskHandle {
         inner: Arc::new(HandleInner {
             name: def.name.clone(),
             spec: def.spec.clone(),
             plan: def.plan.clone(),
             policy: def.rounds.clone(),
-            layout: layout.clone(),
-            max_update_norm: def.max_update_norm,
+            rules: starling_core::update::Rules {
+                layout: layout.clone(),
+                max_norm: Some(def.max_update_norm),
+                weighting,
+            },
+            max_upload_bytes: starling_core::update::max_encoded_len(&layout),
             tx,
             status: status_rx,
             metrics: metrics.clone(),
@@ -96,32 +119,71 @@ pub async fn spawn(
         layout,
         store,
         metrics,
-        strategy: Box::new(FedAvgStrategy),
+        clock,
+        strategy,
         model,
         status: status_tx,
-        shards,
+        partial_sums,
     };
-    tokio::spawn(actor.run(round, rx));
+    tokio::spawn(actor.run(Phase::Open(round), rx));
     Ok(handle)
 }
 
+fn open_round(
+    def: &TaskDefinition,
+    layout: &Layout,
+    clock: &dyn Clock,
+    partial_sums: usize,
+    number: u64,
+    base_version: u64,
+) -> OpenRound {
+    OpenRound::open(
+        number,
+        base_version,
+        layout,
+        &def.rounds,
+        RoundLimits {
+            min_cohort: def.min_cohort,
+            max_per_address: def.max_assignments_per_address,
+        },
+        partial_sums,
+        clock.now(),
+        clock.unix_ms(),
+    )
+}
+
 impl Actor {
-    async fn run(mut self, mut round: OpenRound, mut rx: mpsc::Receiver<Command>) {
+    async fn run(mut self, mut phase: Phase, mut rx: mpsc::Receiver<Command>) {
         loop {
-            let closing = round.is_closing();
-            tokio::select! {
+            let deadline = match &phase {
+                Phase::Open(r) => Some(self.clock.sleep_until(r.deadline())),
+                Phase::Draining(_) => None,
+            };
+            let deadline_passed = tokio::select! {
                 cmd = rx.recv() => match cmd {
-                    Some(cmd) => self.handle(&mut round, cmd),
+                    Some(cmd) => {
+                        phase = self.handle(phase, cmd).await;
+                        false
+                    }
                     None => break,
                 },
-                () = sleep_until(round.deadline), if !closing => {
-                    round.deadline_passed(now_ms(), Instant::now());
+                () = async { deadline.expect("armed only for open rounds").await }, if deadline.is_some() => true,
+            };
+            if deadline_passed {
+                if let Phase::Open(r) = phase {
+                    phase = r.deadline_passed(self.clock.now(), self.clock.unix_ms());
                 }
             }
-            if round.ready_to_close() {
-                round = self.close(round).await;
+            phase = phase.advance();
+            if let Phase::Draining(r) = phase {
+                phase = if r.is_idle() {
+                    let (summary, closed) = r.close();
+                    Phase::Open(self.close(summary, closed).await)
+                } else {
+                    Phase::Draining(r)
+                };
             }
-            let info = round.info();
+            let info = phase.info();
             self.status.send_if_modified(|s| {
                 let changed = s.round != info;
                 s.round = info;
@@ -138,148 +200,213 @@ impl Actor {
         Duration::from_secs_f64(self.def.rounds.retry_secs * jitter)
     }
 
-    /// One device's check-in: an assignment while the round has room, else a time to come
-    /// back (pace steering).
-    fn check_in(&self, round: &mut OpenRound, device: Option<String>) -> CheckIn {
-        if device.as_ref().is_some_and(|d| round.has_device(d)) {
+    /// One device's check-in: an assignment while the round has room for it, else a time to
+    /// come back (pace steering).
+    fn check_in(&self, phase: &mut Phase, caller: Caller) -> CheckIn {
+        let Phase::Open(round) = phase else {
             return CheckIn::Retry {
                 after: self.retry_after(),
-                reason: "this device already has this round's assignment",
+                reason: NoRoom::Closing.reason(),
             };
-        }
-        if !round.has_room() {
-            return CheckIn::Retry {
-                after: self.retry_after(),
-                reason: if round.is_closing() {
-                    "the round is closing"
-                } else {
-                    "the round is full"
-                },
-            };
-        }
+        };
         let token = new_token();
-        round.assign(token.clone(), device);
-        CheckIn::Assigned(Assignment {
-            round: round.number,
-            base_version: round.base_version,
-            token,
-            deadline_in: round.deadline.saturating_duration_since(Instant::now()),
-            plan: self.def.plan.clone(),
-        })
+        match round.assign(&token, caller.device.as_deref(), caller.address) {
+            Ok(()) => CheckIn::Assigned(Assignment {
+                round: phase.number(),
+                base_version: phase.base_version(),
+                token,
+                deadline_in: match phase {
+                    Phase::Open(r) => r.deadline().saturating_sub(self.clock.now()),
+                    Phase::Draining(_) => Duration::ZERO,
+                },
+                plan: self.def.plan.clone(),
+            }),
+            Err(no) => CheckIn::Retry {
+                after: self.retry_after(),
+                reason: no.reason(),
+            },
+        }
     }
 
-    fn handle(&mut self, round: &mut OpenRound, cmd: Command) {
+    /// The round a request names, against the open one: earlier rounds are closed, later
+    /// ones do not exist.
+    fn same_round(phase: &Phase, number: u64) -> Result<(), EngineError> {
+        if number == phase.number() {
+            Ok(())
+        } else if number >= 1 && number < phase.number() {
+            Err(EngineError::RoundClosed(number))
+        } else {
+            Err(EngineError::UnknownRound(number))
+        }
+    }
+
+    async fn handle(&mut self, mut phase: Phase, cmd: Command) -> Phase {
         match cmd {
-            Command::CheckIn { devices, reply } => {
-                let answers = devices
+            Command::CheckIn { callers, reply } => {
+                let answers = callers
                     .into_iter()
-                    .map(|device| {
-                        let answer = self.check_in(round, device);
+                    .map(|caller| {
+                        let answer = self.check_in(&mut phase, caller);
                         self.metrics.count_checkin(&answer);
                         answer
                     })
                     .collect();
                 let _ = reply.send(answers);
             }
+            Command::Admit {
+                round,
+                token,
+                reply,
+            } => {
+                let _ =
+                    reply.send(Self::same_round(&phase, round).and_then(|()| phase.admit(&token)));
+            }
             Command::Reserve {
-                round: number,
+                round,
                 updates,
                 reply,
             } => {
                 let results = updates
                     .into_iter()
                     .map(|(base_version, token)| {
-                        if number == round.number {
-                            round.reserve(base_version, &token)
-                        } else if number >= 1 && number < round.number {
-                            Err(EngineError::RoundClosed(number))
-                        } else {
-                            Err(EngineError::UnknownRound(number))
-                        }
+                        Self::same_round(&phase, round)?;
+                        phase.reserve(base_version, &token)
                     })
                     .collect();
                 let _ = reply.send(results);
             }
-            Command::Folded {
-                round: number,
-                tokens,
-            } if number == round.number => {
+            Command::Folded { round, tokens } if round == phase.number() => {
                 for t in &tokens {
-                    round.folded(t);
+                    phase.folded(t);
                 }
             }
-            Command::Released {
-                round: number,
-                tokens,
-            } if number == round.number => {
+            Command::Released { round, tokens } if round == phase.number() => {
                 for t in &tokens {
-                    round.released(t);
+                    phase.released(t);
                 }
             }
-            Command::Expire { round: number } if number == round.number => round.expire(),
-            Command::Folded { .. } | Command::Released { .. } | Command::Expire { .. } => {}
+            Command::Folded { .. } | Command::Released { .. } => {}
+            Command::Rollback { version, reply } => {
+                let (result, next) = self.rollback(phase, version).await;
+                let _ = reply.send(result);
+                return next;
+            }
         }
+        phase
     }
 
-    /// Closes `round` and opens the next one. A commit is durable before it is announced; a
-    /// storage failure abandons the round and keeps the model.
-    async fn close(&mut self, round: OpenRound) -> OpenRound {
-        let (number, base, started) = (round.number, round.base_version, round.started_at_ms);
-        let mut record = RoundRecord {
-            round: number,
-            status: RoundStatus::Abandoned,
-            base_version: base,
-            version: None,
-            participants: round.updates(),
-            examples: 0,
-            mean_loss: None,
-            mean_accuracy: None,
-            started_at_ms: started,
-            ended_at_ms: now_ms(),
-            commit_ms: None,
+    /// An operator's rollback: the open round ends (its updates were built on the version
+    /// being rolled back), and `version`'s parameters and strategy state become a new
+    /// version. A rollback to a version that is not stored changes nothing.
+    async fn rollback(&mut self, phase: Phase, version: u64) -> (Result<u64, EngineError>, Phase) {
+        let target = match self
+            .store
+            .version(&self.def.name, &self.def.spec, version)
+            .await
+        {
+            Ok(Some(v)) => v,
+            Ok(None) => return (Err(EngineError::UnknownVersion(version)), phase),
+            Err(e) => return (Err(e.into()), phase),
         };
+        if let Err(e) = self.strategy.restore(&target.strategy_state) {
+            tracing::error!(task = %self.def.name, error = %e, "cannot restore the strategy state");
+            return (Err(EngineError::UnknownVersion(version)), phase);
+        }
+        let new_version = self.model.version + 1;
+        let mut record = self.abandoned(phase.summary(), AbandonReason::RolledBack);
+        record.version = Some(new_version);
+        let stored = StoredVersion {
+            version: new_version,
+            params: target.params,
+            strategy_state: target.strategy_state,
+        };
+        if let Err(e) = self
+            .store
+            .record_round(&self.def.name, &record, Some(&stored), &self.def.retention)
+            .await
+        {
+            tracing::error!(task = %self.def.name, error = %e, "could not store the rollback");
+            return (Err(e.into()), phase);
+        }
+        tracing::warn!(
+            task = %self.def.name, from = self.model.version, to = version, new_version,
+            "rolled back"
+        );
+        self.model = model_state(&self.def, new_version, stored.params);
+        self.metrics.count_round(false);
+        let next = self.open_next(record).await;
+        (Ok(new_version), Phase::Open(next))
+    }
+
+    /// Checks a commit's next parameters: finite, and a step no longer than the task's bound
+    /// (the weighted mean of updates within the bound is within it too, so only a strategy
+    /// fault or an overflow can break it).
+    fn check_step(&self, next: &Parameters) -> Result<(), AbandonReason> {
+        let mut sq = 0.0f64;
+        for ((_, new), (_, old)) in next.iter().zip(self.model.params.iter()) {
+            for (&a, &b) in new.data().iter().zip(old.data()) {
+                if !a.is_finite() {
+                    return Err(AbandonReason::NonFiniteModel);
+                }
+                let d = f64::from(a) - f64::from(b);
+                sq += d * d;
+            }
+        }
+        // Rounding the new parameters to f32 may lengthen the step by a hair.
+        if sq.sqrt() > self.def.max_update_norm * (1.0 + 1e-5) + 1e-6 {
+            return Err(AbandonReason::StepTooLarge);
+        }
+        Ok(())
+    }
+
+    /// Closes a round and opens the next one. A commit is checked, then durable, then
+    /// announced; any failure abandons the round with its reason and keeps the model.
+    async fn close(&mut self, summary: RoundSummary, closed: ClosedRound) -> OpenRound {
+        let number = summary.number;
+        let mut record = self.abandoned(summary, AbandonReason::BelowMinimum);
         let closing_started = std::time::Instant::now();
-        let next_params = match round.close() {
-            ClosedRound::Commit { aggregate } => {
-                record.examples = aggregate.examples();
-                record.mean_loss = aggregate.mean_loss();
-                record.mean_accuracy = aggregate.mean_accuracy();
-                match self.strategy.next_params(&self.model.params, &aggregate) {
-                    Ok(params) => Some(params),
+        let next_params = match closed {
+            ClosedRound::Commit { sum } => {
+                match self.strategy.next_params(&self.model.params, &sum) {
+                    Ok(params) => match self.check_step(&params) {
+                        Ok(()) => {
+                            record.examples = sum.examples();
+                            record.mean_loss = sum.mean_loss();
+                            record.mean_accuracy = sum.mean_accuracy();
+                            Ok(params)
+                        }
+                        Err(reason) => Err(reason),
+                    },
                     Err(e) => {
                         tracing::error!(task = %self.def.name, round = number, error = %e,
                             "strategy failed; round abandoned");
-                        None
+                        Err(AbandonReason::StrategyFailed)
                     }
                 }
             }
-            ClosedRound::Abandon { updates } => {
-                tracing::info!(
-                    task = %self.def.name, round = number, updates,
-                    min = self.def.rounds.min, "round abandoned at its deadline"
-                );
-                None
-            }
+            ClosedRound::Abandon { reason, .. } => Err(reason),
         };
         let committed = match next_params {
-            Some(params) => {
-                let checkpoint = Checkpoint {
+            Ok(params) => {
+                let stored = StoredVersion {
                     version: self.model.version + 1,
                     params,
+                    strategy_state: self.strategy.state(),
                 };
                 let mut done = record.clone();
                 done.status = RoundStatus::Committed;
-                done.version = Some(checkpoint.version);
+                done.reason = None;
+                done.version = Some(stored.version);
                 done.commit_ms = Some(closing_started.elapsed().as_secs_f64() * 1e3);
                 // Durable first, announced after (invariant 4).
                 match self
                     .store
-                    .record_round(&self.def.name, &done, Some(&checkpoint))
+                    .record_round(&self.def.name, &done, Some(&stored), &self.def.retention)
                     .await
                 {
                     Ok(()) => {
                         record = done;
-                        self.model = model_state(&self.def, checkpoint.version, checkpoint.params);
+                        self.model = model_state(&self.def, stored.version, stored.params);
                         tracing::info!(
                             task = %self.def.name, round = number, version = self.model.version,
                             participants = record.participants, examples = record.examples,
@@ -291,35 +418,78 @@ impl Actor {
                     Err(e) => {
                         tracing::error!(task = %self.def.name, round = number, error = %e,
                             "could not store the round's checkpoint; round abandoned");
+                        record.reason = Some(AbandonReason::StorageFailed);
                         false
                     }
                 }
             }
-            None => false,
+            Err(reason) => {
+                record.reason = Some(reason);
+                let level_warn = reason != AbandonReason::BelowMinimum;
+                if level_warn {
+                    tracing::warn!(task = %self.def.name, round = number, reason = reason.as_str(),
+                        "round abandoned; the model stays");
+                } else {
+                    tracing::info!(task = %self.def.name, round = number,
+                        updates = summary.updates, min = self.def.rounds.min,
+                        "round abandoned at its deadline");
+                }
+                false
+            }
         };
         if !committed {
-            if let Err(e) = self.store.record_round(&self.def.name, &record, None).await {
+            if let Err(e) = self
+                .store
+                .record_round(&self.def.name, &record, None, &self.def.retention)
+                .await
+            {
                 tracing::error!(task = %self.def.name, round = number, error = %e,
                     "could not record the abandoned round");
             }
         }
         self.metrics.count_round(committed);
+        self.open_next(record).await
+    }
+
+    /// The record of a round that ends without a new version: no statistics beyond its
+    /// participant count (nothing is published about a round that did not commit).
+    fn abandoned(&self, summary: RoundSummary, reason: AbandonReason) -> RoundRecord {
+        RoundRecord {
+            round: summary.number,
+            status: RoundStatus::Abandoned,
+            reason: Some(reason),
+            base_version: summary.base_version,
+            version: None,
+            participants: summary.updates,
+            examples: 0,
+            mean_loss: None,
+            mean_accuracy: None,
+            started_at_ms: summary.started_at_ms,
+            ended_at_ms: self.clock.unix_ms(),
+            commit_ms: None,
+        }
+    }
+
+    /// Opens the round after `record`'s on the current model and publishes the model, the
+    /// new round and the finished round's record together.
+    async fn open_next(&mut self, record: RoundRecord) -> OpenRound {
+        let number = record.round;
         if let Err(e) = self.store.open_round(&self.def.name, number + 1).await {
             tracing::error!(task = %self.def.name, error = %e, "could not record the round number");
         }
-        let next = OpenRound::open(
+        let next = open_round(
+            &self.def,
+            &self.layout,
+            &*self.clock,
+            self.partial_sums,
             number + 1,
             self.model.version,
-            &self.layout,
-            &self.def.rounds,
-            self.shards,
-            now_ms(),
-            Instant::now(),
         );
         let model = self.model.clone();
+        let round_info = next.info();
         self.status.send_modify(|s| {
             s.model = model;
-            s.round = next.info();
+            s.round = round_info;
             s.last_round = Some(record);
         });
         next

@@ -1,23 +1,27 @@
 //! The round engine. One tokio task owns each task's round state ([`actor`]); handlers talk
 //! to it through a [`TaskHandle`], and read-mostly state (the current model, the open round)
 //! is published through a `watch` channel. No HTTP types here: the same engine serves the
-//! HTTP API and an in-memory transport.
+//! HTTP API and an in-memory transport, on the [`clock::Clock`] it is given.
 //!
-//! - [`round`]: the phases of a round as types (open, then closed as committed or abandoned).
-//! - [`shards`]: per-core partial aggregates, so uploads fold in parallel without a global lock.
+//! - [`round`]: the round as a phase machine (open, draining, closed as committed or
+//!   abandoned).
+//! - [`partial`]: per-core partial sums, so uploads fold in parallel without a global lock.
+//! - [`clock`]: real and virtual time.
 //! - [`actor`]: the task that owns the round state.
 
 mod actor;
+pub mod clock;
+pub mod partial;
 pub mod round;
-pub mod shards;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
-use starling_core::params::Layout;
-use starling_core::update::{self, UpdateError};
+use starling_core::protocol::ErrorCode;
+use starling_core::update::{self, CheckedUpdate, Rules, UpdateError};
 use starling_core::{ModelSpec, Parameters, Plan};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -26,6 +30,7 @@ use crate::settings::{RoundPolicy, TaskDefinition};
 use crate::store::{Store, StoreError};
 
 pub use actor::spawn;
+pub use clock::{Clock, SystemClock, VirtualClock};
 
 /// Why the engine refused a request. Every refusal leaves the aggregate untouched.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +60,12 @@ pub enum EngineError {
     /// The assignment already delivered its update.
     #[error("this assignment already delivered its update")]
     Duplicate,
+    /// The token in the upload's header differs from the one in its metadata.
+    #[error("the upload's header token differs from the token in its metadata")]
+    TokenMismatch,
+    /// No stored version with this number (never committed, or not retained).
+    #[error("task has no stored version {0}")]
+    UnknownVersion(u64),
     /// The engine is shutting down.
     #[error("the task is shutting down")]
     Unavailable,
@@ -64,30 +75,66 @@ pub enum EngineError {
 }
 
 impl EngineError {
-    /// A stable, machine-readable code for the refusal.
-    pub fn code(&self) -> &'static str {
+    /// The stable, machine-readable code of the refusal; its HTTP status comes with it.
+    pub fn code(&self) -> ErrorCode {
         use starling_core::params::ParamsError;
         match self {
             EngineError::Update(UpdateError::Params(ParamsError::Malformed(_))) => {
-                "malformed_update"
+                ErrorCode::MalformedUpdate
             }
-            EngineError::Update(UpdateError::Params(_)) => "wrong_tensors",
+            EngineError::Update(UpdateError::Params(_)) => ErrorCode::WrongTensors,
             EngineError::Update(
                 UpdateError::MissingField(_)
                 | UpdateError::InvalidField { .. }
                 | UpdateError::UnknownField(_),
-            ) => "invalid_metadata",
-            EngineError::Update(UpdateError::NoExamples(_)) => "invalid_examples",
-            EngineError::Update(UpdateError::NotFinite(_)) => "not_finite",
-            EngineError::Update(UpdateError::NormTooLarge { .. }) => "norm_too_large",
-            EngineError::UnknownRound(_) => "unknown_round",
-            EngineError::RoundClosed(_) => "round_closed",
-            EngineError::StaleVersion { .. } => "stale_version",
-            EngineError::UnknownToken(_) => "invalid_token",
-            EngineError::Duplicate => "duplicate_update",
-            EngineError::Unavailable => "unavailable",
-            EngineError::Store(_) => "internal",
+            ) => ErrorCode::InvalidMetadata,
+            EngineError::Update(UpdateError::NoExamples(_)) => ErrorCode::InvalidExamples,
+            EngineError::Update(UpdateError::NotFinite(_)) => ErrorCode::NotFinite,
+            EngineError::Update(UpdateError::NormTooLarge { .. }) => ErrorCode::NormTooLarge,
+            EngineError::UnknownRound(_) => ErrorCode::UnknownRound,
+            EngineError::UnknownVersion(_) => ErrorCode::UnknownVersion,
+            EngineError::RoundClosed(_) => ErrorCode::RoundClosed,
+            EngineError::StaleVersion { .. } => ErrorCode::StaleVersion,
+            EngineError::UnknownToken(_) | EngineError::TokenMismatch => ErrorCode::InvalidToken,
+            EngineError::Duplicate => ErrorCode::DuplicateUpdate,
+            EngineError::Unavailable => ErrorCode::Unavailable,
+            EngineError::Store(_) => ErrorCode::Internal,
         }
+    }
+}
+
+/// Who checks in: the id a device chose for itself, and the address it connects from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Caller {
+    /// An opaque id the device chose (at most one assignment per round).
+    pub device: Option<String>,
+    /// The client's network address (at most `max_assignments_per_address` per round).
+    pub address: Option<IpAddr>,
+}
+
+impl Caller {
+    /// A device known only by its id (the simulator's devices).
+    pub fn device(id: impl Into<String>) -> Self {
+        Self {
+            device: Some(id.into()),
+            address: None,
+        }
+    }
+}
+
+/// One upload: its body and, over HTTP, the token its header named (which must equal the
+/// token in its metadata).
+#[derive(Debug, Default)]
+pub struct Upload {
+    /// The token of the upload's header, if it came with one.
+    pub token: Option<String>,
+    /// The safetensors body; zeroed by the engine once it is folded or refused.
+    pub body: Vec<u8>,
+}
+
+impl From<Vec<u8>> for Upload {
+    fn from(body: Vec<u8>) -> Self {
+        Self { token: None, body }
     }
 }
 
@@ -174,14 +221,19 @@ pub struct TaskStatus {
 /// cost one message, not a thousand; the HTTP handlers send batches of one.
 pub(crate) enum Command {
     CheckIn {
-        devices: Vec<Option<String>>,
+        callers: Vec<Caller>,
         reply: oneshot::Sender<Vec<CheckIn>>,
+    },
+    Admit {
+        round: u64,
+        token: String,
+        reply: oneshot::Sender<Result<(), EngineError>>,
     },
     Reserve {
         round: u64,
         /// `(base_version, token)` of each update, in order.
         updates: Vec<(u64, String)>,
-        reply: oneshot::Sender<Vec<Result<Arc<shards::Shards>, EngineError>>>,
+        reply: oneshot::Sender<Vec<Result<Arc<partial::PartialSums>, EngineError>>>,
     },
     Folded {
         round: u64,
@@ -191,24 +243,26 @@ pub(crate) enum Command {
         round: u64,
         tokens: Vec<String>,
     },
-    Expire {
-        round: u64,
+    Rollback {
+        version: u64,
+        reply: oneshot::Sender<Result<u64, EngineError>>,
     },
 }
 
 /// A cheap, cloneable handle to one task's engine.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct TaskHandle {
     inner: Arc<HandleInner>,
 }
 
+#[derive(Debug)]
 struct HandleInner {
     name: String,
     spec: ModelSpec,
     plan: Plan,
     policy: RoundPolicy,
-    layout: Layout,
-    max_update_norm: Option<f64>,
+    rules: Rules,
+    max_upload_bytes: usize,
     tx: mpsc::Sender<Command>,
     status: watch::Receiver<TaskStatus>,
     metrics: Arc<Metrics>,
@@ -235,6 +289,12 @@ impl TaskHandle {
         &self.inner.policy
     }
 
+    /// The largest upload body this task can need: its model's values plus a header
+    /// allowance. Larger uploads are refused before they are read.
+    pub fn max_upload_bytes(&self) -> usize {
+        self.inner.max_upload_bytes
+    }
+
     /// The current status (model and open round).
     pub fn status(&self) -> TaskStatus {
         self.inner.status.borrow().clone()
@@ -245,28 +305,40 @@ impl TaskHandle {
         self.inner.status.clone()
     }
 
-    /// A device asks for work. `device` is an opaque id the device chose for itself; a device
-    /// that names one gets at most one assignment per round.
-    pub async fn check_in(&self, device: Option<String>) -> Result<CheckIn, EngineError> {
-        let mut answers = self.check_in_many(vec![device]).await?;
-        Ok(answers.pop().expect("one answer per device"))
+    /// A device asks for work.
+    pub async fn check_in(&self, caller: Caller) -> Result<CheckIn, EngineError> {
+        let mut answers = self.check_in_many(vec![caller]).await?;
+        Ok(answers.pop().expect("one answer per caller"))
     }
 
     /// Several devices ask for work, answered in order (one message to the task).
-    pub async fn check_in_many(
-        &self,
-        devices: Vec<Option<String>>,
-    ) -> Result<Vec<CheckIn>, EngineError> {
+    pub async fn check_in_many(&self, callers: Vec<Caller>) -> Result<Vec<CheckIn>, EngineError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::CheckIn { devices, reply }).await?;
+        self.send(Command::CheckIn { callers, reply }).await?;
         rx.await.map_err(|_| EngineError::Unavailable)
     }
 
-    /// Declares round `round`'s deadline passed now, whatever the clock says: a simulation's
-    /// virtual clock drives deadlines this way. The round then commits if it reached its
-    /// minimum and is abandoned otherwise.
-    pub async fn expire_round(&self, round: u64) -> Result<(), EngineError> {
-        self.send(Command::Expire { round }).await
+    /// Whether an upload to `round` with `token` may send its body: the round is the open
+    /// one and the token is an assignment of it that has not delivered. A cheap check, so
+    /// that nobody without an assignment makes the server read (and buffer) a body.
+    pub async fn admit_upload(&self, round: u64, token: &str) -> Result<(), EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Admit {
+            round,
+            token: token.to_string(),
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| EngineError::Unavailable)?
+    }
+
+    /// Rolls the task back to the stored version `version`: the open round is abandoned and
+    /// a new version (the next number, so caches never confuse the two) with `version`'s
+    /// parameters and strategy state is committed. Returns the new version's number.
+    pub async fn rollback(&self, version: u64) -> Result<u64, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Rollback { version, reply }).await?;
+        rx.await.map_err(|_| EngineError::Unavailable)?
     }
 
     async fn send(&self, cmd: Command) -> Result<(), EngineError> {
@@ -278,10 +350,10 @@ impl TaskHandle {
     }
 
     /// Checks an update (off the async reactor), reserves its assignment, folds it into a
-    /// partial aggregate and reports it to the round. The body is dropped afterwards: nothing
-    /// of it is kept but its contribution to the sums.
-    pub async fn upload(&self, round: u64, body: Bytes) -> Result<Receipt, EngineError> {
-        let mut results = self.upload_many(round, vec![body]).await;
+    /// partial sum and reports it to the round. Nothing of the body is kept but its
+    /// contribution to the sums, and its bytes are zeroed.
+    pub async fn upload(&self, round: u64, upload: Upload) -> Result<Receipt, EngineError> {
+        let mut results = self.upload_many(round, vec![upload]).await;
         results.pop().expect("one result per update")
     }
 
@@ -289,59 +361,59 @@ impl TaskHandle {
     /// pass, one message to reserve, one fold pass, one report — the same steps as a single
     /// upload, batched for an in-memory transport. Updates fold in order, so the result does
     /// not depend on timing.
+    ///
+    /// The steps run in a task of their own: a caller that goes away (a client hanging up
+    /// mid-request) cannot cancel them halfway, so every reservation is either folded or
+    /// released, never stranded.
     pub async fn upload_many(
         &self,
         round: u64,
-        bodies: Vec<Bytes>,
+        uploads: Vec<Upload>,
     ) -> Vec<Result<Receipt, EngineError>> {
-        let results = self.upload_batch(round, bodies).await;
-        for r in &results {
-            self.inner.metrics.count_update(r);
+        let n = uploads.len();
+        let handle = self.clone();
+        let job = tokio::spawn(async move {
+            let results = handle.upload_batch(round, uploads).await;
+            for r in &results {
+                handle.inner.metrics.count_update(r);
+            }
+            results
+        });
+        match job.await {
+            Ok(results) => results,
+            Err(_) => (0..n).map(|_| Err(EngineError::Unavailable)).collect(),
         }
-        results
     }
 
     async fn upload_batch(
         &self,
         round: u64,
-        bodies: Vec<Bytes>,
+        uploads: Vec<Upload>,
     ) -> Vec<Result<Receipt, EngineError>> {
-        let n = bodies.len();
-        let all = |e: fn() -> EngineError| (0..n).map(|_| Err(e())).collect::<Vec<_>>();
-        // The vectorised kernels read tensors in place when the body is 8-byte aligned (the
-        // safetensors header keeps that alignment); a body that landed at an odd offset of a
-        // network buffer is copied once instead of being read byte by byte twice.
-        let bodies: Vec<Bytes> = bodies
-            .into_iter()
-            .map(|b| {
-                if b.as_ptr().align_offset(8) == 0 {
-                    b
-                } else {
-                    Bytes::copy_from_slice(&b)
-                }
-            })
-            .collect();
-        let layout = self.inner.layout.clone();
-        let bound = self.inner.max_update_norm;
+        let n = uploads.len();
+        let rules = self.inner.rules.clone();
         let checked = tokio::task::spawn_blocking(move || {
-            bodies
+            uploads
                 .into_iter()
-                .map(|b| {
-                    let meta = update::decode(&b, &layout, bound)?.meta;
-                    Ok::<_, EngineError>((b, meta))
+                .map(|u| {
+                    let checked = update::check(u.body, &rules)?;
+                    if u.token.as_ref().is_some_and(|t| *t != checked.meta().token) {
+                        return Err(EngineError::TokenMismatch);
+                    }
+                    Ok(checked)
                 })
                 .collect::<Vec<_>>()
         })
         .await;
         let Ok(checked) = checked else {
-            return all(|| EngineError::Unavailable);
+            return (0..n).map(|_| Err(EngineError::Unavailable)).collect();
         };
         let mut results: Vec<Result<Receipt, EngineError>> = Vec::with_capacity(n);
-        let mut valid = Vec::new();
+        let mut valid: Vec<(usize, CheckedUpdate)> = Vec::new();
         for (i, c) in checked.into_iter().enumerate() {
             match c {
-                Ok((body, meta)) => {
-                    valid.push((i, body, meta));
+                Ok(u) => {
+                    valid.push((i, u));
                     results.push(Err(EngineError::Unavailable));
                 }
                 Err(e) => results.push(Err(e)),
@@ -354,7 +426,7 @@ impl TaskHandle {
         let (reply, rx) = oneshot::channel();
         let updates = valid
             .iter()
-            .map(|(_, _, m)| (m.base_version, m.token.clone()))
+            .map(|(_, u)| (u.meta().base_version, u.meta().token.clone()))
             .collect();
         if self
             .send(Command::Reserve {
@@ -371,9 +443,9 @@ impl TaskHandle {
             return results;
         };
         let mut to_fold = Vec::new();
-        for ((i, body, meta), r) in valid.into_iter().zip(reserved) {
+        for ((i, u), r) in valid.into_iter().zip(reserved) {
             match r {
-                Ok(shards) => to_fold.push((i, body, meta.token, shards)),
+                Ok(sums) => to_fold.push((i, u, sums)),
                 Err(e) => results[i] = Err(e),
             }
         }
@@ -381,79 +453,45 @@ impl TaskHandle {
             return results;
         }
 
-        // Folding and reporting run in their own task so that a client hanging up cannot
-        // leave the round waiting for an update that was reserved but never reported.
-        let handle = self.clone();
-        let done = tokio::spawn(async move {
-            let layout = handle.inner.layout.clone();
-            let tokens: Vec<String> = to_fold.iter().map(|(_, _, t, _)| t.clone()).collect();
-            let folded = tokio::task::spawn_blocking(move || {
-                to_fold
-                    .into_iter()
-                    .map(|(i, body, token, shards)| {
-                        let r = update::decode_unchecked(&body, &layout).map(|v| shards.fold(&v));
-                        (i, token, r)
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .await;
-            let Ok(folded) = folded else {
-                // The fold panicked: free the assignments so the round does not wait for them.
-                let _ = handle.send(Command::Released { round, tokens }).await;
-                return Err(EngineError::Unavailable);
-            };
-            let (mut ok, mut failed) = (Vec::new(), Vec::new());
-            let mut out = Vec::with_capacity(folded.len());
-            for (i, token, r) in folded {
-                match r {
-                    Ok(count) => {
-                        ok.push(token);
-                        out.push((
-                            i,
-                            Ok(Receipt {
-                                round,
-                                updates_in_round: count,
-                            }),
-                        ));
-                    }
-                    Err(e) => {
-                        failed.push(token);
-                        out.push((i, Err(EngineError::Update(e))));
-                    }
-                }
-            }
-            if !failed.is_empty() {
-                let _ = handle
-                    .send(Command::Released {
-                        round,
-                        tokens: failed,
-                    })
-                    .await;
-            }
-            if !ok.is_empty() {
-                handle.send(Command::Folded { round, tokens: ok }).await?;
-            }
-            Ok::<_, EngineError>(out)
+        let tokens: Vec<String> = to_fold
+            .iter()
+            .map(|(_, u, _)| u.meta().token.clone())
+            .collect();
+        let folded = tokio::task::spawn_blocking(move || {
+            to_fold
+                .into_iter()
+                .map(|(i, u, sums)| (i, sums.fold(u)))
+                .collect::<Vec<_>>()
         })
         .await;
-        if let Ok(Ok(out)) = done {
-            for (i, r) in out {
-                results[i] = r;
-            }
+        let Ok(folded) = folded else {
+            // The fold panicked: free the assignments so the round does not wait for them.
+            let _ = self.send(Command::Released { round, tokens }).await;
+            return results;
+        };
+        for (i, count) in folded {
+            results[i] = Ok(Receipt {
+                round,
+                updates_in_round: count,
+            });
+        }
+        if self.send(Command::Folded { round, tokens }).await.is_err() {
+            return (0..n).map(|_| Err(EngineError::Unavailable)).collect();
         }
         results
     }
 }
 
-/// Starts the engines of all tasks on one store.
+/// Starts the engines of all tasks on one store and one clock.
 pub async fn start_tasks(
     defs: Vec<TaskDefinition>,
     store: Store,
     metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
 ) -> Result<Vec<TaskHandle>, EngineError> {
     let mut handles = Vec::with_capacity(defs.len());
     for def in defs {
-        handles.push(spawn(def, store.clone(), metrics.clone()).await?);
+        handles.push(spawn(def, store.clone(), metrics.clone(), clock.clone()).await?);
     }
     Ok(handles)
 }

@@ -1,0 +1,82 @@
+//! `starling admin`: operate a running server through its admin API, authenticated with the
+//! admin token (`STARLING_ADMIN_TOKEN`, never a flag, so it stays out of shell history and
+//! process lists).
+
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use starling_core::protocol::{ErrorBody, RollbackAnswer, RollbackRequest, ADMIN_TOKEN_HEADER};
+
+/// `starling admin` subcommands.
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Roll a task back to an earlier committed version: the open round is abandoned and the
+    /// old parameters become a new version.
+    Rollback(RollbackArgs),
+}
+
+/// Arguments of `starling admin rollback`.
+#[derive(clap::Args)]
+pub struct RollbackArgs {
+    /// The server's base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080", env = "STARLING_SERVER")]
+    server: String,
+    /// The task.
+    #[arg(long)]
+    task: String,
+    /// The stored version to go back to.
+    #[arg(long)]
+    version: u64,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(command: Command) -> anyhow::Result<ExitCode> {
+    let token = std::env::var("STARLING_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .context("set STARLING_ADMIN_TOKEN to the server's admin token")?;
+    match command {
+        Command::Rollback(a) => crate::runtime()?.block_on(rollback(a, &token)),
+    }
+}
+
+async fn rollback(a: RollbackArgs, token: &str) -> anyhow::Result<ExitCode> {
+    let url = format!(
+        "{}/v1/admin/tasks/{}/rollback",
+        a.server.trim_end_matches('/'),
+        a.task
+    );
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .header(ADMIN_TOKEN_HEADER, token)
+        .json(&RollbackRequest { version: a.version })
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    let status = resp.status();
+    let body = resp.bytes().await.context("reading the answer")?;
+    if !status.is_success() {
+        match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(e) => bail!(
+                "{} ({}): {}",
+                e.error.code,
+                status.as_u16(),
+                e.error.message
+            ),
+            Err(_) => bail!("the server answered {status}"),
+        }
+    }
+    let answer: RollbackAnswer =
+        serde_json::from_slice(&body).context("the server's answer is not a rollback answer")?;
+    if a.json {
+        println!("{}", serde_json::to_string(&answer)?);
+    } else {
+        println!(
+            "task `{}` rolled back to version {}: it is now version {}",
+            answer.task, answer.restored, answer.version
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

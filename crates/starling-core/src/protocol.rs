@@ -1,0 +1,407 @@
+//! The protocol between devices and the server, defined once: the typed requests and answers
+//! of the HTTP API v1, the header names, and every error code with its HTTP status. The server
+//! answers with these types, the native client and the browser app read them, and the OpenAPI
+//! document is checked against them (`starling-server/tests/protocol.rs`). Plain serde types,
+//! so the module builds for `wasm32-unknown-unknown` like the rest of the core.
+
+use serde::{Deserialize, Serialize};
+
+use crate::train::Plan;
+
+/// The header that carries an upload's token, so that the server checks the assignment before
+/// it reads (and buffers) the body. It must equal the `token` in the update's metadata.
+pub const TOKEN_HEADER: &str = "x-starling-token";
+
+/// The header that carries the admin token on the admin API (`/v1/admin/...`).
+pub const ADMIN_TOKEN_HEADER: &str = "x-starling-admin-token";
+
+/// The header that carries the served model's version beside its `ETag`.
+pub const VERSION_HEADER: &str = "x-starling-version";
+
+/// Every reason the server refuses a request: a stable, machine-readable code and the HTTP
+/// status it is answered with. The status comes from here and nowhere else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// No such endpoint.
+    NotFound,
+    /// The endpoint exists but not for this method.
+    MethodNotAllowed,
+    /// A control request (check-in body, query) is not what the endpoint takes.
+    BadRequest,
+    /// No task with that name.
+    UnknownTask,
+    /// The round number was never opened, or is not a canonical decimal number.
+    UnknownRound,
+    /// Empty body, or not a valid safetensors file.
+    MalformedUpdate,
+    /// Metadata missing, unparsable, out of range, or a field the protocol does not define.
+    InvalidMetadata,
+    /// Tensor names, shapes or dtypes differ from the model's.
+    WrongTensors,
+    /// The example count is zero, negative, or beyond the protocol's limit.
+    InvalidExamples,
+    /// A tensor holds NaN or an infinity.
+    NotFinite,
+    /// The update's L2 norm exceeds the task's bound.
+    NormTooLarge,
+    /// An upload without its token header.
+    MissingToken,
+    /// The token is not an assignment of this round (or does not match the body's).
+    InvalidToken,
+    /// The update is built on another version than the round trains.
+    StaleVersion,
+    /// The round is over or closing.
+    RoundClosed,
+    /// This assignment already delivered its update.
+    DuplicateUpdate,
+    /// The body exceeds the endpoint's (for uploads: the task's) size limit.
+    PayloadTooLarge,
+    /// The request's URI is longer than the server reads.
+    UriTooLong,
+    /// The client sent its request or body too slowly.
+    RequestTimeout,
+    /// Too many uploads are in flight; come back after `Retry-After`.
+    Busy,
+    /// An admin call without the right admin token (or with the admin API off).
+    Unauthorized,
+    /// No stored model version with that number (never committed, or no longer kept).
+    UnknownVersion,
+    /// The task's engine is shutting down.
+    Unavailable,
+    /// The server failed (storage); details are in its log, not in the answer.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Every code, in the order of the documentation.
+    pub const ALL: [ErrorCode; 24] = [
+        ErrorCode::NotFound,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::BadRequest,
+        ErrorCode::UnknownTask,
+        ErrorCode::UnknownRound,
+        ErrorCode::UnknownVersion,
+        ErrorCode::MalformedUpdate,
+        ErrorCode::InvalidMetadata,
+        ErrorCode::WrongTensors,
+        ErrorCode::InvalidExamples,
+        ErrorCode::NotFinite,
+        ErrorCode::NormTooLarge,
+        ErrorCode::MissingToken,
+        ErrorCode::Unauthorized,
+        ErrorCode::InvalidToken,
+        ErrorCode::StaleVersion,
+        ErrorCode::RoundClosed,
+        ErrorCode::DuplicateUpdate,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::UriTooLong,
+        ErrorCode::RequestTimeout,
+        ErrorCode::Busy,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+    ];
+
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownTask => "unknown_task",
+            ErrorCode::UnknownRound => "unknown_round",
+            ErrorCode::MalformedUpdate => "malformed_update",
+            ErrorCode::InvalidMetadata => "invalid_metadata",
+            ErrorCode::WrongTensors => "wrong_tensors",
+            ErrorCode::InvalidExamples => "invalid_examples",
+            ErrorCode::NotFinite => "not_finite",
+            ErrorCode::NormTooLarge => "norm_too_large",
+            ErrorCode::MissingToken => "missing_token",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::StaleVersion => "stale_version",
+            ErrorCode::RoundClosed => "round_closed",
+            ErrorCode::DuplicateUpdate => "duplicate_update",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::UriTooLong => "uri_too_long",
+            ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::Busy => "busy",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::UnknownVersion => "unknown_version",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// The code named `s` on the wire, if there is one.
+    pub fn parse(s: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    /// The HTTP status the code is answered with.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest | ErrorCode::MalformedUpdate | ErrorCode::InvalidMetadata => 400,
+            ErrorCode::MissingToken | ErrorCode::Unauthorized => 401,
+            ErrorCode::InvalidToken => 403,
+            ErrorCode::NotFound
+            | ErrorCode::UnknownTask
+            | ErrorCode::UnknownRound
+            | ErrorCode::UnknownVersion => 404,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::RequestTimeout => 408,
+            ErrorCode::StaleVersion | ErrorCode::RoundClosed | ErrorCode::DuplicateUpdate => 409,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::UriTooLong => 414,
+            ErrorCode::WrongTensors
+            | ErrorCode::InvalidExamples
+            | ErrorCode::NotFinite
+            | ErrorCode::NormTooLarge => 422,
+            ErrorCode::Internal => 500,
+            ErrorCode::Busy | ErrorCode::Unavailable => 503,
+        }
+    }
+
+    /// Whether a device should try the same request again later (after `Retry-After` when
+    /// the answer has one): the server's own trouble, not the request's.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::Busy
+                | ErrorCode::Unavailable
+                | ErrorCode::Internal
+                | ErrorCode::RequestTimeout
+        )
+    }
+
+    /// When the server answers with this code, for people (the README's error table).
+    pub fn description(self) -> &'static str {
+        match self {
+            ErrorCode::NotFound => "no such endpoint",
+            ErrorCode::MethodNotAllowed => "the endpoint does not take this method",
+            ErrorCode::BadRequest => {
+                "the check-in body is not `{\"device\": \"<1 to 128 characters>\"}`"
+            }
+            ErrorCode::UnknownTask => "no task with that name",
+            ErrorCode::UnknownRound => {
+                "the round number was never opened, or is not a plain decimal number"
+            }
+            ErrorCode::MalformedUpdate => "empty body, or not a valid safetensors file",
+            ErrorCode::InvalidMetadata => {
+                "`base_version`, `examples` or `token` missing or not a plain decimal number; \
+                 `loss` unparsable, negative or not finite; `accuracy` outside [0, 1]; \
+                 any other metadata field"
+            }
+            ErrorCode::WrongTensors => {
+                "tensor names, shapes or dtypes (F32 only) differ from the model's"
+            }
+            ErrorCode::InvalidExamples => "`examples` is zero, negative, or above 1,000,000,000",
+            ErrorCode::NotFinite => "a tensor holds NaN or an infinity",
+            ErrorCode::NormTooLarge => "the update's L2 norm exceeds the task's `max_update_norm`",
+            ErrorCode::MissingToken => "an upload without the `X-Starling-Token` header",
+            ErrorCode::InvalidToken => {
+                "the token is not an assignment of this round, or differs from the body's"
+            }
+            ErrorCode::StaleVersion => "`base_version` is not the version this round trains",
+            ErrorCode::RoundClosed => {
+                "the round is over (committed or abandoned), or closing (goal reached or \
+                 deadline passed)"
+            }
+            ErrorCode::DuplicateUpdate => "this assignment already delivered its update",
+            ErrorCode::PayloadTooLarge => {
+                "the body exceeds the limit: for an upload, the task's model size plus a \
+                 header allowance; otherwise `max_body_bytes`"
+            }
+            ErrorCode::UriTooLong => "the URI is longer than 8 KiB",
+            ErrorCode::RequestTimeout => {
+                "the request headers or body did not arrive within the server's timeouts"
+            }
+            ErrorCode::Busy => {
+                "too many uploads are in flight; come back after `Retry-After` seconds"
+            }
+            ErrorCode::Unavailable => "the task's engine is shutting down",
+            ErrorCode::Unauthorized => {
+                "an admin call without the right `X-Starling-Admin-Token`, or the admin API is \
+                 off (no `server.admin_token`)"
+            }
+            ErrorCode::UnknownVersion => {
+                "no stored model version with that number (never committed, or no longer kept)"
+            }
+            ErrorCode::Internal => "the server failed (storage); the details are in its log",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Every error answer's body: `{"error": {"code", "message"}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// The error inside an [`ErrorBody`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// The stable code, as a string so that a client reads codes newer than itself.
+    pub code: String,
+    /// For people.
+    pub message: String,
+}
+
+impl ErrorBody {
+    /// An error answer.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            error: ErrorDetail {
+                code: code.as_str().to_string(),
+                message: message.into(),
+            },
+        }
+    }
+
+    /// The code, if this client knows it.
+    pub fn code(&self) -> Option<ErrorCode> {
+        ErrorCode::parse(&self.error.code)
+    }
+}
+
+/// The body of `POST /v1/tasks/{task}/checkin` (optional: an empty body is anonymous).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckInRequest {
+    /// An opaque id of 1 to [`MAX_DEVICE_ID`] characters the device chose for itself; a device
+    /// that names itself gets at most one assignment per round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+}
+
+/// The longest device id, in bytes.
+pub const MAX_DEVICE_ID: usize = 128;
+
+/// The answer to a check-in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum CheckInAnswer {
+    /// Work for a round.
+    Assigned {
+        /// The round.
+        round: u64,
+        /// The version to train from.
+        base_version: u64,
+        /// The upload token (send it in [`TOKEN_HEADER`] and in the update's metadata).
+        token: String,
+        /// Seconds left before the round's deadline.
+        deadline_secs: f64,
+        /// What to do.
+        plan: Plan,
+        /// Where to download the model.
+        model_url: String,
+        /// Where to upload the update.
+        upload_url: String,
+    },
+    /// Come back later (pace steering); also sent as a `Retry-After` header.
+    Retry {
+        /// Seconds to wait.
+        retry_after_secs: f64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The answer to an accepted upload (HTTP 202).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UploadReceipt {
+    /// Always `"accepted"`.
+    pub status: String,
+    /// The round the update went into.
+    pub round: u64,
+    /// Updates folded into that round so far, this one included.
+    pub updates_in_round: u64,
+}
+
+/// The body of `POST /v1/admin/tasks/{task}/rollback`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// The stored version to go back to.
+    pub version: u64,
+}
+
+/// The answer to a rollback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RollbackAnswer {
+    /// The task.
+    pub task: String,
+    /// The version whose parameters were restored.
+    pub restored: u64,
+    /// The new version, which holds them.
+    pub version: u64,
+}
+
+/// Parses a decimal number as the protocol writes it: ASCII digits only, no sign, no leading
+/// zero (except `0` itself), so that `+10`, `010` and ` 1` are not numbers.
+pub fn parse_canonical_u64(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.is_empty() || !b.iter().all(u8::is_ascii_digit) || (b.len() > 1 && b[0] == b'0') {
+        return None;
+    }
+    s.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_round_trips_and_has_an_error_status() {
+        for c in ErrorCode::ALL {
+            assert_eq!(ErrorCode::parse(c.as_str()), Some(c));
+            assert_eq!(
+                serde_json::to_value(c).unwrap(),
+                serde_json::json!(c.as_str())
+            );
+            assert!((400..600).contains(&c.status()), "{c}");
+            assert!(!c.description().is_empty());
+        }
+        let mut names: Vec<_> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ErrorCode::ALL.len(), "codes are distinct");
+    }
+
+    #[test]
+    fn canonical_numbers_only() {
+        assert_eq!(parse_canonical_u64("0"), Some(0));
+        assert_eq!(parse_canonical_u64("17"), Some(17));
+        for bad in [
+            "",
+            "+10",
+            "010",
+            "-1",
+            " 1",
+            "1 ",
+            "1e3",
+            "%31",
+            "18446744073709551616",
+        ] {
+            assert_eq!(parse_canonical_u64(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn check_in_answers_are_tagged_by_status() {
+        let retry: CheckInAnswer = serde_json::from_str(
+            r#"{"status":"retry","retry_after_secs":5.5,"reason":"the round is full"}"#,
+        )
+        .unwrap();
+        assert!(matches!(retry, CheckInAnswer::Retry { .. }));
+        let empty: CheckInRequest = serde_json::from_str("{}").unwrap();
+        assert_eq!(empty.device, None);
+        assert!(serde_json::from_str::<CheckInRequest>(r#"{"photo":"x"}"#).is_err());
+    }
+}
