@@ -5,8 +5,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use starling_core::params::Layout;
-use starling_core::update::{self, UpdateMeta};
+use starling_core::wire::params::Layout;
+use starling_core::wire::update::{self, UpdateMeta};
 use starling_core::{Parameters, Tensor, WeightedSum};
 
 /// One row of the aggregator benchmark.

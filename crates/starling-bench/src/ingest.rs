@@ -183,7 +183,7 @@ pub async fn run(o: &IngestOptions) -> Result<IngestRow, BenchError> {
             let r = http
                 .post(format!("{url}/v1/tasks/{task}/rounds/{round}/updates"))
                 .header(
-                    starling_core::protocol::TOKEN_HEADER,
+                    starling_core::wire::protocol::TOKEN_HEADER,
                     a["token"].as_str().unwrap_or_default(),
                 )
                 .body(body)

@@ -38,10 +38,10 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::Value;
-use starling_core::params::Layout;
-use starling_core::protocol::{self, CheckInAnswer, CheckInRequest, ErrorBody};
-use starling_core::update::{self, UpdateMeta};
-use starling_core::{checkpoint, Parameters, Tensor};
+use starling_core::wire::params::Layout;
+use starling_core::wire::protocol::{self, CheckInAnswer, CheckInRequest, ErrorBody};
+use starling_core::wire::update::{self, UpdateMeta};
+use starling_core::{wire::checkpoint, Parameters, Tensor};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;

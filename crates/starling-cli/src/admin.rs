@@ -5,7 +5,9 @@
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use starling_core::protocol::{ErrorBody, RollbackAnswer, RollbackRequest, ADMIN_TOKEN_HEADER};
+use starling_core::wire::protocol::{
+    ErrorBody, RollbackAnswer, RollbackRequest, ADMIN_TOKEN_HEADER,
+};
 
 /// `starling admin` subcommands.
 #[derive(clap::Subcommand)]

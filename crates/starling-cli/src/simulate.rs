@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
-use starling_core::{builtin, Dataset, Plan};
+use starling_core::{trainer::builtin, Dataset, Plan};
 use starling_sim::data::{self, Partition};
 use starling_sim::{Federation, Sample, SimConfig};
 
@@ -221,7 +221,7 @@ fn load(a: &Args) -> anyhow::Result<(Federation, usize, usize)> {
             let path = need(&a.data, "--data roles.json.gz", "shakespeare")?;
             let (devices, test) = data::load_shakespeare(&path, a.devices, 64, 0.2)?;
             let test = head(test, a.test_subset);
-            let classes = starling_core::datasets::shakespeare::VOCAB_SIZE;
+            let classes = starling_core::data::datasets::shakespeare::VOCAB_SIZE;
             let inputs = test.feature_dim();
             return Ok((Federation::new(devices, test), inputs, classes));
         }

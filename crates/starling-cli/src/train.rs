@@ -7,8 +7,8 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Map, Value};
 use starling_client::data::load_csv;
-use starling_core::train::{train, Plan};
-use starling_core::{builtin, Model};
+use starling_core::trainer::train::{train, Plan};
+use starling_core::{trainer::builtin, Model};
 
 /// Arguments of `starling train`.
 #[derive(clap::Args)]

@@ -7,9 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{files_under, http, starling, wait_version, write_config, ServeProcess};
-use starling_core::checkpoint;
 use starling_core::data::{synthetic_line, to_csv};
-use starling_core::update::{self, UpdateMeta};
+use starling_core::wire::checkpoint;
+use starling_core::wire::update::{self, UpdateMeta};
 use starling_core::{Parameters, Tensor};
 
 const LINEAR_TASK: &str = r#"

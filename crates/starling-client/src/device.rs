@@ -24,9 +24,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rand::Rng;
-use starling_core::checkpoint;
-use starling_core::protocol::{CheckInAnswer, ErrorCode};
-use starling_core::train::{self, check_data};
+use starling_core::trainer::train::{self, check_data};
+use starling_core::wire::checkpoint;
+use starling_core::wire::protocol::{CheckInAnswer, ErrorCode};
 use starling_core::{Dataset, Model, Parameters};
 use tokio::time::Instant;
 

@@ -1,7 +1,7 @@
 //! The Starling device runtime: check in, wait when told to, download the model, train on
 //! local data, upload the update, repeat — retrying with back-off while the server is
 //! unreachable or answers with its own failure. It knows the server only through the
-//! [`transport::Transport`] trait, and the protocol's types from [`starling_core::protocol`].
+//! [`transport::Transport`] trait, and the protocol's types from [`starling_core::wire::protocol`].
 //!
 //! - [`transport`]: the protocol as a trait, and its HTTP implementation.
 //! - [`device`]: the device loop, its retries and its give-up deadline.
@@ -14,7 +14,7 @@ pub mod transport;
 use std::time::Duration;
 
 pub use device::{Device, DeviceEvent, DeviceOptions, DeviceReport};
-pub use starling_core::protocol::ErrorCode;
+pub use starling_core::wire::protocol::ErrorCode;
 pub use transport::{CheckInAnswer, HttpTransport, Transport};
 
 /// Errors a device can meet.
@@ -46,7 +46,7 @@ pub enum ClientError {
     Data(String),
     /// Local training failed.
     #[error(transparent)]
-    Train(#[from] starling_core::train::TrainError),
+    Train(#[from] starling_core::trainer::train::TrainError),
     /// The server stayed unreachable or failing for `give_up_after`.
     #[error("gave up after the server failed for {after:?}; last error: {last_error}")]
     GaveUp {

@@ -1,6 +1,6 @@
 //! The device's side of the protocol as a trait, so the same device loop runs over any
 //! transport; and [`HttpTransport`], its HTTP implementation. Requests and answers are the
-//! types of [`starling_core::protocol`], the protocol's one definition.
+//! types of [`starling_core::wire::protocol`], the protocol's one definition.
 //!
 //! A transport reports what happened and decides nothing: every error answer becomes
 //! [`ClientError::Refused`] (its [`ErrorBody`] parsed, its `Retry-After` read), a failure to
@@ -10,9 +10,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use starling_core::protocol::{CheckInRequest, ErrorBody, TOKEN_HEADER};
+use starling_core::wire::protocol::{CheckInRequest, ErrorBody, TOKEN_HEADER};
 
-pub use starling_core::protocol::{CheckInAnswer, UploadReceipt};
+pub use starling_core::wire::protocol::{CheckInAnswer, UploadReceipt};
 
 use crate::ClientError;
 

@@ -5,7 +5,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use starling_core::update::{self, UpdateMeta};
+use starling_core::wire::update::{self, UpdateMeta};
 use starling_core::{Parameters, Tensor, WeightedSum};
 
 fn body(params: usize) -> (starling_core::Layout, Vec<u8>) {

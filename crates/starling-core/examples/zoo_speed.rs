@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use starling_core::data::Dataset;
-use starling_core::optim::Sgd;
-use starling_core::train::{train, Plan};
-use starling_core::{builtin, Model, ModelSpec, Parameters};
+use starling_core::trainer::optim::Sgd;
+use starling_core::trainer::train::{train, Plan};
+use starling_core::{trainer::builtin, Model, ModelSpec, Parameters};
 
 const BATCH: usize = 10;
 

@@ -6,9 +6,9 @@
 use std::io::{Read, Write};
 use std::path::PathBuf;
 
-use starling_core::datasets::shakespeare::{self, char_index, SEQ_LEN, UNKNOWN, VOCAB};
-use starling_core::datasets::{idx, DatasetError};
-use starling_core::partition::{self, class_labels};
+use starling_core::data::datasets::shakespeare::{self, char_index, SEQ_LEN, UNKNOWN, VOCAB};
+use starling_core::data::datasets::{idx, DatasetError};
+use starling_core::data::partition::{self, class_labels};
 use starling_core::Dataset;
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {

@@ -15,9 +15,9 @@ use std::collections::{BTreeSet, HashMap};
 use proptest::prelude::*;
 use proptest::sample::{select, Index};
 use proptest::test_runner::TestCaseError;
-use starling_core::params::{f32s_from_le, Layout, ParamsError};
 use starling_core::tensor::numel;
-use starling_core::update::{self, Rules, UpdateError, UpdateMeta, Weighting, MAX_EXAMPLES};
+use starling_core::wire::params::{f32s_from_le, Layout, ParamsError};
+use starling_core::wire::update::{self, Rules, UpdateError, UpdateMeta, Weighting, MAX_EXAMPLES};
 use starling_core::{Parameters, Tensor};
 
 /// The metadata fields the protocol defines.

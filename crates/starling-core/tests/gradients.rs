@@ -4,10 +4,10 @@
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use starling_core::layers::conv::Conv2d;
-use starling_core::layers::pool::MaxPool;
-use starling_core::spec::{Init, LayerSpec, LossSpec, ModelSpec, Padding};
-use starling_core::{builtin, Model, Parameters};
+use starling_core::trainer::layers::conv::Conv2d;
+use starling_core::trainer::layers::pool::MaxPool;
+use starling_core::trainer::spec::{Init, LayerSpec, LossSpec, ModelSpec, Padding};
+use starling_core::{trainer::builtin, Model, Parameters};
 
 fn assert_close(what: &str, analytic: f64, numeric: f64) {
     let tol = 2e-3 + 2e-2 * numeric.abs().max(analytic.abs());

@@ -7,9 +7,9 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use starling_core::datasets::idx;
-use starling_core::train::{train, Plan};
-use starling_core::{builtin, Dataset, Model, ModelSpec};
+use starling_core::data::datasets::idx;
+use starling_core::trainer::train::{train, Plan};
+use starling_core::{trainer::builtin, Dataset, Model, ModelSpec};
 
 /// One split (`train` or `t10k`) of a fixture IDX set.
 fn fixture(folder: &str, split: &str) -> Dataset {

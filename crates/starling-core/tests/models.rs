@@ -4,9 +4,9 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use starling_core::data::Dataset;
-use starling_core::spec::{LayerSpec, Padding};
-use starling_core::train::{train, Plan};
-use starling_core::{builtin, Model, ModelSpec, Parameters};
+use starling_core::trainer::spec::{LayerSpec, Padding};
+use starling_core::trainer::train::{train, Plan};
+use starling_core::{trainer::builtin, Model, ModelSpec, Parameters};
 
 #[test]
 fn the_stored_json_of_the_original_models_is_unchanged() {

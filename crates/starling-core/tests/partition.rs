@@ -1,7 +1,7 @@
 //! Partitions over simulated devices: every example assigned once, the sizes and label
 //! mixes each scheme promises, and the same partition for the same seed.
 
-use starling_core::partition::{self, class_labels, PartitionError};
+use starling_core::data::partition::{self, class_labels, PartitionError};
 use starling_core::Dataset;
 
 /// Asserts that the parts hold every index in `0..n` exactly once, each part ascending.

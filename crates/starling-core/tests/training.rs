@@ -1,8 +1,8 @@
 //! The training loop against plain float32 gradient descent written out by hand.
 
 use starling_core::data::{Dataset, TargetColumn};
-use starling_core::train::{train, Plan};
-use starling_core::{builtin, Model};
+use starling_core::trainer::train::{train, Plan};
+use starling_core::{trainer::builtin, Model};
 
 /// Plain float32 mini-batch gradient descent on `y = w x + b` with MSE, batches in order.
 fn reference(xs: &[f32], ys: &[f32], epochs: u32, batch: usize, lr: f32) -> (f32, f32) {

@@ -1,5 +1,5 @@
 //! The HTTP API (v1): JSON for control, safetensors for tensors. Answers are the types of
-//! [`starling_core::protocol`]: [`CheckInAnswer`], [`UploadReceipt`], and for every refusal an
+//! [`starling_core::wire::protocol`]: [`CheckInAnswer`], [`UploadReceipt`], and for every refusal an
 //! [`ErrorBody`] whose HTTP status is its [`ErrorCode`]'s ([`ErrorCode::status`]), never chosen
 //! here. Handlers translate between HTTP and the round engine and hold no logic of their own,
 //! beyond refusing what can be refused before a body is read.
@@ -35,7 +35,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use starling_core::protocol::{
+use starling_core::wire::protocol::{
     parse_canonical_u64, CheckInAnswer, CheckInRequest, ErrorBody, ErrorCode, RollbackAnswer,
     RollbackRequest, UploadReceipt, ADMIN_TOKEN_HEADER, MAX_DEVICE_ID, TOKEN_HEADER,
     VERSION_HEADER,

@@ -10,7 +10,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use starling_core::protocol::ErrorCode;
+use starling_core::wire::protocol::ErrorCode;
 
 use crate::engine::{CheckIn, EngineError, Receipt, TaskHandle};
 

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use starling_core::builtin;
-use starling_core::spec::ModelSpec;
-use starling_core::train::Plan;
+use starling_core::trainer::builtin;
+use starling_core::trainer::spec::ModelSpec;
+use starling_core::trainer::train::Plan;
 
 /// Errors in loading settings.
 #[derive(Debug, thiserror::Error)]
@@ -373,11 +373,11 @@ impl TaskSettings {
             ));
         }
         if self.max_examples_per_update == 0
-            || self.max_examples_per_update > starling_core::update::MAX_EXAMPLES as u64
+            || self.max_examples_per_update > starling_core::wire::update::MAX_EXAMPLES as u64
         {
             return Err(invalid(format!(
                 "max_examples_per_update must be 1 to {}",
-                starling_core::update::MAX_EXAMPLES
+                starling_core::wire::update::MAX_EXAMPLES
             )));
         }
         if self.min_cohort == 0 {

@@ -10,7 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
-use starling_core::params::ParamsError;
+use starling_core::wire::params::ParamsError;
 use starling_core::{ModelSpec, Parameters};
 
 use crate::engine::round::AbandonReason;

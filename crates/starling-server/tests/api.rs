@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::Value;
-use starling_core::params::Layout;
-use starling_core::update::{self, UpdateMeta};
+use starling_core::wire::params::Layout;
+use starling_core::wire::update::{self, UpdateMeta};
 use starling_core::{Parameters, Tensor, WeightedSum};
 use starling_server::settings::{RoundPolicy, TaskSettings};
 use starling_server::{Running, Settings};
@@ -183,7 +183,7 @@ fn error_code(v: &Value) -> &str {
 
 /// The parameters FedAvg must commit for these valid updates on the demo's initial model.
 fn expected_after(updates: &[(Parameters, u64)]) -> Parameters {
-    let base = starling_core::builtin::linear(1, 1).init_params(0);
+    let base = starling_core::trainer::builtin::linear(1, 1).init_params(0);
     let mut agg = WeightedSum::new(&layout());
     for (d, n) in updates {
         let body = update::encode(

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use serde_json::Value;
-use starling_core::update::{self, UpdateMeta};
+use starling_core::wire::update::{self, UpdateMeta};
 use starling_core::{Parameters, Tensor, WeightedSum};
 use starling_server::settings::{RoundPolicy, TaskSettings};
 use starling_server::Settings;

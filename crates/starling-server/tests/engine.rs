@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use starling_core::update::{self, UpdateMeta};
+use starling_core::wire::update::{self, UpdateMeta};
 use starling_core::{Parameters, Tensor};
 use starling_server::engine::round::AbandonReason;
 use starling_server::engine::{

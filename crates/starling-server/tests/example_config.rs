@@ -22,7 +22,7 @@ fn example_config_parses_and_resolves() {
     assert_eq!(defs.len(), 1);
     let d = &defs[0];
     assert_eq!(d.name, "linear");
-    assert_eq!(d.spec, starling_core::builtin::linear(1, 1));
+    assert_eq!(d.spec, starling_core::trainer::builtin::linear(1, 1));
     assert_eq!(d.plan.learning_rate, 0.01);
     assert_eq!((d.rounds.goal, d.rounds.min), (12, 10));
     assert_eq!(d.min_cohort, 10);

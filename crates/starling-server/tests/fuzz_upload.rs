@@ -20,10 +20,10 @@ use proptest::sample::{select, Index};
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use reqwest::header::{HeaderValue, CONTENT_TYPE};
 use serde_json::Value;
-use starling_core::protocol::{
+use starling_core::wire::protocol::{
     parse_canonical_u64, CheckInAnswer, ErrorBody, ErrorCode, UploadReceipt, TOKEN_HEADER,
 };
-use starling_core::update::{self, Rules, UpdateMeta, Weighting};
+use starling_core::wire::update::{self, Rules, UpdateMeta, Weighting};
 use starling_core::{Parameters, Tensor};
 use starling_server::engine::EngineError;
 use starling_server::settings::{RoundPolicy, TaskSettings};

@@ -8,8 +8,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
-use starling_core::protocol::{CheckInAnswer, ErrorBody, UploadReceipt, TOKEN_HEADER};
-use starling_core::update::{self, UpdateMeta};
+use starling_core::wire::protocol::{CheckInAnswer, ErrorBody, UploadReceipt, TOKEN_HEADER};
+use starling_core::wire::update::{self, UpdateMeta};
 use starling_core::{Parameters, Tensor};
 use starling_server::settings::{RoundPolicy, ServerSettings, TaskSettings};
 use starling_server::{Running, Settings};

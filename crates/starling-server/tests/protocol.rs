@@ -1,4 +1,4 @@
-//! The protocol's documents against its one definition, `starling_core::protocol`: the
+//! The protocol's documents against its one definition, `starling_core::wire::protocol`: the
 //! OpenAPI document the server serves (`openapi.json`) and the README's error table list
 //! exactly the `ErrorCode`s with their statuses, and the document's schemas have the fields
 //! the protocol's types serialize.
@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
-use starling_core::protocol::{
+use starling_core::wire::protocol::{
     CheckInAnswer, CheckInRequest, ErrorBody, ErrorCode, UploadReceipt, MAX_DEVICE_ID,
 };
 use starling_core::Plan;

@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use starling_core::data::datasets::{idx, shakespeare};
+use starling_core::data::partition;
 use starling_core::data::{Dataset, TargetColumn};
-use starling_core::datasets::{idx, shakespeare};
-use starling_core::partition;
 
 use crate::SimError;
 

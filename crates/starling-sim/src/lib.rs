@@ -32,7 +32,7 @@ pub enum SimError {
     Store(#[from] starling_server::store::StoreError),
     /// Local training failed.
     #[error("training: {0}")]
-    Train(#[from] starling_core::train::TrainError),
+    Train(#[from] starling_core::trainer::train::TrainError),
     /// Writing results failed.
     #[error("writing results: {0}")]
     Io(#[from] std::io::Error),

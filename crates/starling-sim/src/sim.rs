@@ -11,9 +11,9 @@ use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::Serialize;
-use starling_core::model::Evaluation;
-use starling_core::train::{local_update, Plan};
-use starling_core::{checkpoint, Dataset, Model, ModelSpec, Parameters};
+use starling_core::trainer::model::Evaluation;
+use starling_core::trainer::train::{local_update, Plan};
+use starling_core::{wire::checkpoint, Dataset, Model, ModelSpec, Parameters};
 use starling_server::engine::{self, Caller, CheckIn, Clock, Upload, VirtualClock};
 use starling_server::metrics::Metrics as ServerMetrics;
 use starling_server::settings::{Retention, RoundPolicy, TaskDefinition, Weighting};
@@ -185,7 +185,7 @@ pub async fn run(
     let k = config.per_round(n)?;
     let model = Model::new(config.model.clone()).map_err(|e| SimError::Config(e.to_string()))?;
     for (i, d) in federation.devices.iter().enumerate() {
-        starling_core::train::check_data(&model, d)
+        starling_core::trainer::train::check_data(&model, d)
             .map_err(|e| SimError::Config(format!("device {i}: {e}")))?;
     }
     let min = ((k as f64 * config.min_fraction).ceil() as u32).clamp(1, k as u32);
@@ -212,7 +212,7 @@ pub async fn run(
         // bound also caps a commit's step, so it must be finite), weights as claimed, and
         // rounds of any size.
         max_update_norm: f64::MAX,
-        max_examples_per_update: starling_core::update::MAX_EXAMPLES as u64,
+        max_examples_per_update: starling_core::wire::update::MAX_EXAMPLES as u64,
         weighting: Weighting::Examples,
         min_cohort: min,
         max_assignments_per_address: u32::MAX,

@@ -2,7 +2,7 @@
 //! stragglers on the virtual clock, results files, and loader errors.
 
 use rand::{Rng, SeedableRng};
-use starling_core::{builtin, Dataset, Plan};
+use starling_core::{trainer::builtin, Dataset, Plan};
 use starling_sim::data::{self, Partition};
 use starling_sim::{Federation, RoundMetrics, Sample, SimConfig};
 

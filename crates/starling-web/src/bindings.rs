@@ -3,7 +3,7 @@
 //! JSON or serde-to-JS glue of its own, which keeps the module small. Versions cross as JS
 //! numbers (exact up to 2^53), not `BigInt`.
 
-use starling_core::train::{Progress, TrainReport};
+use starling_core::trainer::train::{Progress, TrainReport};
 use starling_core::{Dataset, Parameters};
 use wasm_bindgen::prelude::*;
 

@@ -2,10 +2,10 @@
 //! WebAssembly module runs: decode the served checkpoint, read the person's data, train, and
 //! encode the update. Every step is a call into `starling-core`; nothing here is new logic.
 
-use starling_core::checkpoint::{self, CheckpointError};
 use starling_core::data::{DataError, TargetColumn};
-use starling_core::spec::SpecError;
-use starling_core::train::{self, Progress, TrainError, TrainReport};
+use starling_core::trainer::spec::SpecError;
+use starling_core::trainer::train::{self, Progress, TrainError, TrainReport};
+use starling_core::wire::checkpoint::{self, CheckpointError};
 use starling_core::{Dataset, Model, Parameters, Plan};
 
 /// Why the browser device cannot go on. The messages are shown to the person as they are.
@@ -186,8 +186,8 @@ pub fn parse_plan(json: &str) -> Result<Plan, WebError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use starling_core::builtin;
-    use starling_core::update;
+    use starling_core::trainer::builtin;
+    use starling_core::wire::update;
 
     fn served(version: u64) -> Vec<u8> {
         let spec = builtin::linear(1, 1);

@@ -16,8 +16,8 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 use starling_client::{Device, DeviceOptions, HttpTransport};
 use starling_core::data::{synthetic_line, TargetColumn};
-use starling_core::spec::ModelSpec;
-use starling_core::{checkpoint, train, Dataset, Model, Plan};
+use starling_core::trainer::spec::ModelSpec;
+use starling_core::{trainer::train, wire::checkpoint, Dataset, Model, Plan};
 use starling_server::settings::{RoundPolicy, TaskSettings};
 use starling_server::{Running, Settings};
 

@@ -8,8 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use rand::Rng;
 use starling_core::aggregate::{FedAvg, Strategy};
-use starling_core::checkpoint;
-use starling_core::params::Layout;
+use starling_core::wire::checkpoint;
+use starling_core::wire::params::Layout;
 use starling_core::Parameters;
 use tokio::sync::{mpsc, watch};
 
@@ -92,10 +92,10 @@ pub async fn spawn(
     });
     let (tx, rx) = mpsc::channel(1024);
     let weighting = match def.weighting {
-        Weighting::Examples => starling_core::update::Weighting::Examples {
+        Weighting::Examples => starling_core::wire::update::Weighting::Examples {
             cap: def.max_examples_per_update,
         },
-        Weighting::Uniform => starling_core::update::Weighting::Uniform,
+        Weighting::Uniform => starling_core::wire::update::Weighting::Uniform,
     };
     let handle = TaskHandle {
         inner: Arc::new(HandleInner {
@@ -103,12 +103,12 @@ pub async fn spawn(
             spec: def.spec.clone(),
             plan: def.plan.clone(),
             policy: def.rounds.clone(),
-            rules: starling_core::update::Rules {
+            rules: starling_core::wire::update::Rules {
                 layout: layout.clone(),
                 max_norm: Some(def.max_update_norm),
                 weighting,
             },
-            max_upload_bytes: starling_core::update::max_encoded_len(&layout),
+            max_upload_bytes: starling_core::wire::update::max_encoded_len(&layout),
             tx,
             status: status_rx,
             metrics: metrics.clone(),

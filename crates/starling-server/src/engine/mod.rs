@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
-use starling_core::protocol::ErrorCode;
-use starling_core::update::{self, CheckedUpdate, Rules, UpdateError};
+use starling_core::wire::protocol::ErrorCode;
+use starling_core::wire::update::{self, CheckedUpdate, Rules, UpdateError};
 use starling_core::{ModelSpec, Parameters, Plan};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -77,7 +77,7 @@ pub enum EngineError {
 impl EngineError {
     /// The stable, machine-readable code of the refusal; its HTTP status comes with it.
     pub fn code(&self) -> ErrorCode {
-        use starling_core::params::ParamsError;
+        use starling_core::wire::params::ParamsError;
         match self {
             EngineError::Update(UpdateError::Params(ParamsError::Malformed(_))) => {
                 ErrorCode::MalformedUpdate

@@ -5,8 +5,8 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use starling_core::params::Layout;
-use starling_core::update::CheckedUpdate;
+use starling_core::wire::params::Layout;
+use starling_core::wire::update::CheckedUpdate;
 use starling_core::WeightedSum;
 
 /// A round's partial sums.

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use starling_core::params::Layout;
+use starling_core::wire::params::Layout;
 use starling_core::WeightedSum;
 
 use super::partial::PartialSums;

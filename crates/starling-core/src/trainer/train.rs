@@ -6,10 +6,10 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{DataError, Dataset};
-use crate::model::{Evaluation, Model};
-use crate::optim::Sgd;
-use crate::params::{Parameters, ParamsError};
-use crate::spec::LossSpec;
+use crate::trainer::model::{Evaluation, Model};
+use crate::trainer::optim::Sgd;
+use crate::trainer::spec::LossSpec;
+use crate::wire::params::{Parameters, ParamsError};
 
 /// What a device does in one round: sent by the server with each assignment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -201,12 +201,12 @@ pub fn local_update(
     let mut params = base.clone();
     let report = train(model, &mut params, data, plan, progress)?;
     let delta = params.sub(base)?;
-    let meta = crate::update::UpdateMeta {
+    let meta = crate::wire::update::UpdateMeta {
         base_version,
         examples: report.examples as u64,
         loss: Some(report.after.loss),
         accuracy: report.after.accuracy,
         token,
     };
-    Ok((crate::update::encode(&delta, &meta), report))
+    Ok((crate::wire::update::encode(&delta, &meta), report))
 }

@@ -12,7 +12,7 @@
 //!   classes; large alpha: close to IID).
 //!
 //! Natural partitions need writer ids, which only some data sets have: Shakespeare's come
-//! with [`crate::datasets::shakespeare`] (one device per speaking role).
+//! with [`crate::data::datasets::shakespeare`] (one device per speaking role).
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;

@@ -4,9 +4,9 @@
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::layers::{conv, pool};
-use crate::params::{Layout, Parameters};
 use crate::tensor::{numel, Tensor};
+use crate::trainer::layers::{conv, pool};
+use crate::wire::params::{Layout, Parameters};
 
 /// Errors in a model spec.
 #[derive(Debug, thiserror::Error, PartialEq)]

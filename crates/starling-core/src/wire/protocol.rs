@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::train::Plan;
+use crate::trainer::train::Plan;
 
 /// The header that carries an upload's token, so that the server checks the assignment before
 /// it reads (and buffers) the body. It must equal the `token` in the update's metadata.

@@ -9,14 +9,14 @@
 
 use std::cell::RefCell;
 
-use crate::layers::activation::Activation;
-use crate::layers::conv::Conv2d;
-use crate::layers::dense;
-use crate::layers::pool::MaxPool;
-use crate::loss;
-use crate::params::{Layout, Parameters};
-use crate::spec::{LayerSpec, LossSpec, ModelSpec, SpecError};
 use crate::tensor::numel;
+use crate::trainer::layers::activation::Activation;
+use crate::trainer::layers::conv::Conv2d;
+use crate::trainer::layers::dense;
+use crate::trainer::layers::pool::MaxPool;
+use crate::trainer::loss;
+use crate::trainer::spec::{LayerSpec, LossSpec, ModelSpec, SpecError};
+use crate::wire::params::{Layout, Parameters};
 
 #[derive(Debug, Clone)]
 enum Op {

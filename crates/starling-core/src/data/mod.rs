@@ -1,5 +1,8 @@
 //! In-memory data sets (features and targets, row-major f32) and CSV parsing from bytes.
 
+pub mod datasets;
+pub mod partition;
+
 /// Errors in reading or shaping a data set.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum DataError {

@@ -3,9 +3,14 @@
 //! sums (DESIGN.md invariants 1, 6 and 7). A [`Strategy`] turns the finished sum into the
 //! next parameters; [`FedAvg`] is plain federated averaging.
 
-use crate::params::{f32s_from_le, Layout, Parameters};
+mod fedavg;
+pub mod kernels;
+
+pub use fedavg::FedAvg;
+
 use crate::tensor::Tensor;
-use crate::update::CheckedUpdate;
+use crate::wire::params::{f32s_from_le, Layout, Parameters};
+use crate::wire::update::CheckedUpdate;
 
 /// Errors combining aggregates.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -143,7 +148,7 @@ impl WeightedSum {
 fn fold(sums: &mut [f64], data: &[u8], w: f64) {
     #[cfg(target_endian = "little")]
     if let Ok(values) = bytemuck::try_cast_slice::<u8, f32>(data) {
-        return crate::kernels::axpy_f32_into_f64(sums, values, w);
+        return crate::aggregate::kernels::axpy_f32_into_f64(sums, values, w);
     }
     for (acc, x) in sums.iter_mut().zip(f32s_from_le(data)) {
         *acc += w * f64::from(x);
@@ -208,28 +213,10 @@ pub trait Strategy: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// Plain federated averaging (McMahan et al. 2017): the next model is the weighted mean of
-/// the devices' models, i.e. the base plus the mean update.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct FedAvg;
-
-impl Strategy for FedAvg {
-    fn name(&self) -> &'static str {
-        "fedavg"
-    }
-    fn next_params(
-        &mut self,
-        base: &Parameters,
-        aggregate: &WeightedSum,
-    ) -> Result<Parameters, AggregateError> {
-        aggregate.finish(base)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::update::{check, encode, Rules, UpdateMeta};
+    use crate::wire::update::{check, encode, Rules, UpdateMeta};
     use rand::{Rng, SeedableRng};
 
     fn random_params(rng: &mut impl Rng, scale: f32) -> Parameters {

@@ -3,8 +3,8 @@
 //! MNIST models of the FedAvg paper (McMahan et al., 2017, "Communication-Efficient Learning
 //! of Deep Networks from Decentralized Data"): the "2NN" and the "CNN".
 
-use crate::spec::{Init, LayerSpec, LossSpec, ModelSpec, Padding};
-use crate::train::Plan;
+use crate::trainer::spec::{Init, LayerSpec, LossSpec, ModelSpec, Padding};
+use crate::trainer::train::Plan;
 
 /// The names of the built-in models.
 pub const NAMES: &[&str] = &["linear", "logistic", "mlp", "cnn"];

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 
-use crate::params::{Parameters, ParamsError};
-use crate::spec::{ModelSpec, SpecError};
+use crate::trainer::spec::{ModelSpec, SpecError};
+use crate::wire::params::{Parameters, ParamsError};
 
 /// Errors decoding a checkpoint.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -66,7 +66,7 @@ mod tests {
 
     #[test]
     fn checkpoint_round_trip() {
-        let spec = crate::builtin::linear(1, 1);
+        let spec = crate::trainer::builtin::linear(1, 1);
         let params = spec.init_params(0);
         let c = decode(&encode("linear", 4, &spec, &params)).unwrap();
         assert_eq!((c.task.as_str(), c.version), ("linear", 4));

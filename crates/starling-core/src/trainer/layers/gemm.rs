@@ -1,4 +1,4 @@
-//! A safe wrapper around `matrixmultiply::sgemm`; with `crate::kernels`, one of the two places
+//! A safe wrapper around `matrixmultiply::sgemm`; with `crate::aggregate::kernels`, one of the two places
 //! the crate uses `unsafe`.
 //!
 //! The wrapper checks every slice against the dimensions and strides it is given, so the

@@ -9,7 +9,7 @@
 //! back onto the input positions.
 
 use super::gemm::{sgemm, Mat};
-use crate::spec::Padding;
+use crate::trainer::spec::Padding;
 
 /// The output size along one spatial dimension and the zero padding before the input, or
 /// `None` when a `valid` kernel is larger than the input. `stride` must be at least 1.

@@ -1,7 +1,7 @@
 //! Optimisers. Plain SGD (the original demo's `GradientDescentOptimizer`), with optional
 //! momentum.
 
-use crate::params::Parameters;
+use crate::wire::params::Parameters;
 
 /// Stochastic gradient descent: `v = momentum v + g; p -= lr v` (plain `p -= lr g` when
 /// momentum is 0).

@@ -1,6 +1,6 @@
 //! The aggregation hot path, `sums += w * values`, compiled for the best vector instructions
 //! the CPU has (chosen at run time) — the portable x86-64 baseline only has SSE2, which
-//! leaves half of the memory bandwidth unused. This module and [`crate::layers::gemm`] are
+//! leaves half of the memory bandwidth unused. This module and [`crate::trainer::layers::gemm`] are
 //! the only places that use `unsafe`.
 #![allow(unsafe_code)]
 
@@ -94,7 +94,7 @@ mod tests {
     /// workspace must not promise an older compiler (issue point 11).
     #[test]
     fn the_declared_minimum_rust_builds_the_avx512_kernel() {
-        let manifest = include_str!("../../../Cargo.toml");
+        let manifest = include_str!("../../../../Cargo.toml");
         let declared = manifest
             .lines()
             .find_map(|l| l.trim().strip_prefix("rust-version = "))

@@ -15,8 +15,8 @@ use std::ops::Range;
 
 use zeroize::Zeroizing;
 
-use crate::params::{decode_views, f32s_from_le, Layout, Parameters, ParamsError};
-use crate::protocol::parse_canonical_u64;
+use crate::wire::params::{decode_views, f32s_from_le, Layout, Parameters, ParamsError};
+use crate::wire::protocol::parse_canonical_u64;
 
 /// Metadata of an update.
 #[derive(Debug, Clone, PartialEq)]
@@ -287,7 +287,9 @@ pub fn decode<'a>(
     let meta = parse_meta(&metadata)?;
     for (data, (name, _)) in tensors.iter().zip(layout.entries()) {
         let finite = match bytemuck::try_cast_slice::<u8, f32>(data) {
-            Ok(values) if cfg!(target_endian = "little") => crate::kernels::all_finite(values),
+            Ok(values) if cfg!(target_endian = "little") => {
+                crate::aggregate::kernels::all_finite(values)
+            }
             _ => f32s_from_le(data).all(f32::is_finite),
         };
         if !finite {
