@@ -27,6 +27,9 @@ fi
 step "lint: cargo clippy --workspace --all-targets --locked -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "docs: cargo doc --workspace --no-deps --locked (warnings denied: broken links fail)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+
 step "tests: cargo test --workspace --locked"
 cargo test --workspace --locked
 

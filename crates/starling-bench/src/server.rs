@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::BenchError;
 
 /// A running server process.
+#[derive(Debug)]
 pub struct ServerProcess {
     child: Child,
     /// Its base URL.

@@ -11,7 +11,7 @@ use starling_core::wire::protocol::{
 
 /// `starling admin` subcommands.
 #[derive(clap::Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Roll a task back to an earlier committed version: the open round is abandoned and the
     /// old parameters become a new version.
     Rollback(RollbackArgs),
@@ -19,7 +19,7 @@ pub enum Command {
 
 /// Arguments of `starling admin rollback`.
 #[derive(clap::Args)]
-pub struct RollbackArgs {
+pub(crate) struct RollbackArgs {
     /// The server's base URL.
     #[arg(long, default_value = "http://127.0.0.1:8080", env = "STARLING_SERVER")]
     server: String,
@@ -34,7 +34,7 @@ pub struct RollbackArgs {
     json: bool,
 }
 
-pub fn run(command: Command) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(command: Command) -> anyhow::Result<ExitCode> {
     let token = std::env::var("STARLING_ADMIN_TOKEN")
         .ok()
         .filter(|t| !t.is_empty())

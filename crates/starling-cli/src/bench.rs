@@ -13,7 +13,7 @@ use starling_bench::{aggregate, checkin, ingest, machine};
 
 /// The benchmarks.
 #[derive(clap::Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// The aggregator alone: folding one update into the sums, against memcpy of its bytes.
     Aggregate {
         /// Parameter counts (e.g. 1e4,1e6,1e7).
@@ -66,7 +66,7 @@ pub enum Command {
 
 /// `starling bench soak`'s flags (defaults as in `SoakOptions::new`).
 #[derive(clap::Args)]
-pub struct SoakArgs {
+pub(crate) struct SoakArgs {
     /// Seconds of traffic (the quiet baseline runs as long again).
     #[arg(long, default_value_t = 120.0)]
     secs: f64,
@@ -150,7 +150,7 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("-".into(), |x| format!("{x:.digits$}"))
 }
 
-pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     let m = machine::machine();
     match cmd {
         Command::Aggregate {

@@ -16,7 +16,7 @@ use starling_server::Settings;
 
 /// Arguments of `starling demo`.
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Devices, each with its own slice of the x axis.
     #[arg(long, default_value_t = 20)]
     devices: usize,
@@ -41,7 +41,7 @@ pub struct Args {
 const TRUE_W: f32 = 2.0;
 const TRUE_B: f32 = 1.0;
 
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.devices >= 1, "the demo needs at least one device");
     let goal = args.goal.clamp(1, args.devices as u32);
     crate::runtime()?.block_on(demo(args, goal))

@@ -11,7 +11,7 @@ use starling_core::data::TargetColumn;
 
 /// Arguments of `starling device`.
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// The server's base URL.
     #[arg(long, default_value = "http://127.0.0.1:8080", env = "STARLING_SERVER")]
     server: String,
@@ -45,7 +45,7 @@ fn positive_secs(s: &str) -> Result<f64, String> {
 }
 
 /// Parses a `--target-column` value.
-pub fn target_column(arg: Option<&str>) -> TargetColumn {
+pub(crate) fn target_column(arg: Option<&str>) -> TargetColumn {
     match arg {
         None => TargetColumn::Last,
         Some(s) => s
@@ -54,7 +54,7 @@ pub fn target_column(arg: Option<&str>) -> TargetColumn {
     }
 }
 
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
     let data = load_csv(&args.data, &target_column(args.target_column.as_deref()))?;
     let options = DeviceOptions {
         task: args.task,

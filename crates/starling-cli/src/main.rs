@@ -6,7 +6,7 @@
 //! - [`train`]: train a built-in model on a CSV file, no server.
 //! - [`demo`]: a server and 20 devices in one process on the original demo's model.
 //! - [`simulate`]: many virtual devices on the real round engine, in one process.
-//! - [`bench`]: benchmarks (aggregator, HTTP ingest, check-in storms, soak).
+//! - [`bench`](mod@bench): benchmarks (aggregator, HTTP ingest, check-in storms, soak).
 //! - [`admin`]: operate a running server through its admin API (rollback).
 
 mod admin;

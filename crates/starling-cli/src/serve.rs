@@ -9,7 +9,7 @@ use starling_server::{Server, Settings};
 
 /// Arguments of `starling serve`.
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Settings file (TOML); see starling.example.toml.
     #[arg(long, short, env = "STARLING_CONFIG")]
     config: Option<PathBuf>,
@@ -42,7 +42,7 @@ async fn shutdown_signal() {
     tracing::info!("shutdown requested; finishing in-flight requests");
 }
 
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut settings = Settings::load(args.config.as_deref())?;
     if let Some(h) = args.host {
         settings.server.host = h;

@@ -13,7 +13,7 @@ use starling_sim::{Federation, Sample, SimConfig};
 
 /// Arguments of `starling simulate`.
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Data set: `mnist` or `fashion-mnist` (a folder of IDX files, --data), `csv` (--train and
     /// --test files, last column the label), or `shakespeare` (roles JSON, --data).
     #[arg(long)]
@@ -99,7 +99,7 @@ fn need(p: &Option<PathBuf>, flag: &str, dataset: &str) -> anyhow::Result<PathBu
         .with_context(|| format!("--dataset {dataset} needs {flag}"))
 }
 
-pub fn run(a: Args) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
     let (federation, inputs, classes) = load(&a)?;
     let spec = match a.model.as_str() {
         "cnn" => builtin::cnn(builtin::MNIST_SHAPE, classes),

@@ -12,7 +12,7 @@ use starling_core::{trainer::builtin, Model};
 
 /// Arguments of `starling train`.
 #[derive(clap::Args)]
-pub struct Args {
+pub(crate) struct Args {
     /// Built-in model: `linear` (the demo's y = W x + b), `logistic` (softmax regression),
     /// `mlp` (the FedAvg paper's 2NN) or `cnn` (the paper's CNN, on square images).
     #[arg(long, default_value = "linear")]
@@ -46,7 +46,7 @@ pub struct Args {
     json: bool,
 }
 
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
     let data = load_csv(
         &args.data,
         &crate::device::target_column(args.target_column.as_deref()),

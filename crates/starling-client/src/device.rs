@@ -220,6 +220,16 @@ where
     }
 }
 
+impl<T> std::fmt::Debug for Device<T> {
+    /// The options and the data's size, never the data itself.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("options", &self.options)
+            .field("examples", &self.data.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<T: Transport> Device<T> {
     /// A device with its data; sets the transport's timeouts from `options`.
     pub fn new(mut transport: T, data: Dataset, options: DeviceOptions) -> Self {

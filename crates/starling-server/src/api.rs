@@ -53,7 +53,7 @@ use crate::store::Store;
 pub const MAX_URI_BYTES: usize = 8 * 1024;
 
 /// Shared state of the handlers.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct AppState {
     /// The tasks hosted.
     pub tasks: Arc<Vec<TaskHandle>>,

@@ -50,6 +50,7 @@ pub enum ServerError {
 }
 
 /// A started server: storage open, every task's engine running, not yet listening.
+#[derive(Debug)]
 pub struct Server {
     state: api::AppState,
     settings: Settings,
@@ -133,6 +134,7 @@ impl Server {
 }
 
 /// A server running in the background of this process (tests, the demo).
+#[derive(Debug)]
 pub struct Running {
     /// The address it listens on.
     pub addr: SocketAddr,

@@ -258,3 +258,26 @@ impl TrainOutcome {
         self.update.take().unwrap_or_default()
     }
 }
+
+// The person's data and trained numbers stay out of any printout: only their sizes show.
+impl std::fmt::Debug for WebModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebModel").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for WebData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebData")
+            .field("examples", &self.0.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for TrainOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainOutcome")
+            .field("has_update", &self.update.is_some())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,7 +1,7 @@
 //! The protocol between devices and the server, defined once: the typed requests and answers
 //! of the HTTP API v1, the header names, and every error code with its HTTP status. The server
 //! answers with these types, the native client and the browser app read them, and the OpenAPI
-//! document is checked against them (`starling-server/tests/protocol.rs`). Plain serde types,
+//! document is checked against them (`starling-server/tests/it/protocol.rs`). Plain serde types,
 //! so the module builds for `wasm32-unknown-unknown` like the rest of the core.
 
 use serde::{Deserialize, Serialize};

@@ -1,4 +1,4 @@
-//! The round engine. One tokio task owns each task's round state ([`actor`]); handlers talk
+//! The round engine. One tokio task owns each task's round state (`actor`); handlers talk
 //! to it through a [`TaskHandle`], and read-mostly state (the current model, the open round)
 //! is published through a `watch` channel. No HTTP types here: the same engine serves the
 //! HTTP API and an in-memory transport, on the [`clock::Clock`] it is given.
@@ -7,7 +7,7 @@
 //!   abandoned).
 //! - [`partial`]: per-core partial sums, so uploads fold in parallel without a global lock.
 //! - [`clock`]: real and virtual time.
-//! - [`actor`]: the task that owns the round state.
+//! - `actor`: the task that owns the round state.
 
 mod actor;
 pub mod clock;

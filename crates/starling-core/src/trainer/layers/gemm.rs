@@ -6,7 +6,7 @@
 #![allow(unsafe_code)]
 
 /// A row-major or transposed view of a matrix stored in a slice.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 pub struct Mat<'a> {
     data: &'a [f32],
     rows: usize,

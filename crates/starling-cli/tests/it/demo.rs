@@ -1,10 +1,8 @@
 //! `starling demo` converges on the original demo's model.
 
-mod common;
-
 #[test]
 fn demo_converges_to_the_true_line() {
-    let out = common::starling().args(["demo"]).output().unwrap();
+    let out = crate::common::starling().args(["demo"]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

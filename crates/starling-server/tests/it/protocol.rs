@@ -12,7 +12,7 @@ use starling_core::wire::protocol::{
 use starling_core::Plan;
 
 fn openapi() -> Value {
-    serde_json::from_str(include_str!("../openapi.json")).expect("openapi.json is JSON")
+    serde_json::from_str(include_str!("../../openapi.json")).expect("openapi.json is JSON")
 }
 
 fn all_codes() -> BTreeMap<&'static str, u16> {
@@ -148,7 +148,7 @@ fn no_other_code_appears_in_the_openapi_document() {
         assert!(ErrorCode::parse(code).is_some(), "`{code}` is no ErrorCode");
     }
     // Nor in the prose: the old list of codes in the description is gone for good.
-    let text = include_str!("../openapi.json");
+    let text = include_str!("../../openapi.json");
     for word in text
         .split(|c: char| !(c.is_ascii_lowercase() || c == '_'))
         .filter(|w| w.contains('_'))
@@ -286,7 +286,7 @@ fn the_openapi_schemas_match_the_protocol_types() {
 
 #[test]
 fn the_readme_error_table_lists_every_code_with_its_status() {
-    let readme = include_str!("../../../README.md");
+    let readme = include_str!("../../../../README.md");
     let section = readme
         .split("\n### Errors\n")
         .nth(1)

@@ -8,12 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The `starling` binary cargo built for these tests.
-pub fn starling() -> Command {
+pub(crate) fn starling() -> Command {
     Command::new(env!("CARGO_BIN_EXE_starling"))
 }
 
 /// A `starling serve` child process with its output captured.
-pub struct ServeProcess {
+pub(crate) struct ServeProcess {
     /// The process.
     pub child: Child,
     /// Its base URL.
@@ -25,7 +25,7 @@ pub struct ServeProcess {
 impl ServeProcess {
     /// Starts `starling serve --port 0` with a config file and a data directory, and waits
     /// for the address it prints.
-    pub fn start(config: &Path, data_dir: &Path, log: &str) -> Self {
+    pub(crate) fn start(config: &Path, data_dir: &Path, log: &str) -> Self {
         let mut cmd = starling();
         cmd.args(["serve", "--port", "0"])
             .env_remove("PORT")
@@ -35,7 +35,7 @@ impl ServeProcess {
 
     /// Starts `cmd` (a `starling serve` command with its port settings) with a config file
     /// and a data directory, and waits for the address it prints.
-    pub fn start_with(mut cmd: Command, config: &Path, data_dir: &Path, log: &str) -> Self {
+    pub(crate) fn start_with(mut cmd: Command, config: &Path, data_dir: &Path, log: &str) -> Self {
         let mut child = cmd
             .arg("--config")
             .arg(config)
@@ -77,7 +77,7 @@ impl ServeProcess {
     }
 
     /// Sends SIGTERM and waits for a clean exit.
-    pub fn terminate(mut self) -> String {
+    pub(crate) fn terminate(mut self) -> String {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
@@ -98,7 +98,7 @@ impl ServeProcess {
     }
 
     /// SIGKILL: no chance to clean up.
-    pub fn kill(mut self) {
+    pub(crate) fn kill(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
@@ -112,19 +112,19 @@ impl Drop for ServeProcess {
 }
 
 /// Writes a settings file with one `linear` task.
-pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
+pub(crate) fn write_config(dir: &Path, extra: &str) -> PathBuf {
     let path = dir.join("starling.toml");
     std::fs::write(&path, extra).unwrap();
     path
 }
 
 /// A blocking HTTP client.
-pub fn http() -> reqwest::blocking::Client {
+pub(crate) fn http() -> reqwest::blocking::Client {
     reqwest::blocking::Client::new()
 }
 
 /// Polls `GET /v1/tasks/{task}` until its version reaches `version`.
-pub fn wait_version(url: &str, task: &str, version: u64) -> serde_json::Value {
+pub(crate) fn wait_version(url: &str, task: &str, version: u64) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let v: serde_json::Value = http()
@@ -145,7 +145,7 @@ pub fn wait_version(url: &str, task: &str, version: u64) -> serde_json::Value {
 }
 
 /// Every file under a directory, recursively.
-pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
         let p = entry.unwrap().path();

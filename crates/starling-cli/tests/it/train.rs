@@ -1,8 +1,6 @@
 //! `starling train` against plain float32 gradient descent computed here, independently.
 
-mod common;
-
-use common::starling;
+use crate::common::starling;
 
 /// Mini-batch gradient descent on `y = w x + b` with MSE in float32, batches in file order,
 /// one step per batch, loss the batch mean: the original TensorFlow graph's semantics.

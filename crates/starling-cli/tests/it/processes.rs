@@ -1,12 +1,10 @@
 //! `starling serve` and `starling device` as separate processes over real HTTP on 127.0.0.1:
 //! convergence, crash recovery, and the privacy invariant.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::{files_under, http, starling, wait_version, write_config, ServeProcess};
+use crate::common::{files_under, http, starling, wait_version, write_config, ServeProcess};
 use starling_core::data::{synthetic_line, to_csv};
 use starling_core::wire::checkpoint;
 use starling_core::wire::update::{self, UpdateMeta};

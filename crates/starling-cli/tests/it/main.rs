@@ -1,0 +1,6 @@
+//! The `starling` binary's integration tests, one binary: the real binary as separate processes (`common` starts and reads them).
+
+mod common;
+mod demo;
+mod processes;
+mod train;

@@ -1,0 +1,9 @@
+//! The server's integration tests, one binary: the HTTP API against a real server on 127.0.0.1:0 with a real SQLite file, the engine through its handle on a virtual clock, hostile clients over raw sockets, concurrency, the protocol's documents, fuzzing of the upload path, and the example config.
+
+mod api;
+mod concurrency;
+mod engine;
+mod example_config;
+mod fuzz_upload;
+mod hardening;
+mod protocol;
