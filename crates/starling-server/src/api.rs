@@ -41,7 +41,6 @@ use starling_core::wire::protocol::{
     VERSION_HEADER,
 };
 use tokio::sync::Semaphore;
-use zeroize::{Zeroize, Zeroizing};
 
 use crate::engine::{Caller, CheckIn, EngineError, Receipt, TaskHandle, Upload};
 use crate::metrics::Metrics;
@@ -544,7 +543,7 @@ async fn receive_upload(
         matches!(received, Ok(_) | Err(BodyError::Malformed(_))),
         std::sync::atomic::Ordering::Relaxed,
     );
-    let mut body = match received {
+    let body = match received {
         Ok(body) => body,
         Err(BodyError::TooLarge) => return Err(refuse(too_large(limit))),
         Err(BodyError::TimedOut) => {
@@ -574,7 +573,6 @@ async fn receive_upload(
     if body.is_empty() {
         return Err(refuse(empty_upload()));
     }
-    let body = std::mem::take(&mut *body);
     Ok(t.upload(
         round,
         Upload {
@@ -631,35 +629,25 @@ impl BodyError {
     }
 }
 
-/// Reads a whole body of at most `limit` bytes within `timeout` into one buffer (allocated
-/// once from `Content-Length` when there is one), wiping each received chunk once copied
-/// when this side holds it alone, and the partial buffer if reading stops early.
-async fn read_body(
-    body: Body,
-    limit: usize,
-    timeout: Duration,
-) -> Result<Zeroizing<Vec<u8>>, BodyError> {
+/// Reads a whole body of at most `limit` bytes within `timeout` into one buffer, allocated
+/// once from `Content-Length` when there is one. (The `starling` binary's allocator zeroes
+/// every buffer this frees, the HTTP library's included.)
+async fn read_body(body: Body, limit: usize, timeout: Duration) -> Result<Vec<u8>, BodyError> {
     let declared = body.size_hint().exact();
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(BodyError::TooLarge);
     }
-    let mut buffer = Zeroizing::new(Vec::with_capacity(
-        declared.map_or(0, |n| n as usize).min(limit),
-    ));
+    let mut buffer = Vec::with_capacity(declared.map_or(0, |n| n as usize).min(limit));
     let read = async {
         let mut body = body;
         while let Some(frame) = body.frame().await {
             let Ok(data) = frame.map_err(BodyError::from_transport)?.into_data() else {
                 continue; // trailers
             };
-            let fits = buffer.len() + data.len() <= limit;
-            if fits {
-                append_wiping(&mut buffer, &data, limit);
-            }
-            wipe(data);
-            if !fits {
+            if buffer.len() + data.len() > limit {
                 return Err(BodyError::TooLarge);
             }
+            buffer.extend_from_slice(&data);
         }
         Ok(())
     };
@@ -667,28 +655,6 @@ async fn read_body(
         Err(_) => Err(BodyError::TimedOut),
         Ok(Err(e)) => Err(e),
         Ok(Ok(())) => Ok(buffer),
-    }
-}
-
-/// Appends `data`, growing the buffer by hand when it must so that the old allocation is
-/// wiped before it is freed.
-fn append_wiping(buffer: &mut Vec<u8>, data: &[u8], limit: usize) {
-    let needed = buffer.len() + data.len();
-    if needed > buffer.capacity() {
-        let capacity = needed.max(buffer.capacity() * 2).max(16 * 1024).min(limit);
-        let mut grown = Vec::with_capacity(capacity.max(needed));
-        grown.extend_from_slice(buffer);
-        let mut old = std::mem::replace(buffer, grown);
-        old.zeroize();
-    }
-    buffer.extend_from_slice(data);
-}
-
-/// Wipes a received chunk if nobody else holds it (hyper's read buffer often still does, and
-/// then the bytes are overwritten when that buffer is reused).
-fn wipe(data: Bytes) {
-    if let Ok(mut unique) = data.try_into_mut() {
-        unique.as_mut().zeroize();
     }
 }
 
