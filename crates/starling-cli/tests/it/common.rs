@@ -123,16 +123,23 @@ pub(crate) fn http() -> reqwest::blocking::Client {
     reqwest::blocking::Client::new()
 }
 
+/// `GET url`, as JSON.
+pub(crate) fn get_json(url: &str) -> serde_json::Value {
+    http().get(url).send().unwrap().json().unwrap()
+}
+
+/// Runs `cmd`, which must fail; its standard error.
+pub(crate) fn fails(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "{cmd:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// Polls `GET /v1/tasks/{task}` until its version reaches `version`.
 pub(crate) fn wait_version(url: &str, task: &str, version: u64) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let v: serde_json::Value = http()
-            .get(format!("{url}/v1/tasks/{task}"))
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
+        let v = get_json(&format!("{url}/v1/tasks/{task}"));
         if v["version"].as_u64().unwrap() >= version {
             return v;
         }

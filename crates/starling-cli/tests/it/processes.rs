@@ -4,7 +4,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::common::{files_under, http, starling, wait_version, write_config, ServeProcess};
+use crate::common::{
+    fails, files_under, get_json, http, starling, wait_version, write_config, ServeProcess,
+};
 use starling_core::data::{synthetic_line, to_csv};
 use starling_core::wire::checkpoint;
 use starling_core::wire::update::{self, UpdateMeta};
@@ -66,12 +68,7 @@ fn serve_and_device_processes_train_the_demo_model() {
         (w - 2.0).abs() < 0.05 && (b - 1.0).abs() < 0.05,
         "W {w}, b {b}"
     );
-    let rounds: serde_json::Value = http()
-        .get(format!("{}/v1/tasks/linear/rounds", server.url))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let rounds = get_json(&format!("{}/v1/tasks/linear/rounds", server.url));
     let rounds = rounds["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 30);
     assert!(rounds
@@ -198,12 +195,8 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-#[test]
-fn nothing_a_device_uploaded_is_stored_or_logged() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        r#"
+/// A task of a 16-input linear model whose rounds take three devices.
+const WIDE_TASK: &str = r#"
 [[tasks]]
 name = "wide"
 model = "linear"
@@ -215,11 +208,30 @@ max_assignments_per_address = 100
 [tasks.rounds]
 goal = 3
 min = 3
-"#,
-    );
+"#;
+
+/// Serves the `wide` task from `dir` (data in `dir/data`, logging at `log`), and has three
+/// devices contribute the updates `(W, b)` of `examples` examples each to its first round,
+/// which commits.
+fn serve_a_wide_round(
+    dir: &Path,
+    log: &str,
+    uploads: &[(Vec<f32>, f32)],
+    examples: u64,
+) -> ServeProcess {
+    let config = write_config(dir, WIDE_TASK);
+    let server = ServeProcess::start(&config, &dir.join("data"), log);
+    for (w, b) in uploads {
+        contribute(&server.url, "wide", &delta(w, *b), examples);
+    }
+    wait_version(&server.url, "wide", 1);
+    server
+}
+
+#[test]
+fn nothing_a_device_uploaded_is_stored_or_logged() {
+    let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    // The most verbose logging there is.
-    let server = ServeProcess::start(&config, &data, "trace");
     let uploads: Vec<(Vec<f32>, f32)> = (0..3)
         .map(|d| {
             // Offsets 0, 111, 444: no device's update equals the average of the three.
@@ -228,10 +240,8 @@ min = 3
             (w, -8765.432 - 9.0 * off)
         })
         .collect();
-    for (w, b) in &uploads {
-        contribute(&server.url, "wide", &delta(w, *b), 17);
-    }
-    wait_version(&server.url, "wide", 1);
+    // The most verbose logging there is.
+    let server = serve_a_wide_round(dir.path(), "trace", &uploads, 17);
     let logs = server.terminate();
     assert!(
         logs.contains("round committed"),
@@ -293,12 +303,7 @@ fn serve_listens_on_the_port_in_the_environment() {
         .env_remove("STARLING_PORT");
     let server = ServeProcess::start_with(cmd, &config, &dir.path().join("data"), "info");
     assert_eq!(server.url, format!("http://127.0.0.1:{port}"));
-    let health: serde_json::Value = http()
-        .get(format!("{}/v1/health", server.url))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let health = get_json(&format!("{}/v1/health", server.url));
     assert_eq!(health["status"], "ok");
     server.terminate();
 }
@@ -307,20 +312,14 @@ fn serve_listens_on_the_port_in_the_environment() {
 fn serve_reports_bad_settings_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "[server]\nprot = 3\n");
-    let out = starling()
-        .args(["serve", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = fails(starling().args(["serve", "--config"]).arg(&config));
     assert!(err.contains("prot"), "{err}");
-    let missing = starling()
-        .args(["serve", "--config"])
-        .arg(Path::new("/nonexistent/starling.toml"))
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/starling.toml"));
+    let missing = fails(
+        starling()
+            .args(["serve", "--config"])
+            .arg(Path::new("/nonexistent/starling.toml")),
+    );
+    assert!(missing.contains("/nonexistent/starling.toml"), "{missing}");
     let _ = Duration::ZERO;
 }
 
@@ -355,39 +354,21 @@ fn process_memory(pid: u32) -> Vec<(String, Vec<u8>)> {
 #[test]
 fn no_individual_update_lingers_in_server_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
-        dir.path(),
-        r#"
-[[tasks]]
-name = "wide"
-model = "linear"
-inputs = 16
-# Distinctive values far from anything else in memory, so larger than the default bound.
-max_update_norm = 1e6
-min_cohort = 3
-max_assignments_per_address = 100
-[tasks.rounds]
-goal = 3
-min = 3
-"#,
-    );
-    let server = ServeProcess::start(&config, &dir.path().join("data"), "info");
-    let uploads: Vec<Vec<f32>> = (0..3)
+    let uploads: Vec<(Vec<f32>, f32)> = (0..3)
         .map(|d| {
-            (0..16)
+            let w: Vec<f32> = (0..16)
                 .map(|i| 2345.678 + 1000.0 * d as f32 + 0.73 * i as f32)
-                .collect()
+                .collect();
+            let b = -4321.0 - d_of(&w);
+            (w, b)
         })
         .collect();
-    for w in &uploads {
-        contribute(&server.url, "wide", &delta(w, -4321.0 - d_of(w)), 11);
-    }
-    wait_version(&server.url, "wide", 1);
+    let server = serve_a_wide_round(dir.path(), "info", &uploads, 11);
     let pid = server.child.id();
     let base = 5.0f32;
     // As the server computes it: the mean step in f64, added to the base, rounded once.
     let committed_at = |i: usize| {
-        (f64::from(base) + uploads.iter().map(|w| f64::from(w[i])).sum::<f64>() / 3.0) as f32
+        (f64::from(base) + uploads.iter().map(|(w, _)| f64::from(w[i])).sum::<f64>() / 3.0) as f32
     };
     let committed = le_bytes(&[committed_at(0), committed_at(1)]);
     // The server closes the test's connections (each request used its own client) a moment
@@ -404,7 +385,7 @@ min = 3
         found = uploads
             .iter()
             .enumerate()
-            .flat_map(|(d, w)| {
+            .flat_map(|(d, (w, _))| {
                 let needle = le_bytes(w);
                 memory
                     .iter()

@@ -1,6 +1,6 @@
 //! `starling train` against plain float32 gradient descent computed here, independently.
 
-use crate::common::starling;
+use crate::common::{fails, starling};
 
 /// Mini-batch gradient descent on `y = w x + b` with MSE in float32, batches in file order,
 /// one step per batch, loss the batch mean: the original TensorFlow graph's semantics.
@@ -123,13 +123,7 @@ fn shuffled_training_is_seeded() {
 fn unusable_data_gets_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nowhere.csv");
-    let out = starling()
-        .args(["train", "--data"])
-        .arg(&missing)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = fails(starling().args(["train", "--data"]).arg(&missing));
     assert!(
         err.contains("nowhere.csv") && err.contains("cannot read"),
         "{err}"
@@ -137,22 +131,15 @@ fn unusable_data_gets_a_clear_error() {
 
     let bad = dir.path().join("bad.csv");
     std::fs::write(&bad, "x,y\n1,2\n3,four\n").unwrap();
-    let out = starling()
-        .args(["train", "--data"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = fails(starling().args(["train", "--data"]).arg(&bad));
     assert!(
         err.contains("line 3") && err.contains("`four` is not a number"),
         "{err}"
     );
 
-    let out = starling()
-        .args(["train", "--model", "resnet", "--data"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    fails(
+        starling()
+            .args(["train", "--model", "resnet", "--data"])
+            .arg(&bad),
+    );
 }

@@ -5,176 +5,22 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::Value;
-use starling_core::wire::params::Layout;
-use starling_core::wire::update::{self, UpdateMeta};
-use starling_core::{Parameters, Tensor, WeightedSum};
-use starling_server::settings::{RoundPolicy, TaskSettings};
-use starling_server::{Running, Settings};
+use starling_core::{Parameters, Tensor};
+use starling_server::settings::{RoundPolicy, Secret, TaskSettings};
 
-struct Harness {
-    server: Running,
-    http: reqwest::Client,
-    _dir: tempfile::TempDir,
-}
+use crate::harness::{self, delta, encode, expected_fold, policy, small_task, Assigned, Harness};
 
-/// The demo's task with small rounds: every request of these tests comes from 127.0.0.1,
-/// and a round of one device is allowed (said explicitly, as a demo must).
-fn small_task(policy: RoundPolicy) -> TaskSettings {
-    TaskSettings {
-        rounds: policy,
-        min_cohort: 1,
-        max_assignments_per_address: 1000,
-        ..TaskSettings::default()
-    }
+/// A server with the task `task`, whose uploads may be `max_body_bytes` long.
+async fn start_task(task: TaskSettings, max_body_bytes: usize) -> Harness {
+    harness::start(task, |s| s.max_body_bytes = max_body_bytes).await
 }
 
 async fn start_with(policy: RoundPolicy, max_body_bytes: usize) -> Harness {
     start_task(small_task(policy), max_body_bytes).await
 }
 
-async fn start_task(task: TaskSettings, max_body_bytes: usize) -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    let mut settings = Settings::default();
-    settings.server.data_dir = dir.path().to_path_buf();
-    settings.server.max_body_bytes = max_body_bytes;
-    settings.tasks = vec![task];
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Harness {
-        server: starling_server::spawn(settings, listener).await.unwrap(),
-        http: reqwest::Client::new(),
-        _dir: dir,
-    }
-}
-
-fn policy(goal: u32, min: u32, deadline_secs: f64) -> RoundPolicy {
-    RoundPolicy {
-        goal,
-        min,
-        deadline_secs,
-        overcommit: 2.0,
-        retry_secs: 1.0,
-    }
-}
-
 async fn start(goal: u32) -> Harness {
     start_with(policy(goal, 1, 60.0), 1 << 20).await
-}
-
-struct Assigned {
-    round: u64,
-    base_version: u64,
-    token: String,
-}
-
-impl Harness {
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.server.url())
-    }
-
-    async fn get_json(&self, path: &str) -> Value {
-        let r = self.http.get(self.url(path)).send().await.unwrap();
-        assert!(r.status().is_success(), "{path}: {}", r.status());
-        r.json().await.unwrap()
-    }
-
-    async fn check_in(&self) -> Value {
-        let r = self
-            .http
-            .post(self.url("/v1/tasks/linear/checkin"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::OK);
-        r.json().await.unwrap()
-    }
-
-    async fn assigned(&self) -> Assigned {
-        let v = self.check_in().await;
-        assert_eq!(v["status"], "assigned", "{v}");
-        Assigned {
-            round: v["round"].as_u64().unwrap(),
-            base_version: v["base_version"].as_u64().unwrap(),
-            token: v["token"].as_str().unwrap().to_string(),
-        }
-    }
-
-    async fn upload_raw(&self, round: &str, token: &str, body: Vec<u8>) -> (StatusCode, Value) {
-        let r = self
-            .http
-            .post(self.url(&format!("/v1/tasks/linear/rounds/{round}/updates")))
-            .header("x-starling-token", token)
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        (status, r.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn upload(&self, a: &Assigned, delta: &Parameters, examples: u64) -> (StatusCode, Value) {
-        let body = update::encode(
-            delta,
-            &UpdateMeta {
-                base_version: a.base_version,
-                examples,
-                loss: Some(0.5),
-                accuracy: None,
-                token: a.token.clone(),
-            },
-        );
-        self.upload_raw(&a.round.to_string(), &a.token, body).await
-    }
-
-    async fn task(&self) -> Value {
-        self.get_json("/v1/tasks/linear").await
-    }
-
-    async fn model(&self) -> (u64, Parameters) {
-        let r = self
-            .http
-            .get(self.url("/v1/tasks/linear/model"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::OK);
-        let etag: u64 = r.headers()["etag"]
-            .to_str()
-            .unwrap()
-            .trim_matches('"')
-            .parse()
-            .unwrap();
-        let body = r.bytes().await.unwrap();
-        (
-            etag,
-            Parameters::from_safetensors_with_layout(&body, &layout())
-                .unwrap()
-                .0,
-        )
-    }
-
-    /// Polls until the task's version reaches `version`.
-    async fn wait_version(&self, version: u64) -> Value {
-        for _ in 0..200 {
-            let t = self.task().await;
-            if t["version"].as_u64().unwrap() >= version {
-                return t;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("version {version} never came");
-    }
-}
-
-fn layout() -> Layout {
-    Layout::new(vec![("W".into(), vec![1, 1]), ("b".into(), vec![1])])
-}
-
-fn delta(w: f32, b: f32) -> Parameters {
-    Parameters::new(vec![
-        ("W".into(), Tensor::new(vec![1, 1], vec![w]).unwrap()),
-        ("b".into(), Tensor::new(vec![1], vec![b]).unwrap()),
-    ])
-    .unwrap()
 }
 
 fn error_code(v: &Value) -> &str {
@@ -184,21 +30,7 @@ fn error_code(v: &Value) -> &str {
 /// The parameters FedAvg must commit for these valid updates on the demo's initial model.
 fn expected_after(updates: &[(Parameters, u64)]) -> Parameters {
     let base = starling_core::trainer::builtin::linear(1, 1).init_params(0);
-    let mut agg = WeightedSum::new(&layout());
-    for (d, n) in updates {
-        let body = update::encode(
-            d,
-            &UpdateMeta {
-                base_version: 0,
-                examples: *n,
-                loss: None,
-                accuracy: None,
-                token: String::new(),
-            },
-        );
-        agg.accept(&update::check(body, &update::Rules::lenient(&layout())).unwrap());
-    }
-    agg.finish(&base).unwrap()
+    expected_fold(&base, updates)
 }
 
 #[tokio::test]
@@ -214,8 +46,7 @@ async fn health_tasks_and_model_download_with_etag() {
     assert_eq!(v, 0);
     assert_eq!(p.get("W").unwrap().data(), &[5.0]);
     let r = h
-        .http
-        .get(h.url("/v1/tasks/linear/model"))
+        .get("/v1/tasks/linear/model")
         .header("if-none-match", "\"0\"")
         .send()
         .await
@@ -223,11 +54,9 @@ async fn health_tasks_and_model_download_with_etag() {
     assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
     let spec: Value = h.get_json("/v1/openapi.json").await;
     assert!(spec["paths"]["/v1/tasks/{task}/checkin"].is_object());
-    let r = h.http.get(h.url("/metrics")).send().await.unwrap();
-    assert!(r
-        .text()
+    assert!(h
+        .metrics()
         .await
-        .unwrap()
         .contains("starling_model_version{task=\"linear\"} 0"));
 }
 
@@ -273,12 +102,7 @@ async fn devices_beyond_the_goal_are_told_when_to_come_back() {
     .await;
     h.assigned().await;
     h.assigned().await;
-    let r = h
-        .http
-        .post(h.url("/v1/tasks/linear/checkin"))
-        .send()
-        .await
-        .unwrap();
+    let r = h.post("/v1/tasks/linear/checkin").send().await.unwrap();
     assert!(r.headers().contains_key("retry-after"));
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["status"], "retry");
@@ -410,16 +234,7 @@ async fn bad_updates_are_refused_and_leave_the_aggregate_unchanged() {
             "unknown token",
             round.clone(),
             "forged",
-            update::encode(
-                &delta(1.0, 1.0),
-                &UpdateMeta {
-                    base_version: 0,
-                    examples: 5,
-                    loss: None,
-                    accuracy: None,
-                    token: "forged".into(),
-                },
-            ),
+            encode(&delta(1.0, 1.0), 0, 5, None, "forged"),
             StatusCode::FORBIDDEN,
             "invalid_token",
         ),
@@ -435,46 +250,22 @@ async fn bad_updates_are_refused_and_leave_the_aggregate_unchanged() {
             "second update of an assignment",
             a.round.to_string(),
             &a.token,
-            update::encode(
-                &good,
-                &UpdateMeta {
-                    base_version: 0,
-                    examples: 20,
-                    loss: None,
-                    accuracy: None,
-                    token: a.token.clone(),
-                },
-            ),
+            encode(&good, 0, 20, None, &a.token),
             StatusCode::CONFLICT,
             "duplicate_update",
         ),
     ];
     let mut unknown_task = h
-        .http
-        .post(h.url("/v1/tasks/nope/rounds/1/updates"))
+        .post("/v1/tasks/nope/rounds/1/updates")
         .header("x-starling-token", &b.token)
-        .body(update::encode(
-            &good,
-            &UpdateMeta {
-                base_version: 0,
-                examples: 1,
-                loss: None,
-                accuracy: None,
-                token: b.token.clone(),
-            },
-        ))
+        .body(encode(&good, 0, 1, None, &b.token))
         .send()
         .await
         .unwrap();
     assert_eq!(unknown_task.status(), StatusCode::NOT_FOUND);
     let v: Value = unknown_task.json().await.unwrap();
     assert_eq!(error_code(&v), "unknown_task");
-    unknown_task = h
-        .http
-        .post(h.url("/v1/tasks/nope/checkin"))
-        .send()
-        .await
-        .unwrap();
+    unknown_task = h.post("/v1/tasks/nope/checkin").send().await.unwrap();
     assert_eq!(unknown_task.status(), StatusCode::NOT_FOUND);
 
     for (what, round, token, body, status, code) in cases {
@@ -625,8 +416,7 @@ async fn a_streamed_body_over_the_limit_is_refused_while_reading() {
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
         (0..64).map(|_| Ok(vec![7u8; 1024])).collect();
     let r = h
-        .http
-        .post(h.url("/v1/tasks/linear/rounds/1/updates"))
+        .post("/v1/tasks/linear/rounds/1/updates")
         .header("x-starling-token", &a.token)
         .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
             chunks,
@@ -638,15 +428,7 @@ async fn a_streamed_body_over_the_limit_is_refused_while_reading() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(error_code(&v), "payload_too_large");
     // Refused before the engine saw it, and still counted.
-    let metrics = h
-        .http
-        .get(h.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.metrics().await;
     assert!(
         metrics.contains("starling_updates_total{outcome=\"payload_too_large\"} 1"),
         "{metrics}"
@@ -657,8 +439,7 @@ async fn a_streamed_body_over_the_limit_is_refused_while_reading() {
 async fn a_device_gets_one_assignment_per_round() {
     let h = start(3).await;
     let ask = |body: &'static str| {
-        h.http
-            .post(h.url("/v1/tasks/linear/checkin"))
+        h.post("/v1/tasks/linear/checkin")
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -693,16 +474,11 @@ async fn a_device_gets_one_assignment_per_round() {
 #[tokio::test]
 async fn unknown_endpoints_answer_json() {
     let h = start(1).await;
-    let r = h.http.get(h.url("/v2/nothing")).send().await.unwrap();
+    let r = h.get("/v2/nothing").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     let v: Value = r.json().await.unwrap();
     assert_eq!(error_code(&v), "not_found");
-    let r = h
-        .http
-        .get(h.url("/v1/tasks/nope/model"))
-        .send()
-        .await
-        .unwrap();
+    let r = h.get("/v1/tasks/nope/model").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }
 
@@ -726,23 +502,14 @@ async fn clients_that_hang_up_after_uploading_never_freeze_the_round() {
         assigned.push(h.assigned().await);
     }
     for (i, a) in assigned.iter().enumerate() {
-        let body = update::encode(
-            &delta(1.0, 1.0),
-            &UpdateMeta {
-                base_version: 0,
-                examples: 10,
-                loss: None,
-                accuracy: None,
-                token: a.token.clone(),
-            },
-        );
+        let body = encode(&delta(1.0, 1.0), 0, 10, None, &a.token);
         let head = format!(
             "POST /v1/tasks/linear/rounds/1/updates HTTP/1.1\r\nhost: x\r\n\
              x-starling-token: {}\r\ncontent-length: {}\r\n\r\n",
             a.token,
             body.len()
         );
-        let mut s = tokio::net::TcpStream::connect(h.server.addr).await.unwrap();
+        let mut s = tokio::net::TcpStream::connect(h.addr()).await.unwrap();
         s.write_all(head.as_bytes()).await.unwrap();
         s.write_all(&body).await.unwrap();
         // Hang up at a different moment each time, half with a reset, half with a close.
@@ -785,16 +552,7 @@ async fn one_client_address_cannot_hoard_a_round_under_many_ids() {
     .await;
     let mut assigned = 0;
     for i in 0..13 {
-        let v: Value = h
-            .http
-            .post(h.url("/v1/tasks/linear/checkin"))
-            .json(&serde_json::json!({"device": format!("sybil-{i}")}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = h.check_in_device(&format!("sybil-{i}")).await;
         if v["status"] == "assigned" {
             assigned += 1;
         } else {
@@ -812,8 +570,7 @@ async fn an_operator_rolls_a_task_back_with_the_admin_token() {
     const TOKEN: &str = "a-long-admin-token-for-tests";
     let rollback = |h: &Harness, token: Option<&str>, version: u64| {
         let mut r = h
-            .http
-            .post(h.url("/v1/admin/tasks/linear/rollback"))
+            .post("/v1/admin/tasks/linear/rollback")
             .json(&serde_json::json!({ "version": version }));
         if let Some(t) = token {
             r = r.header("x-starling-admin-token", t);
@@ -825,17 +582,10 @@ async fn an_operator_rolls_a_task_back_with_the_admin_token() {
     let r = rollback(&off, Some(TOKEN), 0).await.unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 
-    let dir = tempfile::tempdir().unwrap();
-    let mut settings = Settings::default();
-    settings.server.data_dir = dir.path().to_path_buf();
-    settings.server.admin_token = Some(starling_server::settings::Secret::new(TOKEN));
-    settings.tasks = vec![small_task(policy(1, 1, 60.0))];
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let h = Harness {
-        server: starling_server::spawn(settings, listener).await.unwrap(),
-        http: reqwest::Client::new(),
-        _dir: dir,
-    };
+    let h = harness::start(small_task(policy(1, 1, 60.0)), |s| {
+        s.admin_token = Some(Secret::new(TOKEN));
+    })
+    .await;
     for v in 1..=2u64 {
         let a = h.assigned().await;
         assert_eq!(

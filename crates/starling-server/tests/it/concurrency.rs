@@ -3,59 +3,38 @@
 
 use std::sync::Arc;
 
-use serde_json::Value;
-use starling_core::wire::update::{self, UpdateMeta};
-use starling_core::{Parameters, Tensor, WeightedSum};
+use starling_core::{Parameters, Tensor};
 use starling_server::settings::{RoundPolicy, TaskSettings};
-use starling_server::Settings;
 
-async fn server(inputs: usize, goal: u32) -> (starling_server::Running, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut settings = Settings::default();
-    settings.server.data_dir = dir.path().to_path_buf();
-    // Every client of these tests is 127.0.0.1: lift the per-address limits, which are not
-    // what is tested here.
-    settings.server.max_connections_per_address = 4096;
-    settings.server.max_connections = 4096;
-    settings.server.max_uploads_in_flight = 1024;
-    settings.tasks = vec![TaskSettings {
-        min_cohort: 1,
+use crate::harness::{self, encode, expected_fold, policy, small_task, Harness};
+
+async fn server(inputs: usize, goal: u32) -> Harness {
+    let task = TaskSettings {
         max_assignments_per_address: 100_000,
         inputs,
-        rounds: RoundPolicy {
-            goal,
-            min: goal,
-            deadline_secs: 600.0,
+        ..small_task(RoundPolicy {
             overcommit: 1.0,
             retry_secs: 2.0,
-        },
-        ..TaskSettings::default()
-    }];
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    (
-        starling_server::spawn(settings, listener).await.unwrap(),
-        dir,
-    )
+            ..policy(goal, goal, 600.0)
+        })
+    };
+    harness::start(task, |s| {
+        // Every client of these tests is 127.0.0.1: lift the per-address limits, which are not
+        // what is tested here.
+        s.max_connections_per_address = 4096;
+        s.max_connections = 4096;
+        s.max_uploads_in_flight = 1024;
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_concurrent_check_ins_all_get_an_answer() {
-    let (s, _dir) = server(1, 100).await;
-    let http = reqwest::Client::new();
-    let url = format!("{}/v1/tasks/linear/checkin", s.url());
+    let h = Arc::new(server(1, 100).await);
     let mut set = tokio::task::JoinSet::new();
     for i in 0..2000 {
-        let (http, url) = (http.clone(), url.clone());
-        set.spawn(async move {
-            let r = http
-                .post(&url)
-                .json(&serde_json::json!({"device": format!("d{i}")}))
-                .send()
-                .await
-                .expect("every request is answered");
-            assert_eq!(r.status(), reqwest::StatusCode::OK);
-            r.json::<Value>().await.unwrap()
-        });
+        let h = h.clone();
+        set.spawn(async move { h.check_in_device(&format!("d{i}")).await });
     }
     let (mut assigned, mut retry) = (0, 0);
     let mut tokens = std::collections::HashSet::new();
@@ -86,8 +65,7 @@ async fn two_thousand_concurrent_check_ins_all_get_an_answer() {
 async fn parallel_uploads_aggregate_like_a_sequential_fold() {
     const N: usize = 48;
     const INPUTS: usize = 20_000;
-    let (s, _dir) = server(INPUTS, N as u32).await;
-    let http = reqwest::Client::new();
+    let h = Arc::new(server(INPUTS, N as u32).await);
     let deltas: Vec<(Parameters, u64)> = (0..N)
         .map(|d| {
             let w = (0..INPUTS)
@@ -107,63 +85,23 @@ async fn parallel_uploads_aggregate_like_a_sequential_fold() {
     let deltas = Arc::new(deltas);
     let mut set = tokio::task::JoinSet::new();
     for i in 0..N {
-        let (http, url, deltas) = (http.clone(), s.url(), deltas.clone());
+        let (h, deltas) = (h.clone(), deltas.clone());
         set.spawn(async move {
-            let a: Value = http
-                .post(format!("{url}/v1/tasks/linear/checkin"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            assert_eq!(a["status"], "assigned", "{a}");
+            let a = h.assigned().await;
             let (d, n) = &deltas[i];
-            let token = a["token"].as_str().unwrap();
-            let body = update::encode(
-                d,
-                &UpdateMeta {
-                    base_version: 0,
-                    examples: *n,
-                    loss: None,
-                    accuracy: None,
-                    token: token.into(),
-                },
-            );
-            let r = http
-                .post(format!("{url}/v1/tasks/linear/rounds/1/updates"))
-                .header("x-starling-token", token)
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), reqwest::StatusCode::ACCEPTED);
+            let body = encode(d, 0, *n, None, &a.token);
+            let (status, v) = h.upload_raw("1", &a.token, body).await;
+            assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{v}");
         });
     }
     while let Some(r) = set.join_next().await {
         r.unwrap();
     }
-    let mut st = s.tasks[0].subscribe();
-    st.wait_for(|s| s.model.version == 1).await.unwrap();
-    let served = s.tasks[0].status().model.params.clone();
+    let task = &h.server.tasks[0];
+    harness::wait_engine_version(task, 1).await;
+    let served = task.status().model.params.clone();
 
-    let spec = s.tasks[0].spec().clone();
-    let layout = spec.layout();
-    let mut seq = WeightedSum::new(&layout);
-    for (d, n) in deltas.iter() {
-        let body = update::encode(
-            d,
-            &UpdateMeta {
-                base_version: 0,
-                examples: *n,
-                loss: None,
-                accuracy: None,
-                token: String::new(),
-            },
-        );
-        seq.accept(&update::check(body, &update::Rules::lenient(&layout)).unwrap());
-    }
-    let want = seq.finish(&spec.init_params(0)).unwrap();
+    let want = expected_fold(&task.spec().init_params(0), &deltas);
     for ((name, a), (_, b)) in served.iter().zip(want.iter()) {
         for (x, y) in a.data().iter().zip(b.data()) {
             assert!(

@@ -6,8 +6,6 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use starling_core::wire::update::{self, UpdateMeta};
-use starling_core::{Parameters, Tensor};
 use starling_server::engine::round::AbandonReason;
 use starling_server::engine::{
     self, Caller, CheckIn, Clock, EngineError, SystemClock, TaskHandle, Upload, VirtualClock,
@@ -16,44 +14,33 @@ use starling_server::metrics::Metrics;
 use starling_server::settings::{Retention, RoundPolicy, TaskSettings, Weighting};
 use starling_server::store::{RoundStatus, Store};
 
-fn delta(v: f32) -> Parameters {
-    Parameters::new(vec![
-        ("W".into(), Tensor::full(vec![1, 1], v)),
-        ("b".into(), Tensor::full(vec![1], v)),
-    ])
-    .unwrap()
-}
+use crate::harness::{self, delta, encode, wait_engine_version as wait_version, STUCK};
 
+/// The body of an update that moves every parameter by `v`.
 fn body(v: f32, token: &str, examples: u64, base_version: u64) -> Vec<u8> {
-    update::encode(
-        &delta(v),
-        &UpdateMeta {
-            base_version,
-            examples,
-            loss: Some(0.5),
-            accuracy: None,
-            token: token.into(),
-        },
-    )
+    encode(&delta(v, v), base_version, examples, Some(0.5), token)
 }
 
-fn policy(goal: u32, min: u32) -> RoundPolicy {
+/// Rounds of `goal` updates, each assigned once, that commit with `min` at the deadline.
+fn policy(goal: u32, min: u32, deadline_secs: f64) -> RoundPolicy {
     RoundPolicy {
-        goal,
-        min,
-        deadline_secs: 600.0,
         overcommit: 1.0,
-        retry_secs: 1.0,
+        ..harness::policy(goal, min, deadline_secs)
+    }
+}
+
+/// The demo's task with rounds of `goal`, and a cohort of `min_cohort` allowed.
+fn cohort_task(goal: u32, min: u32, deadline_secs: f64, min_cohort: u32) -> TaskSettings {
+    TaskSettings {
+        rounds: policy(goal, min, deadline_secs),
+        min_cohort,
+        ..TaskSettings::default()
     }
 }
 
 /// The demo's task with small rounds, a round of one device allowed (as a demo says so).
 fn small(goal: u32, min: u32) -> TaskSettings {
-    TaskSettings {
-        rounds: policy(goal, min),
-        min_cohort: 1,
-        ..TaskSettings::default()
-    }
+    cohort_task(goal, min, 600.0, 1)
 }
 
 async fn spawn(settings: TaskSettings, store: Store) -> TaskHandle {
@@ -71,6 +58,14 @@ async fn spawn_on(settings: TaskSettings, store: Store, clock: Arc<dyn Clock>) -
     .unwrap()
 }
 
+/// A task on an in-memory store whose deadlines follow a clock the test moves.
+async fn spawn_clocked(settings: TaskSettings) -> (TaskHandle, VirtualClock) {
+    let clock = VirtualClock::new();
+    let store = Store::open_memory().await.unwrap();
+    let task = spawn_on(settings, store, Arc::new(clock.clone())).await;
+    (task, clock)
+}
+
 async fn tokens(task: &TaskHandle, n: usize) -> Vec<String> {
     let answers = task
         .check_in_many((0..n).map(|i| Caller::device(format!("d{i}"))).collect())
@@ -83,18 +78,6 @@ async fn tokens(task: &TaskHandle, n: usize) -> Vec<String> {
             CheckIn::Retry { reason, .. } => panic!("not assigned: {reason}"),
         })
         .collect()
-}
-
-/// How long a test waits for the engine before it calls the engine stuck (a regression
-/// fails instead of hanging).
-const STUCK: Duration = Duration::from_secs(30);
-
-async fn wait_version(task: &TaskHandle, version: u64) {
-    let mut rx = task.subscribe();
-    tokio::time::timeout(STUCK, rx.wait_for(|s| s.model.version >= version))
-        .await
-        .unwrap_or_else(|_| panic!("version {version} never came: the engine is stuck"))
-        .unwrap();
 }
 
 async fn wait_round(task: &TaskHandle, round: u64) -> starling_server::store::RoundRecord {
@@ -301,7 +284,7 @@ async fn one_update_cannot_own_the_average() {
 #[tokio::test]
 async fn nothing_is_published_about_fewer_devices_than_the_minimum_cohort() {
     let err = TaskSettings {
-        rounds: policy(1, 1),
+        rounds: policy(1, 1, 600.0),
         ..TaskSettings::default()
     }
     .resolve()
@@ -309,20 +292,7 @@ async fn nothing_is_published_about_fewer_devices_than_the_minimum_cohort() {
     .to_string();
     assert!(err.contains("below min_cohort (10)"), "{err}");
 
-    let clock = VirtualClock::new();
-    let task = spawn_on(
-        TaskSettings {
-            rounds: RoundPolicy {
-                deadline_secs: 30.0,
-                ..policy(5, 3)
-            },
-            min_cohort: 3,
-            ..TaskSettings::default()
-        },
-        Store::open_memory().await.unwrap(),
-        Arc::new(clock.clone()),
-    )
-    .await;
+    let (task, clock) = spawn_clocked(cohort_task(5, 3, 30.0, 3)).await;
     let t = tokens(&task, 2).await;
     for (i, t) in t.iter().enumerate() {
         task.upload(1, body(i as f32, t, 10, 0).into())
@@ -442,20 +412,7 @@ async fn old_versions_are_pruned_and_a_task_rolls_back_to_a_kept_one() {
 /// moves that clock, and not before.
 #[tokio::test]
 async fn the_deadline_follows_the_engine_clock() {
-    let clock = VirtualClock::new();
-    let task = spawn_on(
-        TaskSettings {
-            rounds: RoundPolicy {
-                deadline_secs: 60.0,
-                ..policy(3, 1)
-            },
-            min_cohort: 1,
-            ..TaskSettings::default()
-        },
-        Store::open_memory().await.unwrap(),
-        Arc::new(clock.clone()),
-    )
-    .await;
+    let (task, clock) = spawn_clocked(cohort_task(3, 1, 60.0, 1)).await;
     let t = tokens(&task, 1).await;
     task.upload(1, body(1.0, &t[0], 5, 0).into()).await.unwrap();
     clock.advance(Duration::from_secs(59));

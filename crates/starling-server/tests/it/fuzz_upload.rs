@@ -24,10 +24,10 @@ use starling_core::wire::protocol::{
     parse_canonical_u64, CheckInAnswer, ErrorBody, ErrorCode, UploadReceipt, TOKEN_HEADER,
 };
 use starling_core::wire::update::{self, Rules, UpdateMeta, Weighting};
-use starling_core::{Parameters, Tensor};
 use starling_server::engine::EngineError;
 use starling_server::settings::{RoundPolicy, TaskSettings};
-use starling_server::{Running, Settings};
+
+use crate::harness::{self, delta, policy, small_task, Assigned, Harness};
 
 /// The task's norm bound: low, so that random values cross it.
 const MAX_UPDATE_NORM: f64 = 10.0;
@@ -39,40 +39,30 @@ const MAX_URI_BYTES: usize = 8 * 1024;
 const PREFIX: &str = "/v1/tasks/linear/rounds/";
 const SUFFIX: &str = "/updates";
 
-struct Harness {
-    server: Running,
-    http: reqwest::Client,
+/// A server, and what the fuzzer knows of its task.
+struct Fuzzer {
+    h: Harness,
     /// The task's layout, its rules as the engine applies them, and its upload size limit.
     rules: Rules,
     limit: usize,
     /// How many answers of each status and code the test saw.
     answers: RefCell<BTreeMap<String, u64>>,
-    _dir: tempfile::TempDir,
 }
 
 /// One `linear` task whose round never closes during the test: a goal far above the number
 /// of uploads, an hour's deadline, every assignment for 127.0.0.1.
-async fn start() -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    let mut settings = Settings::default();
-    settings.server.data_dir = dir.path().to_path_buf();
-    settings.tasks = vec![TaskSettings {
-        rounds: RoundPolicy {
-            goal: 10_000,
-            min: 1,
-            deadline_secs: 3600.0,
-            overcommit: 1.0,
-            retry_secs: 1.0,
-        },
+async fn start() -> Fuzzer {
+    let task = TaskSettings {
         max_update_norm: MAX_UPDATE_NORM,
         max_examples_per_update: MAX_EXAMPLES_PER_UPDATE,
-        min_cohort: 1,
         max_assignments_per_address: 1_000_000,
-        ..TaskSettings::default()
-    }];
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = starling_server::spawn(settings, listener).await.unwrap();
-    let task = &server.tasks[0];
+        ..small_task(RoundPolicy {
+            overcommit: 1.0,
+            ..policy(10_000, 1, 3600.0)
+        })
+    };
+    let h = harness::start(task, |_| {}).await;
+    let task = &h.server.tasks[0];
     let rules = Rules {
         layout: task.spec().layout(),
         max_norm: Some(MAX_UPDATE_NORM),
@@ -81,20 +71,12 @@ async fn start() -> Harness {
         },
     };
     let limit = task.max_upload_bytes();
-    Harness {
-        server,
-        http: reqwest::Client::new(),
+    Fuzzer {
+        h,
         rules,
         limit,
         answers: RefCell::default(),
-        _dir: dir,
     }
-}
-
-struct Assigned {
-    round: u64,
-    base_version: u64,
-    token: String,
 }
 
 fn fail(message: impl Into<String>) -> TestCaseError {
@@ -283,13 +265,8 @@ fn request() -> impl Strategy<Value = Request> {
 }
 
 fn encode(u: &Update, a: &Assigned) -> Vec<u8> {
-    let delta = Parameters::new(vec![
-        ("W".into(), Tensor::new(vec![1, 1], vec![u.w]).unwrap()),
-        ("b".into(), Tensor::new(vec![1], vec![u.b]).unwrap()),
-    ])
-    .unwrap();
     update::encode(
-        &delta,
+        &delta(u.w, u.b),
         &UpdateMeta {
             base_version: a.base_version.wrapping_add(u.base_offset),
             examples: u.examples,
@@ -359,7 +336,7 @@ enum Expect {
     AnyRefusal,
 }
 
-impl Harness {
+impl Fuzzer {
     /// The answer to this request by the order of checks `api.rs` documents: the URI's length,
     /// the route, the round number's form, the token header, the declared length, admission
     /// (the open round, an undelivered assignment), then the body through `update::check` with
@@ -424,32 +401,25 @@ impl Harness {
 
     async fn check_in(&self) -> Result<Assigned, TestCaseError> {
         let r = self
-            .http
-            .post(format!("{}/v1/tasks/linear/checkin", self.server.url()))
+            .h
+            .post("/v1/tasks/linear/checkin")
             .send()
             .await
             .map_err(|e| fail(format!("check-in: {e}")))?;
         prop_assert_eq!(r.status().as_u16(), 200);
-        match r.json::<CheckInAnswer>().await {
-            Ok(CheckInAnswer::Assigned {
-                round,
-                base_version,
-                token,
-                ..
-            }) => Ok(Assigned {
-                round,
-                base_version,
-                token,
-            }),
-            other => Err(fail(format!("expected an assignment, got {other:?}"))),
-        }
+        let answer = r
+            .json::<CheckInAnswer>()
+            .await
+            .map_err(|e| fail(format!("check-in answer: {e}")))?;
+        Assigned::try_from(answer)
+            .map_err(|other| fail(format!("expected an assignment, got {other:?}")))
     }
 
     /// The open round's number and update count.
     async fn round(&self) -> Result<(u64, u64), TestCaseError> {
         let v: Value = self
-            .http
-            .get(format!("{}/v1/tasks/linear", self.server.url()))
+            .h
+            .get("/v1/tasks/linear")
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)
@@ -470,17 +440,15 @@ impl Harness {
         let (round_before, updates_before) = self.round().await?;
         prop_assert_eq!(round_before, a.round);
 
-        let url = format!(
-            "{}{PREFIX}{}{SUFFIX}",
-            self.server.url(),
-            req.round_text(&a)
-        );
+        let url = self
+            .h
+            .url(&format!("{PREFIX}{}{SUFFIX}", req.round_text(&a)));
         let url = reqwest::Url::parse(&url).map_err(|e| fail(format!("{url:?}: {e}")))?;
         let header = req.header(&a);
         let body = req.body(&a, self.limit);
         let expect = self.expect(&url, header.as_deref(), &body, &a);
 
-        let mut request = self.http.post(url.clone()).body(body);
+        let mut request = self.h.http.post(url.clone()).body(body);
         if let Some(h) = &header {
             request = request.header(TOKEN_HEADER, HeaderValue::from_bytes(h).unwrap());
         }
@@ -587,8 +555,8 @@ fn random_uploads_get_coded_json_answers_and_only_receipts_count() {
         .enable_all()
         .build()
         .unwrap();
-    let h = runtime.block_on(start());
-    let (_, initial) = runtime.block_on(h.round()).unwrap();
+    let fuzz = runtime.block_on(start());
+    let (_, initial) = runtime.block_on(fuzz.round()).unwrap();
     let accepted = Cell::new(0u64);
     // The cases the issue names, every time: a valid upload, and the same with a round number
     // that is not canonical.
@@ -612,7 +580,7 @@ fn random_uploads_get_coded_json_answers_and_only_receipts_count() {
             token: Token::Assigned,
             body: Body::Valid(valid.clone()),
         };
-        if let Err(e) = runtime.block_on(h.case(req.clone(), &accepted)) {
+        if let Err(e) = runtime.block_on(fuzz.case(req.clone(), &accepted)) {
             panic!("{req:?}: {e}");
         }
     }
@@ -628,10 +596,12 @@ fn random_uploads_get_coded_json_answers_and_only_receipts_count() {
         failure_persistence: None,
         ..Config::default()
     });
-    let result = runner.run(&request(), |req| runtime.block_on(h.case(req, &accepted)));
-    let (round, updates) = runtime.block_on(h.round()).unwrap();
-    runtime.block_on(h.server.stop()).unwrap();
-    eprintln!("answers: {:?}", h.answers.borrow());
+    let result = runner.run(&request(), |req| {
+        runtime.block_on(fuzz.case(req, &accepted))
+    });
+    let (round, updates) = runtime.block_on(fuzz.round()).unwrap();
+    runtime.block_on(fuzz.h.server.stop()).unwrap();
+    eprintln!("answers: {:?}", fuzz.answers.borrow());
     if let Err(e) = result {
         panic!("{e}");
     }

@@ -8,165 +8,48 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
-use starling_core::wire::protocol::{CheckInAnswer, ErrorBody, UploadReceipt, TOKEN_HEADER};
-use starling_core::wire::update::{self, UpdateMeta};
-use starling_core::{Parameters, Tensor};
-use starling_server::settings::{RoundPolicy, ServerSettings, TaskSettings};
-use starling_server::{Running, Settings};
+use serde_json::Value;
+use starling_core::wire::protocol::{ErrorBody, UploadReceipt};
+use starling_server::settings::{RoundPolicy, ServerSettings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-struct Harness {
-    server: Running,
-    http: reqwest::Client,
-    _dir: tempfile::TempDir,
-}
+use crate::harness::{self, delta, policy, small_task, Assigned, Harness};
 
 /// A server with one `linear` task whose rounds need one update to commit at the deadline,
 /// that hands out many assignments to 127.0.0.1, with `server` adjusted by `adjust`.
 async fn start(adjust: impl FnOnce(&mut ServerSettings)) -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    let mut settings = Settings::default();
-    settings.server.data_dir = dir.path().to_path_buf();
-    settings.server.header_timeout_secs = 5.0;
-    settings.server.idle_timeout_secs = 5.0;
-    settings.server.body_timeout_secs = 5.0;
-    settings.server.shutdown_timeout_secs = 1.0;
-    adjust(&mut settings.server);
-    settings.tasks = vec![TaskSettings {
-        rounds: RoundPolicy {
-            goal: 8,
-            min: 1,
-            deadline_secs: 600.0,
-            overcommit: 4.0,
-            retry_secs: 1.0,
-        },
-        min_cohort: 1,
-        max_assignments_per_address: 1000,
-        ..TaskSettings::default()
-    }];
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    Harness {
-        server: starling_server::spawn(settings, listener).await.unwrap(),
-        http: reqwest::Client::new(),
-        _dir: dir,
-    }
+    let task = small_task(RoundPolicy {
+        overcommit: 4.0,
+        ..policy(8, 1, 600.0)
+    });
+    harness::start(task, |s| {
+        s.header_timeout_secs = 5.0;
+        s.idle_timeout_secs = 5.0;
+        s.body_timeout_secs = 5.0;
+        s.shutdown_timeout_secs = 1.0;
+        adjust(s);
+    })
+    .await
 }
 
-struct Assigned {
-    round: u64,
-    token: String,
-    upload_url: String,
-    body: Vec<u8>,
+/// The valid update every assignment of these tests delivers, and its example count.
+fn update() -> (starling_core::Parameters, u64) {
+    (delta(0.5, -0.5), 10)
 }
 
-impl Harness {
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.server.url())
-    }
+/// Checks in; the assignment and the body of its valid update.
+async fn ready(h: &Harness) -> (Assigned, Vec<u8>) {
+    let a = h.assigned().await;
+    let (d, n) = update();
+    let body = a.body(&d, n);
+    (a, body)
+}
 
-    fn addr(&self) -> SocketAddr {
-        self.server.addr
-    }
-
-    /// Checks in and builds a valid update for the assignment.
-    async fn assigned(&self) -> Assigned {
-        let r = self
-            .http
-            .post(self.url("/v1/tasks/linear/checkin"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::OK);
-        match r.json::<CheckInAnswer>().await.unwrap() {
-            CheckInAnswer::Assigned {
-                round,
-                base_version,
-                token,
-                upload_url,
-                ..
-            } => {
-                let delta = Parameters::new(vec![
-                    ("W".into(), Tensor::full(vec![1, 1], 0.5)),
-                    ("b".into(), Tensor::full(vec![1], -0.5)),
-                ])
-                .unwrap();
-                let body = update::encode(
-                    &delta,
-                    &UpdateMeta {
-                        base_version,
-                        examples: 10,
-                        loss: Some(0.5),
-                        accuracy: None,
-                        token: token.clone(),
-                    },
-                );
-                Assigned {
-                    round,
-                    token,
-                    upload_url,
-                    body,
-                }
-            }
-            other => panic!("expected an assignment, got {other:?}"),
-        }
-    }
-
-    async fn upload(&self, a: &Assigned) -> reqwest::Response {
-        self.http
-            .post(self.url(&a.upload_url))
-            .header(TOKEN_HEADER, &a.token)
-            .body(a.body.clone())
-            .send()
-            .await
-            .unwrap()
-    }
-
-    /// Updates folded into the open round.
-    async fn round_updates(&self) -> u64 {
-        let v: serde_json::Value = self
-            .http
-            .get(self.url("/v1/tasks/linear"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v["round"]["updates"].as_u64().unwrap()
-    }
-
-    /// The value of the metric line that starts with `series` (0 if absent).
-    async fn metric(&self, series: &str) -> u64 {
-        let text = self
-            .http
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-            .map_or(0, |v| v.trim().parse().unwrap())
-    }
-
-    /// Waits (up to 5 s) until the metric reaches `value`.
-    async fn metric_reaches(&self, series: &str, value: u64) {
-        let start = Instant::now();
-        loop {
-            let now = self.metric(series).await;
-            if now == value {
-                return;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(5),
-                "{series} stayed at {now}, expected {value}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+/// Uploads the assignment's valid update over HTTP.
+async fn deliver(h: &Harness, a: &Assigned) -> (StatusCode, Value) {
+    let (d, n) = update();
+    h.upload(a, &d, n).await
 }
 
 fn updates_total(outcome: &str) -> String {
@@ -335,15 +218,15 @@ async fn an_oversized_upload_is_refused_before_its_body_is_asked_for() {
     assert_eq!(r.code(), "payload_too_large");
     assert_eq!(h.round_updates().await, 0);
     // The assignment is still good for a real update.
-    assert_eq!(h.upload(&a).await.status(), StatusCode::ACCEPTED);
+    assert_eq!(deliver(&h, &a).await.0, StatusCode::ACCEPTED);
 }
 
 #[tokio::test]
 async fn an_upload_without_a_token_is_refused_before_its_body_is_asked_for() {
     let h = start(|_| {}).await;
-    let a = h.assigned().await;
+    let (a, body) = ready(&h).await;
     let mut stream = connect(h.addr()).await;
-    let head = upload_head(&a.upload_url, None, a.body.len(), true);
+    let head = upload_head(&a.upload_url, None, body.len(), true);
     stream.write_all(head.as_bytes()).await.unwrap();
     let r = read_response(&mut stream).await;
     assert_eq!(r.status, 401, "{r:?}");
@@ -351,7 +234,7 @@ async fn an_upload_without_a_token_is_refused_before_its_body_is_asked_for() {
     assert_eq!(h.metric(&updates_total("missing_token")).await, 1);
     // A token that is not an assignment of the round is refused before the body too.
     let mut stream = connect(h.addr()).await;
-    let head = upload_head(&a.upload_url, Some("not-a-token"), a.body.len(), true);
+    let head = upload_head(&a.upload_url, Some("not-a-token"), body.len(), true);
     stream.write_all(head.as_bytes()).await.unwrap();
     let r = read_response(&mut stream).await;
     assert_eq!(r.status, 403, "{r:?}");
@@ -362,7 +245,7 @@ async fn an_upload_without_a_token_is_refused_before_its_body_is_asked_for() {
 #[tokio::test]
 async fn round_numbers_must_be_canonical_on_the_raw_path() {
     let h = start(|_| {}).await;
-    let a = h.assigned().await;
+    let (a, body) = ready(&h).await;
     let r = a.round;
     let percent: String = r.to_string().bytes().map(|d| format!("%{d:02X}")).collect();
     let bad = [
@@ -377,16 +260,16 @@ async fn round_numbers_must_be_canonical_on_the_raw_path() {
     ];
     for round in bad {
         let path = format!("/v1/tasks/linear/rounds/{round}/updates");
-        let head = upload_head(&path, Some(&a.token), a.body.len(), false);
-        let resp = exchange(h.addr(), &head, &a.body).await;
+        let head = upload_head(&path, Some(&a.token), body.len(), false);
+        let resp = exchange(h.addr(), &head, &body).await;
         assert_eq!(resp.status, 404, "{round}: {resp:?}");
         assert_eq!(resp.code(), "unknown_round", "{round}");
     }
     assert_eq!(h.round_updates().await, 0);
     // The canonical spelling of the same round takes the same update.
     let path = format!("/v1/tasks/linear/rounds/{r}/updates");
-    let head = upload_head(&path, Some(&a.token), a.body.len(), false);
-    let resp = exchange(h.addr(), &head, &a.body).await;
+    let head = upload_head(&path, Some(&a.token), body.len(), false);
+    let resp = exchange(h.addr(), &head, &body).await;
     assert_eq!(resp.status, 202, "{resp:?}");
     let receipt: UploadReceipt = serde_json::from_slice(&resp.body).unwrap();
     assert_eq!((receipt.round, receipt.updates_in_round), (r, 1));
@@ -414,16 +297,14 @@ async fn an_oversized_check_in_is_refused_as_payload_too_large() {
     assert_eq!(r.code(), "payload_too_large");
     // Under the limit, a device id over 128 characters is a bad request, and a good one works.
     let r = h
-        .http
-        .post(h.url("/v1/tasks/linear/checkin"))
+        .post("/v1/tasks/linear/checkin")
         .body(format!("{{\"device\": \"{}\"}}", "d".repeat(129)))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let r = h
-        .http
-        .post(h.url("/v1/tasks/linear/checkin"))
+        .post("/v1/tasks/linear/checkin")
         .body(r#"{"device": "phone-1"}"#)
         .send()
         .await
@@ -498,8 +379,7 @@ async fn every_error_answer_is_json() {
         assert!(!e.error.message.is_empty());
     }
     let r = h
-        .http
-        .post(h.url("/v1/tasks/linear/checkin"))
+        .post("/v1/tasks/linear/checkin")
         .body(r#"{"photo": "x"}"#)
         .send()
         .await
@@ -545,7 +425,7 @@ async fn a_client_trickling_its_headers_is_cut_off_after_the_header_timeout() {
         .expect("a silent connection is closed");
     assert!(after >= Duration::from_millis(350), "{after:?}");
     // Meanwhile the server answers others.
-    let r = h.http.get(h.url("/v1/health")).send().await.unwrap();
+    let r = h.get("/v1/health").send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 }
 
@@ -598,13 +478,10 @@ async fn a_flood_from_one_address_does_not_lock_out_others() {
     );
     assert_eq!(h.metric("starling_connections_refused_total").await, 20);
     // The four idle connections the flooder holds do not keep 127.0.0.1 out.
-    let r = tokio::time::timeout(
-        Duration::from_secs(2),
-        h.http.get(h.url("/v1/health")).send(),
-    )
-    .await
-    .expect("health answers during the flood")
-    .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(2), h.get("/v1/health").send())
+        .await
+        .expect("health answers during the flood")
+        .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert!(h.metric("starling_connections_open").await >= 4);
     drop(flood);
@@ -613,25 +490,25 @@ async fn a_flood_from_one_address_does_not_lock_out_others() {
 #[tokio::test]
 async fn uploads_beyond_the_in_flight_limit_are_told_to_come_back() {
     let h = start(|s| s.max_uploads_in_flight = 2).await;
-    let slow = [h.assigned().await, h.assigned().await];
-    let third = h.assigned().await;
+    let slow = [ready(&h).await, ready(&h).await];
+    let (third, third_body) = ready(&h).await;
     // Two uploads send their headers and a few bytes, then stall: both hold a slot.
     let mut stalled = Vec::new();
-    for a in &slow {
+    for (a, body) in &slow {
         let mut stream = connect(h.addr()).await;
-        let head = upload_head(&a.upload_url, Some(&a.token), a.body.len(), false);
+        let head = upload_head(&a.upload_url, Some(&a.token), body.len(), false);
         stream.write_all(head.as_bytes()).await.unwrap();
-        stream.write_all(&a.body[..16]).await.unwrap();
+        stream.write_all(&body[..16]).await.unwrap();
         stalled.push(stream);
     }
     h.metric_reaches("starling_uploads_in_flight", 2).await;
     let head = upload_head(
         &third.upload_url,
         Some(&third.token),
-        third.body.len(),
+        third_body.len(),
         false,
     );
-    let r = exchange(h.addr(), &head, &third.body).await;
+    let r = exchange(h.addr(), &head, &third_body).await;
     assert_eq!(r.status, 503, "{r:?}");
     assert_eq!(r.code(), "busy");
     assert_eq!(r.header("retry-after"), Some("1"));
@@ -641,18 +518,18 @@ async fn uploads_beyond_the_in_flight_limit_are_told_to_come_back() {
     h.metric_reaches("starling_uploads_in_flight", 0).await;
     h.metric_reaches(&updates_total("client_disconnected"), 2)
         .await;
-    assert_eq!(h.upload(&third).await.status(), StatusCode::ACCEPTED);
+    assert_eq!(deliver(&h, &third).await.0, StatusCode::ACCEPTED);
     assert_eq!(h.round_updates().await, 1);
 }
 
 #[tokio::test]
 async fn a_client_that_hangs_up_mid_body_is_counted_and_changes_nothing() {
     let h = start(|_| {}).await;
-    let a = h.assigned().await;
+    let (a, body) = ready(&h).await;
     let mut stream = connect(h.addr()).await;
-    let head = upload_head(&a.upload_url, Some(&a.token), a.body.len(), false);
+    let head = upload_head(&a.upload_url, Some(&a.token), body.len(), false);
     stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&a.body[..a.body.len() / 2]).await.unwrap();
+    stream.write_all(&body[..body.len() / 2]).await.unwrap();
     drop(stream);
     h.metric_reaches(&updates_total("client_disconnected"), 1)
         .await;
@@ -660,25 +537,26 @@ async fn a_client_that_hangs_up_mid_body_is_counted_and_changes_nothing() {
     assert_eq!(h.metric("starling_uploads_in_flight").await, 0);
     assert_eq!(h.round_updates().await, 0);
     // Nothing was reserved: the assignment still delivers its update.
-    let r = h.upload(&a).await;
-    assert_eq!(r.status(), StatusCode::ACCEPTED);
-    assert_eq!(r.json::<UploadReceipt>().await.unwrap().updates_in_round, 1);
+    let (status, v) = deliver(&h, &a).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let receipt: UploadReceipt = serde_json::from_value(v).unwrap();
+    assert_eq!(receipt.updates_in_round, 1);
 }
 
 #[tokio::test]
 async fn a_body_that_arrives_too_slowly_is_refused_with_408() {
     let h = start(|s| s.body_timeout_secs = 0.3).await;
-    let a = h.assigned().await;
+    let (a, body) = ready(&h).await;
     let mut stream = connect(h.addr()).await;
-    let head = upload_head(&a.upload_url, Some(&a.token), a.body.len(), false);
+    let head = upload_head(&a.upload_url, Some(&a.token), body.len(), false);
     stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(&a.body[..16]).await.unwrap();
+    stream.write_all(&body[..16]).await.unwrap();
     let r = read_response(&mut stream).await;
     assert_eq!(r.status, 408, "{r:?}");
     assert_eq!(r.code(), "request_timeout");
     assert_eq!(h.metric(&updates_total("request_timeout")).await, 1);
     assert_eq!(h.round_updates().await, 0);
-    assert_eq!(h.upload(&a).await.status(), StatusCode::ACCEPTED);
+    assert_eq!(deliver(&h, &a).await.0, StatusCode::ACCEPTED);
 }
 
 #[tokio::test]
@@ -688,7 +566,7 @@ async fn shutdown_closes_idle_connections_at_once_and_lets_requests_in_flight_fi
         s.shutdown_timeout_secs = 10.0;
     })
     .await;
-    let a = h.assigned().await;
+    let (a, body) = ready(&h).await;
     // A kept-alive connection, idle.
     let mut idle = connect(h.addr()).await;
     idle.write_all(b"GET /v1/health HTTP/1.1\r\nHost: test\r\n\r\n")
@@ -697,9 +575,9 @@ async fn shutdown_closes_idle_connections_at_once_and_lets_requests_in_flight_fi
     assert_eq!(read_response(&mut idle).await.status, 200);
     // An upload in flight whose body stalls: its handler answers 408 after the body timeout.
     let mut stalled = connect(h.addr()).await;
-    let head = upload_head(&a.upload_url, Some(&a.token), a.body.len(), false);
+    let head = upload_head(&a.upload_url, Some(&a.token), body.len(), false);
     stalled.write_all(head.as_bytes()).await.unwrap();
-    stalled.write_all(&a.body[..16]).await.unwrap();
+    stalled.write_all(&body[..16]).await.unwrap();
     h.metric_reaches("starling_uploads_in_flight", 1).await;
     let start = Instant::now();
     let addr = h.addr();
