@@ -128,7 +128,7 @@ impl Caller {
 pub struct Upload {
     /// The token of the upload's header, if it came with one.
     pub token: Option<String>,
-    /// The safetensors body; zeroed by the engine once it is folded or refused.
+    /// The safetensors body; dropped by the engine once it is folded or refused.
     pub body: Vec<u8>,
 }
 
@@ -351,7 +351,7 @@ impl TaskHandle {
 
     /// Checks an update (off the async reactor), reserves its assignment, folds it into a
     /// partial sum and reports it to the round. Nothing of the body is kept but its
-    /// contribution to the sums, and its bytes are zeroed.
+    /// contribution to the sums.
     pub async fn upload(&self, round: u64, upload: Upload) -> Result<Receipt, EngineError> {
         let mut results = self.upload_many(round, vec![upload]).await;
         results.pop().expect("one result per update")

@@ -36,7 +36,7 @@ impl PartialSums {
 
     /// Folds a checked update into a free partial sum (blocking briefly if all are busy) and
     /// returns how many updates this round holds now. The update is consumed: its bytes are
-    /// zeroed as it drops.
+    /// dropped here (the serving binary's allocator zeroes them).
     pub fn fold(&self, update: CheckedUpdate) -> u64 {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let n = self.parts.len();
