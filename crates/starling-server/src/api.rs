@@ -66,6 +66,8 @@ pub struct AppState {
     pub uploads: Arc<Semaphore>,
     /// The admin API's token; `None` turns the admin API off.
     pub admin_token: Option<Secret>,
+    /// The header a proxy names the client's address in (`client_address_header`).
+    pub client_address_header: Option<axum::http::HeaderName>,
 }
 
 /// Limits on request bodies.
@@ -353,10 +355,7 @@ async fn check_in(
     request: Request,
 ) -> Result<Response, ApiError> {
     let t = s.task(&task)?;
-    let address = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_canonical());
+    let address = client_address(&s, &request);
     let limit = s.limits.max_body_bytes;
     let body = read_body(request.into_body(), limit, s.limits.body_timeout)
         .await
@@ -706,4 +705,27 @@ async fn rollback(
         restored: request.version,
         version,
     }))
+}
+
+/// The client's address: the last entry of the proxy's header when the settings name one (the
+/// entry the nearest proxy added; earlier ones are the client's to forge), else the peer.
+fn client_address(s: &AppState, request: &Request) -> Option<std::net::IpAddr> {
+    let forwarded = s.client_address_header.as_ref().and_then(|name| {
+        request
+            .headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .next_back()
+            .and_then(|a| a.trim().parse::<std::net::IpAddr>().ok())
+    });
+    forwarded
+        .or_else(|| {
+            request
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip())
+        })
+        .map(|ip| ip.to_canonical())
 }

@@ -87,6 +87,10 @@ impl Server {
             },
             uploads: Arc::new(tokio::sync::Semaphore::new(sv.max_uploads_in_flight)),
             admin_token: sv.admin_token.clone(),
+            client_address_header: sv
+                .client_address_header
+                .as_deref()
+                .and_then(|h| axum::http::HeaderName::from_bytes(h.as_bytes()).ok()),
         };
         Ok(Self { state, settings })
     }

@@ -85,6 +85,11 @@ pub struct ServerSettings {
     pub max_uploads_in_flight: usize,
     /// The token of the admin API (`/v1/admin/...`); without one the admin API is off.
     pub admin_token: Option<Secret>,
+    /// Behind a proxy (Heroku, a load balancer): the header in which the proxy names the
+    /// client's address (`x-forwarded-for`); its last entry, the one the proxy added, counts
+    /// as the client's address for `max_assignments_per_address`. Unset, the peer address
+    /// counts (and behind a proxy every device would share the proxy's).
+    pub client_address_header: Option<String>,
 }
 
 /// A secret setting: shown as `<redacted>` by `Debug`, so it never reaches a log.
@@ -126,6 +131,7 @@ impl Default for ServerSettings {
             max_connections_per_address: 128,
             max_uploads_in_flight: 32,
             admin_token: None,
+            client_address_header: None,
         }
     }
 }
@@ -444,7 +450,7 @@ where
 impl Settings {
     /// Loads settings: defaults, then `file` if given, then environment variables
     /// (`STARLING_HOST`, `STARLING_PORT`, `PORT`, `STARLING_DATA_DIR`, `STARLING_DATABASE`,
-    /// `STARLING_MAX_BODY_BYTES`, `STARLING_ADMIN_TOKEN`).
+    /// `STARLING_MAX_BODY_BYTES`, `STARLING_ADMIN_TOKEN`, `STARLING_CLIENT_ADDRESS_HEADER`).
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
         let mut s = match file {
             Some(path) => Self::from_toml_file(path)?,
@@ -497,6 +503,9 @@ impl Settings {
         if let Some(m) = parse_env("STARLING_MAX_BODY_BYTES")? {
             self.server.max_body_bytes = m;
         }
+        if let Some(h) = env_var("STARLING_CLIENT_ADDRESS_HEADER") {
+            self.server.client_address_header = Some(h);
+        }
         if let Some(t) = env_var("STARLING_ADMIN_TOKEN") {
             self.server.admin_token = Some(Secret(t));
         }
@@ -536,6 +545,13 @@ impl Settings {
             if !(secs.is_finite() && secs > 0.0) {
                 return Err(SettingsError::Invalid(format!(
                     "server.{key} must be positive"
+                )));
+            }
+        }
+        if let Some(h) = &sv.client_address_header {
+            if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return Err(SettingsError::Invalid(format!(
+                    "server.client_address_header `{h}` is not a header name"
                 )));
             }
         }

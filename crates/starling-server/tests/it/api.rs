@@ -563,6 +563,47 @@ async fn one_client_address_cannot_hoard_a_round_under_many_ids() {
     assert_eq!(h.task().await["round"]["assigned"], 3);
 }
 
+/// Behind a proxy every device connects from the proxy's address: with
+/// `client_address_header`, the address the proxy appended to `X-Forwarded-For` counts, and
+/// the entries before it (the client's to forge) do not.
+#[tokio::test]
+async fn behind_a_proxy_the_forwarded_address_counts_for_fair_assignment() {
+    let h = crate::harness::start(
+        TaskSettings {
+            max_assignments_per_address: 1,
+            ..small_task(policy(10, 1, 60.0))
+        },
+        |s: &mut starling_server::settings::ServerSettings| {
+            s.client_address_header = Some("x-forwarded-for".into());
+        },
+    )
+    .await;
+    let ask = |device: &str, forwarded: &str| {
+        h.post("/v1/tasks/linear/checkin")
+            .header("x-forwarded-for", forwarded)
+            .json(&serde_json::json!({ "device": device }))
+            .send()
+    };
+    let status = |r: reqwest::Response| async move {
+        let v: Value = r.json().await.unwrap();
+        v["status"].as_str().unwrap().to_string()
+    };
+    // Two phones behind the same proxy, each with its own forwarded address.
+    assert_eq!(
+        status(ask("a", "203.0.113.1").await.unwrap()).await,
+        "assigned"
+    );
+    assert_eq!(
+        status(ask("b", "203.0.113.2").await.unwrap()).await,
+        "assigned"
+    );
+    // A third id from the first phone's address, forging an earlier entry: refused.
+    assert_eq!(
+        status(ask("c", "198.51.100.9, 203.0.113.1").await.unwrap()).await,
+        "retry"
+    );
+}
+
 /// The admin API: a rollback needs the admin token (and an admin API that is on); with it,
 /// the task goes back to a stored version, which becomes a new version.
 #[tokio::test]
