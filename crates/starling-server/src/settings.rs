@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use starling_core::aggregate::StrategyConfig;
 use starling_core::trainer::builtin;
 use starling_core::trainer::spec::ModelSpec;
 use starling_core::trainer::train::Plan;
@@ -180,6 +181,8 @@ pub struct TaskSettings {
     pub max_assignments_per_address: u32,
     /// Which committed checkpoints are kept on disk.
     pub retention: Retention,
+    /// How a round's aggregate becomes the next model (`[tasks.strategy]`, default FedAvg).
+    pub strategy: StrategyConfig,
 }
 
 /// The smallest `min_cohort` a task gets without saying so: rounds of fewer devices let the
@@ -243,6 +246,7 @@ impl Default for TaskSettings {
             min_cohort: MIN_COHORT,
             max_assignments_per_address: 3,
             retention: Retention::default(),
+            strategy: StrategyConfig::default(),
         }
     }
 }
@@ -306,6 +310,8 @@ pub struct TaskDefinition {
     pub max_assignments_per_address: u32,
     /// Which checkpoints are kept.
     pub retention: Retention,
+    /// The server strategy (its state is stored with each version).
+    pub strategy: StrategyConfig,
 }
 
 impl TaskSettings {
@@ -412,6 +418,7 @@ impl TaskSettings {
         if self.retention.keep_last == 0 {
             return Err(invalid("retention.keep_last must be at least 1".into()));
         }
+        self.strategy.validate().map_err(invalid)?;
         Ok(TaskDefinition {
             name: self.name.clone(),
             spec,
@@ -424,6 +431,7 @@ impl TaskSettings {
             min_cohort: self.min_cohort,
             max_assignments_per_address: self.max_assignments_per_address,
             retention: self.retention,
+            strategy: self.strategy,
         })
     }
 }
@@ -600,6 +608,9 @@ mod tests {
             [tasks.rounds]
             goal = 20
             min = 10
+            [tasks.strategy]
+            name = "fedadam"
+            server_lr = 0.05
             "#,
         )
         .unwrap();
@@ -608,6 +619,19 @@ mod tests {
         assert_eq!(d.spec.outputs(), 10);
         assert_eq!(d.plan.epochs, 2);
         assert_eq!(d.rounds.goal, 20);
+        assert_eq!(
+            d.strategy,
+            StrategyConfig::FedAdam {
+                server_lr: 0.05,
+                beta1: 0.9,
+                beta2: 0.99,
+                tau: 1e-3
+            }
+        );
+        assert_eq!(
+            TaskSettings::default().strategy,
+            StrategyConfig::FedAvg { server_lr: 1.0 }
+        );
     }
 
     /// Keys missing from `[tasks.plan]` keep the model's own defaults, not the generic ones.
@@ -656,6 +680,17 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("min <= goal"));
+        let s: Settings =
+            toml::from_str("[[tasks]]\nname='x'\n[tasks.strategy]\nname='fedadam'\nbeta2=1.0\n")
+                .unwrap();
+        assert!(s
+            .task_definitions()
+            .unwrap_err()
+            .to_string()
+            .contains("beta2 must be in [0, 1)"));
+        let bad: Result<Settings, _> =
+            toml::from_str("[[tasks]]\nname='x'\n[tasks.strategy]\nname='fedavg'\nbeta1=0.9\n");
+        assert!(bad.unwrap_err().to_string().contains("beta1"));
         let s: Settings = toml::from_str("[[tasks]]\nname='x'\nmodel='cnn9'\n").unwrap();
         assert!(s
             .task_definitions()

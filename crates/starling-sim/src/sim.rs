@@ -217,6 +217,7 @@ pub async fn run(
         min_cohort: min,
         max_assignments_per_address: u32::MAX,
         retention: Retention::default(),
+        strategy: Default::default(),
     };
     let store = Store::open_memory().await?;
     let clock = VirtualClock::new();

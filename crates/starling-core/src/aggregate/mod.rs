@@ -1,12 +1,25 @@
 //! Streaming aggregation. [`WeightedSum`] folds checked updates in one at a time — each
 //! with the weight validation gave it, accumulated in f64 — and keeps nothing but the running
 //! sums (DESIGN.md invariants 1, 6 and 7). A [`Strategy`] turns the finished sum into the
-//! next parameters; [`FedAvg`] is plain federated averaging.
+//! next parameters: [`FedAvg`] (federated averaging with a server learning rate), [`FedAvgM`]
+//! (server momentum), and the adaptive [`FedAdagrad`], [`FedAdam`] and [`FedYogi`] of Reddi
+//! et al. 2021; a task picks one with a [`StrategyConfig`].
 
+mod adaptive;
+mod fedadagrad;
+mod fedadam;
 mod fedavg;
+mod fedavgm;
+mod fedyogi;
 pub mod kernels;
+mod state;
 
+pub use adaptive::AdaptiveParams;
+pub use fedadagrad::FedAdagrad;
+pub use fedadam::FedAdam;
 pub use fedavg::FedAvg;
+pub use fedavgm::FedAvgM;
+pub use fedyogi::FedYogi;
 
 use crate::tensor::Tensor;
 use crate::wire::params::{f32s_from_le, Layout, Parameters};
@@ -213,6 +226,391 @@ pub trait Strategy: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// A task's choice of [`Strategy`] and its hyperparameters, as `[tasks.strategy]` in the
+/// server's settings (`name = "fedadam"`, then the strategy's keys; keys left out take the
+/// defaults below). The default is FedAvg with `server_lr` 1: plain federated averaging.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(tag = "name", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StrategyConfig {
+    /// [`FedAvg`]: x + server_lr · Δ.
+    #[serde(rename = "fedavg")]
+    FedAvg {
+        /// Server learning rate (default 1).
+        #[serde(default = "defaults::one")]
+        server_lr: f64,
+    },
+    /// [`FedAvgM`]: v = momentum · v + Δ; x + server_lr · v.
+    #[serde(rename = "fedavgm")]
+    FedAvgM {
+        /// Server learning rate (default 1).
+        #[serde(default = "defaults::one")]
+        server_lr: f64,
+        /// Server momentum (default 0.9).
+        #[serde(default = "defaults::momentum")]
+        momentum: f64,
+    },
+    /// [`FedAdagrad`]: v = v + Δ².
+    #[serde(rename = "fedadagrad")]
+    FedAdagrad {
+        /// Server learning rate η (default 0.01).
+        #[serde(default = "defaults::adaptive_lr")]
+        server_lr: f64,
+        /// First moment decay β1 (default 0.9).
+        #[serde(default = "defaults::beta1")]
+        beta1: f64,
+        /// Adaptivity τ (default 0.001).
+        #[serde(default = "defaults::tau")]
+        tau: f64,
+    },
+    /// [`FedAdam`]: v = β2 v + (1 − β2) Δ².
+    #[serde(rename = "fedadam")]
+    FedAdam {
+        /// Server learning rate η (default 0.01).
+        #[serde(default = "defaults::adaptive_lr")]
+        server_lr: f64,
+        /// First moment decay β1 (default 0.9).
+        #[serde(default = "defaults::beta1")]
+        beta1: f64,
+        /// Second moment decay β2 (default 0.99).
+        #[serde(default = "defaults::beta2")]
+        beta2: f64,
+        /// Adaptivity τ (default 0.001).
+        #[serde(default = "defaults::tau")]
+        tau: f64,
+    },
+    /// [`FedYogi`]: v = v − (1 − β2) Δ² sign(v − Δ²).
+    #[serde(rename = "fedyogi")]
+    FedYogi {
+        /// Server learning rate η (default 0.01).
+        #[serde(default = "defaults::adaptive_lr")]
+        server_lr: f64,
+        /// First moment decay β1 (default 0.9).
+        #[serde(default = "defaults::beta1")]
+        beta1: f64,
+        /// Second moment decay β2 (default 0.99).
+        #[serde(default = "defaults::beta2")]
+        beta2: f64,
+        /// Adaptivity τ (default 0.001).
+        #[serde(default = "defaults::tau")]
+        tau: f64,
+    },
+}
+
+/// The defaults of [`StrategyConfig`]'s keys: the paper's (Reddi et al. 2021) for the
+/// adaptive optimisers.
+mod defaults {
+    pub(super) fn one() -> f64 {
+        1.0
+    }
+    pub(super) fn momentum() -> f64 {
+        0.9
+    }
+    pub(super) fn adaptive_lr() -> f64 {
+        super::AdaptiveParams::default().server_lr
+    }
+    pub(super) fn beta1() -> f64 {
+        super::AdaptiveParams::default().beta1
+    }
+    pub(super) fn beta2() -> f64 {
+        super::AdaptiveParams::default().beta2
+    }
+    pub(super) fn tau() -> f64 {
+        super::AdaptiveParams::default().tau
+    }
+}
+
+impl Default for StrategyConfig {
+    fn default() -> Self {
+        Self::FedAvg { server_lr: 1.0 }
+    }
+}
+
+impl StrategyConfig {
+    /// The strategy's name, as in the settings and in its saved state.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::FedAvg { .. } => "fedavg",
+            Self::FedAvgM { .. } => "fedavgm",
+            Self::FedAdagrad { .. } => "fedadagrad",
+            Self::FedAdam { .. } => "fedadam",
+            Self::FedYogi { .. } => "fedyogi",
+        }
+    }
+
+    /// Checks the hyperparameters: learning rate and τ positive and finite, momentum and
+    /// betas in [0, 1).
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = |key: &str, x: f64| {
+            if x.is_finite() && x > 0.0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "strategy {}: {key} must be positive and finite, not {x}",
+                    self.name()
+                ))
+            }
+        };
+        let unit = |key: &str, x: f64| {
+            if (0.0..1.0).contains(&x) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "strategy {}: {key} must be in [0, 1), not {x}",
+                    self.name()
+                ))
+            }
+        };
+        match *self {
+            Self::FedAvg { server_lr } => positive("server_lr", server_lr),
+            Self::FedAvgM {
+                server_lr,
+                momentum,
+            } => positive("server_lr", server_lr).and(unit("momentum", momentum)),
+            Self::FedAdagrad {
+                server_lr,
+                beta1,
+                tau,
+            } => positive("server_lr", server_lr)
+                .and(unit("beta1", beta1))
+                .and(positive("tau", tau)),
+            Self::FedAdam {
+                server_lr,
+                beta1,
+                beta2,
+                tau,
+            }
+            | Self::FedYogi {
+                server_lr,
+                beta1,
+                beta2,
+                tau,
+            } => positive("server_lr", server_lr)
+                .and(unit("beta1", beta1))
+                .and(unit("beta2", beta2))
+                .and(positive("tau", tau)),
+        }
+    }
+
+    /// A fresh strategy (no server state yet) for a model of `layout`; resume a stored one
+    /// with [`Strategy::restore`]. Call [`StrategyConfig::validate`] first.
+    pub fn build(&self, layout: &Layout) -> Box<dyn Strategy> {
+        match *self {
+            Self::FedAvg { server_lr } => Box::new(FedAvg::new(server_lr)),
+            Self::FedAvgM {
+                server_lr,
+                momentum,
+            } => Box::new(FedAvgM::new(layout, server_lr, momentum)),
+            Self::FedAdagrad {
+                server_lr,
+                beta1,
+                tau,
+            } => Box::new(FedAdagrad::new(
+                layout,
+                AdaptiveParams {
+                    server_lr,
+                    beta1,
+                    tau,
+                    ..AdaptiveParams::default()
+                },
+            )),
+            Self::FedAdam {
+                server_lr,
+                beta1,
+                beta2,
+                tau,
+            } => Box::new(FedAdam::new(
+                layout,
+                AdaptiveParams {
+                    server_lr,
+                    beta1,
+                    beta2,
+                    tau,
+                },
+            )),
+            Self::FedYogi {
+                server_lr,
+                beta1,
+                beta2,
+                tau,
+            } => Box::new(FedYogi::new(
+                layout,
+                AdaptiveParams {
+                    server_lr,
+                    beta1,
+                    beta2,
+                    tau,
+                },
+            )),
+        }
+    }
+}
+
+/// Shared fixtures of the strategies' tests: a three-parameter model (`w` of 2, `b` of 1),
+/// three rounds of updates, and the state checks every stateful strategy must pass.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+    use crate::wire::update::{check, encode, Rules, UpdateMeta};
+
+    /// Three rounds of `(update, examples)`. Their example-weighted means, by hand:
+    /// round 1 ((1, -2, 0.5)·1 + (3, 2, 0.5)·3) / 4 = (2.5, 1, 0.5); round 2
+    /// ((-1, 0, 4)·2 + (1, 1, 0)·2) / 4 = (0, 0.5, 2); round 3 (0.125, 0.5, -0.75).
+    pub(crate) const ROUNDS: [&[(&[f32], u64)]; 3] = [
+        &[(&[1.0, -2.0, 0.5], 1), (&[3.0, 2.0, 0.5], 3)],
+        &[(&[-1.0, 0.0, 4.0], 2), (&[1.0, 1.0, 0.0], 2)],
+        &[(&[0.125, 0.5, -0.75], 5)],
+    ];
+    /// The rounds' weighted mean updates (see [`ROUNDS`]).
+    pub(crate) const MEANS: [[f64; 3]; 3] = [[2.5, 1.0, 0.5], [0.0, 0.5, 2.0], [0.125, 0.5, -0.75]];
+
+    pub(crate) fn layout() -> Layout {
+        Layout::new(vec![("w".into(), vec![2]), ("b".into(), vec![1])])
+    }
+
+    pub(crate) fn params(v: &[f32; 3]) -> Parameters {
+        Parameters::new(vec![
+            ("w".into(), Tensor::new(vec![2], v[..2].to_vec()).unwrap()),
+            ("b".into(), Tensor::new(vec![1], v[2..].to_vec()).unwrap()),
+        ])
+        .unwrap()
+    }
+
+    pub(crate) fn values(p: &Parameters) -> [f32; 3] {
+        let flat: Vec<f32> = p.iter().flat_map(|(_, t)| t.data().to_vec()).collect();
+        flat.try_into().unwrap()
+    }
+
+    /// One round's aggregate of these `(update, examples)`, weighted by examples.
+    pub(crate) fn aggregate(updates: &[(&[f32], u64)]) -> WeightedSum {
+        let rules = Rules::lenient(&layout());
+        let mut sum = WeightedSum::new(&layout());
+        for (u, examples) in updates {
+            let body = encode(
+                &params(&(*u).try_into().unwrap()),
+                &UpdateMeta {
+                    base_version: 0,
+                    examples: *examples,
+                    loss: None,
+                    accuracy: None,
+                    token: "t".into(),
+                },
+            );
+            sum.accept(&check(body, &rules).unwrap());
+        }
+        sum
+    }
+
+    /// Two rounds, then the state into a fresh instance: its third step is bit-identical
+    /// to the original's, and so are the states after it. An empty state (version 0's)
+    /// starts afresh.
+    pub(crate) fn check_state_round_trip(make: &dyn Fn() -> Box<dyn Strategy>) {
+        let start = params(&[0.5, -1.0, 2.0]);
+        let mut a = make();
+        let mut x = start.clone();
+        for round in &ROUNDS[..2] {
+            x = a.next_params(&x, &aggregate(round)).unwrap();
+        }
+        let saved = a.state();
+        assert!(!saved.is_empty(), "{} saves its state", a.name());
+        let mut b = make();
+        b.restore(&saved).unwrap();
+        assert_eq!(b.state(), saved);
+        let third = aggregate(ROUNDS[2]);
+        let xa = a.next_params(&x, &third).unwrap();
+        let xb = b.next_params(&x, &third).unwrap();
+        assert_eq!(values(&xa).map(f32::to_bits), values(&xb).map(f32::to_bits));
+        assert_eq!(a.state(), b.state());
+        // Back to an empty state: the step of a fresh instance.
+        b.restore(&[]).unwrap();
+        let first = aggregate(ROUNDS[0]);
+        let fresh = make().next_params(&start, &first).unwrap();
+        let reset = b.next_params(&start, &first).unwrap();
+        assert_eq!(
+            values(&fresh).map(f32::to_bits),
+            values(&reset).map(f32::to_bits)
+        );
+    }
+
+    /// Every stateful strategy's state after one step, by name.
+    fn foreign_states() -> Vec<(&'static str, Vec<u8>)> {
+        let l = layout();
+        let mut all: Vec<Box<dyn Strategy>> = vec![
+            Box::new(FedAvgM::new(&l, 1.0, 0.9)),
+            Box::new(FedAdagrad::new(&l, AdaptiveParams::default())),
+            Box::new(FedAdam::new(&l, AdaptiveParams::default())),
+            Box::new(FedYogi::new(&l, AdaptiveParams::default())),
+        ];
+        all.iter_mut()
+            .map(|s| {
+                s.next_params(&params(&[0.0; 3]), &aggregate(ROUNDS[0]))
+                    .unwrap();
+                (s.name(), s.state())
+            })
+            .collect()
+    }
+
+    /// `restore` refuses another strategy's state, a state of another model size, and a
+    /// damaged one, with [`AggregateError::State`], and so does FedAvg, which keeps none.
+    pub(crate) fn check_restore_refusals(make: &dyn Fn(&Layout) -> Box<dyn Strategy>, name: &str) {
+        let refused = |r: Result<(), AggregateError>| matches!(r, Err(AggregateError::State(_)));
+        let mut s = make(&layout());
+        assert_eq!(s.name(), name);
+        let mut own = None;
+        for (other, state) in foreign_states() {
+            if other == name {
+                own = Some(state);
+            } else {
+                assert!(refused(s.restore(&state)), "{name} took {other}'s state");
+            }
+        }
+        let own = own.expect("the strategy is among the stateful ones");
+        assert!(refused(FedAvg::default().restore(&own)));
+        // A state of a four-parameter model.
+        let bigger = Layout::new(vec![("w".into(), vec![4])]);
+        let mut big = make(&bigger);
+        let p = Parameters::new(vec![(
+            "w".into(),
+            Tensor::new(vec![4], vec![0.0; 4]).unwrap(),
+        )])
+        .unwrap();
+        let mut sum = WeightedSum::new(&bigger);
+        sum.accept(
+            &check(
+                encode(
+                    &Parameters::new(vec![(
+                        "w".into(),
+                        Tensor::new(vec![4], vec![1.0; 4]).unwrap(),
+                    )])
+                    .unwrap(),
+                    &UpdateMeta {
+                        base_version: 0,
+                        examples: 1,
+                        loss: None,
+                        accuracy: None,
+                        token: "t".into(),
+                    },
+                ),
+                &Rules::lenient(&bigger),
+            )
+            .unwrap(),
+        );
+        big.next_params(&p, &sum).unwrap();
+        assert!(refused(s.restore(&big.state())), "a state of 4 values");
+        // Truncated, lengthened, or of an unknown format.
+        assert!(refused(s.restore(&own[..own.len() - 1])));
+        let mut longer = own.clone();
+        longer.push(0);
+        assert!(refused(s.restore(&longer)));
+        let mut format = own.clone();
+        format[0] = 9;
+        assert!(refused(s.restore(&format)));
+        assert!(refused(s.restore(&own[..3])));
+        // And its own state still restores.
+        s.restore(&own).unwrap();
+        assert_eq!(s.state(), own);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,7 +669,7 @@ mod tests {
         for b in &bodies {
             agg.accept(&check(b.clone(), &rules).unwrap());
         }
-        let next = FedAvg.next_params(&base, &agg).unwrap();
+        let next = FedAvg::default().next_params(&base, &agg).unwrap();
 
         // Naive: average the devices' final models (base + delta), weighted by examples.
         let total: f64 = devices.iter().map(|(_, n)| *n as f64).sum();
@@ -323,5 +721,131 @@ mod tests {
             WeightedSum::new(&layout).merge(&other).unwrap_err(),
             AggregateError::LayoutMismatch
         );
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::*;
+
+    fn parse(toml_like: &str) -> Result<StrategyConfig, serde_json::Error> {
+        serde_json::from_str(toml_like)
+    }
+
+    /// Each name with no keys takes the documented defaults; keys override them; unknown
+    /// keys and names are refused; validation bounds the hyperparameters.
+    #[test]
+    fn configs_parse_with_defaults_and_are_validated() {
+        assert_eq!(
+            StrategyConfig::default(),
+            StrategyConfig::FedAvg { server_lr: 1.0 }
+        );
+        assert_eq!(
+            parse(r#"{"name":"fedavg"}"#).unwrap(),
+            StrategyConfig::default()
+        );
+        assert_eq!(
+            parse(r#"{"name":"fedavgm"}"#).unwrap(),
+            StrategyConfig::FedAvgM {
+                server_lr: 1.0,
+                momentum: 0.9
+            }
+        );
+        assert_eq!(
+            parse(r#"{"name":"fedadagrad"}"#).unwrap(),
+            StrategyConfig::FedAdagrad {
+                server_lr: 0.01,
+                beta1: 0.9,
+                tau: 1e-3
+            }
+        );
+        let adaptive = |n: &str| parse(&format!(r#"{{"name":"{n}"}}"#)).unwrap();
+        assert_eq!(
+            adaptive("fedadam"),
+            StrategyConfig::FedAdam {
+                server_lr: 0.01,
+                beta1: 0.9,
+                beta2: 0.99,
+                tau: 1e-3
+            }
+        );
+        assert_eq!(
+            adaptive("fedyogi"),
+            StrategyConfig::FedYogi {
+                server_lr: 0.01,
+                beta1: 0.9,
+                beta2: 0.99,
+                tau: 1e-3
+            }
+        );
+        assert_eq!(
+            parse(r#"{"name":"fedadam","server_lr":0.1,"tau":0.01}"#).unwrap(),
+            StrategyConfig::FedAdam {
+                server_lr: 0.1,
+                beta1: 0.9,
+                beta2: 0.99,
+                tau: 0.01
+            }
+        );
+        for bad in [
+            r#"{"name":"fedavg","momentum":0.9}"#,
+            r#"{"name":"fedadagrad","beta2":0.99}"#,
+            r#"{"name":"fedsgd"}"#,
+            r#"{"server_lr":1.0}"#,
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        for (config, key) in [
+            (StrategyConfig::FedAvg { server_lr: 0.0 }, "server_lr"),
+            (
+                StrategyConfig::FedAvg {
+                    server_lr: f64::INFINITY,
+                },
+                "server_lr",
+            ),
+            (
+                StrategyConfig::FedAvgM {
+                    server_lr: 1.0,
+                    momentum: 1.0,
+                },
+                "momentum",
+            ),
+            (
+                StrategyConfig::FedAdagrad {
+                    server_lr: 0.1,
+                    beta1: -0.1,
+                    tau: 1e-3,
+                },
+                "beta1",
+            ),
+            (
+                StrategyConfig::FedAdam {
+                    server_lr: 0.1,
+                    beta1: 0.9,
+                    beta2: 0.99,
+                    tau: 0.0,
+                },
+                "tau",
+            ),
+            (
+                StrategyConfig::FedYogi {
+                    server_lr: 0.1,
+                    beta1: 0.9,
+                    beta2: f64::NAN,
+                    tau: 1e-3,
+                },
+                "beta2",
+            ),
+        ] {
+            let err = config.validate().unwrap_err();
+            assert!(err.contains(key), "{err}");
+        }
+        let layout = Layout::new(vec![("w".into(), vec![3])]);
+        for name in ["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi"] {
+            let config = adaptive(name);
+            config.validate().unwrap();
+            assert_eq!(config.name(), name);
+            assert_eq!(config.build(&layout).name(), name);
+        }
     }
 }

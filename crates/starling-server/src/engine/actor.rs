@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rand::Rng;
-use starling_core::aggregate::{FedAvg, Strategy};
+use starling_core::aggregate::Strategy;
 use starling_core::wire::checkpoint;
 use starling_core::wire::params::Layout;
 use starling_core::Parameters;
@@ -63,14 +63,14 @@ pub async fn spawn(
     let (stored, next_round) = store
         .ensure_task(&def.name, &def.spec, || def.spec.init_params(def.init_seed))
         .await?;
-    let mut strategy: Box<dyn Strategy> = Box::new(FedAvg);
+    let layout = def.spec.layout();
+    let mut strategy: Box<dyn Strategy> = def.strategy.build(&layout);
     strategy.restore(&stored.strategy_state).map_err(|e| {
         EngineError::Store(crate::store::StoreError::StrategyState {
             task: def.name.clone(),
             message: e.to_string(),
         })
     })?;
-    let layout = def.spec.layout();
     let partial_sums = std::thread::available_parallelism().map_or(2, |n| n.get());
     let model = model_state(&def, stored.version, stored.params);
     let round = open_round(
@@ -83,7 +83,7 @@ pub async fn spawn(
     );
     tracing::info!(
         task = %def.name, version = model.version, round = next_round,
-        "task ready"
+        strategy = strategy.name(), "task ready"
     );
     let (status_tx, status_rx) = watch::channel(TaskStatus {
         model: model.clone(),
@@ -365,6 +365,9 @@ impl Actor {
         let number = summary.number;
         let mut record = self.abandoned(summary, AbandonReason::BelowMinimum);
         let closing_started = std::time::Instant::now();
+        // The strategy's state before this round's step: a round that does not commit must
+        // not move it (the stored state is the committed version's).
+        let state_before = self.strategy.state();
         let next_params = match closed {
             ClosedRound::Commit { sum } => {
                 match self.strategy.next_params(&self.model.params, &sum) {
@@ -438,6 +441,10 @@ impl Actor {
             }
         };
         if !committed {
+            if let Err(e) = self.strategy.restore(&state_before) {
+                tracing::error!(task = %self.def.name, round = number, error = %e,
+                    "could not put the strategy state back");
+            }
             if let Err(e) = self
                 .store
                 .record_round(&self.def.name, &record, None, &self.def.retention)

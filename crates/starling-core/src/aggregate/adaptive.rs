@@ -1,0 +1,149 @@
+//! The adaptive server optimisers of Reddi et al. 2021, "Adaptive Federated Optimization",
+//! Algorithm 2, shared by [`super::FedAdagrad`], [`super::FedAdam`] and [`super::FedYogi`]:
+//! with Δ the round's weighted mean update,
+//!
+//! - m = β1 m + (1 − β1) Δ
+//! - v = v + Δ² (Adagrad), β2 v + (1 − β2) Δ² (Adam), v − (1 − β2) Δ² sign(v − Δ²) (Yogi)
+//! - x = x + η m / (√v + τ)
+//!
+//! per coordinate, in f64. m starts at 0 and v at τ² (the paper's `v₋₁ ≥ τ²`, at its bound);
+//! there is no bias correction, as in the paper.
+
+use super::{apply, state, AggregateError, WeightedSum};
+use crate::wire::params::Parameters;
+
+/// The hyperparameters of the adaptive optimisers. `Default` gives the paper's: η 1e-2,
+/// β1 0.9, β2 0.99, τ 1e-3.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdaptiveParams {
+    /// The server learning rate η.
+    pub server_lr: f64,
+    /// The first moment's decay β1.
+    pub beta1: f64,
+    /// The second moment's decay β2 (FedAdam, FedYogi; FedAdagrad has none).
+    pub beta2: f64,
+    /// The adaptivity τ: added to √v, and v starts at τ².
+    pub tau: f64,
+}
+
+impl Default for AdaptiveParams {
+    fn default() -> Self {
+        Self {
+            server_lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+        }
+    }
+}
+
+/// How the second moment v follows Δ².
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Rule {
+    Adagrad,
+    Adam,
+    Yogi,
+}
+
+/// The state and step of one adaptive optimiser.
+#[derive(Debug, Clone)]
+pub(super) struct Adaptive {
+    name: &'static str,
+    rule: Rule,
+    p: AdaptiveParams,
+    m: Vec<f64>,
+    v: Vec<f64>,
+}
+
+/// sign(x), with sign(0) = 0.
+fn sign(x: f64) -> f64 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+impl Adaptive {
+    /// A fresh optimiser for a model of `numel` parameters.
+    pub(super) fn new(name: &'static str, rule: Rule, p: AdaptiveParams, numel: usize) -> Self {
+        let mut a = Self {
+            name,
+            rule,
+            p,
+            m: Vec::new(),
+            v: Vec::new(),
+        };
+        a.reset(numel);
+        a
+    }
+
+    fn reset(&mut self, numel: usize) {
+        self.m = vec![0.0; numel];
+        self.v = vec![self.p.tau * self.p.tau; numel];
+    }
+
+    pub(super) fn name(&self) -> &'static str {
+        self.name
+    }
+
+    pub(super) fn params(&self) -> AdaptiveParams {
+        self.p
+    }
+
+    pub(super) fn next_params(
+        &mut self,
+        base: &Parameters,
+        aggregate: &WeightedSum,
+    ) -> Result<Parameters, AggregateError> {
+        let delta = aggregate.mean()?;
+        if delta.len() != self.m.len() || base.layout() != *aggregate.layout() {
+            return Err(AggregateError::LayoutMismatch);
+        }
+        let AdaptiveParams {
+            server_lr,
+            beta1,
+            beta2,
+            tau,
+        } = self.p;
+        // The new moments are computed aside and adopted only once the step is applied, so
+        // that a failed step leaves the state as it was.
+        let mut m = self.m.clone();
+        let mut v = self.v.clone();
+        let mut step = Vec::with_capacity(delta.len());
+        for ((d, m), v) in delta.iter().zip(&mut m).zip(&mut v) {
+            let d2 = d * d;
+            *m = beta1 * *m + (1.0 - beta1) * d;
+            *v = match self.rule {
+                Rule::Adagrad => *v + d2,
+                Rule::Adam => beta2 * *v + (1.0 - beta2) * d2,
+                Rule::Yogi => *v - (1.0 - beta2) * d2 * sign(*v - d2),
+            };
+            step.push(server_lr * *m / (v.sqrt() + tau));
+        }
+        let next = apply(base, aggregate.layout(), step.into_iter())?;
+        self.m = m;
+        self.v = v;
+        Ok(next)
+    }
+
+    pub(super) fn state(&self) -> Vec<u8> {
+        state::encode(self.name, &[&self.m, &self.v])
+    }
+
+    /// Resumes from a stored state; an empty one (a version stored before any step) starts
+    /// afresh.
+    pub(super) fn restore(&mut self, saved: &[u8]) -> Result<(), AggregateError> {
+        let numel = self.m.len();
+        if saved.is_empty() {
+            self.reset(numel);
+            return Ok(());
+        }
+        let mut vectors = state::decode(self.name, 2, numel, saved)?;
+        self.v = vectors.pop().expect("two vectors");
+        self.m = vectors.pop().expect("two vectors");
+        Ok(())
+    }
+}
