@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::{Body, Bytes, HttpBody};
+use axum::body::{Body, HttpBody};
 use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware;
@@ -692,11 +692,27 @@ fn check_admin(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 async fn rollback(
     State(s): State<AppState>,
     Path(task): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    request: Request,
 ) -> Result<Json<RollbackAnswer>, ApiError> {
-    check_admin(&s, &headers)?;
+    // The token first: nobody without it makes the server read a body.
+    check_admin(&s, request.headers())?;
     let t = s.task(&task)?;
+    let limit = s.limits.max_body_bytes;
+    let body = read_body(request.into_body(), limit, s.limits.body_timeout)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge => ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("a rollback body has at most {limit} bytes"),
+            ),
+            BodyError::TimedOut => ApiError::new(
+                ErrorCode::RequestTimeout,
+                "the rollback body did not arrive in time",
+            ),
+            BodyError::Disconnected | BodyError::Malformed(_) => {
+                ApiError::new(ErrorCode::BadRequest, "the rollback body could not be read")
+            }
+        })?;
     let request: RollbackRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("rollback body: {e}")))?;
     let version = t.rollback(request.version).await?;
