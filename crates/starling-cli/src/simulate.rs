@@ -51,6 +51,17 @@ pub(crate) struct Args {
     /// Local learning rate.
     #[arg(long, default_value_t = 0.1)]
     lr: f32,
+    /// FedProx's proximal weight mu (0: plain local SGD, i.e. FedAvg).
+    #[arg(long, default_value_t = 0.0)]
+    mu: f32,
+    /// Server strategy: fedavg, fedavgm, fedadagrad, fedadam or fedyogi (their other
+    /// hyperparameters take the defaults of `[tasks.strategy]`).
+    #[arg(long, default_value = "fedavg")]
+    strategy: String,
+    /// Server learning rate (default: the strategy's, 1 for fedavg and fedavgm, 0.01 for the
+    /// adaptive ones).
+    #[arg(long)]
+    server_lr: Option<f64>,
     /// Partition: `iid`, `shards` (label shards, --shards-per-device each) or `dirichlet`
     /// (--alpha). Shakespeare is always split naturally, one device per role.
     #[arg(long, default_value = "iid")]
@@ -100,6 +111,18 @@ fn need(p: &Option<PathBuf>, flag: &str, dataset: &str) -> anyhow::Result<PathBu
 }
 
 pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
+    // Flags first: a typo should not wait for the data set to load.
+    let strategy = starling_sim::strategy(&a.strategy, a.server_lr)?;
+    let plan = Plan {
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        learning_rate: a.lr,
+        shuffle: true,
+        seed: a.seed,
+        mu: a.mu,
+        ..Plan::default()
+    };
+    plan.validate()?;
     let (federation, inputs, classes) = load(&a)?;
     let spec = match a.model.as_str() {
         "cnn" => builtin::cnn(builtin::MNIST_SHAPE, classes),
@@ -114,19 +137,12 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
             spec.inputs
         );
     }
-    let plan = Plan {
-        epochs: a.epochs,
-        batch_size: a.batch_size,
-        learning_rate: a.lr,
-        shuffle: true,
-        seed: a.seed,
-        ..Plan::default()
-    };
     let sample = match a.per_round {
         Some(k) => Sample::Count(k),
         None => Sample::Fraction(a.fraction),
     };
     let mut config = SimConfig::new(spec, plan, sample, a.rounds, a.seed);
+    config.strategy = strategy;
     config.dropout = a.dropout;
     config.stragglers = a.stragglers;
     config.stop_at_accuracy = a.target_accuracy;
@@ -134,11 +150,13 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
     let (lo, mean, hi) = federation.sizes();
     if !a.json {
         println!(
-            "simulating `{}` on {} devices ({lo}..{hi} examples, mean {mean:.0}), {} test examples, {} rounds",
+            "simulating `{}` on {} devices ({lo}..{hi} examples, mean {mean:.0}), {} test examples, {} rounds, strategy {}, mu {}",
             a.model,
             federation.devices.len(),
             federation.test.len(),
-            a.rounds
+            a.rounds,
+            config.strategy.name(),
+            config.plan.mu
         );
     }
     let bar = if a.json {
@@ -171,6 +189,8 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
                 "final_accuracy": report.final_accuracy,
                 "final_loss": report.final_loss,
                 "rounds_to_target": to_target,
+                "strategy": config.strategy,
+                "mu": config.plan.mu,
                 "peak_rss_mib": peak,
                 "machine": starling_bench::machine::machine(),
             })

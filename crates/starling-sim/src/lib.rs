@@ -5,7 +5,7 @@
 //! - [`data`]: loading MNIST-style IDX folders, CSV files and Shakespeare-by-role JSON from
 //!   any path, and partitioning (IID, label shards, Dirichlet; natural for Shakespeare).
 //! - [`federation`]: the devices' data (partitions of a training set) and the held-out test set.
-//! - [`sim`]: the simulation loop: sampling, local training on every core, drop-outs and
+//! - [`sim`]: the simulation loop (any server strategy, FedProx's `mu` in the plan): sampling, local training on every core, drop-outs and
 //!   stragglers on a virtual clock, uploads through the engine, evaluation.
 //! - [`report`]: per-round metrics and the results files (JSON, CSV, SVG plot).
 
@@ -16,7 +16,7 @@ pub mod sim;
 
 pub use federation::Federation;
 pub use report::{RoundMetrics, SimReport};
-pub use sim::{run, Sample, SimConfig};
+pub use sim::{run, strategy, Sample, SimConfig, STRATEGIES};
 
 /// Errors of a simulation.
 #[derive(Debug, thiserror::Error)]

@@ -11,6 +11,7 @@ use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::Serialize;
+use starling_core::aggregate::StrategyConfig;
 use starling_core::trainer::model::Evaluation;
 use starling_core::trainer::train::{local_update, Plan};
 use starling_core::{wire::checkpoint, Dataset, Model, ModelSpec, Parameters};
@@ -37,8 +38,12 @@ pub enum Sample {
 pub struct SimConfig {
     /// The model.
     pub model: ModelSpec,
-    /// The devices' plan (the shuffle seed is mixed with the round and device).
+    /// The devices' plan (the shuffle seed is mixed with the round and device; its `mu` is
+    /// FedProx's proximal weight).
     pub plan: Plan,
+    /// How the server turns a round's updates into the next model (default: FedAvg with
+    /// server learning rate 1).
+    pub strategy: StrategyConfig,
     /// Devices per round.
     pub sample: Sample,
     /// Rounds to run.
@@ -66,12 +71,14 @@ pub struct SimConfig {
 }
 
 impl SimConfig {
-    /// A configuration with the defaults: no drop-outs or stragglers, stragglers 10x slower,
-    /// 1 ms per example, deadline 3x the average device's time, commit with any update.
+    /// A configuration with the defaults: FedAvg, no drop-outs or stragglers, stragglers 10x
+    /// slower, 1 ms per example, deadline 3x the average device's time, commit with any
+    /// update.
     pub fn new(model: ModelSpec, plan: Plan, sample: Sample, rounds: u32, seed: u64) -> Self {
         Self {
             model,
             plan,
+            strategy: StrategyConfig::default(),
             sample,
             rounds,
             dropout: 0.0,
@@ -120,8 +127,39 @@ impl SimConfig {
             ));
         }
         self.plan.validate()?;
+        self.strategy.validate().map_err(SimError::Config)?;
         Ok(())
     }
+}
+
+/// The strategies [`strategy`] knows, by name.
+pub const STRATEGIES: [&str; 5] = ["fedavg", "fedavgm", "fedadagrad", "fedadam", "fedyogi"];
+
+/// A strategy by name (one of [`STRATEGIES`]) with its default hyperparameters, and
+/// `server_lr` instead of the default server learning rate if given; validated.
+pub fn strategy(name: &str, server_lr: Option<f64>) -> Result<StrategyConfig, SimError> {
+    let unknown = || {
+        SimError::Config(format!(
+            "unknown strategy `{name}` ({})",
+            STRATEGIES.join(", ")
+        ))
+    };
+    if !STRATEGIES.contains(&name) {
+        return Err(unknown());
+    }
+    let mut config: StrategyConfig =
+        serde_json::from_value(serde_json::json!({ "name": name })).map_err(|_| unknown())?;
+    if let Some(lr) = server_lr {
+        match &mut config {
+            StrategyConfig::FedAvg { server_lr }
+            | StrategyConfig::FedAvgM { server_lr, .. }
+            | StrategyConfig::FedAdagrad { server_lr, .. }
+            | StrategyConfig::FedAdam { server_lr, .. }
+            | StrategyConfig::FedYogi { server_lr, .. } => *server_lr = lr,
+        }
+    }
+    config.validate().map_err(SimError::Config)?;
+    Ok(config)
 }
 
 /// A sampled device's fate this round.
@@ -217,7 +255,7 @@ pub async fn run(
         min_cohort: min,
         max_assignments_per_address: u32::MAX,
         retention: Retention::default(),
-        strategy: Default::default(),
+        strategy: config.strategy,
     };
     let store = Store::open_memory().await?;
     let clock = VirtualClock::new();

@@ -1,5 +1,6 @@
 //! The simulator on small synthetic data: reproducibility, learning, drop-outs and
-//! stragglers on the virtual clock, results files, and loader errors.
+//! stragglers on the virtual clock, server strategies and FedProx, results files, and loader
+//! and configuration errors.
 
 use rand::{Rng, SeedableRng};
 use starling_core::{trainer::builtin, Dataset, Plan};
@@ -172,4 +173,96 @@ fn bad_configurations_and_missing_files_are_named() {
         err.to_string().contains("cannot read /nonexistent.csv"),
         "{err}"
     );
+}
+
+#[test]
+fn server_strategies_and_fedprox_run_reproducibly_and_differ_from_fedavg() {
+    let fed = federation(Partition::Iid, 30);
+    let fedavg = run(&config(4), &fed);
+    let with = |name: &str, server_lr: Option<f64>, mu: f32| {
+        let mut c = config(4);
+        c.strategy = starling_sim::strategy(name, server_lr).unwrap();
+        c.plan.mu = mu;
+        c
+    };
+    for c in [
+        with("fedadam", None, 0.0),
+        with("fedavgm", None, 0.0),
+        with("fedavg", None, 0.5),
+    ] {
+        let a = run(&c, &fed);
+        let b = run(&c, &fed);
+        let what = format!("{:?}, mu {}", c.strategy, c.plan.mu);
+        assert_eq!(a.rounds.len(), 4, "{what}");
+        assert!(a.rounds.iter().all(|r| r.committed), "{what}");
+        assert_eq!(deterministic(&a.rounds), deterministic(&b.rounds), "{what}");
+        assert_ne!(
+            deterministic(&a.rounds),
+            deterministic(&fedavg.rounds),
+            "{what} vs fedavg"
+        );
+    }
+    // The explicit defaults are the default configuration's numbers.
+    let same = run(&with("fedavg", Some(1.0), 0.0), &fed);
+    assert_eq!(deterministic(&same.rounds), deterministic(&fedavg.rounds));
+    // A server learning rate given replaces the strategy's default.
+    assert_eq!(
+        starling_sim::strategy("fedadam", Some(0.05)).unwrap(),
+        starling_core::aggregate::StrategyConfig::FedAdam {
+            server_lr: 0.05,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 0.001
+        }
+    );
+    // results.json records the strategy with its parameters, and mu.
+    let r = run(&with("fedavgm", Some(0.5), 0.25), &fed);
+    let dir = tempfile::tempdir().unwrap();
+    r.write(dir.path()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("results.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        json["config"]["strategy"],
+        serde_json::json!({"name": "fedavgm", "server_lr": 0.5, "momentum": 0.9})
+    );
+    assert_eq!(json["config"]["plan"]["mu"], serde_json::json!(0.25));
+}
+
+#[test]
+fn bad_strategies_and_mus_are_clear_errors() {
+    let err = starling_sim::strategy("fedsgd", None).unwrap_err();
+    assert!(
+        err.to_string().contains("unknown strategy `fedsgd`")
+            && err.to_string().contains("fedadam"),
+        "{err}"
+    );
+    for lr in [0.0, -1.0, f64::NAN] {
+        let err = starling_sim::strategy("fedadam", Some(lr)).unwrap_err();
+        assert!(
+            err.to_string().contains("server_lr must be positive"),
+            "{err}"
+        );
+    }
+    let fed = federation(Partition::Iid, 10);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // A configuration built in code is validated too.
+    let mut c = config(1);
+    c.strategy = starling_core::aggregate::StrategyConfig::FedAvgM {
+        server_lr: 1.0,
+        momentum: 1.5,
+    };
+    let err = runtime
+        .block_on(starling_sim::run(&c, &fed, |_| {}))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("momentum must be in [0, 1)"),
+        "{err}"
+    );
+    let mut c = config(1);
+    c.plan.mu = -0.5;
+    let err = runtime
+        .block_on(starling_sim::run(&c, &fed, |_| {}))
+        .unwrap_err();
+    assert!(err.to_string().contains("mu must be"), "{err}");
 }

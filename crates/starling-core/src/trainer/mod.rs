@@ -6,7 +6,7 @@
 //!   and `cnn`) and their default plans.
 //! - [`model`]: a spec compiled into operations with forward and backward passes;
 //!   [`layers`] holds them (dense, conv2d, max-pool, activations, the GEMM wrapper).
-//! - [`loss`] and [`optim`]: the losses and SGD (with momentum).
+//! - [`loss`] and [`optim`]: the losses and SGD (with momentum and FedProx's proximal term).
 //! - [`train`]: the local training loop driven by a [`train::Plan`], and `local_update`, the
 //!   one function every kind of device calls.
 

@@ -27,6 +27,11 @@ pub struct Plan {
     pub shuffle: bool,
     /// Seed of the shuffle.
     pub seed: u64,
+    /// FedProx's proximal weight (Li et al. 2020): local training adds
+    /// `(mu / 2) ||w - w_global||²` to the loss, `w_global` being the parameters it started
+    /// from, which keeps a device's model near the global one. 0 (the default) is plain
+    /// FedAvg; a plan without the key has 0.
+    pub mu: f32,
 }
 
 impl Default for Plan {
@@ -38,6 +43,7 @@ impl Default for Plan {
             momentum: 0.0,
             shuffle: true,
             seed: 0,
+            mu: 0.0,
         }
     }
 }
@@ -72,6 +78,9 @@ impl Plan {
         }
         if !(self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum)) {
             return Err(TrainError::Plan("momentum must be in [0, 1)".into()));
+        }
+        if !(self.mu.is_finite() && self.mu >= 0.0) {
+            return Err(TrainError::Plan("mu must be a finite number >= 0".into()));
         }
         Ok(())
     }
@@ -157,6 +166,10 @@ pub fn train(
     let mut order: Vec<usize> = (0..n).collect();
     let mut grads = Parameters::zeros(model.layout());
     let mut opt = Sgd::new(plan.learning_rate, plan.momentum);
+    if plan.mu > 0.0 {
+        // FedProx: the proximal term pulls towards the parameters training started from.
+        opt = opt.with_proximal(plan.mu, params.clone());
+    }
     let (mut x, mut y) = (Vec::new(), Vec::new());
     let per_epoch = n.div_ceil(plan.batch_size);
     let total_steps = per_epoch * plan.epochs as usize;

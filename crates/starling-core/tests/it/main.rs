@@ -1,6 +1,7 @@
-//! The core's integration tests, one binary: gradients against finite differences, the training loop against a hand-written reference, model specs, data-set loaders and partitions on the committed fixtures, the paper models learning real digits, and fuzzing of update decoding.
+//! The core's integration tests, one binary: gradients against finite differences, the training loop against a hand-written reference, FedProx's proximal term, model specs, data-set loaders and partitions on the committed fixtures, the paper models learning real digits, and fuzzing of update decoding.
 
 mod datasets;
+mod fedprox;
 mod fuzz_update;
 mod gradients;
 mod mnist;

@@ -583,6 +583,7 @@ async fn same_numbers() -> Result<()> {
                 momentum: 0.9,
                 shuffle: true,
                 seed: 11,
+                mu: 0.0,
             },
         ),
         (
@@ -598,7 +599,7 @@ async fn same_numbers() -> Result<()> {
             },
         ),
         (
-            "MLP 2-8-1 with tanh",
+            "MLP 2-8-1 with tanh, FedProx",
             mlp_checkpoint,
             mlp_csv,
             Plan {
@@ -608,6 +609,7 @@ async fn same_numbers() -> Result<()> {
                 momentum: 0.5,
                 shuffle: true,
                 seed: 5,
+                mu: 0.3,
             },
         ),
     ];
