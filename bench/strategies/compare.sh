@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Server optimisers side by side: rounds to a target test accuracy on the FedAvg paper's
+# pathological non-IID MNIST (the 2NN, 200 shards of 300 images sorted by label, 2 per device,
+# 100 devices, 10% per round, E = 1, B = 10, client lr 0.1), for FedAvg, FedAvgM, FedAdagrad,
+# FedAdam and FedYogi (Reddi et al. 2021), each with its default server learning rate unless
+# STRATEGIES says otherwise. One run, one machine, the same seed for all.
+#
+# Usage: bench/strategies/compare.sh [--data DIR]
+#   --data DIR   the MNIST folder (four IDX files, gzip or not); default ../shared/data/mnist
+# Environment:
+#   ROUNDS=N       at most this many rounds per strategy (default 300)
+#   TARGET=acc     the target test accuracy (default 0.97)
+#   SEED=n         the seed (default 1)
+#   STRATEGIES="name[:server_lr] ..."   default "fedavg fedavgm:0.3 fedadagrad:0.03 fedadam:0.01 fedyogi:0.01"
+#   STARLING_BIN   the starling binary (default: cargo build --release, then target/release/starling)
+# Output: the table on stdout; each run's JSON summary and results under target/strategies/.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+DATA=../shared/data/mnist
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --data) shift; DATA="$1" ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+ROUNDS="${ROUNDS:-300}"
+TARGET="${TARGET:-0.97}"
+SEED="${SEED:-1}"
+STRATEGIES="${STRATEGIES:-fedavg fedavgm:0.3 fedadagrad:0.03 fedadam:0.01 fedyogi:0.01}"
+if [ ! -d "$DATA" ]; then
+    echo "compare.sh: no MNIST folder at $DATA; pass --data DIR (the four IDX files)" >&2
+    exit 1
+fi
+if [ -z "${STARLING_BIN:-}" ]; then
+    cargo build --release --locked -q -p starling-cli
+    STARLING_BIN=target/release/starling
+fi
+OUT=target/strategies
+mkdir -p "$OUT"
+printf '%-11s %10s %16s %14s %10s\n' strategy server_lr "rounds to $TARGET" "final accuracy" "wall s"
+for spec in $STRATEGIES; do
+    name="${spec%%:*}"
+    lr_args=()
+    lr="default"
+    if [ "$spec" != "$name" ]; then
+        lr="${spec#*:}"
+        lr_args=(--server-lr "$lr")
+    fi
+    "$STARLING_BIN" simulate --dataset mnist --data "$DATA" --model mlp --partition shards \
+        --devices 100 --fraction 0.1 --epochs 1 --batch-size 10 --lr 0.1 \
+        --rounds "$ROUNDS" --target-accuracy "$TARGET" --seed "$SEED" \
+        --strategy "$name" "${lr_args[@]}" --out "$OUT/$name" --json > "$OUT/$name.json"
+    python3 - "$OUT/$name.json" "$name" "$lr" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+r = d.get("rounds_to_target")
+print(f"{sys.argv[2]:<11} {sys.argv[3]:>10} {('>' + str(d['rounds'])) if r is None else r:>16} "
+      f"{d['final_accuracy']:>14.4f} {d['wall_secs']:>10.1f}")
+PY
+done
