@@ -147,3 +147,54 @@ impl Adaptive {
         Ok(())
     }
 }
+
+/// Declares one strategy of the Adam family: a newtype over [`Adaptive`] with its name and
+/// second-moment rule, its constructor, and the [`Strategy`](super::Strategy) it forwards to
+/// the shared code. Each strategy's file holds one call and its tests.
+macro_rules! adaptive_strategy {
+    ($(#[$doc:meta])* $ty:ident, $name:literal, $rule:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone)]
+        pub struct $ty(super::adaptive::Adaptive);
+
+        impl $ty {
+            /// A fresh optimiser (m = 0, v = τ²) for a model of `layout`.
+            pub fn new(
+                layout: &crate::wire::params::Layout,
+                params: super::adaptive::AdaptiveParams,
+            ) -> Self {
+                Self(super::adaptive::Adaptive::new(
+                    $name,
+                    $rule,
+                    params,
+                    layout.numel(),
+                ))
+            }
+
+            /// Its hyperparameters.
+            pub fn params(&self) -> super::adaptive::AdaptiveParams {
+                self.0.params()
+            }
+        }
+
+        impl super::Strategy for $ty {
+            fn name(&self) -> &'static str {
+                self.0.name()
+            }
+            fn next_params(
+                &mut self,
+                base: &crate::wire::params::Parameters,
+                aggregate: &super::WeightedSum,
+            ) -> Result<crate::wire::params::Parameters, super::AggregateError> {
+                self.0.next_params(base, aggregate)
+            }
+            fn state(&self) -> Vec<u8> {
+                self.0.state()
+            }
+            fn restore(&mut self, state: &[u8]) -> Result<(), super::AggregateError> {
+                self.0.restore(state)
+            }
+        }
+    };
+}
+pub(super) use adaptive_strategy;

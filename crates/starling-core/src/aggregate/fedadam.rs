@@ -1,53 +1,25 @@
 //! FedAdam (Reddi et al. 2021, Algorithm 2): the adaptive server step shared in
 //! `adaptive.rs`, with the second moment v = β2 v + (1 − β2) Δ².
 
-use super::adaptive::{Adaptive, AdaptiveParams, Rule};
-use super::{AggregateError, Strategy, WeightedSum};
-use crate::wire::params::{Layout, Parameters};
+use super::adaptive::{adaptive_strategy, Rule};
 
-/// FedAdam: m = β1 m + (1 − β1) Δ;
-/// the second moment v = β2 v + (1 − β2) Δ²;
-/// x = x + η m / (√v + τ). m and v are its server state.
-#[derive(Debug, Clone)]
-pub struct FedAdam(Adaptive);
-
-impl FedAdam {
-    /// A fresh optimiser (m = 0, v = τ²) for a model of `layout`.
-    pub fn new(layout: &Layout, params: AdaptiveParams) -> Self {
-        Self(Adaptive::new("fedadam", Rule::Adam, params, layout.numel()))
-    }
-
-    /// Its hyperparameters.
-    pub fn params(&self) -> AdaptiveParams {
-        self.0.params()
-    }
-}
-
-impl Strategy for FedAdam {
-    fn name(&self) -> &'static str {
-        self.0.name()
-    }
-    fn next_params(
-        &mut self,
-        base: &Parameters,
-        aggregate: &WeightedSum,
-    ) -> Result<Parameters, AggregateError> {
-        self.0.next_params(base, aggregate)
-    }
-    fn state(&self) -> Vec<u8> {
-        self.0.state()
-    }
-    fn restore(&mut self, state: &[u8]) -> Result<(), AggregateError> {
-        self.0.restore(state)
-    }
-}
+adaptive_strategy!(
+    /// FedAdam: m = β1 m + (1 − β1) Δ;
+    /// the second moment v = β2 v + (1 − β2) Δ²;
+    /// x = x + η m / (√v + τ). m and v are its server state.
+    FedAdam,
+    "fedadam",
+    Rule::Adam
+);
 
 #[cfg(test)]
 mod tests {
+    use super::super::adaptive::AdaptiveParams;
     use super::super::test_support::{
         aggregate, check_restore_refusals, check_state_round_trip, layout, params, values, MEANS,
         ROUNDS,
     };
+    use super::super::Strategy;
     use super::*;
 
     /// Algorithm 2 written out per coordinate with plain scalars, from x = 0: the
