@@ -312,7 +312,10 @@ pub type RawTensors<'a> = (Vec<&'a [u8]>, HashMap<String, String>);
 /// little-endian bytes, in layout order, and the string metadata.
 pub fn decode_views<'a>(bytes: &'a [u8], layout: &Layout) -> Result<RawTensors<'a>, ParamsError> {
     let st = SafeTensors::deserialize(bytes).map_err(|e| ParamsError::Malformed(e.to_string()))?;
-    let views: Vec<(String, safetensors::tensor::TensorView<'a>)> = st.tensors();
+    let mut views: Vec<(String, safetensors::tensor::TensorView<'a>)> = st.tensors();
+    // By name, so that a body with several faults always names the same one (safetensors
+    // hands the tensors over in hash order).
+    views.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, view) in &views {
         if view.dtype() != Dtype::F32 {
             return Err(ParamsError::WrongDtype {
@@ -342,6 +345,38 @@ mod tests {
             ("b".into(), Tensor::new(vec![1], vec![0.25]).unwrap()),
         ])
         .unwrap()
+    }
+
+    /// A body with several faulty tensors names the same one every time it is decoded.
+    #[test]
+    fn several_faults_are_named_the_same_every_time() {
+        let layout = Layout::new(vec![("a".into(), vec![1]), ("b".into(), vec![1])]);
+        let mut header = String::from("{");
+        for (i, name) in ["zeta", "eta", "theta", "iota", "kappa"].iter().enumerate() {
+            header += &format!(
+                "\"{name}\":{{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[{i},{}]}},",
+                i + 1
+            );
+        }
+        header.pop();
+        header += "}";
+        while header.len() % 8 != 0 {
+            header.push(' ');
+        }
+        let mut body = (header.len() as u64).to_le_bytes().to_vec();
+        body.extend_from_slice(header.as_bytes());
+        body.extend_from_slice(&[0u8; 5]);
+        let first = decode_views(&body, &layout).unwrap_err();
+        assert_eq!(
+            first,
+            ParamsError::WrongDtype {
+                name: "eta".into(),
+                dtype: "U8".into()
+            }
+        );
+        for _ in 0..20 {
+            assert_eq!(decode_views(&body, &layout).unwrap_err(), first);
+        }
     }
 
     #[test]
