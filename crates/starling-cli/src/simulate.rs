@@ -78,6 +78,10 @@ pub(crate) struct Args {
     /// Probability that a sampled device is a straggler (10x slower; misses the deadline).
     #[arg(long, default_value_t = 0.0)]
     stragglers: f64,
+    /// FedProx's partial work: a straggler that cannot finish by the deadline trains on the
+    /// share of its data it has time for, instead of missing the round.
+    #[arg(long)]
+    partial_work: bool,
     /// Use only the first N training examples.
     #[arg(long)]
     train_subset: Option<usize>,
@@ -145,6 +149,7 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
     config.strategy = strategy;
     config.dropout = a.dropout;
     config.stragglers = a.stragglers;
+    config.partial_work = a.partial_work;
     config.stop_at_accuracy = a.target_accuracy;
 
     let (lo, mean, hi) = federation.sizes();

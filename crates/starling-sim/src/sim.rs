@@ -55,6 +55,10 @@ pub struct SimConfig {
     pub stragglers: f64,
     /// How much slower a straggler is.
     pub straggler_slowdown: f64,
+    /// FedProx's partial work: a straggler that cannot finish by the deadline trains on the
+    /// share of its data it has time for (fewer local steps) and reports that many examples,
+    /// instead of missing the round.
+    pub partial_work: bool,
     /// Virtual seconds a device needs per example and epoch.
     pub secs_per_example: f64,
     /// The round deadline in virtual seconds, as a multiple of the time an average device
@@ -84,6 +88,7 @@ impl SimConfig {
             dropout: 0.0,
             stragglers: 0.0,
             straggler_slowdown: 10.0,
+            partial_work: false,
             secs_per_example: 1e-3,
             deadline_factor: 3.0,
             min_fraction: 0.0,
@@ -168,6 +173,18 @@ enum Fate {
     OnTime,
     Straggler,
     Dropped,
+}
+
+/// The share of a device's data a straggler has time for: a seeded random sample (a device's
+/// data may be sorted by label), at least one example. Training on it for the plan's epochs
+/// takes that share of the local steps, and the update reports its real example count.
+fn partial_data(data: &Dataset, share: f64, seed: u64) -> Dataset {
+    let n = data.len();
+    let k = ((n as f64 * share).floor() as usize).clamp(1, n);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut picked = sample(&mut rng, n, k).into_vec();
+    picked.sort_unstable();
+    data.subset(&picked)
 }
 
 /// Loss and accuracy of `params` on `data`, evaluated in parallel chunks.
@@ -324,8 +341,10 @@ pub async fn run(
             }
         }
         let bytes_down = (status.model.body.len() * k) as u64;
-        // Devices that drop out or run too slow for the deadline never upload.
-        let jobs: Vec<(usize, String, f64)> = sampled
+        // Devices that drop out never upload; those too slow for the deadline either miss the
+        // round or, with partial work, train on the share of their data they have time for.
+        // A job: (device, token, virtual seconds, share of its data).
+        let jobs: Vec<(usize, String, f64, f64)> = sampled
             .iter()
             .zip(&fates)
             .zip(tokens)
@@ -336,7 +355,15 @@ pub async fn run(
                 } else {
                     t
                 };
-                (fate != Fate::Dropped && t <= deadline).then_some((d, token, t))
+                if fate == Fate::Dropped {
+                    None
+                } else if t <= deadline {
+                    Some((d, token, t, 1.0))
+                } else if config.partial_work {
+                    Some((d, token, deadline, deadline / t))
+                } else {
+                    None
+                }
             })
             .collect();
         let slowest = jobs.iter().map(|j| j.2).fold(0.0f64, f64::max);
@@ -355,7 +382,7 @@ pub async fn run(
         let wave = (pool.current_num_threads() * 16).max(64);
         let mut jobs = jobs.into_iter().peekable();
         while jobs.peek().is_some() {
-            let batch: Vec<(usize, String, f64)> = jobs.by_ref().take(wave).collect();
+            let batch: Vec<(usize, String, f64, f64)> = jobs.by_ref().take(wave).collect();
             let (pool2, model2, base2) = (pool.clone(), model.clone(), base.clone());
             let plan = config.plan.clone();
             let seed = config.seed;
@@ -365,13 +392,20 @@ pub async fn run(
                     pool2.install(|| {
                         batch
                             .into_par_iter()
-                            .map(|(d, token, t)| {
+                            .map(|(d, token, t, share)| {
                                 let mut plan = plan.clone();
                                 plan.seed = mix(seed, round, d);
+                                let partial;
+                                let data = if share < 1.0 {
+                                    partial = partial_data(&devices[d], share, plan.seed);
+                                    &partial
+                                } else {
+                                    &devices[d]
+                                };
                                 let (body, _) = local_update(
                                     &model2,
                                     &base2,
-                                    &devices[d],
+                                    data,
                                     &plan,
                                     base_version,
                                     token,

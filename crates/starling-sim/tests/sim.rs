@@ -266,3 +266,44 @@ fn bad_strategies_and_mus_are_clear_errors() {
         .unwrap_err();
     assert!(err.to_string().contains("mu must be"), "{err}");
 }
+
+/// FedProx's partial work: stragglers that would miss the deadline report on time with the
+/// share of their data they had time for, counted with its real size; without it they miss
+/// the round.
+#[test]
+fn stragglers_do_partial_work_with_their_real_example_count() {
+    let fed = federation(Partition::Iid, 20);
+    let mut dropping = config(3);
+    dropping.stragglers = 0.9;
+    let mut partial = dropping.clone();
+    partial.partial_work = true;
+    let (d, p) = (run(&dropping, &fed), run(&partial, &fed));
+    // The same devices are sampled each round whatever their fates.
+    let clean = run(&config(3), &fed);
+    for ((a, b), c) in d.rounds.iter().zip(&p.rounds).zip(&clean.rounds) {
+        assert_eq!(
+            a.stragglers, b.stragglers,
+            "the same fates from the same seed"
+        );
+        assert!(a.stragglers > 0);
+        assert_eq!(b.reported, b.sampled, "with partial work everyone reports");
+        assert!(
+            a.reported < b.reported,
+            "without it stragglers miss the round"
+        );
+        // A straggler 10x slower, against a deadline of 3x an average device's time, trains
+        // on about 30% of its data and reports just that many examples.
+        assert!(
+            a.examples < b.examples && b.examples < c.examples,
+            "{} < {} < {}",
+            a.examples,
+            b.examples,
+            c.examples
+        );
+    }
+    assert_eq!(
+        deterministic(&run(&partial, &fed).rounds),
+        deterministic(&p.rounds),
+        "partial work is seeded too"
+    );
+}
