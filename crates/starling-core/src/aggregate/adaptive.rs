@@ -198,3 +198,50 @@ macro_rules! adaptive_strategy {
     };
 }
 pub(super) use adaptive_strategy;
+
+/// What every Adam-family strategy's tests check, given its constructor and its rule written
+/// out by hand: the first step from x = 0 against numbers worked out on paper, three rounds
+/// against the hand-written rule (bit for bit, with the defaults and with other values), and
+/// the state's round trip and refusals.
+#[cfg(test)]
+pub(super) fn check_adaptive<S: super::Strategy + 'static>(
+    new: fn(&crate::wire::params::Layout, AdaptiveParams) -> S,
+    params_of: fn(&S) -> AdaptiveParams,
+    name: &str,
+    first_step: [f64; 3],
+    by_hand: fn(AdaptiveParams) -> Vec<[f32; 3]>,
+) {
+    use super::test_support::{
+        aggregate, check_restore_refusals, check_state_round_trip, layout, params, values, ROUNDS,
+    };
+    let mut s = new(&layout(), AdaptiveParams::default());
+    let x = s
+        .next_params(&params(&[0.0; 3]), &aggregate(ROUNDS[0]))
+        .unwrap();
+    for (got, want) in values(&x).iter().zip(first_step) {
+        assert!((f64::from(*got) - want).abs() < 6e-10, "{got} vs {want}");
+    }
+    for p in [
+        AdaptiveParams::default(),
+        AdaptiveParams {
+            server_lr: 0.1,
+            beta1: 0.5,
+            beta2: 0.9,
+            tau: 0.01,
+        },
+    ] {
+        let mut s = new(&layout(), p);
+        assert_eq!(params_of(&s), p);
+        let mut x = params(&[0.0; 3]);
+        for (round, want) in ROUNDS.iter().zip(by_hand(p)) {
+            x = s.next_params(&x, &aggregate(round)).unwrap();
+            assert_eq!(values(&x), want, "{p:?}");
+        }
+    }
+    let p = AdaptiveParams {
+        server_lr: 0.1,
+        ..AdaptiveParams::default()
+    };
+    check_state_round_trip(&|| Box::new(new(&layout(), p)));
+    check_restore_refusals(&|l| Box::new(new(l, p)), name);
+}

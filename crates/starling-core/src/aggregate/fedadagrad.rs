@@ -14,12 +14,9 @@ adaptive_strategy!(
 
 #[cfg(test)]
 mod tests {
+    use super::super::adaptive::check_adaptive;
     use super::super::adaptive::AdaptiveParams;
-    use super::super::test_support::{
-        aggregate, check_restore_refusals, check_state_round_trip, layout, params, values, MEANS,
-        ROUNDS,
-    };
-    use super::super::Strategy;
+    use super::super::test_support::MEANS;
     use super::*;
 
     /// Algorithm 2 written out per coordinate with plain scalars, from x = 0: the
@@ -44,44 +41,13 @@ mod tests {
     /// 0.250001); step = η m / (√v + τ), e.g. 0.0025 / (2.5000002 + 0.001) = 9.996e-4.
     /// Then three rounds against [`by_hand`], with the defaults and with other values.
     #[test]
-    fn the_update_rule_matches_a_step_by_hand() {
-        let mut s = FedAdagrad::new(&layout(), AdaptiveParams::default());
-        let x = s
-            .next_params(&params(&[0.0; 3]), &aggregate(ROUNDS[0]))
-            .unwrap();
-        for (got, want) in
-            values(&x)
-                .iter()
-                .zip([9.996000800000e-04, 9.990004999999e-04, 9.980019999980e-04])
-        {
-            assert!((f64::from(*got) - want).abs() < 6e-10, "{got} vs {want}");
-        }
-        for p in [
-            AdaptiveParams::default(),
-            AdaptiveParams {
-                server_lr: 0.1,
-                beta1: 0.5,
-                beta2: 0.9,
-                tau: 0.01,
-            },
-        ] {
-            let mut s = FedAdagrad::new(&layout(), p);
-            assert_eq!(s.params(), p);
-            let mut x = params(&[0.0; 3]);
-            for (round, want) in ROUNDS.iter().zip(by_hand(p)) {
-                x = s.next_params(&x, &aggregate(round)).unwrap();
-                assert_eq!(values(&x), want, "{p:?}");
-            }
-        }
-    }
-
-    #[test]
-    fn the_state_survives_a_round_trip() {
-        let p = AdaptiveParams {
-            server_lr: 0.1,
-            ..AdaptiveParams::default()
-        };
-        check_state_round_trip(&|| Box::new(FedAdagrad::new(&layout(), p)));
-        check_restore_refusals(&|l| Box::new(FedAdagrad::new(l, p)), "fedadagrad");
+    fn the_update_rule_matches_a_step_by_hand_and_its_state_survives() {
+        check_adaptive(
+            FedAdagrad::new,
+            FedAdagrad::params,
+            "fedadagrad",
+            [9.996000800000e-04, 9.990004999999e-04, 9.980019999980e-04],
+            by_hand,
+        );
     }
 }

@@ -14,11 +14,9 @@ adaptive_strategy!(
 
 #[cfg(test)]
 mod tests {
+    use super::super::adaptive::check_adaptive;
     use super::super::adaptive::AdaptiveParams;
-    use super::super::test_support::{
-        aggregate, check_restore_refusals, check_state_round_trip, layout, params, values, MEANS,
-        ROUNDS,
-    };
+    use super::super::test_support::{aggregate, layout, params, values, MEANS, ROUNDS};
     use super::super::Strategy;
     use super::*;
 
@@ -50,35 +48,14 @@ mod tests {
     /// step = η m / (√v + τ), e.g. 0.0025 / (0.250002 + 0.001) = 9.96008e-3.
     /// Then three rounds against [`by_hand`], with the defaults and with other values.
     #[test]
-    fn the_update_rule_matches_a_step_by_hand() {
-        let mut s = FedYogi::new(&layout(), AdaptiveParams::default());
-        let x = s
-            .next_params(&params(&[0.0; 3]), &aggregate(ROUNDS[0]))
-            .unwrap();
-        for (got, want) in
-            values(&x)
-                .iter()
-                .zip([9.960079999680e-03, 9.900499987501e-03, 9.801999800040e-03])
-        {
-            assert!((f64::from(*got) - want).abs() < 6e-10, "{got} vs {want}");
-        }
-        for p in [
-            AdaptiveParams::default(),
-            AdaptiveParams {
-                server_lr: 0.1,
-                beta1: 0.5,
-                beta2: 0.9,
-                tau: 0.01,
-            },
-        ] {
-            let mut s = FedYogi::new(&layout(), p);
-            assert_eq!(s.params(), p);
-            let mut x = params(&[0.0; 3]);
-            for (round, want) in ROUNDS.iter().zip(by_hand(p)) {
-                x = s.next_params(&x, &aggregate(round)).unwrap();
-                assert_eq!(values(&x), want, "{p:?}");
-            }
-        }
+    fn the_update_rule_matches_a_step_by_hand_and_its_state_survives() {
+        check_adaptive(
+            FedYogi::new,
+            FedYogi::params,
+            "fedyogi",
+            [9.960079999680e-03, 9.900499987501e-03, 9.801999800040e-03],
+            by_hand,
+        );
     }
 
     /// Yogi's v shrinks when Δ² < v (round 3's first coordinate: Δ² = 0.015625 against
@@ -107,15 +84,5 @@ mod tests {
             .next_params(&params(&[0.0; 3]), &aggregate(ROUNDS[0]))
             .unwrap();
         assert_eq!(values(&x)[2], (0.01 * 0.5 / (0.5 + 0.5)) as f32);
-    }
-
-    #[test]
-    fn the_state_survives_a_round_trip() {
-        let p = AdaptiveParams {
-            server_lr: 0.1,
-            ..AdaptiveParams::default()
-        };
-        check_state_round_trip(&|| Box::new(FedYogi::new(&layout(), p)));
-        check_restore_refusals(&|l| Box::new(FedYogi::new(l, p)), "fedyogi");
     }
 }
