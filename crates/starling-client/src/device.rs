@@ -13,10 +13,10 @@
 //! A trained update is kept and uploaded again (the same bytes) while its round is open: until
 //! the round's deadline, as the check-in told it. It is dropped, and the device checks in
 //! again, only when the server says the round no longer takes it (`round_closed`,
-//! `stale_version`, `invalid_token`, `duplicate_update`) or when the deadline passes while
-//! the server is failing. Any other refusal is an error. A `duplicate_update` answer to a
-//! second or later try means an earlier try got through (only this device holds the token),
-//! so it counts as a contribution.
+//! `stale_version`, `too_stale`, `invalid_token`, `duplicate_update`) or when the deadline
+//! passes while the server is failing. Any other refusal is an error. A `duplicate_update`
+//! answer to a second or later try means an earlier try got through (only this device holds
+//! the token), so it counts as a contribution.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -385,6 +385,7 @@ impl<T: Transport> Device<T> {
                         Some(
                             ErrorCode::RoundClosed
                                 | ErrorCode::StaleVersion
+                                | ErrorCode::TooStale
                                 | ErrorCode::InvalidToken
                                 | ErrorCode::DuplicateUpdate
                         )

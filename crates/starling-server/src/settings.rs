@@ -165,7 +165,7 @@ pub struct TaskSettings {
     /// The plan devices follow: keys given here override the model's default plan
     /// ([`builtin::default_plan`]); keys left out keep it.
     pub plan: Option<toml::Table>,
-    /// The round policy.
+    /// The round policy (in buffered mode only its `retry_secs` applies).
     pub rounds: RoundPolicy,
     /// Refuse updates whose L2 norm exceeds this; also the bound on one commit's step.
     pub max_update_norm: f64,
@@ -183,6 +183,71 @@ pub struct TaskSettings {
     pub retention: Retention,
     /// How a round's aggregate becomes the next model (`[tasks.strategy]`, default FedAvg).
     pub strategy: StrategyConfig,
+    /// Buffered asynchronous training (FedBuff) instead of synchronous rounds
+    /// (`[tasks.buffered]`; absent: synchronous rounds).
+    pub buffered: Option<BufferedPolicy>,
+}
+
+/// Buffered asynchronous training (FedBuff, Nguyen et al. 2022): no synchronous rounds.
+/// Devices check in whenever they are ready and train the version they download; the server
+/// folds each update, weighted by `(1 + staleness)^-staleness_exponent`, into a buffer and
+/// steps the model (through the task's strategy) after every `buffer` updates. Staleness is
+/// how many versions the model moved on since the update's base version.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BufferedPolicy {
+    /// Updates per server step (K); at least the task's `min_cohort`.
+    pub buffer: u32,
+    /// Assignments outstanding at once (devices training).
+    pub concurrency: u32,
+    /// Updates built on a version more than this many versions old are refused
+    /// (`too_stale`).
+    pub max_staleness: u64,
+    /// The staleness discount's exponent a: an update `s` versions old weighs
+    /// `(1 + s)^-a`. 0.5 (the default) is FedBuff's `1/sqrt(1 + s)`; 0 weighs all alike.
+    pub staleness_exponent: f64,
+    /// Seconds an assignment stays valid; an assignment not delivered by then frees its
+    /// place for another device.
+    pub assignment_secs: f64,
+}
+
+impl Default for BufferedPolicy {
+    fn default() -> Self {
+        Self {
+            buffer: 10,
+            concurrency: 100,
+            max_staleness: 50,
+            staleness_exponent: 0.5,
+            assignment_secs: 600.0,
+        }
+    }
+}
+
+impl BufferedPolicy {
+    /// The weight factor of an update `staleness` versions old.
+    pub fn discount(&self, staleness: u64) -> f64 {
+        (1.0 + staleness as f64).powf(-self.staleness_exponent)
+    }
+
+    fn validate(&self, min_cohort: u32) -> Result<(), String> {
+        if self.buffer < min_cohort.max(1) {
+            return Err(format!(
+                "buffered.buffer ({}) is below min_cohort ({min_cohort}): a step of fewer \
+                 updates would publish a model that reveals them",
+                self.buffer
+            ));
+        }
+        if self.concurrency == 0 {
+            return Err("buffered.concurrency must be at least 1".into());
+        }
+        if !(self.staleness_exponent.is_finite() && self.staleness_exponent >= 0.0) {
+            return Err("buffered.staleness_exponent must be a finite number >= 0".into());
+        }
+        if !(self.assignment_secs.is_finite() && self.assignment_secs > 0.0) {
+            return Err("buffered.assignment_secs must be positive".into());
+        }
+        Ok(())
+    }
 }
 
 /// The smallest `min_cohort` a task gets without saying so: rounds of fewer devices let the
@@ -247,6 +312,7 @@ impl Default for TaskSettings {
             max_assignments_per_address: 3,
             retention: Retention::default(),
             strategy: StrategyConfig::default(),
+            buffered: None,
         }
     }
 }
@@ -312,6 +378,8 @@ pub struct TaskDefinition {
     pub retention: Retention,
     /// The server strategy (its state is stored with each version).
     pub strategy: StrategyConfig,
+    /// Buffered asynchronous mode, if the task uses it.
+    pub buffered: Option<BufferedPolicy>,
 }
 
 impl TaskSettings {
@@ -395,7 +463,7 @@ impl TaskSettings {
         if self.min_cohort == 0 {
             return Err(invalid("min_cohort must be at least 1".into()));
         }
-        if r.min < self.min_cohort {
+        if r.min < self.min_cohort && self.buffered.is_none() {
             return Err(invalid(format!(
                 "rounds.min ({}) is below min_cohort ({}): a round of fewer devices would \
                  publish a model that reveals their updates; raise rounds.min, or lower \
@@ -419,6 +487,9 @@ impl TaskSettings {
             return Err(invalid("retention.keep_last must be at least 1".into()));
         }
         self.strategy.validate().map_err(invalid)?;
+        if let Some(b) = &self.buffered {
+            b.validate(self.min_cohort).map_err(invalid)?;
+        }
         Ok(TaskDefinition {
             name: self.name.clone(),
             spec,
@@ -432,6 +503,7 @@ impl TaskSettings {
             max_assignments_per_address: self.max_assignments_per_address,
             retention: self.retention,
             strategy: self.strategy,
+            buffered: self.buffered.clone(),
         })
     }
 }

@@ -590,6 +590,7 @@ function explain(e) {
     switch (e.code) {
       case "round_closed":
       case "stale_version":
+      case "too_stale":
         state.assignment = null;
         return (
           "The round closed before your update arrived, so it was not counted. " +

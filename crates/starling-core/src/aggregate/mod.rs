@@ -71,11 +71,20 @@ impl WeightedSum {
 
     /// Folds one checked update in, with the weight its check gave it.
     pub fn accept(&mut self, update: &CheckedUpdate) {
+        self.accept_discounted(update, 1.0);
+    }
+
+    /// Folds one checked update in with its values scaled by `discount` (FedBuff's staleness
+    /// factor) but its full weight counted in the total, so that the mean is
+    /// `Σ wᵢ·discountᵢ·Δᵢ / Σ wᵢ`: a stale update moves the model less instead of merely
+    /// counting less against the others (Nguyen et al. 2022, Algorithm 1, with example
+    /// weights; with equal weights it is the paper's `Σ s(τᵢ)Δᵢ / K`).
+    pub fn accept_discounted(&mut self, update: &CheckedUpdate, discount: f64) {
         let w = update.weight();
         let mut offset = 0;
         for data in update.tensors() {
             let n = data.len() / 4;
-            fold(&mut self.sums[offset..offset + n], data, w);
+            fold(&mut self.sums[offset..offset + n], data, w * discount);
             offset += n;
         }
         let meta = update.meta();

@@ -53,6 +53,9 @@ pub enum ErrorCode {
     StaleVersion,
     /// The round is over or closing.
     RoundClosed,
+    /// Buffered asynchronous mode: the update is built on a version more versions behind the
+    /// current one than the task's `max_staleness`.
+    TooStale,
     /// This assignment already delivered its update.
     DuplicateUpdate,
     /// The body exceeds the endpoint's (for uploads: the task's) size limit.
@@ -75,7 +78,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in the order of the documentation.
-    pub const ALL: [ErrorCode; 24] = [
+    pub const ALL: [ErrorCode; 25] = [
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::BadRequest,
@@ -93,6 +96,7 @@ impl ErrorCode {
         ErrorCode::InvalidToken,
         ErrorCode::StaleVersion,
         ErrorCode::RoundClosed,
+        ErrorCode::TooStale,
         ErrorCode::DuplicateUpdate,
         ErrorCode::PayloadTooLarge,
         ErrorCode::UriTooLong,
@@ -120,6 +124,7 @@ impl ErrorCode {
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::StaleVersion => "stale_version",
             ErrorCode::RoundClosed => "round_closed",
+            ErrorCode::TooStale => "too_stale",
             ErrorCode::DuplicateUpdate => "duplicate_update",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UriTooLong => "uri_too_long",
@@ -149,7 +154,10 @@ impl ErrorCode {
             | ErrorCode::UnknownVersion => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::RequestTimeout => 408,
-            ErrorCode::StaleVersion | ErrorCode::RoundClosed | ErrorCode::DuplicateUpdate => 409,
+            ErrorCode::StaleVersion
+            | ErrorCode::RoundClosed
+            | ErrorCode::TooStale
+            | ErrorCode::DuplicateUpdate => 409,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::UriTooLong => 414,
             ErrorCode::WrongTensors
@@ -201,10 +209,17 @@ impl ErrorCode {
             ErrorCode::InvalidToken => {
                 "the token is not an assignment of this round, or differs from the body's"
             }
-            ErrorCode::StaleVersion => "`base_version` is not the version this round trains",
+            ErrorCode::StaleVersion => {
+                "`base_version` is not the version this round trains (buffered mode: older than \
+                 the assignment's, or newer than the current model)"
+            }
             ErrorCode::RoundClosed => {
                 "the round is over (committed or abandoned), or closing (goal reached or \
                  deadline passed)"
+            }
+            ErrorCode::TooStale => {
+                "buffered mode: `base_version` is more than the task's `max_staleness` versions \
+                 behind the current model; check in again for a fresh assignment"
             }
             ErrorCode::DuplicateUpdate => "this assignment already delivered its update",
             ErrorCode::PayloadTooLarge => {

@@ -1,6 +1,8 @@
 //! The task that owns one task's round state. It answers check-ins, admits and reserves
-//! uploads, moves the round through its phases ([`super::round`]) on the engine's clock, and
-//! closes rounds: commit (checked, durably stored, then announced) or abandon with a reason.
+//! uploads, moves the round through its phases ([`super::round`]) on the engine's clock — or,
+//! in buffered mode, keeps the outstanding assignments and the buffer ([`super::buffer`]) —
+//! and closes rounds: commit (checked, durably stored, then announced) or abandon with a
+//! reason.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,17 +15,41 @@ use starling_core::wire::params::Layout;
 use starling_core::Parameters;
 use tokio::sync::{mpsc, watch};
 
+use super::buffer::{Buffered, Slot};
 use super::clock::Clock;
 use super::round::{
     AbandonReason, ClosedRound, NoRoom, OpenRound, Phase, RoundLimits, RoundSummary,
 };
 use super::{
-    Assignment, Caller, CheckIn, Command, EngineError, HandleInner, ModelState, TaskHandle,
-    TaskStatus,
+    Assignment, Caller, CheckIn, Command, EngineError, HandleInner, ModelState, RoundInfo,
+    TaskHandle, TaskStatus,
 };
 use crate::metrics::Metrics;
 use crate::settings::{TaskDefinition, Weighting};
 use crate::store::{RoundRecord, RoundStatus, Store, StoredVersion};
+
+/// The task's mode: synchronous rounds, or buffered asynchronous training.
+#[derive(Debug)]
+enum Mode {
+    Rounds(Phase),
+    Buffered(Buffered),
+}
+
+impl Mode {
+    fn info(&self) -> RoundInfo {
+        match self {
+            Mode::Rounds(p) => p.info(),
+            Mode::Buffered(b) => b.info(),
+        }
+    }
+
+    fn summary(&self) -> RoundSummary {
+        match self {
+            Mode::Rounds(p) => p.summary(),
+            Mode::Buffered(b) => b.summary(),
+        }
+    }
+}
 
 struct Actor {
     def: TaskDefinition,
@@ -73,21 +99,34 @@ pub async fn spawn(
     })?;
     let partial_sums = std::thread::available_parallelism().map_or(2, |n| n.get());
     let model = model_state(&def, stored.version, stored.params);
-    let round = open_round(
-        &def,
-        &layout,
-        &*clock,
-        partial_sums,
-        next_round,
-        model.version,
-    );
+    let mode = match &def.buffered {
+        None => Mode::Rounds(Phase::Open(open_round(
+            &def,
+            &layout,
+            &*clock,
+            partial_sums,
+            next_round,
+            model.version,
+        ))),
+        Some(policy) => Mode::Buffered(Buffered::new(
+            policy.clone(),
+            def.max_assignments_per_address,
+            &layout,
+            partial_sums,
+            next_round,
+            model.version,
+            clock.unix_ms(),
+        )),
+    };
     tracing::info!(
         task = %def.name, version = model.version, round = next_round,
-        strategy = strategy.name(), "task ready"
+        strategy = strategy.name(),
+        mode = if def.buffered.is_some() { "buffered" } else { "rounds" },
+        "task ready"
     );
     let (status_tx, status_rx) = watch::channel(TaskStatus {
         model: model.clone(),
-        round: round.info(),
+        round: mode.info(),
         last_round: None,
     });
     let (tx, rx) = mpsc::channel(1024);
@@ -125,7 +164,7 @@ pub async fn spawn(
         status: status_tx,
         partial_sums,
     };
-    tokio::spawn(actor.run(Phase::Open(round), rx));
+    tokio::spawn(actor.run(mode, rx));
     Ok(handle)
 }
 
@@ -153,37 +192,36 @@ fn open_round(
 }
 
 impl Actor {
-    async fn run(mut self, mut phase: Phase, mut rx: mpsc::Receiver<Command>) {
+    async fn run(mut self, mut mode: Mode, mut rx: mpsc::Receiver<Command>) {
         loop {
-            let deadline = match &phase {
-                Phase::Open(r) => Some(self.clock.sleep_until(r.deadline())),
-                Phase::Draining(_) => None,
+            let deadline = match &mode {
+                Mode::Rounds(Phase::Open(r)) => Some(self.clock.sleep_until(r.deadline())),
+                _ => None,
             };
             let deadline_passed = tokio::select! {
                 cmd = rx.recv() => match cmd {
                     Some(cmd) => {
-                        phase = self.handle(phase, cmd).await;
+                        mode = self.handle(mode, cmd).await;
                         false
                     }
                     None => break,
                 },
                 () = async { deadline.expect("armed only for open rounds").await }, if deadline.is_some() => true,
             };
-            if deadline_passed {
-                if let Phase::Open(r) = phase {
-                    phase = r.deadline_passed(self.clock.now(), self.clock.unix_ms());
+            mode = match mode {
+                Mode::Rounds(phase) => Mode::Rounds(self.advance(phase, deadline_passed).await),
+                Mode::Buffered(mut b) => {
+                    if b.is_full() {
+                        let number = b.number();
+                        let (summary, closed) = b.close();
+                        let record = self.finish(summary, closed).await;
+                        b.reopen(number + 1, self.model.version, self.clock.unix_ms());
+                        self.publish(record, b.info()).await;
+                    }
+                    Mode::Buffered(b)
                 }
-            }
-            phase = phase.advance();
-            if let Phase::Draining(r) = phase {
-                phase = if r.is_idle() {
-                    let (summary, closed) = r.close();
-                    Phase::Open(self.close(summary, closed).await)
-                } else {
-                    Phase::Draining(r)
-                };
-            }
-            let info = phase.info();
+            };
+            let info = mode.info();
             self.status.send_if_modified(|s| {
                 let changed = s.round != info;
                 s.round = info;
@@ -191,6 +229,27 @@ impl Actor {
             });
         }
         tracing::debug!(task = %self.def.name, "engine stopped");
+    }
+
+    /// Moves a synchronous round on: past its deadline, to draining at its goal, and closed
+    /// (with the next one opened) once nothing is in flight.
+    async fn advance(&mut self, mut phase: Phase, deadline_passed: bool) -> Phase {
+        if deadline_passed {
+            if let Phase::Open(r) = phase {
+                phase = r.deadline_passed(self.clock.now(), self.clock.unix_ms());
+            }
+        }
+        phase = phase.advance();
+        if let Phase::Draining(r) = phase {
+            phase = if r.is_idle() {
+                let (summary, closed) = r.close();
+                let record = self.finish(summary, closed).await;
+                Phase::Open(self.open_next(record).await)
+            } else {
+                Phase::Draining(r)
+            };
+        }
+        phase
     }
 
     /// The policy's retry time plus up to 50% jitter, so that devices do not come back
@@ -228,6 +287,41 @@ impl Actor {
         }
     }
 
+    /// One device's check-in in buffered mode: an assignment on the current version while
+    /// fewer than `concurrency` are outstanding.
+    fn check_in_buffered(&self, b: &mut Buffered, caller: Caller) -> CheckIn {
+        let token = new_token();
+        match b.assign(
+            &token,
+            caller.device.as_deref(),
+            caller.address,
+            self.model.version,
+            self.clock.now(),
+        ) {
+            Ok(()) => CheckIn::Assigned(Assignment {
+                round: b.number(),
+                base_version: self.model.version,
+                token,
+                deadline_in: b.lifetime(),
+                plan: self.def.plan.clone(),
+            }),
+            Err(no) => CheckIn::Retry {
+                after: self.retry_after(),
+                reason: no.reason(),
+            },
+        }
+    }
+
+    /// The round a buffered-mode upload names: one of the buffers so far (the token says
+    /// which), never a later one.
+    fn known_buffer(b: &Buffered, number: u64) -> Result<(), EngineError> {
+        if number >= 1 && number <= b.number() {
+            Ok(())
+        } else {
+            Err(EngineError::UnknownRound(number))
+        }
+    }
+
     /// The round a request names, against the open one: earlier rounds are closed, later
     /// ones do not exist.
     fn same_round(phase: &Phase, number: u64) -> Result<(), EngineError> {
@@ -240,7 +334,14 @@ impl Actor {
         }
     }
 
-    async fn handle(&mut self, mut phase: Phase, cmd: Command) -> Phase {
+    async fn handle(&mut self, mode: Mode, cmd: Command) -> Mode {
+        match mode {
+            Mode::Rounds(phase) => self.handle_rounds(phase, cmd).await,
+            Mode::Buffered(b) => self.handle_buffered(b, cmd).await,
+        }
+    }
+
+    async fn handle_rounds(&mut self, mut phase: Phase, cmd: Command) -> Mode {
         match cmd {
             Command::CheckIn { callers, reply } => {
                 let answers = callers
@@ -270,7 +371,13 @@ impl Actor {
                     .into_iter()
                     .map(|(base_version, token)| {
                         Self::same_round(&phase, round)?;
-                        phase.reserve(base_version, &token)
+                        phase
+                            .reserve(base_version, &token)
+                            .map(|sums| Slot::Reserved {
+                                sums,
+                                discount: 1.0,
+                                round,
+                            })
                     })
                     .collect();
                 let _ = reply.send(results);
@@ -287,33 +394,89 @@ impl Actor {
             }
             Command::Folded { .. } | Command::Released { .. } => {}
             Command::Rollback { version, reply } => {
-                let (result, next) = self.rollback(phase, version).await;
+                let (result, next) = self.rollback(Mode::Rounds(phase), version).await;
                 let _ = reply.send(result);
                 return next;
             }
         }
-        phase
+        Mode::Rounds(phase)
+    }
+
+    async fn handle_buffered(&mut self, mut b: Buffered, cmd: Command) -> Mode {
+        let now = self.clock.now();
+        match cmd {
+            Command::CheckIn { callers, reply } => {
+                let answers = callers
+                    .into_iter()
+                    .map(|caller| {
+                        let answer = self.check_in_buffered(&mut b, caller);
+                        self.metrics.count_checkin(&answer);
+                        answer
+                    })
+                    .collect();
+                let _ = reply.send(answers);
+            }
+            Command::Admit {
+                round,
+                token,
+                reply,
+            } => {
+                let _ = reply
+                    .send(Self::known_buffer(&b, round).and_then(|()| b.admit(round, &token, now)));
+            }
+            Command::Reserve {
+                round,
+                updates,
+                reply,
+            } => {
+                let version = self.model.version;
+                let results = updates
+                    .into_iter()
+                    .map(|(base_version, token)| {
+                        Self::known_buffer(&b, round)?;
+                        b.reserve(round, base_version, &token, version, now)
+                    })
+                    .collect();
+                let _ = reply.send(results);
+            }
+            Command::Folded { round, tokens } => {
+                for t in &tokens {
+                    b.folded(round, t);
+                }
+            }
+            Command::Released { round, tokens } => {
+                for t in &tokens {
+                    b.released(round, t);
+                }
+            }
+            Command::Rollback { version, reply } => {
+                let (result, next) = self.rollback(Mode::Buffered(b), version).await;
+                let _ = reply.send(result);
+                return next;
+            }
+        }
+        Mode::Buffered(b)
     }
 
     /// An operator's rollback: the open round ends (its updates were built on the version
     /// being rolled back), and `version`'s parameters and strategy state become a new
     /// version. A rollback to a version that is not stored changes nothing.
-    async fn rollback(&mut self, phase: Phase, version: u64) -> (Result<u64, EngineError>, Phase) {
+    async fn rollback(&mut self, mode: Mode, version: u64) -> (Result<u64, EngineError>, Mode) {
         let target = match self
             .store
             .version(&self.def.name, &self.def.spec, version)
             .await
         {
             Ok(Some(v)) => v,
-            Ok(None) => return (Err(EngineError::UnknownVersion(version)), phase),
-            Err(e) => return (Err(e.into()), phase),
+            Ok(None) => return (Err(EngineError::UnknownVersion(version)), mode),
+            Err(e) => return (Err(e.into()), mode),
         };
         if let Err(e) = self.strategy.restore(&target.strategy_state) {
             tracing::error!(task = %self.def.name, error = %e, "cannot restore the strategy state");
-            return (Err(EngineError::UnknownVersion(version)), phase);
+            return (Err(EngineError::UnknownVersion(version)), mode);
         }
         let new_version = self.model.version + 1;
-        let mut record = self.abandoned(phase.summary(), AbandonReason::RolledBack);
+        let mut record = self.abandoned(mode.summary(), AbandonReason::RolledBack);
         record.version = Some(new_version);
         let stored = StoredVersion {
             version: new_version,
@@ -326,7 +489,7 @@ impl Actor {
             .await
         {
             tracing::error!(task = %self.def.name, error = %e, "could not store the rollback");
-            return (Err(e.into()), phase);
+            return (Err(e.into()), mode);
         }
         tracing::warn!(
             task = %self.def.name, from = self.model.version, to = version, new_version,
@@ -334,8 +497,18 @@ impl Actor {
         );
         self.model = model_state(&self.def, new_version, stored.params);
         self.metrics.count_round(false);
-        let next = self.open_next(record).await;
-        (Ok(new_version), Phase::Open(next))
+        let next = match mode {
+            Mode::Rounds(_) => Mode::Rounds(Phase::Open(self.open_next(record).await)),
+            Mode::Buffered(mut b) => {
+                // Outstanding assignments stay; their updates count as stale against the new
+                // version, and updates in flight into the abandoned buffer are dropped.
+                let number = b.number() + 1;
+                b.reopen(number, self.model.version, self.clock.unix_ms());
+                self.publish(record, b.info()).await;
+                Mode::Buffered(b)
+            }
+        };
+        (Ok(new_version), next)
     }
 
     /// Checks a commit's next parameters: finite, and a step no longer than the task's bound
@@ -359,9 +532,10 @@ impl Actor {
         Ok(())
     }
 
-    /// Closes a round and opens the next one. A commit is checked, then durable, then
-    /// announced; any failure abandons the round with its reason and keeps the model.
-    async fn close(&mut self, summary: RoundSummary, closed: ClosedRound) -> OpenRound {
+    /// Closes a round (or a buffer): a commit is checked, then durable, then becomes the
+    /// current model (announced by the caller); any failure abandons the round with its
+    /// reason and keeps the model. Returns the round's record.
+    async fn finish(&mut self, summary: RoundSummary, closed: ClosedRound) -> RoundRecord {
         let number = summary.number;
         let mut record = self.abandoned(summary, AbandonReason::BelowMinimum);
         let closing_started = std::time::Instant::now();
@@ -455,7 +629,7 @@ impl Actor {
             }
         }
         self.metrics.count_round(committed);
-        self.open_next(record).await
+        record
     }
 
     /// The record of a round that ends without a new version: no statistics beyond its
@@ -480,25 +654,33 @@ impl Actor {
     /// Opens the round after `record`'s on the current model and publishes the model, the
     /// new round and the finished round's record together.
     async fn open_next(&mut self, record: RoundRecord) -> OpenRound {
-        let number = record.round;
-        if let Err(e) = self.store.open_round(&self.def.name, number + 1).await {
-            tracing::error!(task = %self.def.name, error = %e, "could not record the round number");
-        }
         let next = open_round(
             &self.def,
             &self.layout,
             &*self.clock,
             self.partial_sums,
-            number + 1,
+            record.round + 1,
             self.model.version,
         );
+        self.publish(record, next.info()).await;
+        next
+    }
+
+    /// Records that the round after `record`'s is open (so a restart never reuses a number),
+    /// then publishes the model, that round and `record` together.
+    async fn publish(&mut self, record: RoundRecord, round_info: RoundInfo) {
+        if let Err(e) = self
+            .store
+            .open_round(&self.def.name, round_info.round)
+            .await
+        {
+            tracing::error!(task = %self.def.name, error = %e, "could not record the round number");
+        }
         let model = self.model.clone();
-        let round_info = next.info();
         self.status.send_modify(|s| {
             s.model = model;
             s.round = round_info;
             s.last_round = Some(record);
         });
-        next
     }
 }

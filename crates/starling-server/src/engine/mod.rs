@@ -5,11 +5,14 @@
 //!
 //! - [`round`]: the round as a phase machine (open, draining, closed as committed or
 //!   abandoned).
+//! - [`buffer`]: buffered asynchronous mode (FedBuff): outstanding assignments and the
+//!   buffer that steps the model every K updates, each discounted by its staleness.
 //! - [`partial`]: per-core partial sums, so uploads fold in parallel without a global lock.
 //! - [`clock`]: real and virtual time.
 //! - `actor`: the task that owns the round state.
 
 mod actor;
+pub mod buffer;
 pub mod clock;
 pub mod partial;
 pub mod round;
@@ -57,6 +60,22 @@ pub enum EngineError {
     /// The upload token is not an assignment of this round.
     #[error("upload token is not an assignment of round {0}")]
     UnknownToken(u64),
+    /// Buffered mode: the assignment was not delivered within its time and lapsed.
+    #[error("the assignment lapsed before its update arrived; check in again")]
+    AssignmentExpired,
+    /// Buffered mode: the update's base version is too many versions behind the model.
+    #[error(
+        "update is built on version {got}, {} versions behind the current version {current} \
+         (at most {max} allowed); check in again", current - got
+    )]
+    TooStale {
+        /// The update's base version.
+        got: u64,
+        /// The current version.
+        current: u64,
+        /// The task's `max_staleness`.
+        max: u64,
+    },
     /// The assignment already delivered its update.
     #[error("this assignment already delivered its update")]
     Duplicate,
@@ -95,7 +114,10 @@ impl EngineError {
             EngineError::UnknownVersion(_) => ErrorCode::UnknownVersion,
             EngineError::RoundClosed(_) => ErrorCode::RoundClosed,
             EngineError::StaleVersion { .. } => ErrorCode::StaleVersion,
-            EngineError::UnknownToken(_) | EngineError::TokenMismatch => ErrorCode::InvalidToken,
+            EngineError::UnknownToken(_)
+            | EngineError::AssignmentExpired
+            | EngineError::TokenMismatch => ErrorCode::InvalidToken,
+            EngineError::TooStale { .. } => ErrorCode::TooStale,
             EngineError::Duplicate => ErrorCode::DuplicateUpdate,
             EngineError::Unavailable => ErrorCode::Unavailable,
             EngineError::Store(_) => ErrorCode::Internal,
@@ -191,7 +213,7 @@ pub struct RoundInfo {
     pub goal: u32,
     /// Updates needed at the deadline.
     pub min: u32,
-    /// Deadline, Unix milliseconds.
+    /// Deadline, Unix milliseconds (0 in buffered mode: a buffer has no deadline).
     pub deadline_ms: i64,
 }
 
@@ -233,7 +255,7 @@ pub(crate) enum Command {
         round: u64,
         /// `(base_version, token)` of each update, in order.
         updates: Vec<(u64, String)>,
-        reply: oneshot::Sender<Vec<Result<Arc<partial::PartialSums>, EngineError>>>,
+        reply: oneshot::Sender<Vec<Result<buffer::Slot, EngineError>>>,
     },
     Folded {
         round: u64,
@@ -423,60 +445,98 @@ impl TaskHandle {
             return results;
         }
 
-        let (reply, rx) = oneshot::channel();
-        let updates = valid
-            .iter()
-            .map(|(_, u)| (u.meta().base_version, u.meta().token.clone()))
-            .collect();
-        if self
-            .send(Command::Reserve {
-                round,
-                updates,
-                reply,
-            })
-            .await
-            .is_err()
-        {
-            return results;
-        }
-        let Ok(reserved) = rx.await else {
-            return results;
-        };
-        let mut to_fold = Vec::new();
-        for ((i, u), r) in valid.into_iter().zip(reserved) {
-            match r {
-                Ok(sums) => to_fold.push((i, u, sums)),
-                Err(e) => results[i] = Err(e),
+        // Reserve, fold, report; updates that found the buffer full (buffered mode) go
+        // round again once it has closed.
+        let mut pending = valid;
+        while !pending.is_empty() {
+            let (reply, rx) = oneshot::channel();
+            let updates = pending
+                .iter()
+                .map(|(_, u)| (u.meta().base_version, u.meta().token.clone()))
+                .collect();
+            if self
+                .send(Command::Reserve {
+                    round,
+                    updates,
+                    reply,
+                })
+                .await
+                .is_err()
+            {
+                return results;
             }
-        }
-        if to_fold.is_empty() {
-            return results;
-        }
-
-        let tokens: Vec<String> = to_fold
-            .iter()
-            .map(|(_, u, _)| u.meta().token.clone())
-            .collect();
-        let folded = tokio::task::spawn_blocking(move || {
-            to_fold
-                .into_iter()
-                .map(|(i, u, sums)| (i, sums.fold(u)))
-                .collect::<Vec<_>>()
-        })
-        .await;
-        let Ok(folded) = folded else {
-            // The fold panicked: free the assignments so the round does not wait for them.
-            let _ = self.send(Command::Released { round, tokens }).await;
-            return results;
-        };
-        for (i, count) in folded {
-            results[i] = Ok(Receipt {
-                round,
-                updates_in_round: count,
-            });
-        }
-        if self.send(Command::Folded { round, tokens }).await.is_err() {
-            return (0..n).map(|_| Err(EngineError::Unavailable)).collect();
+            let Ok(reserved) = rx.await else {
+                return results;
+            };
+            let mut to_fold = Vec::new();
+            let mut waiting = Vec::new();
+            let mut full = None;
+            for ((i, u), r) in pending.drain(..).zip(reserved) {
+                match r {
+                    Ok(buffer::Slot::Reserved {
+                        sums,
+                        discount,
+                        round,
+                    }) => to_fold.push((i, u, sums, discount, round)),
+                    Ok(buffer::Slot::Wait { round }) => {
+                        full = Some(round);
+                        waiting.push((i, u));
+                    }
+                    Err(e) => results[i] = Err(e),
+                }
+            }
+            if !to_fold.is_empty() {
+                // One reply reserves into one round.
+                let into = to_fold[0].4;
+                let tokens: Vec<String> = to_fold
+                    .iter()
+                    .map(|(_, u, ..)| u.meta().token.clone())
+                    .collect();
+                let folded = tokio::task::spawn_blocking(move || {
+                    to_fold
+                        .into_iter()
+                        .map(|(i, u, sums, discount, _)| (i, sums.fold_discounted(u, discount)))
+                        .collect::<Vec<_>>()
+                })
+                .await;
+                let Ok(folded) = folded else {
+                    // The fold panicked: free the assignments so the round does not wait.
+                    let _ = self
+                        .send(Command::Released {
+                            round: into,
+                            tokens,
+                        })
+                        .await;
+                    return results;
+                };
+                for (i, count) in folded {
+                    results[i] = Ok(Receipt {
+                        round: into,
+                        updates_in_round: count,
+                    });
+                }
+                if self
+                    .send(Command::Folded {
+                        round: into,
+                        tokens,
+                    })
+                    .await
+                    .is_err()
+                {
+                    return (0..n).map(|_| Err(EngineError::Unavailable)).collect();
+                }
+            }
+            if let Some(full) = full {
+                // The full buffer closes as soon as its reserved updates are in; a released
+                // one reopens a place without a new round, hence the bounded wait.
+                let mut status = self.subscribe();
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(50),
+                    status.wait_for(|s| s.round.round != full),
+                )
+                .await;
+            }
+            pending = waiting;
         }
         results
     }

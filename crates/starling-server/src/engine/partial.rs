@@ -38,12 +38,18 @@ impl PartialSums {
     /// returns how many updates this round holds now. The update is consumed: its bytes are
     /// dropped here (the serving binary's allocator zeroes them).
     pub fn fold(&self, update: CheckedUpdate) -> u64 {
+        self.fold_discounted(update, 1.0)
+    }
+
+    /// [`PartialSums::fold`] with the update's values scaled by `discount`
+    /// ([`WeightedSum::accept_discounted`]).
+    pub fn fold_discounted(&self, update: CheckedUpdate, discount: f64) -> u64 {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let n = self.parts.len();
         let mut guard = (0..n)
             .find_map(|i| self.parts[(start + i) % n].try_lock().ok())
             .unwrap_or_else(|| lock(&self.parts[start % n]));
-        guard.accept(&update);
+        guard.accept_discounted(&update, discount);
         drop(guard);
         drop(update);
         self.folded.fetch_add(1, Ordering::AcqRel) + 1
