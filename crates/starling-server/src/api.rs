@@ -294,6 +294,8 @@ fn task_json(t: &TaskHandle) -> Value {
         "spec": t.spec(),
         "plan": t.plan(),
         "parameter_count": t.spec().layout().numel(),
+        "mode": if t.buffered().is_some() { "buffered" } else { "rounds" },
+        "buffered": t.buffered(),
         // Small models (the demo's W and b) are shown inline; large ones are downloaded.
         "parameters": if t.spec().layout().numel() <= 64 { params } else { Value::Null },
     })

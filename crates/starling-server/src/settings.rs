@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use starling_core::aggregate::StrategyConfig;
 use starling_core::trainer::builtin;
 use starling_core::trainer::spec::ModelSpec;
@@ -193,7 +193,7 @@ pub struct TaskSettings {
 /// folds each update, weighted by `(1 + staleness)^-staleness_exponent`, into a buffer and
 /// steps the model (through the task's strategy) after every `buffer` updates. Staleness is
 /// how many versions the model moved on since the update's base version.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct BufferedPolicy {
     /// Updates per server step (K); at least the task's `min_cohort`.

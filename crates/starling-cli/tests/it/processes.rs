@@ -460,3 +460,125 @@ fn an_operator_rolls_back_with_starling_admin_and_the_token_is_never_logged() {
     assert!(logs.contains("rolled back"), "{logs}");
     assert!(!logs.contains(TOKEN), "the admin token is in the logs");
 }
+
+const BUFFERED_TASK: &str = r#"
+[[tasks]]
+name = "linear"
+model = "linear"
+# Buffers of three devices, all on 127.0.0.1: test-sized, said explicitly.
+min_cohort = 3
+max_assignments_per_address = 100
+[tasks.plan]
+epochs = 5
+batch_size = 10
+learning_rate = 0.01
+[tasks.rounds]
+retry_secs = 0.2
+[tasks.buffered]
+buffer = 3
+concurrency = 10
+max_staleness = 2
+"#;
+
+/// Buffered asynchronous mode over real HTTP: `starling serve` with `[tasks.buffered]` and
+/// three `starling device` processes that check in whenever they are ready. Every three
+/// accepted updates make a version; an update built on a version more than `max_staleness`
+/// behind is refused with `too_stale`, and the model does not move.
+#[test]
+fn serve_in_buffered_mode_steps_every_k_updates_and_refuses_stale_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), BUFFERED_TASK);
+    let server = ServeProcess::start(&config, &dir.path().join("data"), "info");
+    // A laggard checks in on version 0 and comes back only at the end.
+    let laggard: serde_json::Value = http()
+        .post(format!("{}/v1/tasks/linear/checkin", server.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(laggard["status"], "assigned", "{laggard}");
+    assert_eq!(laggard["base_version"], 0);
+    let devices: Vec<_> = (0..3)
+        .map(|i| {
+            let lo = -2.0 + 4.0 / 3.0 * i as f32;
+            let data = synthetic_line(2.0, 1.0, (lo, lo + 4.0 / 3.0), 60, 0.1, 200 + i);
+            let csv = dir.path().join(format!("device{i}.csv"));
+            std::fs::write(&csv, to_csv(&data)).unwrap();
+            starling()
+                .args([
+                    "device",
+                    "--server",
+                    &server.url,
+                    "--rounds",
+                    "4",
+                    "--give-up-after",
+                    "20",
+                ])
+                .arg("--data")
+                .arg(&csv)
+                .env("STARLING_LOG", "warn")
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut d in devices {
+        assert!(d.wait().unwrap().success(), "a device failed");
+    }
+    // Twelve updates, buffers of three: four versions, each from three updates.
+    let task = wait_version(&server.url, "linear", 4);
+    assert_eq!(task["version"], 4, "{task}");
+    assert_eq!(task["mode"], "buffered");
+    assert_eq!(task["buffered"]["buffer"], 3);
+    let rounds = get_json(&format!("{}/v1/tasks/linear/rounds", server.url));
+    let rounds = rounds["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 4, "{rounds:?}");
+    assert!(
+        rounds
+            .iter()
+            .all(|r| r["participants"] == 3 && r["status"] == "committed"),
+        "{rounds:?}"
+    );
+    let mut versions: Vec<u64> = rounds
+        .iter()
+        .map(|r| r["version"].as_u64().unwrap())
+        .collect();
+    versions.sort_unstable();
+    assert_eq!(versions, [1, 2, 3, 4]);
+
+    // The laggard's update, built on version 0, is four versions behind.
+    let token = laggard["token"].as_str().unwrap();
+    let body = update::encode(
+        &delta(&[0.5], 0.5),
+        &UpdateMeta {
+            base_version: 0,
+            examples: 10,
+            loss: None,
+            accuracy: None,
+            token: token.into(),
+        },
+    );
+    let r = http()
+        .post(format!(
+            "{}/v1/tasks/linear/rounds/{}/updates",
+            server.url, laggard["round"]
+        ))
+        .header("x-starling-token", token)
+        .body(body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::CONFLICT);
+    let e: serde_json::Value = r.json().unwrap();
+    assert_eq!(e["error"]["code"], "too_stale", "{e}");
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("version 0, 4 versions behind the current version 4 (at most 2"),
+        "{message}"
+    );
+    let after = get_json(&format!("{}/v1/tasks/linear", server.url));
+    assert_eq!(after["version"], 4);
+    assert_eq!(
+        after["parameters"], task["parameters"],
+        "the model did not move"
+    );
+    server.terminate();
+}

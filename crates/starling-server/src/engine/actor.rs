@@ -142,6 +142,7 @@ pub async fn spawn(
             spec: def.spec.clone(),
             plan: def.plan.clone(),
             policy: def.rounds.clone(),
+            buffered: def.buffered.clone(),
             rules: starling_core::wire::update::Rules {
                 layout: layout.clone(),
                 max_norm: Some(def.max_update_norm),

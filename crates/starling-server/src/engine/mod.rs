@@ -29,7 +29,7 @@ use starling_core::{ModelSpec, Parameters, Plan};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::Metrics;
-use crate::settings::{RoundPolicy, TaskDefinition};
+use crate::settings::{BufferedPolicy, RoundPolicy, TaskDefinition};
 use crate::store::{Store, StoreError};
 
 pub use actor::spawn;
@@ -283,6 +283,7 @@ struct HandleInner {
     spec: ModelSpec,
     plan: Plan,
     policy: RoundPolicy,
+    buffered: Option<BufferedPolicy>,
     rules: Rules,
     max_upload_bytes: usize,
     tx: mpsc::Sender<Command>,
@@ -309,6 +310,11 @@ impl TaskHandle {
     /// The round policy.
     pub fn policy(&self) -> &RoundPolicy {
         &self.inner.policy
+    }
+
+    /// The buffered-mode settings, if the task trains asynchronously.
+    pub fn buffered(&self) -> Option<&BufferedPolicy> {
+        self.inner.buffered.as_ref()
     }
 
     /// The largest upload body this task can need: its model's values plus a header
