@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use starling_client::device::DeviceEvent;
 use starling_client::{ClientError, Device, DeviceOptions, ErrorCode, HttpTransport};
 use starling_core::data::synthetic_line;
-use starling_core::wire::protocol::{CheckInAnswer, ErrorBody, UploadReceipt, TOKEN_HEADER};
+use starling_core::wire::protocol::{
+    CheckInAnswer, ErrorBody, RoundKind, UploadReceipt, TOKEN_HEADER,
+};
 use starling_core::{trainer::builtin, wire::checkpoint};
 use starling_server::settings::{RoundPolicy, TaskSettings};
 use starling_server::Settings;
@@ -323,6 +325,7 @@ fn assigned(round: u64, token: &str, deadline_secs: f64) -> Reply {
         200,
         &CheckInAnswer::Assigned {
             round,
+            kind: RoundKind::Training,
             base_version: 0,
             token: token.into(),
             deadline_secs,

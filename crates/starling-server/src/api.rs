@@ -36,9 +36,9 @@ use axum::{Json, Router};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use starling_core::wire::protocol::{
-    parse_canonical_u64, CheckInAnswer, CheckInRequest, ErrorBody, ErrorCode, RollbackAnswer,
-    RollbackRequest, UploadReceipt, ADMIN_TOKEN_HEADER, MAX_DEVICE_ID, TOKEN_HEADER,
-    VERSION_HEADER,
+    parse_canonical_u64, CheckInAnswer, CheckInRequest, ErrorBody, ErrorCode, EvaluationReport,
+    RollbackAnswer, RollbackRequest, RoundKind, UploadReceipt, ADMIN_TOKEN_HEADER, MAX_DEVICE_ID,
+    TOKEN_HEADER, VERSION_HEADER,
 };
 use tokio::sync::Semaphore;
 
@@ -183,6 +183,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tasks/{task}/checkin", post(check_in))
         .route("/v1/tasks/{task}/rounds", get(rounds))
         .route("/v1/tasks/{task}/rounds/{round}/updates", post(upload))
+        .route(
+            "/v1/tasks/{task}/rounds/{round}/evaluations",
+            post(evaluation),
+        )
         .route("/v1/admin/tasks/{task}/rollback", post(rollback))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -398,12 +402,18 @@ async fn check_in(
     Ok(match t.check_in(Caller { device, address }).await? {
         CheckIn::Assigned(a) => Json(CheckInAnswer::Assigned {
             round: a.round,
+            kind: a.kind,
             base_version: a.base_version,
             token: a.token,
             deadline_secs: a.deadline_in.as_secs_f64(),
             plan: a.plan,
             model_url: format!("/v1/tasks/{name}/model"),
-            upload_url: format!("/v1/tasks/{name}/rounds/{}/updates", a.round),
+            upload_url: match a.kind {
+                RoundKind::Training => format!("/v1/tasks/{name}/rounds/{}/updates", a.round),
+                RoundKind::Evaluation => {
+                    format!("/v1/tasks/{name}/rounds/{}/evaluations", a.round)
+                }
+            },
         })
         .into_response(),
         CheckIn::Retry { after, reason } => (
@@ -454,6 +464,77 @@ async fn upload(State(s): State<AppState>, request: Request) -> Response {
             response
         }
     }
+}
+
+/// `POST /v1/tasks/{task}/rounds/{round}/evaluations`: a device's [`EvaluationReport`] for
+/// an evaluation round, with its token in the header. A small JSON body, read under
+/// `max_body_bytes` like a check-in's.
+async fn evaluation(
+    State(s): State<AppState>,
+    Path((task, round_text)): Path<(String, String)>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let t = s.task(&task)?;
+    let round = parse_canonical_u64(&round_text).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::UnknownRound,
+            format!(
+                "`{}` is not a round number (plain decimal digits, no sign or leading zero)",
+                shown(&round_text)
+            ),
+        )
+    })?;
+    let token = match request.headers().get(TOKEN_HEADER).map(HeaderValue::to_str) {
+        None => {
+            return Err(ApiError::new(
+                ErrorCode::MissingToken,
+                "send the assignment's token in the X-Starling-Token header",
+            ))
+        }
+        Some(Err(_)) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidToken,
+                "the X-Starling-Token header is not a token",
+            ))
+        }
+        Some(Ok(t)) => t.to_string(),
+    };
+    let limit = s.limits.max_body_bytes;
+    let body = read_body(request.into_body(), limit, s.limits.body_timeout)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge => ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("an evaluation report has at most {limit} bytes"),
+            ),
+            BodyError::TimedOut => ApiError::new(
+                ErrorCode::RequestTimeout,
+                "the evaluation report did not arrive in time",
+            ),
+            BodyError::Disconnected | BodyError::Malformed(_) => ApiError::new(
+                ErrorCode::InvalidMetadata,
+                "the evaluation report ended early",
+            ),
+        })?;
+    let report: EvaluationReport = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidMetadata,
+            format!(
+                "an evaluation report is {{\"base_version\", \"examples\", \"loss\", \
+                 \"accuracy\"?}}: {e}"
+            ),
+        )
+    })?;
+    let receipt = t.evaluate(round, &token, report).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(UploadReceipt {
+            status: "accepted".into(),
+            round: receipt.round,
+            updates_in_round: receipt.updates_in_round,
+        }),
+    )
+        .into_response())
 }
 
 /// The raw (still percent-encoded) `i`th segment of the request's path.

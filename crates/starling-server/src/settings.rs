@@ -186,6 +186,11 @@ pub struct TaskSettings {
     /// Buffered asynchronous training (FedBuff) instead of synchronous rounds
     /// (`[tasks.buffered]`; absent: synchronous rounds).
     pub buffered: Option<BufferedPolicy>,
+    /// A federated evaluation round after every this many committed training rounds: its
+    /// devices score the current model on their local data and report loss, accuracy and
+    /// example count, recorded beside the training rounds (0, the default: none).
+    /// Synchronous rounds only.
+    pub evaluate_every: u32,
 }
 
 /// Buffered asynchronous training (FedBuff, Nguyen et al. 2022): no synchronous rounds.
@@ -313,6 +318,7 @@ impl Default for TaskSettings {
             retention: Retention::default(),
             strategy: StrategyConfig::default(),
             buffered: None,
+            evaluate_every: 0,
         }
     }
 }
@@ -380,6 +386,9 @@ pub struct TaskDefinition {
     pub strategy: StrategyConfig,
     /// Buffered asynchronous mode, if the task uses it.
     pub buffered: Option<BufferedPolicy>,
+    /// A federated evaluation round after every this many committed training rounds (0:
+    /// none).
+    pub evaluate_every: u32,
 }
 
 impl TaskSettings {
@@ -489,6 +498,13 @@ impl TaskSettings {
         self.strategy.validate().map_err(invalid)?;
         if let Some(b) = &self.buffered {
             b.validate(self.min_cohort).map_err(invalid)?;
+            if self.evaluate_every > 0 {
+                return Err(invalid(
+                    "evaluate_every needs synchronous rounds; a buffered task has none (score \
+                     its versions with a separate task, or drop [tasks.buffered])"
+                        .into(),
+                ));
+            }
         }
         Ok(TaskDefinition {
             name: self.name.clone(),
@@ -504,6 +520,7 @@ impl TaskSettings {
             retention: self.retention,
             strategy: self.strategy,
             buffered: self.buffered.clone(),
+            evaluate_every: self.evaluate_every,
         })
     }
 }

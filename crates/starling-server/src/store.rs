@@ -11,6 +11,7 @@ use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 use starling_core::wire::params::ParamsError;
+use starling_core::wire::protocol::RoundKind;
 use starling_core::{ModelSpec, Parameters};
 
 use crate::engine::round::AbandonReason;
@@ -54,8 +55,22 @@ pub enum StoreError {
 pub enum RoundStatus {
     /// A new version was committed.
     Committed,
-    /// The deadline passed below the minimum; the model stayed.
+    /// The round ended without a new version (see its reason); the model stayed.
     Abandoned,
+    /// A federated evaluation round with enough reports: its means are recorded, the model
+    /// is unchanged.
+    Evaluated,
+}
+
+impl RoundStatus {
+    /// The status as stored and served.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoundStatus::Committed => "committed",
+            RoundStatus::Abandoned => "abandoned",
+            RoundStatus::Evaluated => "evaluated",
+        }
+    }
 }
 
 /// A finished round, as kept in the history.
@@ -63,11 +78,13 @@ pub enum RoundStatus {
 pub struct RoundRecord {
     /// Round number.
     pub round: u64,
+    /// Training or federated evaluation.
+    pub kind: RoundKind,
     /// How it ended.
     pub status: RoundStatus,
     /// Why it ended without a new version (`None` for a commit).
     pub reason: Option<AbandonReason>,
-    /// The version devices trained from.
+    /// The version devices trained from (or scored).
     pub base_version: u64,
     /// The version committed, if any.
     pub version: Option<u64>,
@@ -75,9 +92,10 @@ pub struct RoundRecord {
     pub participants: u64,
     /// Examples behind them.
     pub examples: u64,
-    /// Example-weighted mean of the devices' local losses.
+    /// Example-weighted mean of the devices' local losses (after training; in an evaluation
+    /// round, of the round's model on their data).
     pub mean_loss: Option<f64>,
-    /// Example-weighted mean of the devices' local accuracies (classifiers).
+    /// Example-weighted mean of the devices' local accuracies (classifiers), likewise.
     pub mean_accuracy: Option<f64>,
     /// Start, Unix milliseconds.
     pub started_at_ms: i64,
@@ -142,15 +160,17 @@ CREATE TABLE IF NOT EXISTS rounds (
     ended_at INTEGER NOT NULL,
     commit_ms REAL,
     reason TEXT,
+    kind TEXT NOT NULL DEFAULT 'training',
     PRIMARY KEY (task, round)
 );
 ";
 
 /// Columns added since the first schema: `(table, column, definition)`, added to databases
 /// created before them.
-const ADDED_COLUMNS: [(&str, &str, &str); 2] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 3] = [
     ("checkpoints", "strategy_state", "BLOB NOT NULL DEFAULT x''"),
     ("rounds", "reason", "TEXT"),
+    ("rounds", "kind", "TEXT NOT NULL DEFAULT 'training'"),
 ];
 
 async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
@@ -370,15 +390,12 @@ impl Store {
         }
         sqlx::query(
             "INSERT INTO rounds (task, round, status, base_version, version, participants, \
-             examples, mean_loss, mean_accuracy, started_at, ended_at, commit_ms, reason) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             examples, mean_loss, mean_accuracy, started_at, ended_at, commit_ms, reason, kind) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(task)
         .bind(record.round as i64)
-        .bind(match record.status {
-            RoundStatus::Committed => "committed",
-            RoundStatus::Abandoned => "abandoned",
-        })
+        .bind(record.status.as_str())
         .bind(record.base_version as i64)
         .bind(record.version.map(|v| v as i64))
         .bind(record.participants as i64)
@@ -389,6 +406,7 @@ impl Store {
         .bind(record.ended_at_ms)
         .bind(record.commit_ms)
         .bind(record.reason.map(AbandonReason::as_str))
+        .bind(record.kind.as_str())
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -399,7 +417,8 @@ impl Store {
     pub async fn rounds(&self, task: &str) -> Result<Vec<RoundRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT round, status, base_version, version, participants, examples, mean_loss, \
-             mean_accuracy, started_at, ended_at, commit_ms, reason FROM rounds WHERE task = ? \
+             mean_accuracy, started_at, ended_at, commit_ms, reason, kind FROM rounds \
+             WHERE task = ? \
              ORDER BY round",
         )
         .bind(task)
@@ -409,10 +428,15 @@ impl Store {
             .into_iter()
             .map(|r| RoundRecord {
                 round: r.get::<i64, _>("round") as u64,
-                status: if r.get::<String, _>("status") == "committed" {
-                    RoundStatus::Committed
+                kind: if r.get::<String, _>("kind") == "evaluation" {
+                    RoundKind::Evaluation
                 } else {
-                    RoundStatus::Abandoned
+                    RoundKind::Training
+                },
+                status: match r.get::<String, _>("status").as_str() {
+                    "committed" => RoundStatus::Committed,
+                    "evaluated" => RoundStatus::Evaluated,
+                    _ => RoundStatus::Abandoned,
                 },
                 reason: r
                     .get::<Option<String>, _>("reason")

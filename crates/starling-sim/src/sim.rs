@@ -273,6 +273,8 @@ pub async fn run(
         max_assignments_per_address: u32::MAX,
         retention: Retention::default(),
         strategy: config.strategy,
+        buffered: None,
+        evaluate_every: 0,
     };
     let store = Store::open_memory().await?;
     let clock = VirtualClock::new();

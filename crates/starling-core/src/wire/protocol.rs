@@ -53,6 +53,8 @@ pub enum ErrorCode {
     StaleVersion,
     /// The round is over or closing.
     RoundClosed,
+    /// An update sent to an evaluation round, or an evaluation report to a training round.
+    WrongRoundKind,
     /// Buffered asynchronous mode: the update is built on a version more versions behind the
     /// current one than the task's `max_staleness`.
     TooStale,
@@ -78,7 +80,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in the order of the documentation.
-    pub const ALL: [ErrorCode; 25] = [
+    pub const ALL: [ErrorCode; 26] = [
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::BadRequest,
@@ -96,6 +98,7 @@ impl ErrorCode {
         ErrorCode::InvalidToken,
         ErrorCode::StaleVersion,
         ErrorCode::RoundClosed,
+        ErrorCode::WrongRoundKind,
         ErrorCode::TooStale,
         ErrorCode::DuplicateUpdate,
         ErrorCode::PayloadTooLarge,
@@ -125,6 +128,7 @@ impl ErrorCode {
             ErrorCode::StaleVersion => "stale_version",
             ErrorCode::RoundClosed => "round_closed",
             ErrorCode::TooStale => "too_stale",
+            ErrorCode::WrongRoundKind => "wrong_round_kind",
             ErrorCode::DuplicateUpdate => "duplicate_update",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UriTooLong => "uri_too_long",
@@ -157,6 +161,7 @@ impl ErrorCode {
             ErrorCode::StaleVersion
             | ErrorCode::RoundClosed
             | ErrorCode::TooStale
+            | ErrorCode::WrongRoundKind
             | ErrorCode::DuplicateUpdate => 409,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::UriTooLong => 414,
@@ -197,7 +202,8 @@ impl ErrorCode {
             ErrorCode::InvalidMetadata => {
                 "`base_version`, `examples` or `token` missing or not a plain decimal number; \
                  `loss` unparsable, negative or not finite; `accuracy` outside [0, 1]; \
-                 any other metadata field"
+                 any other metadata field; an evaluation report that is not \
+                 `{\"base_version\", \"examples\", \"loss\", \"accuracy\"?}`"
             }
             ErrorCode::WrongTensors => {
                 "tensor names, shapes or dtypes (F32 only) differ from the model's"
@@ -216,6 +222,10 @@ impl ErrorCode {
             ErrorCode::RoundClosed => {
                 "the round is over (committed or abandoned), or closing (goal reached or \
                  deadline passed)"
+            }
+            ErrorCode::WrongRoundKind => {
+                "an update sent to an evaluation round, or an evaluation report to a training \
+                 round (the check-in's `kind` and `upload_url` say which)"
             }
             ErrorCode::TooStale => {
                 "buffered mode: `base_version` is more than the task's `max_staleness` versions \
@@ -298,6 +308,78 @@ pub struct CheckInRequest {
 /// The longest device id, in bytes.
 pub const MAX_DEVICE_ID: usize = 128;
 
+/// What a round asks of its devices.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoundKind {
+    /// Train the model on local data and upload the update.
+    #[default]
+    Training,
+    /// Federated evaluation: score the model on local data and report loss, accuracy and
+    /// the example count ([`EvaluationReport`]); nothing is trained.
+    Evaluation,
+}
+
+impl RoundKind {
+    /// The kind as written on the wire and in the round history.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoundKind::Training => "training",
+            RoundKind::Evaluation => "evaluation",
+        }
+    }
+}
+
+/// The body of `POST /v1/tasks/{task}/rounds/{round}/evaluations`: a device's score of the
+/// round's model on its local data (the upload token goes in [`TOKEN_HEADER`]). Nothing of
+/// the data itself: a mean loss, a mean accuracy and how many examples they cover.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluationReport {
+    /// The version scored (the round's).
+    pub base_version: u64,
+    /// Examples scored: 1 to [`crate::wire::update::MAX_EXAMPLES`].
+    pub examples: u64,
+    /// Mean loss over them: finite, at least 0.
+    pub loss: f64,
+    /// Mean accuracy over them, in [0, 1] (classifiers only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+}
+
+/// Why an [`EvaluationReport`] is unusable.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ReportError {
+    /// The example count is zero or beyond the protocol's limit.
+    #[error("a report must count between 1 and 1000000000 examples, got {0}")]
+    Examples(u64),
+    /// The loss is negative or not finite.
+    #[error("`loss` must be a finite number >= 0, got {0}")]
+    Loss(f64),
+    /// The accuracy is outside [0, 1].
+    #[error("`accuracy` must be in [0, 1], got {0}")]
+    Accuracy(f64),
+}
+
+impl EvaluationReport {
+    /// Checks the report's numbers.
+    pub fn check(&self) -> Result<(), ReportError> {
+        const _: () = assert!(crate::wire::update::MAX_EXAMPLES == 1_000_000_000);
+        if self.examples == 0 || self.examples > crate::wire::update::MAX_EXAMPLES as u64 {
+            return Err(ReportError::Examples(self.examples));
+        }
+        if !(self.loss.is_finite() && self.loss >= 0.0) {
+            return Err(ReportError::Loss(self.loss));
+        }
+        if let Some(a) = self.accuracy {
+            if !(0.0..=1.0).contains(&a) {
+                return Err(ReportError::Accuracy(a));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The answer to a check-in.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
@@ -306,6 +388,9 @@ pub enum CheckInAnswer {
     Assigned {
         /// The round.
         round: u64,
+        /// Train, or evaluate ([`RoundKind`]); absent means training.
+        #[serde(default)]
+        kind: RoundKind,
         /// The version to train from.
         base_version: u64,
         /// The upload token (send it in [`TOKEN_HEADER`] and in the update's metadata).
@@ -316,7 +401,8 @@ pub enum CheckInAnswer {
         plan: Plan,
         /// Where to download the model.
         model_url: String,
-        /// Where to upload the update.
+        /// Where to upload the update (for an evaluation round: where to post the
+        /// [`EvaluationReport`]).
         upload_url: String,
     },
     /// Come back later (pace steering); also sent as a `Retry-After` header.
@@ -371,6 +457,66 @@ pub fn parse_canonical_u64(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_evaluation_report_is_checked_number_by_number() {
+        let ok = EvaluationReport {
+            base_version: 3,
+            examples: 10,
+            loss: 0.25,
+            accuracy: Some(0.5),
+        };
+        assert_eq!(ok.check(), Ok(()));
+        for (bad, err) in [
+            (
+                EvaluationReport {
+                    examples: 0,
+                    ..ok.clone()
+                },
+                ReportError::Examples(0),
+            ),
+            (
+                EvaluationReport {
+                    examples: 1_000_000_001,
+                    ..ok.clone()
+                },
+                ReportError::Examples(1_000_000_001),
+            ),
+            (
+                EvaluationReport {
+                    loss: -1.0,
+                    ..ok.clone()
+                },
+                ReportError::Loss(-1.0),
+            ),
+            (
+                EvaluationReport {
+                    loss: f64::INFINITY,
+                    ..ok.clone()
+                },
+                ReportError::Loss(f64::INFINITY),
+            ),
+            (
+                EvaluationReport {
+                    accuracy: Some(1.5),
+                    ..ok.clone()
+                },
+                ReportError::Accuracy(1.5),
+            ),
+        ] {
+            assert_eq!(bad.check(), Err(err));
+        }
+        let nan = EvaluationReport {
+            loss: f64::NAN,
+            ..ok.clone()
+        };
+        assert!(matches!(nan.check(), Err(ReportError::Loss(l)) if l.is_nan()));
+        // Anything beyond the four fields is refused when parsed.
+        assert!(serde_json::from_str::<EvaluationReport>(
+            r#"{"base_version": 1, "examples": 2, "loss": 0.5, "data": [1, 2]}"#
+        )
+        .is_err());
+    }
 
     #[test]
     fn every_code_round_trips_and_has_an_error_status() {

@@ -12,6 +12,7 @@ use rand::Rng;
 use starling_core::aggregate::Strategy;
 use starling_core::wire::checkpoint;
 use starling_core::wire::params::Layout;
+use starling_core::wire::protocol::RoundKind;
 use starling_core::Parameters;
 use tokio::sync::{mpsc, watch};
 
@@ -21,7 +22,7 @@ use super::round::{
     AbandonReason, ClosedRound, NoRoom, OpenRound, Phase, RoundLimits, RoundSummary,
 };
 use super::{
-    Assignment, Caller, CheckIn, Command, EngineError, HandleInner, ModelState, RoundInfo,
+    Assignment, Caller, CheckIn, Command, EngineError, HandleInner, ModelState, Receipt, RoundInfo,
     TaskHandle, TaskStatus,
 };
 use crate::metrics::Metrics;
@@ -61,6 +62,8 @@ struct Actor {
     model: ModelState,
     status: watch::Sender<TaskStatus>,
     partial_sums: usize,
+    /// Training rounds committed since the last evaluation round opened.
+    trained_since_evaluation: u32,
 }
 
 /// The served form of a checkpoint: safetensors with the task, version and spec as metadata.
@@ -106,6 +109,7 @@ pub async fn spawn(
             &*clock,
             partial_sums,
             next_round,
+            RoundKind::Training,
             model.version,
         ))),
         Some(policy) => Mode::Buffered(Buffered::new(
@@ -164,21 +168,25 @@ pub async fn spawn(
         model,
         status: status_tx,
         partial_sums,
+        trained_since_evaluation: 0,
     };
     tokio::spawn(actor.run(mode, rx));
     Ok(handle)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn open_round(
     def: &TaskDefinition,
     layout: &Layout,
     clock: &dyn Clock,
     partial_sums: usize,
     number: u64,
+    kind: RoundKind,
     base_version: u64,
 ) -> OpenRound {
     OpenRound::open(
         number,
+        kind,
         base_version,
         layout,
         &def.rounds,
@@ -273,6 +281,7 @@ impl Actor {
         match round.assign(&token, caller.device.as_deref(), caller.address) {
             Ok(()) => CheckIn::Assigned(Assignment {
                 round: phase.number(),
+                kind: phase.info().kind,
                 base_version: phase.base_version(),
                 token,
                 deadline_in: match phase {
@@ -301,6 +310,7 @@ impl Actor {
         ) {
             Ok(()) => CheckIn::Assigned(Assignment {
                 round: b.number(),
+                kind: RoundKind::Training,
                 base_version: self.model.version,
                 token,
                 deadline_in: b.lifetime(),
@@ -310,6 +320,14 @@ impl Actor {
                 after: self.retry_after(),
                 reason: no.reason(),
             },
+        }
+    }
+
+    /// An evaluation report's weight: as an update's (the capped example count, or 1).
+    fn report_weight(&self, examples: u64) -> f64 {
+        match self.def.weighting {
+            Weighting::Examples => examples.min(self.def.max_examples_per_update) as f64,
+            Weighting::Uniform => 1.0,
         }
     }
 
@@ -394,6 +412,21 @@ impl Actor {
                 }
             }
             Command::Folded { .. } | Command::Released { .. } => {}
+            Command::Evaluate {
+                round,
+                token,
+                report,
+                reply,
+            } => {
+                let weight = self.report_weight(report.examples);
+                let result = Self::same_round(&phase, round)
+                    .and_then(|()| phase.evaluate(&token, &report, weight))
+                    .map(|n| Receipt {
+                        round,
+                        updates_in_round: n,
+                    });
+                let _ = reply.send(result);
+            }
             Command::Rollback { version, reply } => {
                 let (result, next) = self.rollback(Mode::Rounds(phase), version).await;
                 let _ = reply.send(result);
@@ -449,6 +482,14 @@ impl Actor {
                 for t in &tokens {
                     b.released(round, t);
                 }
+            }
+            Command::Evaluate { round, reply, .. } => {
+                let _ = reply.send(Self::known_buffer(&b, round).and_then(|()| {
+                    Err(EngineError::WrongRoundKind {
+                        round,
+                        kind: RoundKind::Training,
+                    })
+                }));
             }
             Command::Rollback { version, reply } => {
                 let (result, next) = self.rollback(Mode::Buffered(b), version).await;
@@ -538,6 +579,33 @@ impl Actor {
     /// reason and keeps the model. Returns the round's record.
     async fn finish(&mut self, summary: RoundSummary, closed: ClosedRound) -> RoundRecord {
         let number = summary.number;
+        if let ClosedRound::Evaluated {
+            examples,
+            mean_loss,
+            mean_accuracy,
+        } = closed
+        {
+            let mut record = self.abandoned(summary, AbandonReason::BelowMinimum);
+            record.status = RoundStatus::Evaluated;
+            record.reason = None;
+            record.examples = examples;
+            record.mean_loss = Some(mean_loss);
+            record.mean_accuracy = mean_accuracy;
+            tracing::info!(
+                task = %self.def.name, round = number, version = summary.base_version,
+                participants = record.participants, examples, mean_loss,
+                "evaluation round done"
+            );
+            if let Err(e) = self
+                .store
+                .record_round(&self.def.name, &record, None, &self.def.retention)
+                .await
+            {
+                tracing::error!(task = %self.def.name, round = number, error = %e,
+                    "could not record the evaluation round");
+            }
+            return record;
+        }
         let mut record = self.abandoned(summary, AbandonReason::BelowMinimum);
         let closing_started = std::time::Instant::now();
         // The strategy's state before this round's step: a round that does not commit must
@@ -563,6 +631,7 @@ impl Actor {
                 }
             }
             ClosedRound::Abandon { reason, .. } => Err(reason),
+            ClosedRound::Evaluated { .. } => unreachable!("handled above"),
         };
         let committed = match next_params {
             Ok(params) => {
@@ -584,6 +653,7 @@ impl Actor {
                 {
                     Ok(()) => {
                         record = done;
+                        self.trained_since_evaluation += 1;
                         self.model = model_state(&self.def, stored.version, stored.params);
                         tracing::info!(
                             task = %self.def.name, round = number, version = self.model.version,
@@ -638,6 +708,7 @@ impl Actor {
     fn abandoned(&self, summary: RoundSummary, reason: AbandonReason) -> RoundRecord {
         RoundRecord {
             round: summary.number,
+            kind: summary.kind,
             status: RoundStatus::Abandoned,
             reason: Some(reason),
             base_version: summary.base_version,
@@ -655,12 +726,21 @@ impl Actor {
     /// Opens the round after `record`'s on the current model and publishes the model, the
     /// new round and the finished round's record together.
     async fn open_next(&mut self, record: RoundRecord) -> OpenRound {
+        // Every `evaluate_every` committed training rounds, a federated evaluation round.
+        let every = self.def.evaluate_every;
+        let kind = if every > 0 && self.trained_since_evaluation >= every {
+            self.trained_since_evaluation = 0;
+            RoundKind::Evaluation
+        } else {
+            RoundKind::Training
+        };
         let next = open_round(
             &self.def,
             &self.layout,
             &*self.clock,
             self.partial_sums,
             record.round + 1,
+            kind,
             self.model.version,
         );
         self.publish(record, next.info()).await;

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use starling_core::wire::params::Layout;
+use starling_core::wire::protocol::RoundKind;
 
 use super::partial::PartialSums;
 use super::round::{AbandonReason, ClosedRound, NoRoom, RoundSummary};
@@ -318,6 +319,7 @@ impl Buffered {
     pub fn summary(&self) -> RoundSummary {
         RoundSummary {
             number: self.buffer.number,
+            kind: RoundKind::Training,
             base_version: self.buffer.base_version,
             started_at_ms: self.buffer.started_at_ms,
             updates: self.buffer.folded,
@@ -358,6 +360,7 @@ impl Buffered {
     pub fn info(&self) -> RoundInfo {
         RoundInfo {
             round: self.buffer.number,
+            kind: RoundKind::Training,
             base_version: self.buffer.base_version,
             updates: self.buffer.folded,
             assigned: self.assignments.len() as u64,

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
-use starling_core::wire::protocol::ErrorCode;
+use starling_core::wire::protocol::{ErrorCode, EvaluationReport, ReportError, RoundKind};
 use starling_core::wire::update::{self, CheckedUpdate, Rules, UpdateError};
 use starling_core::{ModelSpec, Parameters, Plan};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -57,6 +57,17 @@ pub enum EngineError {
         /// The round's base version.
         expected: u64,
     },
+    /// An update to an evaluation round, or an evaluation report to a training round.
+    #[error("round {round} is a{} {} round", if matches!(kind, RoundKind::Evaluation) { "n" } else { "" }, kind.as_str())]
+    WrongRoundKind {
+        /// The round.
+        round: u64,
+        /// What it is.
+        kind: RoundKind,
+    },
+    /// An evaluation report's numbers are unusable.
+    #[error(transparent)]
+    Report(#[from] ReportError),
     /// The upload token is not an assignment of this round.
     #[error("upload token is not an assignment of round {0}")]
     UnknownToken(u64),
@@ -118,6 +129,9 @@ impl EngineError {
             | EngineError::AssignmentExpired
             | EngineError::TokenMismatch => ErrorCode::InvalidToken,
             EngineError::TooStale { .. } => ErrorCode::TooStale,
+            EngineError::WrongRoundKind { .. } => ErrorCode::WrongRoundKind,
+            EngineError::Report(ReportError::Examples(_)) => ErrorCode::InvalidExamples,
+            EngineError::Report(_) => ErrorCode::InvalidMetadata,
             EngineError::Duplicate => ErrorCode::DuplicateUpdate,
             EngineError::Unavailable => ErrorCode::Unavailable,
             EngineError::Store(_) => ErrorCode::Internal,
@@ -179,6 +193,8 @@ pub enum CheckIn {
 pub struct Assignment {
     /// The round.
     pub round: u64,
+    /// Train, or evaluate.
+    pub kind: RoundKind,
     /// The version to train from.
     pub base_version: u64,
     /// The upload token.
@@ -203,6 +219,8 @@ pub struct Receipt {
 pub struct RoundInfo {
     /// Round number.
     pub round: u64,
+    /// Training or federated evaluation.
+    pub kind: RoundKind,
     /// Version being trained.
     pub base_version: u64,
     /// Updates folded in so far.
@@ -268,6 +286,12 @@ pub(crate) enum Command {
     Rollback {
         version: u64,
         reply: oneshot::Sender<Result<u64, EngineError>>,
+    },
+    Evaluate {
+        round: u64,
+        token: String,
+        report: EvaluationReport,
+        reply: oneshot::Sender<Result<Receipt, EngineError>>,
     },
 }
 
@@ -354,6 +378,27 @@ impl TaskHandle {
         self.send(Command::Admit {
             round,
             token: token.to_string(),
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| EngineError::Unavailable)?
+    }
+
+    /// A device's evaluation report for an evaluation round: checked, then added to the
+    /// round's example-weighted means (weighted as updates are: the capped example count, or
+    /// 1 with uniform weighting). Only the means are kept.
+    pub async fn evaluate(
+        &self,
+        round: u64,
+        token: &str,
+        report: EvaluationReport,
+    ) -> Result<Receipt, EngineError> {
+        report.check()?;
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Evaluate {
+            round,
+            token: token.to_string(),
+            report,
             reply,
         })
         .await?;

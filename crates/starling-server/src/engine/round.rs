@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use starling_core::wire::params::Layout;
+use starling_core::wire::protocol::{EvaluationReport, RoundKind};
 use starling_core::WeightedSum;
 
 use super::partial::PartialSums;
@@ -86,10 +87,22 @@ impl AbandonReason {
     }
 }
 
+/// A federated evaluation round's running sums: example-weighted loss and accuracy.
+#[derive(Debug, Clone, Copy, Default)]
+struct EvaluationSums {
+    examples: u64,
+    weight: f64,
+    loss_sum: f64,
+    accuracy_sum: f64,
+    accuracy_weight: f64,
+}
+
 /// What every phase of a round knows.
 #[derive(Debug)]
 struct RoundState {
     number: u64,
+    kind: RoundKind,
+    evaluation: EvaluationSums,
     base_version: u64,
     started_at_ms: i64,
     deadline: Duration,
@@ -143,6 +156,7 @@ impl RoundState {
     fn info(&self) -> RoundInfo {
         RoundInfo {
             round: self.number,
+            kind: self.kind,
             base_version: self.base_version,
             updates: self.folded,
             assigned: self.assignments.len() as u64,
@@ -160,6 +174,17 @@ impl RoundState {
                 Err(EngineError::Duplicate)
             }
             Some(s) => Ok(*s),
+        }
+    }
+
+    fn check_kind(&self, kind: RoundKind) -> Result<(), EngineError> {
+        if self.kind == kind {
+            Ok(())
+        } else {
+            Err(EngineError::WrongRoundKind {
+                round: self.number,
+                kind: self.kind,
+            })
         }
     }
 
@@ -218,6 +243,8 @@ pub enum Phase {
 pub struct RoundSummary {
     /// The round's number.
     pub number: u64,
+    /// Training or evaluation.
+    pub kind: RoundKind,
     /// The version it trained.
     pub base_version: u64,
     /// When it started, Unix milliseconds.
@@ -234,6 +261,15 @@ pub enum ClosedRound {
         /// The merged sum.
         sum: WeightedSum,
     },
+    /// A federated evaluation round with enough reports: its example-weighted means.
+    Evaluated {
+        /// Examples the reports cover.
+        examples: u64,
+        /// Example-weighted mean loss.
+        mean_loss: f64,
+        /// Example-weighted mean accuracy, if the reports carried one.
+        mean_accuracy: Option<f64>,
+    },
     /// The model stays.
     Abandon {
         /// Updates that had been folded.
@@ -244,11 +280,13 @@ pub enum ClosedRound {
 }
 
 impl OpenRound {
-    /// Opens round `number` on `base_version`, with its deadline `policy.deadline_secs` after
-    /// `now` (the engine clock's time) and `now_ms` (Unix milliseconds).
+    /// Opens round `number` of `kind` on `base_version`, with its deadline
+    /// `policy.deadline_secs` after `now` (the engine clock's time) and `now_ms` (Unix
+    /// milliseconds).
     #[allow(clippy::too_many_arguments)]
     pub fn open(
         number: u64,
+        kind: RoundKind,
         base_version: u64,
         layout: &Layout,
         policy: &RoundPolicy,
@@ -260,6 +298,8 @@ impl OpenRound {
         let period = Duration::from_secs_f64(policy.deadline_secs);
         OpenRound(RoundState {
             number,
+            kind,
+            evaluation: EvaluationSums::default(),
             base_version,
             started_at_ms: now_ms,
             deadline: now + period,
@@ -315,6 +355,7 @@ impl OpenRound {
         token: &str,
     ) -> Result<Arc<PartialSums>, EngineError> {
         let s = &mut self.0;
+        s.check_kind(RoundKind::Training)?;
         s.check_version(base_version)?;
         s.check_token(token)?;
         s.assignments
@@ -323,9 +364,36 @@ impl OpenRound {
         Ok(s.sums.clone())
     }
 
+    /// Takes a checked evaluation report with `weight` (its capped example count, or 1 for
+    /// uniform weighting) into an evaluation round; returns the reports in the round now.
+    pub fn evaluate(
+        &mut self,
+        token: &str,
+        report: &EvaluationReport,
+        weight: f64,
+    ) -> Result<u64, EngineError> {
+        let s = &mut self.0;
+        s.check_kind(RoundKind::Evaluation)?;
+        s.check_version(report.base_version)?;
+        s.check_token(token)?;
+        s.assignments
+            .insert(token.to_string(), AssignmentState::Folded);
+        s.folded += 1;
+        let e = &mut s.evaluation;
+        e.examples += report.examples;
+        e.weight += weight;
+        e.loss_sum += weight * report.loss;
+        if let Some(a) = report.accuracy {
+            e.accuracy_sum += weight * a;
+            e.accuracy_weight += weight;
+        }
+        Ok(s.folded)
+    }
+
     /// Whether an upload with this token may send its body: it is an assignment of this
     /// round that has not delivered.
     pub fn admit(&self, token: &str) -> Result<(), EngineError> {
+        self.0.check_kind(RoundKind::Training)?;
         self.0.check_token(token).map(|_| ())
     }
 
@@ -375,12 +443,21 @@ impl DrainingRound {
         let s = self.0;
         let summary = RoundSummary {
             number: s.number,
+            kind: s.kind,
             base_version: s.base_version,
             started_at_ms: s.started_at_ms,
             updates: s.folded,
         };
         let needed = u64::from(s.policy.min.max(s.min_cohort)).max(1);
-        let closed = if s.folded >= needed {
+        let e = s.evaluation;
+        let closed = if s.folded >= needed && s.kind == RoundKind::Evaluation {
+            ClosedRound::Evaluated {
+                examples: e.examples,
+                mean_loss: e.loss_sum / e.weight,
+                mean_accuracy: (e.accuracy_weight > 0.0)
+                    .then(|| e.accuracy_sum / e.accuracy_weight),
+            }
+        } else if s.folded >= needed {
             ClosedRound::Commit {
                 sum: s.sums.merged(),
             }
@@ -424,6 +501,7 @@ impl Phase {
         let s = self.state();
         RoundSummary {
             number: s.number,
+            kind: s.kind,
             base_version: s.base_version,
             started_at_ms: s.started_at_ms,
             updates: s.folded,
@@ -445,6 +523,7 @@ impl Phase {
         match self {
             Phase::Open(r) => r.admit(token),
             Phase::Draining(r) => {
+                r.0.check_kind(RoundKind::Training)?;
                 r.0.check_token(token)?;
                 Err(EngineError::RoundClosed(r.0.number))
             }
@@ -460,7 +539,26 @@ impl Phase {
         match self {
             Phase::Open(r) => r.reserve(base_version, token),
             Phase::Draining(r) => {
+                r.0.check_kind(RoundKind::Training)?;
                 r.0.check_version(base_version)?;
+                r.0.check_token(token)?;
+                Err(EngineError::RoundClosed(r.0.number))
+            }
+        }
+    }
+
+    /// Takes an evaluation report (open evaluation rounds only).
+    pub fn evaluate(
+        &mut self,
+        token: &str,
+        report: &EvaluationReport,
+        weight: f64,
+    ) -> Result<u64, EngineError> {
+        match self {
+            Phase::Open(r) => r.evaluate(token, report, weight),
+            Phase::Draining(r) => {
+                r.0.check_kind(RoundKind::Evaluation)?;
+                r.0.check_version(report.base_version)?;
                 r.0.check_token(token)?;
                 Err(EngineError::RoundClosed(r.0.number))
             }

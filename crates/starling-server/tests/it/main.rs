@@ -4,6 +4,7 @@ mod api;
 mod buffered;
 mod concurrency;
 mod engine;
+mod evaluation;
 mod example_config;
 mod fuzz_upload;
 mod hardening;

@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 use starling_core::wire::protocol::{
-    CheckInAnswer, CheckInRequest, ErrorBody, ErrorCode, UploadReceipt, MAX_DEVICE_ID,
+    CheckInAnswer, CheckInRequest, ErrorBody, ErrorCode, EvaluationReport, RoundKind,
+    UploadReceipt, MAX_DEVICE_ID,
 };
 use starling_core::Plan;
 
@@ -225,6 +226,7 @@ fn the_openapi_schemas_match_the_protocol_types() {
     };
     let assigned = serde_json::to_value(CheckInAnswer::Assigned {
         round: 1,
+        kind: RoundKind::Evaluation,
         base_version: 0,
         token: "t".into(),
         deadline_secs: 1.0,
@@ -281,6 +283,17 @@ fn the_openapi_schemas_match_the_protocol_types() {
         "Plan",
         &schemas["Plan"],
         serde_json::to_value(Plan::default()).unwrap(),
+    );
+    check(
+        "EvaluationReport",
+        &schemas["EvaluationReport"],
+        serde_json::to_value(EvaluationReport {
+            base_version: 1,
+            examples: 2,
+            loss: 0.5,
+            accuracy: Some(0.75),
+        })
+        .unwrap(),
     );
 }
 
