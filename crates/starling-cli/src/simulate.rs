@@ -1,5 +1,6 @@
 //! `starling simulate`: loads a data set, partitions it over virtual devices and runs the
-//! simulation with a progress bar; writes results (JSON, CSV, SVG plot).
+//! simulation (synchronous rounds, or buffered asynchronous training with `--buffer`) with a
+//! progress bar; writes results (JSON, CSV, SVG plot).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use starling_core::{trainer::builtin, Dataset, Plan};
 use starling_sim::data::{self, Partition};
-use starling_sim::{Federation, Sample, SimConfig};
+use starling_sim::{Buffered, Federation, Latency, Sample, SimConfig};
 
 /// Arguments of `starling simulate`.
 #[derive(clap::Args)]
@@ -37,9 +38,9 @@ pub(crate) struct Args {
     #[arg(long, default_value_t = 0.1, conflicts_with = "per_round")]
     fraction: f64,
     /// Devices sampled per round (instead of --fraction).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "buffer")]
     per_round: Option<usize>,
-    /// Rounds.
+    /// Rounds (with --buffer: server steps).
     #[arg(long, default_value_t = 100)]
     rounds: u32,
     /// Local epochs.
@@ -80,8 +81,33 @@ pub(crate) struct Args {
     stragglers: f64,
     /// FedProx's partial work: a straggler that cannot finish by the deadline trains on the
     /// share of its data it has time for, instead of missing the round.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "buffer")]
     partial_work: bool,
+    /// Device training times on the virtual clock, drawn per assignment: `constant:SECS`,
+    /// `uniform:LO:HI`, `exponential:MEAN`, `lognormal:SIGMA` (median 1 s) or
+    /// `lognormal:SIGMA:MEDIAN` (default: examples x epochs x 1 ms).
+    #[arg(long)]
+    latency: Option<String>,
+    /// Round deadline (with --buffer: assignment lifetime) in virtual seconds (default: 3x
+    /// an average device's time; with --latency, 600).
+    #[arg(long)]
+    deadline_secs: Option<f64>,
+    /// Buffered asynchronous training (FedBuff): the server steps the model after every K
+    /// updates, while --concurrency devices train at all times.
+    #[arg(long, value_name = "K")]
+    buffer: Option<u32>,
+    /// With --buffer: devices training at once (C) [default: 100].
+    #[arg(long, requires = "buffer", value_name = "C")]
+    concurrency: Option<u32>,
+    /// With --buffer: updates more than this many versions old are refused [default: 50].
+    #[arg(long, requires = "buffer")]
+    max_staleness: Option<u64>,
+    /// With --buffer: an update s versions old weighs (1 + s)^-A [default: 0.5].
+    #[arg(long, requires = "buffer", value_name = "A")]
+    staleness_exponent: Option<f64>,
+    /// Evaluate the test set every N rounds (with --buffer: steps) and after the last.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    eval_every: u32,
     /// Use only the first N training examples.
     #[arg(long)]
     train_subset: Option<usize>,
@@ -127,6 +153,21 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
         ..Plan::default()
     };
     plan.validate()?;
+    let latency = a
+        .latency
+        .as_deref()
+        .map(str::parse::<Latency>)
+        .transpose()?;
+    let buffered = a.buffer.map(|k| {
+        let mut b = Buffered::new(k, a.concurrency.unwrap_or(100));
+        if let Some(s) = a.max_staleness {
+            b.max_staleness = s;
+        }
+        if let Some(x) = a.staleness_exponent {
+            b.staleness_exponent = x;
+        }
+        b
+    });
     let (federation, inputs, classes) = load(&a)?;
     let spec = match a.model.as_str() {
         "cnn" => builtin::cnn(builtin::MNIST_SHAPE, classes),
@@ -151,39 +192,60 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
     config.stragglers = a.stragglers;
     config.partial_work = a.partial_work;
     config.stop_at_accuracy = a.target_accuracy;
+    config.latency = latency;
+    config.deadline_secs = a.deadline_secs;
+    config.buffered = buffered;
+    config.eval_every = a.eval_every;
 
     let (lo, mean, hi) = federation.sizes();
+    let unit = if buffered.is_some() { "step" } else { "round" };
     if !a.json {
+        let mode = match &buffered {
+            Some(b) => format!(
+                ", buffered (K {}, concurrency {}, max staleness {}, exponent {})",
+                b.buffer, b.concurrency, b.max_staleness, b.staleness_exponent
+            ),
+            None => String::new(),
+        };
         println!(
-            "simulating `{}` on {} devices ({lo}..{hi} examples, mean {mean:.0}), {} test examples, {} rounds, strategy {}, mu {}",
+            "simulating `{}` on {} devices ({lo}..{hi} examples, mean {mean:.0}), {} test examples, {} {unit}s, strategy {}, mu {}{mode}{}",
             a.model,
             federation.devices.len(),
             federation.test.len(),
             a.rounds,
             config.strategy.name(),
-            config.plan.mu
+            config.plan.mu,
+            latency.map_or(String::new(), |l| format!(", latency {l}"))
         );
     }
     let bar = if a.json {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(u64::from(a.rounds)).with_style(
-            ProgressStyle::with_template("{bar:30} round {pos}/{len} {elapsed_precise} {msg}")
-                .expect("static template"),
+            ProgressStyle::with_template(&format!(
+                "{{bar:30}} {unit} {{pos}}/{{len}} {{elapsed_precise}} {{msg}}"
+            ))
+            .expect("static template"),
         )
     };
     let report = crate::runtime()?.block_on(starling_sim::run(&config, &federation, |m| {
         bar.set_position(m.round);
-        bar.set_message(format!(
-            "accuracy {}  loss {:.4}",
-            m.test_accuracy.map_or("-".into(), |x| format!("{x:.4}")),
-            m.test_loss
-        ));
+        if let Some(loss) = m.test_loss {
+            bar.set_message(format!(
+                "accuracy {}  loss {loss:.4}  virtual {:.0} s",
+                m.test_accuracy.map_or("-".into(), |x| format!("{x:.4}")),
+                m.virtual_secs
+            ));
+        }
     }))?;
     bar.finish_and_clear();
     let files = report.write(&a.out)?;
     let peak = starling_bench::machine::peak_rss_mib(std::process::id());
     let to_target = a.target_accuracy.and_then(|t| report.rounds_to_accuracy(t));
+    let secs_to_target = a
+        .target_accuracy
+        .and_then(|t| report.virtual_secs_to_accuracy(t));
+    let refused_stale: usize = report.rounds.iter().map(|r| r.refused_stale).sum();
     if a.json {
         println!(
             "{}",
@@ -194,6 +256,12 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
                 "final_accuracy": report.final_accuracy,
                 "final_loss": report.final_loss,
                 "rounds_to_target": to_target,
+                "virtual_secs_to_target": secs_to_target,
+                "virtual_secs": report.rounds.last().map(|r| r.virtual_secs),
+                "mode": if buffered.is_some() { "buffered" } else { "rounds" },
+                "buffered": config.buffered,
+                "latency": config.latency,
+                "refused_stale": refused_stale,
                 "strategy": config.strategy,
                 "mu": config.plan.mu,
                 "peak_rss_mib": peak,
@@ -202,19 +270,25 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
         );
     } else {
         println!(
-            "{} rounds in {:.1} s ({:.2} rounds/s); final test accuracy {}, loss {:.4}; peak memory {} MiB",
+            "{} {unit}s in {:.1} s ({:.2} {unit}s/s, {:.1} virtual s); final test accuracy {}, loss {:.4}; peak memory {} MiB",
             report.rounds.len(),
             report.wall_secs,
             report.rounds_per_sec,
+            report.rounds.last().map_or(0.0, |r| r.virtual_secs),
             report.final_accuracy.map_or("-".into(), |x| format!("{x:.4}")),
             report.final_loss.unwrap_or(f32::NAN),
             peak.map_or("-".into(), |m| format!("{m:.0}"))
         );
         if let Some(t) = a.target_accuracy {
-            match to_target {
-                Some(r) => println!("reached {t} test accuracy at round {r}"),
-                None => println!("did not reach {t} test accuracy"),
+            match (to_target, secs_to_target) {
+                (Some(r), Some(secs)) => {
+                    println!("reached {t} test accuracy at {unit} {r}, {secs:.1} virtual s")
+                }
+                _ => println!("did not reach {t} test accuracy"),
             }
+        }
+        if buffered.is_some() {
+            println!("{refused_stale} updates refused as too stale");
         }
         println!("machine: {}", starling_bench::machine::machine());
         for f in files {

@@ -7,16 +7,22 @@
 //! - [`federation`]: the devices' data (partitions of a training set) and the held-out test set.
 //! - [`sim`]: the simulation loop (any server strategy, FedProx's `mu` in the plan): sampling, local training on every core, drop-outs and
 //!   stragglers on a virtual clock, uploads through the engine, evaluation.
+//! - [`buffered`]: buffered asynchronous mode (FedBuff): C devices always training, events in
+//!   virtual-time order, a server step every K updates.
+//! - [`latency`]: training-time distributions on the virtual clock (`--latency`).
 //! - [`report`]: per-round metrics and the results files (JSON, CSV, SVG plot).
 
+pub mod buffered;
 pub mod data;
 pub mod federation;
+pub mod latency;
 pub mod report;
 pub mod sim;
 
 pub use federation::Federation;
+pub use latency::Latency;
 pub use report::{RoundMetrics, SimReport};
-pub use sim::{run, strategy, Sample, SimConfig, STRATEGIES};
+pub use sim::{run, strategy, Buffered, Sample, SimConfig, LATENCY_DEADLINE_SECS, STRATEGIES};
 
 /// Errors of a simulation.
 #[derive(Debug, thiserror::Error)]

@@ -26,21 +26,31 @@ pub struct RoundMetrics {
     pub dropped: usize,
     /// Devices that were stragglers.
     pub stragglers: usize,
+    /// Buffered mode: updates refused since the previous step for being staler than
+    /// `max_staleness` (`too_stale`); 0 in synchronous rounds.
+    pub refused_stale: usize,
+    /// Mean staleness (versions the model moved on since its base version) of the updates
+    /// this round (step) folded; 0 in synchronous rounds; none when nothing was folded.
+    pub mean_staleness: Option<f64>,
+    /// The most assignments outstanding at once (devices training) during the round; in
+    /// buffered mode at most the concurrency C.
+    pub max_in_flight: usize,
     /// Examples behind the aggregated updates.
     pub examples: u64,
     /// Example-weighted mean of the devices' local losses after training.
     pub train_loss: Option<f64>,
     /// Example-weighted mean of the devices' local accuracies after training.
     pub train_accuracy: Option<f64>,
-    /// Loss of the global model on the test set.
-    pub test_loss: f32,
-    /// Accuracy of the global model on the test set (classifiers).
+    /// Loss of the global model on the test set; none when this round was not evaluated
+    /// (`eval_every`).
+    pub test_loss: Option<f32>,
+    /// Accuracy of the global model on the test set (classifiers, evaluated rounds).
     pub test_accuracy: Option<f32>,
     /// Update bytes uploaded.
     pub bytes_up: u64,
     /// Model bytes downloaded.
     pub bytes_down: u64,
-    /// Virtual time since the start, seconds.
+    /// Virtual time since the start, seconds (buffered mode: the clock's time at the step).
     pub virtual_secs: f64,
     /// Wall time since the start, seconds.
     pub wall_secs: f64,
@@ -63,9 +73,9 @@ pub struct SimReport {
     pub wall_secs: f64,
     /// Rounds per wall-clock second.
     pub rounds_per_sec: f64,
-    /// Test accuracy after the last round.
+    /// Test accuracy after the last evaluated round.
     pub final_accuracy: Option<f32>,
-    /// Test loss after the last round.
+    /// Test loss after the last evaluated round.
     pub final_loss: Option<f32>,
 }
 
@@ -76,14 +86,14 @@ impl SimReport {
         rounds: Vec<RoundMetrics>,
         wall_secs: f64,
     ) -> Self {
-        let last = rounds.last();
+        let last = rounds.iter().rev().find(|r| r.test_loss.is_some());
         Self {
             config: config.clone(),
             devices: federation.devices.len(),
             device_examples: federation.sizes(),
             test_examples: federation.test.len(),
             final_accuracy: last.and_then(|r| r.test_accuracy),
-            final_loss: last.map(|r| r.test_loss),
+            final_loss: last.and_then(|r| r.test_loss),
             rounds_per_sec: rounds.len() as f64 / wall_secs.max(1e-9),
             rounds,
             wall_secs,
@@ -98,16 +108,26 @@ impl SimReport {
             .map(|r| r.round)
     }
 
+    /// The virtual time (seconds since the start) of the first round whose test accuracy
+    /// reached `target`.
+    pub fn virtual_secs_to_accuracy(&self, target: f32) -> Option<f64> {
+        self.rounds
+            .iter()
+            .find(|r| r.test_accuracy.is_some_and(|a| a >= target))
+            .map(|r| r.virtual_secs)
+    }
+
     /// The per-round table as CSV.
     pub fn to_csv(&self) -> String {
         let mut out = String::from(
             "round,version,committed,sampled,reported,dropped,stragglers,examples,train_loss,\
-             train_accuracy,test_loss,test_accuracy,bytes_up,bytes_down,virtual_secs,wall_secs\n",
+             train_accuracy,test_loss,test_accuracy,bytes_up,bytes_down,virtual_secs,wall_secs,\
+             refused_stale,mean_staleness,max_in_flight\n",
         );
         let opt = |v: Option<String>| v.unwrap_or_default();
         for r in &self.rounds {
             out.push_str(&format!(
-                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.6},{:.6}\n",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.6},{:.6},{},{},{}\n",
                 r.round,
                 r.version,
                 r.committed,
@@ -118,12 +138,15 @@ impl SimReport {
                 r.examples,
                 opt(r.train_loss.map(|v| v.to_string())),
                 opt(r.train_accuracy.map(|v| v.to_string())),
-                r.test_loss,
+                opt(r.test_loss.map(|v| v.to_string())),
                 opt(r.test_accuracy.map(|v| v.to_string())),
                 r.bytes_up,
                 r.bytes_down,
                 r.virtual_secs,
-                r.wall_secs
+                r.wall_secs,
+                r.refused_stale,
+                opt(r.mean_staleness.map(|v| format!("{v:.3}"))),
+                r.max_in_flight
             ));
         }
         out
@@ -144,7 +167,7 @@ impl SimReport {
         Ok(vec![json, csv, svg])
     }
 
-    /// Draws test accuracy (left) and test loss (right) per round.
+    /// Draws test accuracy (left) and test loss (right) per evaluated round (server step).
     pub fn plot(&self, path: &Path) -> Result<(), SimError> {
         let err = |e: &dyn std::fmt::Display| SimError::Plot(e.to_string());
         let root = SVGBackend::new(path, (1000, 420)).into_drawing_area();
@@ -156,9 +179,18 @@ impl SimReport {
             .iter()
             .filter_map(|r| r.test_accuracy.map(|a| (r.round, a)))
             .collect();
-        let loss: Vec<(u64, f32)> = self.rounds.iter().map(|r| (r.round, r.test_loss)).collect();
+        let loss: Vec<(u64, f32)> = self
+            .rounds
+            .iter()
+            .filter_map(|r| r.test_loss.map(|l| (r.round, l)))
+            .collect();
         let max_loss = loss.iter().map(|p| p.1).fold(0.0f32, f32::max).max(1e-6) * 1.05;
         let title = format!("{} on {} devices", self.config.model.name, self.devices);
+        let x = if self.config.buffered.is_some() {
+            "server step"
+        } else {
+            "round"
+        };
 
         let mut chart = ChartBuilder::on(&left)
             .caption(format!("test accuracy — {title}"), ("sans-serif", 16))
@@ -169,7 +201,7 @@ impl SimReport {
             .map_err(|e| err(&e))?;
         chart
             .configure_mesh()
-            .x_desc("round")
+            .x_desc(x)
             .y_desc("accuracy")
             .draw()
             .map_err(|e| err(&e))?;
@@ -186,7 +218,7 @@ impl SimReport {
             .map_err(|e| err(&e))?;
         chart
             .configure_mesh()
-            .x_desc("round")
+            .x_desc(x)
             .y_desc("loss")
             .draw()
             .map_err(|e| err(&e))?;

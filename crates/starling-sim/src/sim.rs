@@ -1,8 +1,11 @@
-//! The simulation loop. Each round: sample devices (seeded), let them check in with the real
-//! round engine, train the sampled devices on every core, upload their updates through the
-//! engine in device order (so results do not depend on thread timing), let the virtual clock
-//! close the round if drop-outs or stragglers kept it below its goal, and evaluate the new
-//! global model on the held-out test set.
+//! The simulation loop. In synchronous rounds (the default), each round: sample devices
+//! (seeded), let them check in with the real round engine, train the sampled devices on every
+//! core, upload their updates through the engine in device order (so results do not depend
+//! on thread timing), let the virtual clock close the round if drop-outs or stragglers kept it
+//! below its goal, and evaluate the new global model on the held-out test set.
+//!
+//! With [`SimConfig::buffered`] the task runs the engine's buffered asynchronous mode
+//! (FedBuff) instead, driven event by event on the virtual clock by [`crate::buffered`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,13 +18,54 @@ use starling_core::aggregate::StrategyConfig;
 use starling_core::trainer::model::Evaluation;
 use starling_core::trainer::train::{local_update, Plan};
 use starling_core::{wire::checkpoint, Dataset, Model, ModelSpec, Parameters};
-use starling_server::engine::{self, Caller, CheckIn, Clock, Upload, VirtualClock};
+use starling_server::engine::{self, Caller, CheckIn, Clock, TaskHandle, Upload, VirtualClock};
 use starling_server::metrics::Metrics as ServerMetrics;
-use starling_server::settings::{Retention, RoundPolicy, TaskDefinition, Weighting};
+use starling_server::settings::{
+    BufferedPolicy, Retention, RoundPolicy, TaskDefinition, Weighting,
+};
 use starling_server::store::{RoundStatus, Store};
 
+use crate::latency::Latency;
 use crate::report::{RoundMetrics, SimReport};
 use crate::{Federation, SimError};
+
+/// The round deadline (synchronous rounds) and assignment lifetime (buffered mode), in virtual
+/// seconds, when training times come from [`SimConfig::latency`] and
+/// [`SimConfig::deadline_secs`] is not given: long enough that practically every device of a
+/// heavy-tailed distribution such as `lognormal:1.5` (median 1 s; about 1 draw in 10^5 takes
+/// longer) reports, so synchronous rounds wait for their slowest device. It is also the
+/// engine's default `assignment_secs`.
+pub const LATENCY_DEADLINE_SECS: f64 = 600.0;
+
+/// The longest deadline a simulation accepts (about 30 years of virtual time).
+const MAX_DEADLINE_SECS: f64 = 1e9;
+
+/// Buffered asynchronous training (FedBuff): the engine steps the model after every `buffer`
+/// updates while `concurrency` devices train at all times.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Buffered {
+    /// Updates per server step (K).
+    pub buffer: u32,
+    /// Devices training at once (C): assignments outstanding at all times.
+    pub concurrency: u32,
+    /// Updates built on a version more than this many versions old are refused (`too_stale`).
+    pub max_staleness: u64,
+    /// An update `s` versions old weighs `(1 + s)^-staleness_exponent`.
+    pub staleness_exponent: f64,
+}
+
+impl Buffered {
+    /// K and C with the engine's defaults for the rest (`max_staleness` 50, exponent 0.5).
+    pub fn new(buffer: u32, concurrency: u32) -> Self {
+        let d = BufferedPolicy::default();
+        Self {
+            buffer,
+            concurrency,
+            max_staleness: d.max_staleness,
+            staleness_exponent: d.staleness_exponent,
+        }
+    }
+}
 
 /// How many devices a round samples.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -72,6 +116,18 @@ pub struct SimConfig {
     pub stop_at_accuracy: Option<f32>,
     /// Worker threads for local training (0: one per core).
     pub threads: usize,
+    /// Devices' training times drawn from this distribution (seeded, per assignment) instead
+    /// of `examples x epochs x secs_per_example`; stragglers still multiply it.
+    pub latency: Option<Latency>,
+    /// The round deadline (synchronous) or assignment lifetime (buffered), in virtual seconds,
+    /// instead of `deadline_factor` times an average device's time (or, with `latency`,
+    /// [`LATENCY_DEADLINE_SECS`]).
+    pub deadline_secs: Option<f64>,
+    /// Buffered asynchronous mode (FedBuff) instead of synchronous rounds; `rounds` then
+    /// counts server steps and `sample` is not used.
+    pub buffered: Option<Buffered>,
+    /// Evaluate the test set after every this many rounds (steps), and after the last.
+    pub eval_every: u32,
 }
 
 impl SimConfig {
@@ -95,6 +151,44 @@ impl SimConfig {
             seed,
             stop_at_accuracy: None,
             threads: 0,
+            latency: None,
+            deadline_secs: None,
+            buffered: None,
+            eval_every: 1,
+        }
+    }
+
+    /// The round deadline (synchronous) or assignment lifetime (buffered) in virtual seconds,
+    /// for devices holding `mean_examples` examples on average.
+    pub(crate) fn deadline(&self, mean_examples: f64) -> f64 {
+        match (self.deadline_secs, self.latency) {
+            (Some(secs), _) => secs,
+            (None, Some(_)) => LATENCY_DEADLINE_SECS,
+            (None, None) => {
+                self.deadline_factor
+                    * self
+                        .epoch_secs(mean_examples.round() as usize)
+                        .max(self.secs_per_example)
+            }
+        }
+    }
+
+    /// Virtual seconds a device with `examples` examples needs without `latency`.
+    pub(crate) fn epoch_secs(&self, examples: usize) -> f64 {
+        examples as f64 * f64::from(self.plan.epochs) * self.secs_per_example
+    }
+
+    /// A device's training time for one assignment: a seeded draw from `latency`, or its
+    /// examples' time; times `straggler_slowdown` for a straggler.
+    pub(crate) fn train_secs(&self, examples: usize, straggler: bool, seed: u64) -> f64 {
+        let t = match &self.latency {
+            Some(l) => l.sample(&mut rand::rngs::StdRng::seed_from_u64(seed)),
+            None => self.epoch_secs(examples),
+        };
+        if straggler {
+            t * self.straggler_slowdown
+        } else {
+            t
         }
     }
 
@@ -130,6 +224,39 @@ impl SimConfig {
             return Err(SimError::Config(
                 "straggler_slowdown >= 1, deadline_factor > 0 and secs_per_example > 0".into(),
             ));
+        }
+        if let Some(l) = &self.latency {
+            l.validate()
+                .map_err(|e| SimError::Config(format!("latency {l}: {e}")))?;
+        }
+        if let Some(d) = self.deadline_secs {
+            if !(d.is_finite() && d > 0.0 && d <= MAX_DEADLINE_SECS) {
+                return Err(SimError::Config(format!(
+                    "deadline_secs must be a positive number of seconds up to \
+                     {MAX_DEADLINE_SECS:e}, not {d}"
+                )));
+            }
+        }
+        if self.eval_every == 0 {
+            return Err(SimError::Config("eval_every must be at least 1".into()));
+        }
+        if let Some(b) = &self.buffered {
+            if b.buffer == 0 || b.concurrency == 0 {
+                return Err(SimError::Config(
+                    "buffered mode needs a buffer (K) and a concurrency (C) of at least 1".into(),
+                ));
+            }
+            if !(b.staleness_exponent.is_finite() && b.staleness_exponent >= 0.0) {
+                return Err(SimError::Config(format!(
+                    "the staleness exponent must be a finite number >= 0, not {}",
+                    b.staleness_exponent
+                )));
+            }
+            if self.partial_work {
+                return Err(SimError::Config(
+                    "partial work applies to synchronous rounds only, not to buffered mode".into(),
+                ));
+            }
         }
         self.plan.validate()?;
         self.strategy.validate().map_err(SimError::Config)?;
@@ -167,12 +294,26 @@ pub fn strategy(name: &str, server_lr: Option<f64>) -> Result<StrategyConfig, Si
     Ok(config)
 }
 
-/// A sampled device's fate this round.
+/// A sampled device's fate this round (this assignment, in buffered mode).
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Fate {
+pub(crate) enum Fate {
     OnTime,
     Straggler,
     Dropped,
+}
+
+impl Fate {
+    /// A seeded draw: dropped with probability `dropout`, else a straggler with probability
+    /// `stragglers`.
+    pub(crate) fn draw(rng: &mut impl Rng, config: &SimConfig) -> Fate {
+        if rng.random::<f64>() < config.dropout {
+            Fate::Dropped
+        } else if rng.random::<f64>() < config.stragglers {
+            Fate::Straggler
+        } else {
+            Fate::OnTime
+        }
+    }
 }
 
 /// The share of a device's data a straggler has time for: a seeded random sample (a device's
@@ -221,7 +362,7 @@ pub fn evaluate(model: &Model, params: &Parameters, data: &Dataset) -> Evaluatio
 }
 
 /// A stable per-(round, device) seed.
-fn mix(seed: u64, round: u64, device: usize) -> u64 {
+pub(crate) fn mix(seed: u64, round: u64, device: usize) -> u64 {
     let mut x = seed
         ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15)
         ^ (device as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
@@ -229,7 +370,52 @@ fn mix(seed: u64, round: u64, device: usize) -> u64 {
     x.wrapping_mul(0xBF58_476D_1CE4_E5B9)
 }
 
-/// Runs a simulation, calling `on_round` after every round.
+/// Salt of the seeds of training-time draws, so that they differ from the shuffle seeds.
+const LATENCY_SALT: u64 = 0x4C41_5445_4E43_5921;
+
+/// A stable seed for the training-time draw of `(round, device)` (or, in buffered mode,
+/// `(assignment, device)`).
+pub(crate) fn latency_seed(seed: u64, round: u64, device: usize) -> u64 {
+    mix(seed ^ LATENCY_SALT, round, device)
+}
+
+/// What both loops share: the model, the engine on its virtual clock, the training pool.
+pub(crate) struct Setup {
+    /// The compiled model.
+    pub(crate) model: Arc<Model>,
+    /// The task's engine.
+    pub(crate) task: TaskHandle,
+    /// The engine's clock.
+    pub(crate) clock: VirtualClock,
+    /// Local training and evaluation run here.
+    pub(crate) pool: Arc<rayon::ThreadPool>,
+    /// When the run started (wall clock).
+    pub(crate) started: Instant,
+    /// Round deadline (synchronous) or assignment lifetime (buffered), virtual seconds.
+    pub(crate) deadline: f64,
+}
+
+impl Setup {
+    /// Loss and accuracy of `params` on the test set, on the pool, off the async reactor.
+    pub(crate) async fn evaluate(
+        &self,
+        params: Arc<Parameters>,
+        test: &Arc<Dataset>,
+    ) -> Result<Evaluation, SimError> {
+        let (model, test, pool) = (self.model.clone(), test.clone(), self.pool.clone());
+        tokio::task::spawn_blocking(move || pool.install(|| evaluate(&model, &params, &test)))
+            .await
+            .map_err(|e| SimError::Config(format!("evaluation thread: {e}")))
+    }
+
+    /// Whether round (step) `i` of at most `last` is evaluated.
+    pub(crate) fn evaluates(config: &SimConfig, i: u32, last: u32) -> bool {
+        i.is_multiple_of(config.eval_every) || i == last
+    }
+}
+
+/// Runs a simulation, calling `on_round` after every round (in buffered mode: every server
+/// step).
 pub async fn run(
     config: &SimConfig,
     federation: &Federation,
@@ -237,19 +423,31 @@ pub async fn run(
 ) -> Result<SimReport, SimError> {
     config.validate()?;
     let n = federation.devices.len();
-    let k = config.per_round(n)?;
+    // Synchronous rounds sample k devices; buffered mode keeps C training.
+    let k = match &config.buffered {
+        None => config.per_round(n)?,
+        Some(b) => {
+            if b.concurrency as usize > n {
+                return Err(SimError::Config(format!(
+                    "a concurrency of {} needs at least as many devices, not {n}",
+                    b.concurrency
+                )));
+            }
+            b.buffer as usize
+        }
+    };
     let model = Model::new(config.model.clone()).map_err(|e| SimError::Config(e.to_string()))?;
     for (i, d) in federation.devices.iter().enumerate() {
         starling_core::trainer::train::check_data(&model, d)
             .map_err(|e| SimError::Config(format!("device {i}: {e}")))?;
     }
-    let min = ((k as f64 * config.min_fraction).ceil() as u32).clamp(1, k as u32);
+    let min = match &config.buffered {
+        None => ((k as f64 * config.min_fraction).ceil() as u32).clamp(1, k as u32),
+        Some(b) => b.buffer,
+    };
     let mean_examples =
         federation.devices.iter().map(Dataset::len).sum::<usize>() as f64 / n as f64;
-    let epoch_secs =
-        |examples: usize| examples as f64 * f64::from(config.plan.epochs) * config.secs_per_example;
-    let deadline = config.deadline_factor
-        * epoch_secs(mean_examples.round() as usize).max(config.secs_per_example);
+    let deadline = config.deadline(mean_examples);
     let def = TaskDefinition {
         name: "sim".into(),
         spec: config.model.clone(),
@@ -273,7 +471,14 @@ pub async fn run(
         max_assignments_per_address: u32::MAX,
         retention: Retention::default(),
         strategy: config.strategy,
-        buffered: None,
+        buffered: config.buffered.map(|b| BufferedPolicy {
+            buffer: b.buffer,
+            concurrency: b.concurrency,
+            max_staleness: b.max_staleness,
+            staleness_exponent: b.staleness_exponent,
+            // An assignment lapses (a dropped device's place frees) after the deadline.
+            assignment_secs: deadline,
+        }),
         evaluate_every: 0,
     };
     let store = Store::open_memory().await?;
@@ -289,16 +494,49 @@ pub async fn run(
         .num_threads(config.threads)
         .build()
         .map_err(|e| SimError::Config(e.to_string()))?;
-    let pool = Arc::new(pool);
-    let model = Arc::new(model);
+    let setup = Setup {
+        model: Arc::new(model),
+        task,
+        clock,
+        pool: Arc::new(pool),
+        started: Instant::now(),
+        deadline,
+    };
+    let rounds = match &config.buffered {
+        None => run_rounds(config, federation, &setup, k, &mut on_round).await?,
+        Some(b) => crate::buffered::run(config, *b, federation, &setup, &mut on_round).await?,
+    };
+    Ok(SimReport::new(
+        config,
+        federation,
+        rounds,
+        setup.started.elapsed().as_secs_f64(),
+    ))
+}
 
+/// Synchronous rounds of `k` sampled devices each.
+async fn run_rounds(
+    config: &SimConfig,
+    federation: &Federation,
+    setup: &Setup,
+    k: usize,
+    on_round: &mut impl FnMut(&RoundMetrics),
+) -> Result<Vec<RoundMetrics>, SimError> {
+    let n = federation.devices.len();
+    let Setup {
+        model,
+        task,
+        clock,
+        pool,
+        started,
+        deadline,
+    } = setup;
+    let deadline = *deadline;
     let devices = federation.devices.clone();
-    let test = federation.test.clone();
-    let started = Instant::now();
     let mut virtual_secs = 0.0;
     let mut rounds = Vec::new();
     let mut status_rx = task.subscribe();
-    for _ in 0..config.rounds {
+    for i in 1..=config.rounds {
         let status = task.status();
         let round = status.round.round;
         let base_version = status.model.version;
@@ -312,15 +550,7 @@ pub async fn run(
         sampled.sort_unstable();
         let fates: Vec<Fate> = sampled
             .iter()
-            .map(|_| {
-                if rng.random::<f64>() < config.dropout {
-                    Fate::Dropped
-                } else if rng.random::<f64>() < config.stragglers {
-                    Fate::Straggler
-                } else {
-                    Fate::OnTime
-                }
-            })
+            .map(|_| Fate::draw(&mut rng, config))
             .collect();
         // Every sampled device checks in and downloads the model.
         let answers = task
@@ -351,12 +581,11 @@ pub async fn run(
             .zip(&fates)
             .zip(tokens)
             .filter_map(|((&d, &fate), token)| {
-                let t = epoch_secs(federation.devices[d].len());
-                let t = if fate == Fate::Straggler {
-                    t * config.straggler_slowdown
-                } else {
-                    t
-                };
+                let t = config.train_secs(
+                    federation.devices[d].len(),
+                    fate == Fate::Straggler,
+                    latency_seed(config.seed, round, d),
+                );
                 if fate == Fate::Dropped {
                     None
                 } else if t <= deadline {
@@ -445,14 +674,15 @@ pub async fn run(
             .map_err(|_| SimError::Config("the round engine stopped".into()))?
             .clone();
         let record = st.last_round.expect("waited for it");
-        let params = st.model.params.clone();
-        let (model3, test) = (model.clone(), test.clone());
-        let pool3 = pool.clone();
-        let eval = tokio::task::spawn_blocking(move || {
-            pool3.install(|| evaluate(&model3, &params, &test))
-        })
-        .await
-        .map_err(|e| SimError::Config(format!("evaluation thread: {e}")))?;
+        let eval = if Setup::evaluates(config, i, config.rounds) {
+            Some(
+                setup
+                    .evaluate(st.model.params.clone(), &federation.test)
+                    .await?,
+            )
+        } else {
+            None
+        };
         let m = RoundMetrics {
             round,
             version: st.model.version,
@@ -461,30 +691,33 @@ pub async fn run(
             reported,
             dropped: fates.iter().filter(|f| **f == Fate::Dropped).count(),
             stragglers: fates.iter().filter(|f| **f == Fate::Straggler).count(),
+            refused_stale: 0,
+            mean_staleness: (reported > 0).then_some(0.0),
+            max_in_flight: k,
             examples: record.examples,
             train_loss: record.mean_loss,
             train_accuracy: record.mean_accuracy,
-            test_loss: eval.loss,
-            test_accuracy: eval.accuracy,
+            test_loss: eval.as_ref().map(|e| e.loss),
+            test_accuracy: eval.and_then(|e| e.accuracy),
             bytes_up,
             bytes_down,
             virtual_secs,
             wall_secs: started.elapsed().as_secs_f64(),
         };
         on_round(&m);
-        let done = config
-            .stop_at_accuracy
-            .zip(m.test_accuracy)
-            .is_some_and(|(target, acc)| acc >= target);
+        let done = reached(config, &m);
         rounds.push(m);
         if done {
             break;
         }
     }
-    Ok(SimReport::new(
-        config,
-        federation,
-        rounds,
-        started.elapsed().as_secs_f64(),
-    ))
+    Ok(rounds)
+}
+
+/// Whether `m` reached the configured target accuracy.
+pub(crate) fn reached(config: &SimConfig, m: &RoundMetrics) -> bool {
+    config
+        .stop_at_accuracy
+        .zip(m.test_accuracy)
+        .is_some_and(|(target, acc)| acc >= target)
 }

@@ -1,11 +1,12 @@
 //! The simulator on small synthetic data: reproducibility, learning, drop-outs and
-//! stragglers on the virtual clock, server strategies and FedProx, results files, and loader
-//! and configuration errors.
+//! stragglers on the virtual clock, server strategies and FedProx, training-time
+//! distributions, buffered asynchronous mode (FedBuff), results files, and loader and
+//! configuration errors.
 
 use rand::{Rng, SeedableRng};
 use starling_core::{trainer::builtin, Dataset, Plan};
 use starling_sim::data::{self, Partition};
-use starling_sim::{Federation, RoundMetrics, Sample, SimConfig};
+use starling_sim::{Buffered, Federation, Latency, RoundMetrics, Sample, SimConfig};
 
 /// Four Gaussian blobs in 8 dimensions, labelled by blob.
 fn blobs(n: usize, seed: u64) -> Dataset {
@@ -75,7 +76,7 @@ fn same_seed_same_numbers_and_the_model_learns() {
     let last = a.final_accuracy.unwrap();
     assert!(last > 0.8 && last >= first, "accuracy {first} -> {last}");
     assert!(
-        a.final_loss.unwrap() < a.rounds[0].test_loss,
+        a.final_loss.unwrap() < a.rounds[0].test_loss.unwrap(),
         "test loss falls"
     );
     assert!(a
@@ -306,4 +307,322 @@ fn stragglers_do_partial_work_with_their_real_example_count() {
         deterministic(&p.rounds),
         "partial work is seeded too"
     );
+}
+
+#[test]
+fn latency_specs_parse_and_bad_ones_are_named() {
+    let ok = [
+        ("constant:2.5", Latency::Constant { secs: 2.5 }),
+        ("uniform:0:4", Latency::Uniform { lo: 0.0, hi: 4.0 }),
+        ("exponential:1.5", Latency::Exponential { mean: 1.5 }),
+        (
+            "lognormal:1.5",
+            Latency::LogNormal {
+                sigma: 1.5,
+                median: 1.0,
+            },
+        ),
+        (
+            "LogNormal:0.5:3",
+            Latency::LogNormal {
+                sigma: 0.5,
+                median: 3.0,
+            },
+        ),
+    ];
+    for (spec, want) in ok {
+        let got: Latency = spec.parse().unwrap();
+        assert_eq!(got, want, "{spec}");
+        // The spec it prints (and results.json records) parses back to it.
+        assert_eq!(got.to_string().parse::<Latency>().unwrap(), got, "{spec}");
+        assert_eq!(
+            serde_json::to_value(got).unwrap(),
+            serde_json::json!(got.to_string())
+        );
+    }
+    for (spec, says) in [
+        ("normal:1", "unknown distribution `normal`"),
+        ("", "unknown distribution"),
+        ("lognormal", "takes one or two numbers"),
+        ("lognormal:1:2:3", "takes one or two numbers"),
+        ("lognormal:wide", "`wide` is not a number"),
+        ("lognormal:-1", "SIGMA must be"),
+        ("lognormal:1:0", "MEDIAN must be a positive number"),
+        ("uniform:3", "takes two numbers"),
+        ("uniform:3:1", "0 <= LO < HI"),
+        ("uniform:-1:1", "0 <= LO < HI"),
+        ("constant:0", "SECS must be a positive number"),
+        ("constant:nan", "SECS must be a positive number"),
+        ("exponential:inf", "MEAN must be a positive number"),
+    ] {
+        let err = spec.parse::<Latency>().unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("invalid latency `{spec}`"))
+                && err.contains(says)
+                && err.contains("lognormal:SIGMA:MEDIAN"),
+            "{spec}: {err}"
+        );
+    }
+}
+
+#[test]
+fn with_a_latency_a_synchronous_round_lasts_as_long_as_its_slowest_device() {
+    let fed = federation(Partition::Iid, 30);
+    let mut c = config(4);
+    c.latency = Some("constant:2".parse().unwrap());
+    let r = run(&c, &fed);
+    for (i, m) in r.rounds.iter().enumerate() {
+        assert_eq!(m.reported, m.sampled);
+        assert!(
+            (m.virtual_secs - 2.0 * (i + 1) as f64).abs() < 1e-9,
+            "{m:?}"
+        );
+    }
+    // A heavy tail: rounds last as long as their slowest draw, seeded.
+    c.latency = Some("lognormal:1.5".parse().unwrap());
+    let a = run(&c, &fed);
+    assert_eq!(
+        deterministic(&a.rounds),
+        deterministic(&run(&c, &fed).rounds)
+    );
+    assert!(a.rounds.iter().all(|m| m.reported == m.sampled));
+    let lengths: Vec<f64> = a
+        .rounds
+        .iter()
+        .scan(0.0, |t, m| {
+            let d = m.virtual_secs - *t;
+            *t = m.virtual_secs;
+            Some(d)
+        })
+        .collect();
+    assert!(
+        lengths.iter().any(|&d| (d - lengths[0]).abs() > 1e-6),
+        "{lengths:?}"
+    );
+    // The training itself does not depend on the latency: the same updates, the same model.
+    let plain = run(&config(4), &fed);
+    assert_eq!(
+        a.rounds.iter().map(|m| m.test_accuracy).collect::<Vec<_>>(),
+        plain
+            .rounds
+            .iter()
+            .map(|m| m.test_accuracy)
+            .collect::<Vec<_>>()
+    );
+    // A deadline that the tail misses: some devices do not report, and such rounds last
+    // exactly the deadline.
+    c.deadline_secs = Some(1.0);
+    let d = run(&c, &fed);
+    assert!(d.rounds.iter().any(|m| m.reported < m.sampled));
+    let mut before = 0.0;
+    for m in &d.rounds {
+        let length = m.virtual_secs - before;
+        before = m.virtual_secs;
+        assert!(length <= 1.0 + 1e-9, "{m:?}");
+        if m.reported < m.sampled {
+            assert!((length - 1.0).abs() < 1e-9, "{m:?}");
+        }
+    }
+    // The time to the target is the virtual time of the first round that reaches it.
+    let target = a.rounds[2].test_accuracy.unwrap();
+    let first = a
+        .rounds
+        .iter()
+        .find(|m| m.test_accuracy.unwrap() >= target)
+        .unwrap();
+    assert_eq!(a.virtual_secs_to_accuracy(target), Some(first.virtual_secs));
+    assert_eq!(a.rounds_to_accuracy(target), Some(first.round));
+    assert_eq!(a.virtual_secs_to_accuracy(1.5), None);
+}
+
+fn buffered(k: u32, c: u32, steps: u32) -> SimConfig {
+    let mut cfg = config(steps);
+    cfg.buffered = Some(Buffered::new(k, c));
+    cfg.latency = Some("exponential:1".parse().unwrap());
+    cfg
+}
+
+#[test]
+fn buffered_mode_steps_every_k_updates_with_c_devices_training_reproducibly() {
+    let fed = federation(Partition::Iid, 50);
+    let c = buffered(5, 20, 12);
+    let a = run(&c, &fed);
+    assert_eq!(a.rounds.len(), 12);
+    let folded: usize = a.rounds.iter().map(|m| m.reported).sum();
+    assert_eq!(folded, 5 * 12);
+    for (i, m) in a.rounds.iter().enumerate() {
+        // One version per K folded updates, each step recorded as a round.
+        assert_eq!(m.reported, 5, "{m:?}");
+        assert!(m.committed, "{m:?}");
+        assert_eq!(m.version, i as u64 + 1, "{m:?}");
+        assert_eq!(m.round, i as u64 + 1, "{m:?}");
+        // C devices train at all times: never more, and the loop keeps every place taken.
+        assert_eq!(m.max_in_flight, 20, "{m:?}");
+        assert_eq!(m.examples, a.rounds[i].examples);
+        assert!(m.test_accuracy.is_some() && m.mean_staleness.is_some());
+        assert_eq!(m.refused_stale, 0);
+    }
+    assert_eq!(
+        a.rounds.last().unwrap().version as usize,
+        folded / 5,
+        "versions == uploads / K"
+    );
+    // The first step is built on version 0 only; later ones fold stale updates too.
+    assert_eq!(a.rounds[0].mean_staleness, Some(0.0));
+    assert!(a.rounds.iter().any(|m| m.mean_staleness.unwrap() > 0.0));
+    // Steps happen in virtual time order; a replacement checks in for every update.
+    assert!(a
+        .rounds
+        .windows(2)
+        .all(|w| w[0].virtual_secs <= w[1].virtual_secs));
+    let checked_in: usize = a.rounds.iter().map(|m| m.sampled).sum();
+    assert_eq!(
+        checked_in,
+        20 + folded - 1,
+        "C at first, then one per update"
+    );
+    let first = a.rounds[0].test_accuracy.unwrap();
+    let last = a.final_accuracy.unwrap();
+    assert!(last > 0.8 && last >= first, "accuracy {first} -> {last}");
+    // The same seed gives the same numbers; another seed others.
+    assert_eq!(
+        deterministic(&a.rounds),
+        deterministic(&run(&c, &fed).rounds)
+    );
+    let mut other = c.clone();
+    other.seed = 43;
+    assert_ne!(
+        deterministic(&a.rounds),
+        deterministic(&run(&other, &fed).rounds)
+    );
+    // results.json says which mode ran.
+    let dir = tempfile::tempdir().unwrap();
+    a.write(dir.path()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("results.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["config"]["buffered"]["buffer"], serde_json::json!(5));
+    assert_eq!(
+        json["config"]["latency"],
+        serde_json::json!("exponential:1")
+    );
+}
+
+#[test]
+fn buffered_drop_outs_free_their_place_when_the_assignment_lapses() {
+    let fed = federation(Partition::Iid, 40);
+    let mut c = buffered(4, 10, 10);
+    c.dropout = 0.3;
+    c.stragglers = 0.3;
+    // Stragglers take 10x an exponential(1) draw: many outlast a 5-second assignment.
+    c.deadline_secs = Some(5.0);
+    let a = run(&c, &fed);
+    assert_eq!(a.rounds.len(), 10);
+    let dropped: usize = a.rounds.iter().map(|m| m.dropped).sum();
+    let slow: usize = a.rounds.iter().map(|m| m.stragglers).sum();
+    assert!(
+        dropped > 0 && slow > 0,
+        "dropped {dropped}, stragglers {slow}"
+    );
+    for m in &a.rounds {
+        assert_eq!(m.reported, 4);
+        assert!(m.max_in_flight <= 10, "{m:?}");
+    }
+    assert_eq!(
+        deterministic(&a.rounds),
+        deterministic(&run(&c, &fed).rounds)
+    );
+    // Places held by devices that never report slow the steps down in virtual time.
+    let mut clean = buffered(4, 10, 10);
+    clean.deadline_secs = Some(5.0);
+    let clean = run(&clean, &fed);
+    assert!(a.rounds.last().unwrap().virtual_secs > clean.rounds.last().unwrap().virtual_secs);
+}
+
+#[test]
+fn a_heavy_tail_and_a_small_max_staleness_refuse_too_stale_updates() {
+    let fed = federation(Partition::Iid, 60);
+    let mut c = buffered(2, 20, 15);
+    c.latency = Some("lognormal:2".parse().unwrap());
+    c.deadline_secs = Some(1e6);
+    let mut strict = c.clone();
+    if let Some(b) = &mut strict.buffered {
+        b.max_staleness = 1;
+    }
+    let s = run(&strict, &fed);
+    let refused: usize = s.rounds.iter().map(|m| m.refused_stale).sum();
+    assert!(refused > 0, "no update was too stale");
+    assert!(s
+        .rounds
+        .iter()
+        .all(|m| m.reported == 2 && m.mean_staleness.unwrap() <= 1.0));
+    assert_eq!(
+        deterministic(&s.rounds),
+        deterministic(&run(&strict, &fed).rounds)
+    );
+    // With the default bound (50) the same run refuses nothing and folds staler updates.
+    let lax = run(&c, &fed);
+    assert_eq!(lax.rounds.iter().map(|m| m.refused_stale).sum::<usize>(), 0);
+    assert!(lax.rounds.iter().any(|m| m.mean_staleness.unwrap() > 1.0));
+}
+
+#[test]
+fn evaluation_every_n_rounds_and_after_the_last() {
+    let fed = federation(Partition::Iid, 30);
+    for mut c in [config(7), buffered(3, 10, 7)] {
+        c.eval_every = 3;
+        let r = run(&c, &fed);
+        let evaluated: Vec<u64> = r
+            .rounds
+            .iter()
+            .filter(|m| m.test_loss.is_some())
+            .map(|m| m.round)
+            .collect();
+        assert_eq!(evaluated, [3, 6, 7]);
+        assert!(r
+            .rounds
+            .iter()
+            .all(|m| m.test_loss.is_some() == m.test_accuracy.is_some()));
+        assert_eq!(r.final_loss, r.rounds[6].test_loss);
+        let dir = tempfile::tempdir().unwrap();
+        r.write(dir.path()).unwrap();
+    }
+}
+
+#[test]
+fn bad_buffered_configurations_are_clear_errors() {
+    let fed = federation(Partition::Iid, 10);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let err_of = |c: &SimConfig| {
+        runtime
+            .block_on(starling_sim::run(c, &fed, |_| {}))
+            .unwrap_err()
+            .to_string()
+    };
+    let err = err_of(&buffered(2, 11, 1));
+    assert!(
+        err.contains("a concurrency of 11 needs at least as many devices"),
+        "{err}"
+    );
+    let mut c = buffered(2, 5, 1);
+    c.partial_work = true;
+    assert!(err_of(&c).contains("synchronous rounds only"));
+    let mut c = buffered(0, 5, 1);
+    assert!(err_of(&c).contains("at least 1"));
+    c = buffered(2, 5, 1);
+    c.eval_every = 0;
+    assert!(err_of(&c).contains("eval_every"));
+    c = buffered(2, 5, 1);
+    for bad in [-1.0, 0.0, f64::INFINITY, 1e20] {
+        c.deadline_secs = Some(bad);
+        assert!(err_of(&c).contains("deadline_secs must be"), "{bad}");
+    }
+    c = buffered(2, 5, 1);
+    c.latency = Some(Latency::Exponential { mean: 0.0 });
+    assert!(err_of(&c).contains("MEAN must be"));
+    // Every device drops out: no update ever arrives, and the loop says so instead of
+    // running forever.
+    c = buffered(2, 5, 1);
+    c.dropout = 1.0;
+    assert!(err_of(&c).contains("no update arrived"), "{}", err_of(&c));
 }
