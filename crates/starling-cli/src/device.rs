@@ -94,6 +94,7 @@ fn log_event(e: &DeviceEvent) {
             examples,
             loss_before,
             loss_after,
+            ..
         } => tracing::info!(round, examples, loss_before, loss_after, "update accepted"),
         DeviceEvent::Skipped { round, reason } => {
             tracing::warn!(round, "update not used: {reason}")

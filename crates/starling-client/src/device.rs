@@ -17,14 +17,26 @@
 //! passes while the server is failing. Any other refusal is an error. A `duplicate_update`
 //! answer to a second or later try means an earlier try got through (only this device holds
 //! the token), so it counts as a contribution.
+//!
+//! With a plan that allows partial work ([`Plan::partial_work`], FedProx), the device stops
+//! local training once the time since check-in passes the training budget
+//! ([`Plan::training_budget_secs`]: the round's deadline minus a margin for the upload of a
+//! tenth of it, at least 1 s and at most half), after the step under way, and uploads the
+//! update of the steps it ran with the examples they trained on. Without it the device runs
+//! every step, however late that makes it. Time is tokio's clock, read from the training
+//! thread between steps.
+//!
+//! [`Plan::partial_work`]: starling_core::Plan::partial_work
+//! [`Plan::training_budget_secs`]: starling_core::Plan::training_budget_secs
 
 use std::future::Future;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use rand::Rng;
-use starling_core::trainer::train::{self, check_data};
+use starling_core::trainer::train::{self, check_data, Progress};
 use starling_core::wire::checkpoint;
 use starling_core::wire::protocol::{CheckInAnswer, ErrorCode};
 use starling_core::{Dataset, Model, Parameters};
@@ -60,6 +72,11 @@ pub struct DeviceOptions {
     /// An opaque, random id the device shows the server so that it gets at most one
     /// assignment per round. It identifies nothing outside this run.
     pub device_id: String,
+    /// Time added to the device's clock for every local training step, as if each step took
+    /// that much longer; nothing sleeps. Only the partial-work cut-off reads this clock, so
+    /// tests and demonstrations can play a slow device on a fast machine without waiting.
+    /// Zero (the default) for a real device.
+    pub extra_step_time: Duration,
 }
 
 impl Default for DeviceOptions {
@@ -74,6 +91,7 @@ impl Default for DeviceOptions {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             device_id: format!("{:016x}", rand::rng().random::<u64>()),
+            extra_step_time: Duration::ZERO,
         }
     }
 }
@@ -99,8 +117,14 @@ pub enum DeviceEvent {
     Contributed {
         /// The round.
         round: u64,
-        /// Examples trained on.
+        /// Examples trained on: the count the update reported (fewer than the local data's
+        /// when partial work stopped training within the first epoch).
         examples: usize,
+        /// Optimiser steps run.
+        steps: usize,
+        /// Optimiser steps the plan asked for: more than `steps` for partial work, when
+        /// training stopped early to meet the round's deadline.
+        planned_steps: usize,
         /// Local loss before training.
         loss_before: f32,
         /// Local loss after training.
@@ -130,6 +154,9 @@ pub struct DeviceReport {
     pub contributions: u64,
     /// Updates skipped (late or stale).
     pub skipped: u64,
+    /// Accepted updates that were partial work: training stopped early to meet the round's
+    /// deadline (counted in `contributions` too).
+    pub partial: u64,
     /// The last model version the device saw.
     pub last_version: Option<u64>,
     /// The last local loss after training.
@@ -347,6 +374,13 @@ impl<T: Transport> Device<T> {
                 self.data.clone(),
                 token.clone(),
             );
+            // Partial work: when training stops, after the step under way (`None`: it runs
+            // every step).
+            let stop_at = plan
+                .training_budget_secs(deadline_secs)
+                .and_then(|b| Duration::try_from_secs_f64(b).ok())
+                .and_then(|b| checked_in.checked_add(b));
+            let extra_step_time = self.options.extra_step_time;
             let (body, tr) = tokio::task::spawn_blocking(move || {
                 train::local_update(
                     &model,
@@ -355,11 +389,32 @@ impl<T: Transport> Device<T> {
                     &plan,
                     base_version,
                     update_token,
-                    |_| {},
+                    |p: Progress| match stop_at {
+                        Some(at) => {
+                            let steps = u32::try_from(p.step).unwrap_or(u32::MAX);
+                            let now =
+                                Instant::now().checked_add(extra_step_time.saturating_mul(steps));
+                            if now.is_none_or(|now| now >= at) {
+                                ControlFlow::Break(())
+                            } else {
+                                ControlFlow::Continue(())
+                            }
+                        }
+                        None => ControlFlow::Continue(()),
+                    },
                 )
             })
             .await
             .map_err(|e| ClientError::Protocol(format!("training task failed: {e}")))??;
+            if tr.is_partial() {
+                tracing::info!(
+                    round,
+                    steps = tr.steps,
+                    planned_steps = tr.planned_steps,
+                    examples = tr.examples,
+                    "partial work: stopped training to meet the round's deadline"
+                );
+            }
             // Kept until the round takes it or no longer can: every try sends these bytes.
             let body = Bytes::from(body);
             let mut tries = 0u32;
@@ -405,10 +460,13 @@ impl<T: Transport> Device<T> {
             match skipped {
                 None => {
                     report.contributions += 1;
+                    report.partial += u64::from(tr.is_partial());
                     report.last_loss = Some(tr.after.loss);
                     on_event(&DeviceEvent::Contributed {
                         round,
                         examples: tr.examples,
+                        steps: tr.steps,
+                        planned_steps: tr.planned_steps,
                         loss_before: tr.before.loss,
                         loss_after: tr.after.loss,
                     });

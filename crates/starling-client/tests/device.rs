@@ -1,19 +1,21 @@
 //! The device runtime against servers on 127.0.0.1: the real server (back-off while it is
-//! down, giving up, data that does not fit), and a scripted HTTP/1.1 server that plays a
-//! failing coordinator (5xx answers with `Retry-After`, silence, refusals), to pin what the
-//! device retries, what it keeps, and when it gives up.
+//! down, giving up, data that does not fit, partial work against the round's deadline), and
+//! a scripted HTTP/1.1 server that plays a failing coordinator (5xx answers with
+//! `Retry-After`, silence, refusals), to pin what the device retries, what it keeps, and when
+//! it gives up.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use starling_client::device::DeviceEvent;
-use starling_client::{ClientError, Device, DeviceOptions, ErrorCode, HttpTransport};
+use starling_client::{ClientError, Device, DeviceOptions, DeviceReport, ErrorCode, HttpTransport};
 use starling_core::data::synthetic_line;
 use starling_core::wire::protocol::{
     CheckInAnswer, ErrorBody, RoundKind, UploadReceipt, TOKEN_HEADER,
 };
-use starling_core::{trainer::builtin, wire::checkpoint};
-use starling_server::settings::{RoundPolicy, TaskSettings};
+use starling_core::{trainer::builtin, wire::checkpoint, Plan};
+use starling_server::settings::{plan_table, RoundPolicy, TaskSettings};
+use starling_server::store::{RoundRecord, RoundStatus};
 use starling_server::Settings;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -139,6 +141,101 @@ async fn data_that_does_not_fit_the_model_is_a_clear_error() {
     assert!(err.to_string().contains("does not fit"), "{err}");
     assert_eq!(server.tasks[0].status().round.updates, 0);
     server.stop().await.unwrap();
+}
+
+/// A server with one linear task whose plan trains one example per step for one epoch,
+/// with FedProx's `mu` and partial work as given, and whose round (of one update) has a
+/// 60-second deadline.
+fn partial_work_settings(dir: &std::path::Path, partial_work: bool) -> Settings {
+    let mut s = settings(dir, 1);
+    s.tasks[0].plan = Some(plan_table(&Plan {
+        epochs: 1,
+        batch_size: 1,
+        learning_rate: 0.01,
+        mu: 0.1,
+        partial_work,
+        ..Plan::default()
+    }));
+    s
+}
+
+/// Runs one device of 100 examples that plays a slow machine, each training step taking one
+/// second on its clock (nothing sleeps): the 100 steps would end 40 s past the round's
+/// 60-second deadline. Returns the device's `Contributed` event and the round's record.
+async fn slow_device_round(partial_work: bool) -> (DeviceEvent, RoundRecord, DeviceReport) {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = starling_server::spawn(partial_work_settings(dir.path(), partial_work), listener)
+        .await
+        .unwrap();
+    let data = synthetic_line(2.0, 1.0, (-1.0, 1.0), 100, 0.1, 3);
+    let mut o = options(1);
+    o.extra_step_time = Duration::from_secs(1);
+    let mut device = Device::new(HttpTransport::new(&server.url()), data, o);
+    let (result, events) = run_collecting(&mut device).await;
+    let report = result.unwrap();
+    assert_eq!((report.contributions, report.skipped), (1, 0), "{events:?}");
+    let contributed = events
+        .iter()
+        .find(|e| matches!(e, DeviceEvent::Contributed { .. }))
+        .cloned()
+        .unwrap_or_else(|| panic!("no contribution in {events:?}"));
+    let mut st = server.tasks[0].subscribe();
+    let record = st
+        .wait_for(|s| s.last_round.is_some())
+        .await
+        .unwrap()
+        .last_round
+        .clone()
+        .unwrap();
+    server.stop().await.unwrap();
+    (contributed, record, report)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_partial_work_a_device_short_of_time_sends_the_steps_it_ran() {
+    let (contributed, record, report) = slow_device_round(true).await;
+    let DeviceEvent::Contributed {
+        round,
+        examples,
+        steps,
+        planned_steps,
+        ..
+    } = contributed
+    else {
+        unreachable!()
+    };
+    assert_eq!((round, planned_steps), (1, 100));
+    // The budget is the deadline (a little under 60 s at check-in) less a tenth of it for the
+    // upload: about 54 one-second steps, fewer if check-in, download and training took real
+    // time too.
+    assert!((40..=54).contains(&steps), "{steps} steps");
+    // Within the first epoch, one example a step: the update counts what it trained on.
+    assert_eq!(examples, steps);
+    assert_eq!(report.partial, 1);
+    // The server took it, weighted by its real example count.
+    assert_eq!(record.status, RoundStatus::Committed, "{record:?}");
+    assert_eq!(record.participants, 1);
+    assert_eq!(record.examples, examples as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_partial_work_a_slow_device_runs_every_step() {
+    let (contributed, record, report) = slow_device_round(false).await;
+    let DeviceEvent::Contributed {
+        examples,
+        steps,
+        planned_steps,
+        ..
+    } = contributed
+    else {
+        unreachable!()
+    };
+    // The same device and deadline: its clock says it is 40 s late, yet it trains on.
+    assert_eq!((steps, planned_steps, examples), (100, 100, 100));
+    assert_eq!(report.partial, 0);
+    assert_eq!(record.status, RoundStatus::Committed, "{record:?}");
+    assert_eq!(record.examples, 100);
 }
 
 // ---- a scripted server ------------------------------------------------------------------

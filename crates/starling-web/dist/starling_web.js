@@ -36,7 +36,8 @@ export class TrainOutcome {
         return ret === Number.MAX_SAFE_INTEGER ? undefined : ret;
     }
     /**
-     * Examples trained on.
+     * Examples trained on: the count the update reports (fewer than the data's when partial
+     * work stopped training within the first epoch).
      * @returns {number}
      */
     get examples() {
@@ -76,6 +77,15 @@ export class TrainOutcome {
         } finally {
             wasm.__wbindgen_add_to_stack_pointer(16);
         }
+    }
+    /**
+     * Optimiser steps the plan asked for: more than `steps` when partial work stopped
+     * training early to meet the round's deadline.
+     * @returns {number}
+     */
+    get plannedSteps() {
+        const ret = wasm.trainoutcome_plannedSteps(this.__wbg_ptr);
+        return ret >>> 0;
     }
     /**
      * Optimiser steps taken.
@@ -220,14 +230,21 @@ export class WebModel {
      * The native device's step: trains a copy and encodes the update for the assignment
      * (`baseVersion`, `token` from the check-in). `takeUpdate()` then gives the bytes to
      * POST to the round.
+     *
+     * With a plan that allows partial work, `checkedInAt` (`Date.now()` when the check-in
+     * answer arrived) and `deadlineSecs` (the answer's `deadline_secs`) set when training
+     * stops ([`device::stop_training_at`]); without them, or without partial work, it runs
+     * every step. The outcome's `steps` and `plannedSteps` say whether it stopped early.
      * @param {WebData} data
      * @param {string} plan
      * @param {number} base_version
      * @param {string} token
      * @param {(step: number, total: number, loss: number) => void | null} [progress]
+     * @param {number | null} [checked_in_at]
+     * @param {number | null} [deadline_secs]
      * @returns {TrainOutcome}
      */
-    localUpdate(data, plan, base_version, token, progress) {
+    localUpdate(data, plan, base_version, token, progress, checked_in_at, deadline_secs) {
         try {
             const retptr = wasm.__wbindgen_add_to_stack_pointer(-16);
             _assertClass(data, WebData);
@@ -235,7 +252,7 @@ export class WebModel {
             const len0 = WASM_VECTOR_LEN;
             const ptr1 = passStringToWasm0(token, wasm.__wbindgen_export2, wasm.__wbindgen_export3);
             const len1 = WASM_VECTOR_LEN;
-            wasm.webmodel_localUpdate(retptr, this.__wbg_ptr, data.__wbg_ptr, ptr0, len0, base_version, ptr1, len1, isLikeNone(progress) ? 0 : addHeapObject(progress));
+            wasm.webmodel_localUpdate(retptr, this.__wbg_ptr, data.__wbg_ptr, ptr0, len0, base_version, ptr1, len1, isLikeNone(progress) ? 0 : addHeapObject(progress), !isLikeNone(checked_in_at), isLikeNone(checked_in_at) ? 0 : checked_in_at, !isLikeNone(deadline_secs), isLikeNone(deadline_secs) ? 0 : deadline_secs);
             var r0 = getDataViewMemory0().getInt32(retptr + 4 * 0, true);
             var r1 = getDataViewMemory0().getInt32(retptr + 4 * 1, true);
             var r2 = getDataViewMemory0().getInt32(retptr + 4 * 2, true);
@@ -419,6 +436,10 @@ function __wbg_get_imports() {
         },
         __wbg_call_1809d1719257b81a: function(arg0, arg1, arg2, arg3, arg4) {
             getObject(arg0).call(getObject(arg1), arg2, arg3, arg4);
+        },
+        __wbg_now_0cc28143bb3692f8: function() {
+            const ret = Date.now();
+            return ret;
         },
         __wbindgen_generic_0000000000000001: function(arg0, arg1) {
             // Cast intrinsic for `Ref(String) -> Externref`.

@@ -3,6 +3,8 @@
 //! JSON or serde-to-JS glue of its own, which keeps the module small. Versions cross as JS
 //! numbers (exact up to 2^53), not `BigInt`.
 
+use std::ops::ControlFlow;
+
 use starling_core::trainer::train::{Progress, TrainReport};
 use starling_core::{Dataset, Parameters};
 use wasm_bindgen::prelude::*;
@@ -18,6 +20,11 @@ extern "C" {
 
     #[wasm_bindgen(method, js_name = call)]
     fn call3(this: &ProgressCallback, this_arg: &JsValue, step: f64, total: f64, loss: f32);
+
+    /// The page's (or the worker's) clock, `Date.now()`: milliseconds since the Unix epoch,
+    /// the same clock in the page and in its worker. Read only for partial work.
+    #[wasm_bindgen(js_namespace = Date, js_name = now)]
+    fn date_now() -> f64;
 }
 
 /// Forwards every `total / 100`-th step (and the last) to `callback`, so a long run does
@@ -160,7 +167,13 @@ impl WebModel {
     /// The native device's step: trains a copy and encodes the update for the assignment
     /// (`baseVersion`, `token` from the check-in). `takeUpdate()` then gives the bytes to
     /// POST to the round.
+    ///
+    /// With a plan that allows partial work, `checkedInAt` (`Date.now()` when the check-in
+    /// answer arrived) and `deadlineSecs` (the answer's `deadline_secs`) set when training
+    /// stops ([`device::stop_training_at`]); without them, or without partial work, it runs
+    /// every step. The outcome's `steps` and `plannedSteps` say whether it stopped early.
     #[wasm_bindgen(js_name = localUpdate)]
+    #[allow(clippy::too_many_arguments)]
     pub fn local_update(
         &self,
         data: &WebData,
@@ -168,16 +181,24 @@ impl WebModel {
         base_version: f64,
         token: String,
         progress: Option<ProgressCallback>,
+        checked_in_at: Option<f64>,
+        deadline_secs: Option<f64>,
     ) -> Result<TrainOutcome, JsError> {
         let plan = device::parse_plan(plan)?;
         let base_version = version_from_js(base_version)?;
-        let (bytes, report) = self.0.local_update(
-            &data.0,
-            &plan,
-            base_version,
-            token,
-            reporter(progress.as_ref()),
-        )?;
+        let stop_at = checked_in_at
+            .zip(deadline_secs)
+            .and_then(|(at, secs)| device::stop_training_at(&plan, at, secs));
+        let mut report_progress = reporter(progress.as_ref());
+        let (bytes, report) =
+            self.0
+                .local_update(&data.0, &plan, base_version, token, |p: Progress| {
+                    report_progress(p);
+                    match stop_at {
+                        Some(at) if date_now() >= at => ControlFlow::Break(()),
+                        _ => ControlFlow::Continue(()),
+                    }
+                })?;
         Ok(TrainOutcome {
             report,
             params: None,
@@ -207,7 +228,8 @@ impl WebData {
 
 #[wasm_bindgen]
 impl TrainOutcome {
-    /// Examples trained on.
+    /// Examples trained on: the count the update reports (fewer than the data's when partial
+    /// work stopped training within the first epoch).
     #[wasm_bindgen(getter)]
     pub fn examples(&self) -> usize {
         self.report.examples
@@ -217,6 +239,13 @@ impl TrainOutcome {
     #[wasm_bindgen(getter)]
     pub fn steps(&self) -> usize {
         self.report.steps
+    }
+
+    /// Optimiser steps the plan asked for: more than `steps` when partial work stopped
+    /// training early to meet the round's deadline.
+    #[wasm_bindgen(getter, js_name = plannedSteps)]
+    pub fn planned_steps(&self) -> usize {
+        self.report.planned_steps
     }
 
     /// Mean loss over the data before training.

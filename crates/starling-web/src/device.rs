@@ -1,10 +1,12 @@
 //! The browser device's work in plain Rust, so native tests exercise exactly what the
 //! WebAssembly module runs: decode the served checkpoint, read the person's data, train, and
 //! encode the update. Every step is a call into `starling-core`; nothing here is new logic.
+//! With partial work ([`Plan::partial_work`]) a contribution stops training at
+//! [`stop_training_at`], on the page's clock, which [`crate::bindings`] reads.
 
 use starling_core::data::{DataError, TargetColumn};
 use starling_core::trainer::spec::SpecError;
-use starling_core::trainer::train::{self, Progress, TrainError, TrainReport};
+use starling_core::trainer::train::{self, Progress, StepControl, TrainError, TrainReport};
 use starling_core::wire::checkpoint::{self, CheckpointError};
 use starling_core::{Dataset, Model, Parameters, Plan};
 
@@ -155,14 +157,15 @@ impl LocalModel {
     }
 
     /// The native device's step, unchanged: trains a copy of the served parameters and
-    /// encodes the update for the assignment (`base_version`, `token`).
-    pub fn local_update(
+    /// encodes the update for the assignment (`base_version`, `token`). `progress` may stop
+    /// training between steps (partial work), as in [`train::local_update`].
+    pub fn local_update<C: StepControl>(
         &self,
         data: &Dataset,
         plan: &Plan,
         base_version: u64,
         token: String,
-        progress: impl FnMut(Progress),
+        progress: impl FnMut(Progress) -> C,
     ) -> Result<(Vec<u8>, TrainReport), WebError> {
         Ok(train::local_update(
             &self.model,
@@ -174,6 +177,17 @@ impl LocalModel {
             progress,
         )?)
     }
+}
+
+/// With partial work, when a contribution stops training, in the milliseconds of the clock
+/// `checked_in_ms` was read from (the page's `Date.now()`): the check-in time plus the
+/// plan's training budget for the assignment's `deadline_secs`
+/// ([`Plan::training_budget_secs`], the native device's rule). `None` (train every step)
+/// when the plan does not allow partial work or the deadline is not a number; a
+/// `checked_in_ms` that is not a number never stops training either.
+pub fn stop_training_at(plan: &Plan, checked_in_ms: f64, deadline_secs: f64) -> Option<f64> {
+    plan.training_budget_secs(deadline_secs)
+        .map(|budget| checked_in_ms + budget * 1000.0)
 }
 
 /// Reads a plan as the server sends it (`plan` in the task and check-in JSON).
@@ -251,6 +265,40 @@ mod tests {
         assert!(report.after.loss < report.before.loss);
         let trained = m.train(&data, &plan, |_| {}).unwrap();
         assert_eq!(trained.report, report);
+    }
+
+    #[test]
+    fn partial_work_stops_at_the_budget_and_sends_the_core_update() {
+        let plan = parse_plan(r#"{"epochs":3,"batch_size":2,"partial_work":true}"#).unwrap();
+        // 60 s to the deadline leave 54 s of training; without partial work, no limit.
+        assert_eq!(stop_training_at(&plan, 1000.0, 60.0), Some(55_000.0));
+        assert_eq!(stop_training_at(&plan, 1000.0, f64::NAN), None);
+        let whole = parse_plan(r#"{"epochs":3,"batch_size":2}"#).unwrap();
+        assert_eq!(stop_training_at(&whole, 1000.0, 60.0), None);
+
+        let m = LocalModel::decode(&served(2)).unwrap();
+        let data = m.parse_data("1,3\n2,5\n3,7\n4,9\n5,11\n").unwrap();
+        let stop = |p: Progress| {
+            if p.step == 2 {
+                std::ops::ControlFlow::Break(())
+            } else {
+                std::ops::ControlFlow::Continue(())
+            }
+        };
+        let (bytes, report) = m.local_update(&data, &plan, 2, "tok".into(), stop).unwrap();
+        let (native, _) =
+            train::local_update(m.model(), m.params(), &data, &plan, 2, "tok".into(), stop)
+                .unwrap();
+        let layout = m.model().layout().clone();
+        let (ours, theirs) = (
+            update::decode(&bytes, &layout, None).unwrap(),
+            update::decode(&native, &layout, None).unwrap(),
+        );
+        assert_eq!(ours.meta, theirs.meta);
+        assert_eq!(ours.tensors, theirs.tensors);
+        // Two steps of two examples in the first epoch: 4 of the 5 examples.
+        assert_eq!((report.steps, report.planned_steps), (2, 9));
+        assert_eq!((report.examples, ours.meta.examples), (4, 4));
     }
 
     #[test]

@@ -220,7 +220,8 @@ async function refreshInfo() {
   $("round").textContent = `${r.round} · ${r.updates}/${r.goal} updates`;
   $("plan").textContent =
     `Plan: ${info.plan.epochs} epoch(s), batches of ${info.plan.batch_size}, ` +
-    `learning rate ${Number(info.plan.learning_rate.toPrecision(6))}.`;
+    `learning rate ${Number(info.plan.learning_rate.toPrecision(6))}` +
+    (info.plan.partial_work ? "; stops early to meet a round's deadline." : ".");
   if (previous && previous.version !== info.version) await loadModel();
   if (state.waiting) checkCommitted();
 }
@@ -535,6 +536,8 @@ async function contribute() {
         return;
       }
       answer.task = state.task;
+      // The deadline counts from now: with partial work, training stops in time to upload.
+      answer.checkedInAt = Date.now();
       state.assignment = answer;
     }
     if (state.model.version !== answer.base_version) await loadModel();
@@ -551,11 +554,21 @@ async function contribute() {
         plan: JSON.stringify(answer.plan),
         baseVersion: answer.base_version,
         token: answer.token,
+        checkedInAt: answer.checkedInAt,
+        deadlineSecs: answer.deadline_secs,
       },
       progressTo,
     );
     showTraining(result);
-    setStatus(`Sending the update (${result.update.length} bytes, no data points)…`);
+    // Partial work: training stopped early so the update still makes the round's deadline.
+    const partial =
+      result.steps < result.plannedSteps
+        ? ` (trained ${result.steps} of ${result.plannedSteps} steps on ${result.examples} ` +
+          "point(s), stopped early to meet the round's deadline)"
+        : "";
+    $("status").dataset.steps = String(result.steps);
+    $("status").dataset.plannedSteps = String(result.plannedSteps);
+    setStatus(`Sending the update (${result.update.length} bytes, no data points)${partial}…`);
     const receipt = await (
       await api(answer.upload_url, {
         method: "POST",
@@ -567,11 +580,13 @@ async function contribute() {
       })
     ).json();
     state.assignment = null;
-    state.waiting = { round: answer.round, baseVersion: answer.base_version };
-    $("status").dataset.accepted = String(answer.round);
+    // The round the update went into: in buffered mode, the buffer being filled when it
+    // arrived, which may be later than the assignment's.
+    state.waiting = { round: receipt.round, baseVersion: answer.base_version };
+    $("status").dataset.accepted = String(receipt.round);
     setStatus(
-      `✓ The server accepted your update: ${receipt.updates_in_round} of ` +
-        `${state.info.round.goal} in round ${answer.round}. Waiting for the round to commit…`,
+      `✓ The server accepted your update${partial}: ${receipt.updates_in_round} of ` +
+        `${state.info.round.goal} in round ${receipt.round}. Waiting for the round to commit…`,
       "ok",
     );
     await refreshInfo();
@@ -588,9 +603,14 @@ function explain(e) {
   }
   if (e instanceof Refused) {
     switch (e.code) {
+      case "too_stale":
+        state.assignment = null;
+        return (
+          "The model moved on too far while this device trained, so the update was not " +
+          "counted. Press Contribute again to train on the new model."
+        );
       case "round_closed":
       case "stale_version":
-      case "too_stale":
         state.assignment = null;
         return (
           "The round closed before your update arrived, so it was not counted. " +
@@ -612,6 +632,8 @@ function checkCommitted() {
   const w = state.waiting;
   const info = state.info;
   if (!w || !info) return;
+  // The update's round is over once a later one is open; it committed if the model moved.
+  if (info.round.round <= w.round) return;
   if (info.version > w.baseVersion) {
     state.waiting = null;
     const p = info.parameters;
@@ -627,7 +649,7 @@ function checkCommitted() {
         (shown ? ` (${shown}).` : "."),
       "ok",
     );
-  } else if (info.round.round > w.round) {
+  } else {
     state.waiting = null;
     setStatus(
       `Round ${w.round} ended without enough updates before its deadline, so the model ` +

@@ -2,7 +2,10 @@
 // page itself when module workers are unavailable, so both paths run the same code.
 //
 // job = { checkpoint: Uint8Array, csv: string, plan: string (JSON),
-//         baseVersion?: number, token?: string }  -- with a token it encodes an update.
+//         baseVersion?: number, token?: string,  -- with a token it encodes an update
+//         checkedInAt?: number, deadlineSecs?: number }  -- Date.now() at check-in and the
+//         answer's deadline_secs: with a plan's partial_work, training stops in time for
+//         the upload (steps < plannedSteps in the result).
 
 export function runJob(WebModel, job, onProgress) {
   const model = new WebModel(job.checkpoint);
@@ -12,7 +15,15 @@ export function runJob(WebModel, job, onProgress) {
     data = model.checkData(job.csv);
     const contributing = typeof job.token === "string";
     out = contributing
-      ? model.localUpdate(data, job.plan, job.baseVersion, job.token, onProgress)
+      ? model.localUpdate(
+          data,
+          job.plan,
+          job.baseVersion,
+          job.token,
+          onProgress,
+          job.checkedInAt,
+          job.deadlineSecs,
+        )
       : model.train(data, job.plan, onProgress);
     const names = model.parameterNames();
     const parameters = {};
@@ -24,6 +35,7 @@ export function runJob(WebModel, job, onProgress) {
     return {
       examples: out.examples,
       steps: out.steps,
+      plannedSteps: out.plannedSteps,
       lossBefore: out.lossBefore,
       lossAfter: out.lossAfter,
       accuracyBefore: out.accuracyBefore ?? null,

@@ -7,8 +7,9 @@
 //! - [`model`]: a spec compiled into operations with forward and backward passes;
 //!   [`layers`] holds them (dense, conv2d, max-pool, activations, the GEMM wrapper).
 //! - [`loss`] and [`optim`]: the losses and SGD (with momentum and FedProx's proximal term).
-//! - [`train`]: the local training loop driven by a [`train::Plan`], and `local_update`, the
-//!   one function every kind of device calls.
+//! - [`train`]: the local training loop driven by a [`train::Plan`] (which the caller may
+//!   stop between steps: FedProx's partial work), and `local_update`, the one function every
+//!   kind of device calls.
 
 pub mod builtin;
 pub mod layers;

@@ -1,5 +1,12 @@
 //! The local training loop: epochs of mini-batches, one optimiser step per batch, loss = mean
 //! over the batch — exactly the original demo's TensorFlow loop.
+//!
+//! The caller may stop the loop between steps (the progress callback answers a
+//! [`ControlFlow`]); that is FedProx's partial work, which a device does only when the plan
+//! allows it ([`Plan::partial_work`], [`Plan::training_budget_secs`]). The core keeps no
+//! clock: the caller measures time and decides.
+
+use std::ops::ControlFlow;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -32,6 +39,15 @@ pub struct Plan {
     /// from, which keeps a device's model near the global one. 0 (the default) is plain
     /// FedAvg; a plan without the key has 0.
     pub mu: f32,
+    /// FedProx's partial work (Li et al. 2020): a device whose local training would run past
+    /// the round's deadline stops early, between steps ([`Plan::training_budget_secs`]), and
+    /// sends the update of the steps it ran, counting only the examples it trained on
+    /// ([`TrainReport::examples`]), instead of missing the round. Off (the default, and when a
+    /// plan leaves the key out), a device always runs every step. Meant for FedProx (`mu` >
+    /// 0), whose proximal term keeps updates made of unequal amounts of local work
+    /// consistent; with plain FedAvg partial updates pull the average towards what the
+    /// devices that stopped early saw, so no partial work is the safer default.
+    pub partial_work: bool,
 }
 
 impl Default for Plan {
@@ -44,6 +60,7 @@ impl Default for Plan {
             shuffle: true,
             seed: 0,
             mu: 0.0,
+            partial_work: false,
         }
     }
 }
@@ -84,19 +101,74 @@ impl Plan {
         }
         Ok(())
     }
+
+    /// With partial work, the seconds after its check-in at which a device stops local
+    /// training (after the step under way), so that its update still reaches the server
+    /// before the round's deadline; `deadline_secs` is the check-in answer's time to the
+    /// deadline.
+    ///
+    /// The budget is the deadline minus a margin for evaluating, encoding and uploading the
+    /// update: a tenth of `deadline_secs`, at least 1 s, but at most half of it. So 60 s
+    /// leave 54 s of training, 5 s leave 4 s and 1 s leaves 0.5 s. A deadline at or below 0
+    /// gives 0: the loop asks only after a step, so the first step always runs and there is
+    /// always an update to send.
+    ///
+    /// `None` (train to the end) when the plan does not allow partial work, or when
+    /// `deadline_secs` is not a finite number (the server sent no usable deadline).
+    pub fn training_budget_secs(&self, deadline_secs: f64) -> Option<f64> {
+        if !self.partial_work || !deadline_secs.is_finite() {
+            return None;
+        }
+        let margin = (deadline_secs / 10.0).max(1.0).min(deadline_secs / 2.0);
+        Some((deadline_secs - margin).max(0.0))
+    }
 }
 
 /// What local training did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrainReport {
-    /// Examples in the local data set.
+    /// Distinct examples training ran on: the count an update reports. Every example of the
+    /// local data set, unless training stopped early within its first epoch; then the
+    /// examples of the batches it ran (an epoch's batches do not overlap). A run that stopped
+    /// in a later epoch has seen every example.
     pub examples: usize,
-    /// Optimiser steps taken.
+    /// Optimiser steps run.
     pub steps: usize,
+    /// Optimiser steps the plan asks for (batches per epoch times epochs): more than `steps`
+    /// when training stopped early.
+    pub planned_steps: usize,
     /// Loss and accuracy over the whole local data before training.
     pub before: Evaluation,
     /// Loss and accuracy over the whole local data after training.
     pub after: Evaluation,
+}
+
+impl TrainReport {
+    /// Whether training stopped before running every step of the plan (partial work).
+    pub fn is_partial(&self) -> bool {
+        self.steps < self.planned_steps
+    }
+}
+
+/// What a progress callback answers after a step: whether training goes on.
+///
+/// Implemented for `()`, a callback that only watches (training runs every step), and for
+/// [`ControlFlow<()>`], where `Break(())` stops training after the step just reported.
+pub trait StepControl {
+    /// True when training is to stop after the step just reported.
+    fn stops(self) -> bool;
+}
+
+impl StepControl for () {
+    fn stops(self) -> bool {
+        false
+    }
+}
+
+impl StepControl for ControlFlow<()> {
+    fn stops(self) -> bool {
+        self.is_break()
+    }
 }
 
 /// Progress of local training, reported after every step.
@@ -150,12 +222,20 @@ pub fn check_data(model: &Model, data: &Dataset) -> Result<(), DataError> {
 }
 
 /// Trains `params` in place on `data` following `plan`, calling `progress` after each step.
-pub fn train(
+///
+/// `progress` may stop training early by answering `ControlFlow::Break(())` (see
+/// [`StepControl`]); a callback returning `()` never stops it. Stopping happens between
+/// steps, after at least one, and leaves `params` as they were after that step: the steps
+/// that ran are exactly the first steps of the whole run (the same batches, the same
+/// optimiser state). The report then says how many steps ran and which examples count
+/// ([`TrainReport::examples`]). The evaluation after training covers the whole local data
+/// either way.
+pub fn train<C: StepControl>(
     model: &Model,
     params: &mut Parameters,
     data: &Dataset,
     plan: &Plan,
-    mut progress: impl FnMut(Progress),
+    mut progress: impl FnMut(Progress) -> C,
 ) -> Result<TrainReport, TrainError> {
     plan.validate()?;
     params.check_layout(model.layout())?;
@@ -174,7 +254,10 @@ pub fn train(
     let per_epoch = n.div_ceil(plan.batch_size);
     let total_steps = per_epoch * plan.epochs as usize;
     let mut step = 0;
-    for _ in 0..plan.epochs {
+    // Distinct examples trained on: those of the first epoch's batches so far; after the
+    // first epoch, all of them.
+    let mut seen = 0;
+    'epochs: for epoch in 0..plan.epochs {
         if plan.shuffle {
             order.shuffle(&mut rng);
         }
@@ -183,17 +266,24 @@ pub fn train(
             let batch_loss = model.loss_and_grad(params, &x, &y, batch.len(), &mut grads);
             opt.step(params, &grads);
             step += 1;
-            progress(Progress {
+            if epoch == 0 {
+                seen += batch.len();
+            }
+            let answer = progress(Progress {
                 step,
                 total_steps,
                 batch_loss,
             });
+            if answer.stops() {
+                break 'epochs;
+            }
         }
     }
     let after = model.evaluate(params, data.features(), data.targets(), n);
     Ok(TrainReport {
-        examples: n,
-        steps: total_steps,
+        examples: seen,
+        steps: step,
+        planned_steps: total_steps,
         before,
         after,
     })
@@ -202,14 +292,20 @@ pub fn train(
 /// What a device does with an assignment: trains a copy of `base` on its data and encodes
 /// the update (the parameter difference, the example count and the local loss). Shared by
 /// the native device, the browser app and the simulator.
-pub fn local_update(
+///
+/// `progress` may stop training early, as in [`train`] (devices do so only when
+/// [`Plan::partial_work`] allows it); the update is then the difference after the steps
+/// that ran, and its example count is the report's [`TrainReport::examples`], the examples
+/// those steps trained on. A stopped run has run at least one step, so there is always an
+/// update to send.
+pub fn local_update<C: StepControl>(
     model: &Model,
     base: &Parameters,
     data: &Dataset,
     plan: &Plan,
     base_version: u64,
     token: String,
-    progress: impl FnMut(Progress),
+    progress: impl FnMut(Progress) -> C,
 ) -> Result<(Vec<u8>, TrainReport), TrainError> {
     let mut params = base.clone();
     let report = train(model, &mut params, data, plan, progress)?;

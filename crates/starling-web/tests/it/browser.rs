@@ -18,7 +18,7 @@ use starling_client::{Device, DeviceOptions, HttpTransport};
 use starling_core::data::{synthetic_line, TargetColumn};
 use starling_core::trainer::spec::ModelSpec;
 use starling_core::{trainer::train, wire::checkpoint, Dataset, Model, Plan};
-use starling_server::settings::{RoundPolicy, TaskSettings};
+use starling_server::settings::{BufferedPolicy, RoundPolicy, TaskSettings};
 use starling_server::{Running, Settings};
 
 /// One browser at a time: the machine has two cores, and each test already runs a server.
@@ -183,10 +183,7 @@ struct Server {
 
 impl Server {
     async fn start(goal: u32, plan: Plan) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let mut settings = Settings::default();
-        settings.server.data_dir = dir.path().to_path_buf();
-        settings.tasks = vec![TaskSettings {
+        Self::start_task(TaskSettings {
             plan: Some(starling_server::settings::plan_table(&plan)),
             rounds: RoundPolicy {
                 goal,
@@ -199,7 +196,15 @@ impl Server {
             min_cohort: goal,
             max_assignments_per_address: 100,
             ..TaskSettings::default()
-        }];
+        })
+        .await
+    }
+
+    async fn start_task(task: TaskSettings) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut settings = Settings::default();
+        settings.server.data_dir = dir.path().to_path_buf();
+        settings.tasks = vec![task];
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         Ok(Server {
             running: starling_server::spawn(settings, listener).await?,
@@ -535,6 +540,135 @@ async fn mixed_round() -> Result<()> {
     Ok(())
 }
 
+/// Buffered asynchronous mode (FedBuff) with a browser and native devices over HTTP: no
+/// rounds to wait for; every two accepted updates make a version, and an update built on a
+/// version more than `max_staleness` behind is refused with `too_stale`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_and_native_devices_train_a_buffered_task() -> Result<()> {
+    bounded(buffered_task()).await
+}
+
+async fn native_contribution(server: &Server, seed: u64) -> Result<()> {
+    let data = synthetic_line(2.0, 1.0, (-2.0, 2.0), 20, 0.1, seed);
+    let mut device = Device::new(
+        HttpTransport::new(&server.running.url()),
+        data,
+        DeviceOptions {
+            rounds: Some(1),
+            ..DeviceOptions::default()
+        },
+    );
+    let report = device.run(|_| {}).await?;
+    assert_eq!(report.contributions, 1);
+    Ok(())
+}
+
+/// Polls the task until its version reaches `version` (a step follows its last receipt).
+async fn wait_version(server: &Server, version: u64) -> Result<Value> {
+    let started = Instant::now();
+    loop {
+        let task = server.json("/v1/tasks/linear").await?;
+        if task["version"].as_u64() >= Some(version) {
+            return Ok(task);
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("version {version} never came: {task}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn buffered_task() -> Result<()> {
+    let _one = ONE_BROWSER.lock().await;
+    let server = Server::start_task(TaskSettings {
+        plan: Some(starling_server::settings::plan_table(&demo_plan())),
+        // Buffers of two, every device on 127.0.0.1: test-sized, said explicitly.
+        min_cohort: 2,
+        max_assignments_per_address: 100,
+        buffered: Some(BufferedPolicy {
+            buffer: 2,
+            concurrency: 10,
+            max_staleness: 1,
+            ..BufferedPolicy::default()
+        }),
+        ..TaskSettings::default()
+    })
+    .await?;
+    let task = server.json("/v1/tasks/linear").await?;
+    assert_eq!(task["mode"], "buffered", "{task}");
+    // A laggard checks in on version 0 and returns only after two versions.
+    let laggard: Value = server
+        .http
+        .post(server.url("/v1/tasks/linear/checkin"))
+        .json(&json!({"device": "laggard"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(laggard["base_version"], 0, "{laggard}");
+
+    let browser = Browser::start(Viewport::Desktop).await?;
+    let c = browser.client();
+    open_app(c, &server, "/app/", 0).await?;
+    native_contribution(&server, 7).await?;
+    let task = server.json("/v1/tasks/linear").await?;
+    assert_eq!(task["version"], 0, "one update of two: no step yet");
+    assert_eq!(task["round"]["updates"], 1);
+    // The browser's update is the buffer's second: version 1.
+    enter_points(c).await?;
+    contribute(c, 1, 1).await?;
+    page_shows_server_model(c, &server, 1).await?;
+    // Two more native updates: version 2 (the step follows the second receipt).
+    native_contribution(&server, 8).await?;
+    native_contribution(&server, 9).await?;
+    let task = wait_version(&server, 2).await?;
+    assert_eq!(task["version"], 2, "{task}");
+    let rounds = server.json("/v1/tasks/linear/rounds").await?;
+    let rounds = rounds["rounds"].as_array().context("rounds")?;
+    assert_eq!(rounds.len(), 2);
+    assert!(rounds
+        .iter()
+        .all(|r| r["participants"] == 2 && r["status"] == "committed"));
+
+    // The laggard's update is two versions behind, one more than allowed.
+    let token = laggard["token"].as_str().context("token")?;
+    let model = Model::new(ModelSpec::from_json(&task["spec"].to_string())?)?;
+    let params = model.spec().init_params(0);
+    let data = synthetic_line(2.0, 1.0, (-2.0, 2.0), 10, 0.1, 3);
+    let (body, _) = train::local_update(
+        &model,
+        &params,
+        &data,
+        &demo_plan(),
+        0,
+        token.to_string(),
+        |_| {},
+    )?;
+    let r = server
+        .http
+        .post(server.url(laggard["upload_url"].as_str().context("upload_url")?))
+        .header("x-starling-token", token)
+        .body(body)
+        .send()
+        .await?;
+    assert_eq!(r.status(), reqwest::StatusCode::CONFLICT);
+    let e: Value = r.json().await?;
+    assert_eq!(e["error"]["code"], "too_stale", "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("2 versions behind")),
+        "{e}"
+    );
+    assert_eq!(server.json("/v1/tasks/linear").await?["version"], 2);
+    scroll_to(c, "#train-card").await?;
+    screenshot(c, "buffered").await?;
+
+    browser.close().await;
+    server.running.stop().await?;
+    Ok(())
+}
+
 /// Same numbers everywhere: the page's WebAssembly trainer and the native `starling-core`
 /// trainer give the same parameters for the same model, data and plan.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -584,6 +718,7 @@ async fn same_numbers() -> Result<()> {
                 shuffle: true,
                 seed: 11,
                 mu: 0.0,
+                partial_work: false,
             },
         ),
         (
@@ -610,6 +745,7 @@ async fn same_numbers() -> Result<()> {
                 shuffle: true,
                 seed: 5,
                 mu: 0.3,
+                partial_work: false,
             },
         ),
     ];
@@ -660,6 +796,115 @@ async fn same_numbers() -> Result<()> {
         );
         eprintln!("{what}: largest relative difference {worst:e}");
     }
+
+    browser.close().await;
+    server.running.stop().await?;
+    Ok(())
+}
+
+/// FedProx's partial work in the page: a plan whose training would take far longer than the
+/// round's deadline allows stops on the page's clock in time to upload, and the server counts
+/// the update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_short_of_time_sends_partial_work() -> Result<()> {
+    bounded(partial_work_round()).await
+}
+
+async fn partial_work_round() -> Result<()> {
+    let _one = ONE_BROWSER.lock().await;
+    let deadline_secs = 6.0;
+    // 10^8 one-example steps: minutes of training even for `linear` in WebAssembly.
+    let plan = Plan {
+        epochs: 20_000_000,
+        batch_size: 1,
+        learning_rate: 0.01,
+        mu: 0.1,
+        partial_work: true,
+        ..Plan::default()
+    };
+    let server = Server::start_task(TaskSettings {
+        plan: Some(starling_server::settings::plan_table(&plan)),
+        rounds: RoundPolicy {
+            goal: 1,
+            min: 1,
+            deadline_secs,
+            overcommit: 1.0,
+            retry_secs: 1.0,
+        },
+        // A test-sized round, every device on 127.0.0.1: said explicitly.
+        min_cohort: 1,
+        max_assignments_per_address: 100,
+        ..TaskSettings::default()
+    })
+    .await?;
+    let browser = Browser::start(Viewport::Desktop).await?;
+    let c = browser.client();
+    open_app(c, &server, "/app/", 0).await?;
+    let points = enter_points(c).await?;
+    let plan_text = text(c, "#plan").await?;
+    assert!(plan_text.contains("stops early"), "{plan_text}");
+
+    // A round nobody joined stays open for another period: start near the beginning of one,
+    // so the page gets about 4 s of training and 1 s for the upload.
+    let started = Instant::now();
+    loop {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as i64;
+        if server.running.tasks[0].status().round.deadline_ms - now_ms >= 5000 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            bail!("the round's deadline never moved on");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.find(Locator::Css("#contribute")).await?.click().await?;
+    wait_for(
+        c,
+        "document.getElementById('status').dataset.accepted !== undefined",
+        "the server to accept the partial update",
+    )
+    .await?;
+    let steps: u64 = c
+        .execute(
+            "return document.getElementById('status').dataset.steps;",
+            vec![],
+        )
+        .await?
+        .as_str()
+        .context("data-steps")?
+        .parse()?;
+    let planned: u64 = c
+        .execute(
+            "return document.getElementById('status').dataset.plannedSteps;",
+            vec![],
+        )
+        .await?
+        .as_str()
+        .context("data-planned-steps")?
+        .parse()?;
+    assert_eq!(planned, 100_000_000);
+    assert!(steps >= 1 && steps < planned, "{steps} of {planned} steps");
+    // The status line said so ("... stopped early to meet the round's deadline"), but in a
+    // round of one the commit's message may already have replaced it.
+    eprintln!("the page trained {steps} of {planned} steps");
+
+    // The round committed with the update, weighted by the examples it trained on: every
+    // point, since training got past the first epoch.
+    let mut st = server.running.tasks[0].subscribe();
+    let record = tokio::time::timeout(
+        Duration::from_secs(30),
+        st.wait_for(|s| s.last_round.is_some()),
+    )
+    .await??
+    .last_round
+    .clone()
+    .context("a round record")?;
+    assert_eq!(record.version, Some(1), "{record:?}");
+    assert_eq!(record.participants, 1);
+    assert_eq!(record.examples, points as u64);
+    screenshot(c, "partial-work").await?;
 
     browser.close().await;
     server.running.stop().await?;
