@@ -75,3 +75,19 @@ fn is_key_value(line: &str) -> bool {
         !key.is_empty() && key.chars().all(|c| c == '_' || c.is_ascii_lowercase())
     })
 }
+
+/// The `[tasks.buffered]` table the file shows in a comment is a real one, with the defaults.
+#[test]
+fn the_documented_buffered_table_parses_to_the_defaults() {
+    let text = std::fs::read_to_string(example_path()).unwrap();
+    let table: String = text
+        .lines()
+        .skip_while(|l| *l != "#   [tasks.buffered]")
+        .skip(1)
+        .map_while(|l| l.strip_prefix("#   "))
+        .map(|l| format!("{}\n", l.split('#').next().unwrap()))
+        .collect();
+    assert!(table.contains("buffer = 10"), "{table}");
+    let parsed: starling_server::settings::BufferedPolicy = toml::from_str(&table).unwrap();
+    assert_eq!(parsed, Default::default());
+}
