@@ -96,6 +96,18 @@ fn log_event(e: &DeviceEvent) {
             loss_after,
             ..
         } => tracing::info!(round, examples, loss_before, loss_after, "update accepted"),
+        DeviceEvent::Evaluated {
+            round,
+            examples,
+            loss,
+            accuracy,
+        } => tracing::info!(
+            round,
+            examples,
+            loss,
+            accuracy = accuracy.unwrap_or(f32::NAN),
+            "evaluation reported"
+        ),
         DeviceEvent::Skipped { round, reason } => {
             tracing::warn!(round, "update not used: {reason}")
         }

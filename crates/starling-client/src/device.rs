@@ -38,7 +38,7 @@ use bytes::Bytes;
 use rand::Rng;
 use starling_core::trainer::train::{self, check_data, Progress};
 use starling_core::wire::checkpoint;
-use starling_core::wire::protocol::{CheckInAnswer, ErrorCode};
+use starling_core::wire::protocol::{CheckInAnswer, ErrorCode, EvaluationReport, RoundKind};
 use starling_core::{Dataset, Model, Parameters};
 use tokio::time::Instant;
 
@@ -130,6 +130,17 @@ pub enum DeviceEvent {
         /// Local loss after training.
         loss_after: f32,
     },
+    /// An evaluation round's report was accepted: the model's score on the local data.
+    Evaluated {
+        /// The round.
+        round: u64,
+        /// Examples scored.
+        examples: usize,
+        /// Mean loss of the round's model on them.
+        loss: f32,
+        /// Mean accuracy (classifiers).
+        accuracy: Option<f32>,
+    },
     /// The update arrived too late or for a finished round; the device tries the next round.
     Skipped {
         /// The round.
@@ -152,8 +163,10 @@ pub enum DeviceEvent {
 pub struct DeviceReport {
     /// Updates accepted.
     pub contributions: u64,
-    /// Updates skipped (late or stale).
+    /// Updates (or evaluation reports) skipped (late or stale).
     pub skipped: u64,
+    /// Evaluation reports accepted (evaluation rounds; not counted in `contributions`).
+    pub evaluations: u64,
     /// Accepted updates that were partial work: training stopped early to meet the round's
     /// deadline (counted in `contributions` too).
     pub partial: u64,
@@ -312,6 +325,88 @@ impl<T: Transport> Device<T> {
         Ok(self.cached.as_ref().is_some_and(|c| c.version == version))
     }
 
+    /// An evaluation round's part: reports the model's score on the local data (only the
+    /// example count, mean loss and mean accuracy leave the device), retried like an upload
+    /// until the round's deadline.
+    #[allow(clippy::too_many_arguments)]
+    async fn evaluate(
+        &mut self,
+        report: &mut DeviceReport,
+        on_event: &mut impl FnMut(&DeviceEvent),
+        round: u64,
+        token: &str,
+        base_version: u64,
+        (scored, examples): (starling_core::trainer::model::Evaluation, usize),
+        round_ends: Option<Instant>,
+    ) -> Result<(), ClientError> {
+        let loss = f64::from(scored.loss);
+        if !loss.is_finite() {
+            report.skipped += 1;
+            on_event(&DeviceEvent::Skipped {
+                round,
+                reason: "the model's loss on the local data is not a finite number".into(),
+            });
+            return Ok(());
+        }
+        let body = EvaluationReport {
+            base_version,
+            examples: examples as u64,
+            loss,
+            accuracy: scored.accuracy.map(f64::from),
+        };
+        let task = self.options.task.clone();
+        let mut tries = 0u32;
+        let result = retry(
+            &self.options,
+            &mut self.failing_since,
+            round_ends,
+            on_event,
+            || {
+                tries += 1;
+                self.transport.evaluate(&task, round, token, &body)
+            },
+        )
+        .await;
+        let skipped = match result {
+            Ok(_) => None,
+            Err(e) if e.code() == Some(ErrorCode::DuplicateUpdate) && tries > 1 => None,
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some(
+                        ErrorCode::RoundClosed
+                            | ErrorCode::StaleVersion
+                            | ErrorCode::WrongRoundKind
+                            | ErrorCode::InvalidToken
+                            | ErrorCode::DuplicateUpdate
+                    )
+                ) =>
+            {
+                Some(e.to_string())
+            }
+            Err(e) if e.is_retryable() => Some(format!(
+                "the round's deadline passed before the server took the report ({e})"
+            )),
+            Err(e) => return Err(e),
+        };
+        match skipped {
+            None => {
+                report.evaluations += 1;
+                on_event(&DeviceEvent::Evaluated {
+                    round,
+                    examples,
+                    loss: scored.loss,
+                    accuracy: scored.accuracy,
+                });
+            }
+            Some(reason) => {
+                report.skipped += 1;
+                on_event(&DeviceEvent::Skipped { round, reason });
+            }
+        }
+        Ok(())
+    }
+
     /// Runs until `options.rounds` updates were accepted (or forever).
     pub async fn run(
         &mut self,
@@ -330,7 +425,7 @@ impl<T: Transport> Device<T> {
             )
             .await?;
             let checked_in = Instant::now();
-            let (round, base_version, token, deadline_secs, plan) = match answer {
+            let (round, kind, base_version, token, deadline_secs, plan) = match answer {
                 CheckInAnswer::Retry {
                     retry_after_secs,
                     reason,
@@ -346,12 +441,13 @@ impl<T: Transport> Device<T> {
                 }
                 CheckInAnswer::Assigned {
                     round,
+                    kind,
                     base_version,
                     token,
                     deadline_secs,
                     plan,
                     ..
-                } => (round, base_version, token, deadline_secs, plan),
+                } => (round, kind, base_version, token, deadline_secs, plan),
             };
             // The round's deadline as this device sees it, no earlier than the server's
             // (`None`: too far away to matter).
@@ -364,6 +460,30 @@ impl<T: Transport> Device<T> {
             }
             let cached = self.cached.as_ref().expect("ensure_model filled the cache");
             report.last_version = Some(cached.version);
+            if kind == RoundKind::Evaluation {
+                let (model, params, data) = (
+                    cached.model.clone(),
+                    cached.params.clone(),
+                    self.data.clone(),
+                );
+                let scored = tokio::task::spawn_blocking(move || {
+                    let e = model.evaluate(&params, data.features(), data.targets(), data.len());
+                    (e, data.len())
+                })
+                .await
+                .map_err(|e| ClientError::Protocol(format!("evaluation task failed: {e}")))?;
+                self.evaluate(
+                    &mut report,
+                    &mut on_event,
+                    round,
+                    &token,
+                    base_version,
+                    scored,
+                    round_ends,
+                )
+                .await?;
+                continue;
+            }
             on_event(&DeviceEvent::Training {
                 round,
                 version: base_version,
@@ -441,6 +561,7 @@ impl<T: Transport> Device<T> {
                             ErrorCode::RoundClosed
                                 | ErrorCode::StaleVersion
                                 | ErrorCode::TooStale
+                                | ErrorCode::WrongRoundKind
                                 | ErrorCode::InvalidToken
                                 | ErrorCode::DuplicateUpdate
                         )

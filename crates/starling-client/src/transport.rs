@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use starling_core::wire::protocol::{CheckInRequest, ErrorBody, TOKEN_HEADER};
+use starling_core::wire::protocol::{CheckInRequest, ErrorBody, EvaluationReport, TOKEN_HEADER};
 
 pub use starling_core::wire::protocol::{CheckInAnswer, UploadReceipt};
 
@@ -51,6 +51,15 @@ pub trait Transport: Send + Sync {
         round: u64,
         token: &str,
         body: Bytes,
+    ) -> impl std::future::Future<Output = Result<UploadReceipt, ClientError>> + Send;
+    /// Posts an evaluation round's report (the model's example count, mean loss and accuracy
+    /// on the local data) with the assignment's token.
+    fn evaluate(
+        &self,
+        task: &str,
+        round: u64,
+        token: &str,
+        report: &EvaluationReport,
     ) -> impl std::future::Future<Output = Result<UploadReceipt, ClientError>> + Send;
 }
 
@@ -217,5 +226,26 @@ impl Transport for HttpTransport {
             return Err(refusal(resp).await);
         }
         answer(resp, "upload receipt").await
+    }
+
+    async fn evaluate(
+        &self,
+        task: &str,
+        round: u64,
+        token: &str,
+        report: &EvaluationReport,
+    ) -> Result<UploadReceipt, ClientError> {
+        let resp = self
+            .client
+            .post(self.url(&format!("/v1/tasks/{task}/rounds/{round}/evaluations")))
+            .header(TOKEN_HEADER, token)
+            .json(report)
+            .send()
+            .await
+            .map_err(unreachable)?;
+        if !resp.status().is_success() {
+            return Err(refusal(resp).await);
+        }
+        answer(resp, "evaluation receipt").await
     }
 }

@@ -238,6 +238,77 @@ async fn without_partial_work_a_slow_device_runs_every_step() {
     assert_eq!(record.examples, 100);
 }
 
+/// A task with an evaluation round after every training round: the device trains round 1,
+/// scores version 1 on its data in round 2 (reporting only the count, loss and accuracy the
+/// core's `Model::evaluate` gives on that data), and trains round 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_answers_an_evaluation_round_with_its_score_and_trains_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path(), 1);
+    s.tasks[0].evaluate_every = 1;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = starling_server::spawn(s, listener).await.unwrap();
+    let data = line_data();
+    let mut device = Device::new(HttpTransport::new(&server.url()), data.clone(), options(2));
+    let (result, events) = run_collecting(&mut device).await;
+    let report = result.unwrap();
+    assert_eq!(
+        (report.contributions, report.evaluations, report.skipped),
+        (2, 1, 0),
+        "{events:?}"
+    );
+    let Some(DeviceEvent::Evaluated {
+        round,
+        examples,
+        loss,
+        accuracy,
+    }) = events
+        .iter()
+        .find(|e| matches!(e, DeviceEvent::Evaluated { .. }))
+        .cloned()
+    else {
+        panic!("no evaluation in {events:?}")
+    };
+    assert_eq!((round, examples, accuracy), (2, 20, None));
+    // Round 3's step follows the device's last receipt.
+    let mut st = server.tasks[0].subscribe();
+    st.wait_for(|s| s.model.version >= 2).await.unwrap();
+    let history: serde_json::Value =
+        reqwest::get(format!("{}/v1/tasks/linear/rounds", server.url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    let rounds = history["rounds"].as_array().unwrap();
+    let eval = &rounds[1];
+    assert_eq!(
+        (&eval["kind"], &eval["status"], &eval["base_version"]),
+        (
+            &serde_json::json!("evaluation"),
+            &serde_json::json!("evaluated"),
+            &serde_json::json!(1)
+        ),
+        "{history}"
+    );
+    assert_eq!(eval["examples"], 20);
+    assert_eq!(eval["mean_loss"].as_f64(), Some(f64::from(loss)));
+    let body = reqwest::get(format!("{}/v1/tasks/linear/model", server.url()))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let v3 = checkpoint::decode(&body).unwrap();
+    assert_eq!(
+        v3.version, 2,
+        "rounds 1 and 3 trained; round 2 moved nothing"
+    );
+    assert_eq!(rounds[2]["version"], 2);
+    assert!(loss.is_finite() && loss > 0.0);
+    server.stop().await.unwrap();
+}
+
 // ---- a scripted server ------------------------------------------------------------------
 
 /// The requests the scripted server distinguishes.

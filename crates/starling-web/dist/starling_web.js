@@ -1,4 +1,52 @@
 /**
+ * An evaluation round's score of the served model on the person's data: the only numbers
+ * an evaluation report carries.
+ */
+export class EvaluationOutcome {
+    static __wrap(ptr) {
+        const obj = Object.create(EvaluationOutcome.prototype);
+        obj.__wbg_ptr = ptr;
+        EvaluationOutcomeFinalization.register(obj, obj.__wbg_ptr, obj);
+        return obj;
+    }
+    __destroy_into_raw() {
+        const ptr = this.__wbg_ptr;
+        this.__wbg_ptr = 0;
+        EvaluationOutcomeFinalization.unregister(this);
+        return ptr;
+    }
+    free() {
+        const ptr = this.__destroy_into_raw();
+        wasm.__wbg_evaluationoutcome_free(ptr, 0);
+    }
+    /**
+     * Mean accuracy (classifiers; `undefined` otherwise).
+     * @returns {number | undefined}
+     */
+    get accuracy() {
+        const ret = wasm.evaluationoutcome_accuracy(this.__wbg_ptr);
+        return ret === Number.MAX_SAFE_INTEGER ? undefined : ret;
+    }
+    /**
+     * Examples scored.
+     * @returns {number}
+     */
+    get examples() {
+        const ret = wasm.evaluationoutcome_examples(this.__wbg_ptr);
+        return ret >>> 0;
+    }
+    /**
+     * Mean loss.
+     * @returns {number}
+     */
+    get loss() {
+        const ret = wasm.evaluationoutcome_loss(this.__wbg_ptr);
+        return ret;
+    }
+}
+if (Symbol.dispose) EvaluationOutcome.prototype[Symbol.dispose] = EvaluationOutcome.prototype.free;
+
+/**
  * The result of a training run: loss before and after, the trained parameters (for a
  * trial run) or the encoded update (for a contribution).
  */
@@ -217,6 +265,16 @@ export class WebModel {
         } finally {
             wasm.__wbindgen_add_to_stack_pointer(16);
         }
+    }
+    /**
+     * An evaluation round's step: scores the served model on `data`.
+     * @param {WebData} data
+     * @returns {EvaluationOutcome}
+     */
+    evaluate(data) {
+        _assertClass(data, WebData);
+        const ret = wasm.webmodel_evaluate(this.__wbg_ptr, data.__wbg_ptr);
+        return EvaluationOutcome.__wrap(ret);
     }
     /**
      * Feature columns a data row has (before the target column).
@@ -456,6 +514,9 @@ function __wbg_get_imports() {
     };
 }
 
+const EvaluationOutcomeFinalization = (typeof FinalizationRegistry === 'undefined')
+    ? { register: () => {}, unregister: () => {} }
+    : new FinalizationRegistry(ptr => wasm.__wbg_evaluationoutcome_free(ptr, 1));
 const TrainOutcomeFinalization = (typeof FinalizationRegistry === 'undefined')
     ? { register: () => {}, unregister: () => {} }
     : new FinalizationRegistry(ptr => wasm.__wbg_trainoutcome_free(ptr, 1));

@@ -70,6 +70,37 @@ pub struct WebModel(LocalModel);
 #[wasm_bindgen]
 pub struct WebData(Dataset);
 
+/// An evaluation round's score of the served model on the person's data: the only numbers
+/// an evaluation report carries.
+#[wasm_bindgen]
+#[derive(Debug, Clone, Copy)]
+pub struct EvaluationOutcome {
+    examples: usize,
+    loss: f32,
+    accuracy: Option<f32>,
+}
+
+#[wasm_bindgen]
+impl EvaluationOutcome {
+    /// Examples scored.
+    #[wasm_bindgen(getter)]
+    pub fn examples(&self) -> usize {
+        self.examples
+    }
+
+    /// Mean loss.
+    #[wasm_bindgen(getter)]
+    pub fn loss(&self) -> f32 {
+        self.loss
+    }
+
+    /// Mean accuracy (classifiers; `undefined` otherwise).
+    #[wasm_bindgen(getter)]
+    pub fn accuracy(&self) -> Option<f32> {
+        self.accuracy
+    }
+}
+
 /// The result of a training run: loss before and after, the trained parameters (for a
 /// trial run) or the encoded update (for a contribution).
 #[wasm_bindgen]
@@ -162,6 +193,16 @@ impl WebModel {
             params: Some(t.params),
             update: None,
         })
+    }
+
+    /// An evaluation round's step: scores the served model on `data`.
+    pub fn evaluate(&self, data: &WebData) -> EvaluationOutcome {
+        let e = self.0.evaluate(&data.0);
+        EvaluationOutcome {
+            examples: data.0.len(),
+            loss: e.loss,
+            accuracy: e.accuracy,
+        }
     }
 
     /// The native device's step: trains a copy and encodes the update for the assignment

@@ -156,6 +156,13 @@ impl LocalModel {
         Ok(Trained { report, params })
     }
 
+    /// An evaluation round's step: the served model's mean loss and accuracy on `data`
+    /// (the core's [`Model::evaluate`], as the native device scores).
+    pub fn evaluate(&self, data: &Dataset) -> starling_core::trainer::model::Evaluation {
+        self.model
+            .evaluate(&self.params, data.features(), data.targets(), data.len())
+    }
+
     /// The native device's step, unchanged: trains a copy of the served parameters and
     /// encodes the update for the assignment (`base_version`, `token`). `progress` may stop
     /// training between steps (partial work), as in [`train::local_update`].

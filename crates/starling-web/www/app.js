@@ -546,6 +546,10 @@ async function contribute() {
       setStatus("The model changed while checking in. Press Contribute again.", "warn");
       return;
     }
+    if (answer.kind === "evaluation") {
+      await reportEvaluation(answer);
+      return;
+    }
     setStatus(`Training for round ${answer.round} on this device…`);
     const result = await train(
       {
@@ -597,6 +601,38 @@ async function contribute() {
   }
 }
 
+// An evaluation round: score the round's model on the points and send only the count, the
+// mean loss and the mean accuracy.
+async function reportEvaluation(answer) {
+  setStatus(`Scoring the model for evaluation round ${answer.round} on this device…`);
+  const score = await train(
+    { checkpoint: state.modelBytes, csv: $("csv").value, evaluate: true },
+    () => {},
+  );
+  const report = {
+    base_version: answer.base_version,
+    examples: score.examples,
+    loss: score.loss,
+  };
+  if (score.accuracy !== null) report.accuracy = score.accuracy;
+  setStatus("Sending the score (no data points)…");
+  const receipt = await (
+    await api(answer.upload_url, {
+      method: "POST",
+      headers: { "content-type": "application/json", "X-Starling-Token": answer.token },
+      body: JSON.stringify(report),
+    })
+  ).json();
+  state.assignment = null;
+  $("status").dataset.evaluated = String(receipt.round);
+  setStatus(
+    `✓ Round ${receipt.round} was an evaluation round: your score of version ` +
+      `${answer.base_version} (loss ${fmt(score.loss)} on ${score.examples} point(s)) was ` +
+      "counted. Nothing was trained; press Contribute again for the next round.",
+    "ok",
+  );
+}
+
 function explain(e) {
   if (e instanceof Unreachable) {
     return "Cannot reach the server, so nothing was sent. Check the connection and try again.";
@@ -611,6 +647,7 @@ function explain(e) {
         );
       case "round_closed":
       case "stale_version":
+      case "wrong_round_kind":
         state.assignment = null;
         return (
           "The round closed before your update arrived, so it was not counted. " +

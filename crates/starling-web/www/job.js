@@ -3,9 +3,11 @@
 //
 // job = { checkpoint: Uint8Array, csv: string, plan: string (JSON),
 //         baseVersion?: number, token?: string,  -- with a token it encodes an update
-//         checkedInAt?: number, deadlineSecs?: number }  -- Date.now() at check-in and the
+//         checkedInAt?: number, deadlineSecs?: number,  -- Date.now() at check-in and the
 //         answer's deadline_secs: with a plan's partial_work, training stops in time for
-//         the upload (steps < plannedSteps in the result).
+//         the upload (steps < plannedSteps in the result)
+//         evaluate?: true }  -- an evaluation round: {examples, loss, accuracy} of the
+//         served model on the data, nothing trained
 
 export function runJob(WebModel, job, onProgress) {
   const model = new WebModel(job.checkpoint);
@@ -13,6 +15,11 @@ export function runJob(WebModel, job, onProgress) {
   let out = null;
   try {
     data = model.checkData(job.csv);
+    if (job.evaluate) {
+      // An evaluation round: score the served model; nothing is trained.
+      out = model.evaluate(data);
+      return { examples: out.examples, loss: out.loss, accuracy: out.accuracy ?? null };
+    }
     const contributing = typeof job.token === "string";
     out = contributing
       ? model.localUpdate(

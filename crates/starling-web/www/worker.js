@@ -13,7 +13,9 @@ self.onmessage = async (event) => {
     const result = runJob(WebModel, job, (step, total, loss) => {
       self.postMessage({ id, type: "progress", step, total, loss });
     });
-    self.postMessage({ id, type: "done", result }, [result.update.buffer]);
+    // An evaluation's result has no update to hand over.
+    const transfer = result.update ? [result.update.buffer] : [];
+    self.postMessage({ id, type: "done", result }, transfer);
   } catch (e) {
     self.postMessage({ id, type: "error", message: String((e && e.message) || e) });
   }

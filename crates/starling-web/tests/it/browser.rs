@@ -669,6 +669,92 @@ async fn buffered_task() -> Result<()> {
     Ok(())
 }
 
+/// Federated evaluation in the browser: in an evaluation round the page scores the round's
+/// model on the person's points and sends only the count, mean loss and accuracy; the server
+/// records the same loss the native core computes for those points, and the model stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_browser_answers_an_evaluation_round_with_its_score() -> Result<()> {
+    bounded(browser_evaluation()).await
+}
+
+async fn browser_evaluation() -> Result<()> {
+    let _one = ONE_BROWSER.lock().await;
+    let server = Server::start_task(TaskSettings {
+        plan: Some(starling_server::settings::plan_table(&demo_plan())),
+        rounds: RoundPolicy {
+            goal: 1,
+            min: 1,
+            deadline_secs: 300.0,
+            overcommit: 2.0,
+            retry_secs: 1.0,
+        },
+        // One device per round, on 127.0.0.1: test-sized, said explicitly.
+        min_cohort: 1,
+        max_assignments_per_address: 100,
+        evaluate_every: 1,
+        ..TaskSettings::default()
+    })
+    .await?;
+    native_contribution(&server, 11).await?;
+    let task = wait_version(&server, 1).await?;
+    assert_eq!(task["round"]["kind"], "evaluation", "{task}");
+
+    let browser = Browser::start(Viewport::Desktop).await?;
+    let c = browser.client();
+    open_app(c, &server, "/app/", 1).await?;
+    let points = enter_points(c).await?;
+    c.find(Locator::Css("#contribute")).await?.click().await?;
+    wait_for(
+        c,
+        "document.getElementById('status').dataset.evaluated === '2'",
+        "the server to take the page's evaluation report",
+    )
+    .await?;
+    let status = text(c, "#status").await?;
+    assert!(status.contains("evaluation round"), "{status}");
+    screenshot(c, "evaluation").await?;
+
+    // The native core's score of version 1 on the same points.
+    let checkpoint = checkpoint::decode(&server.model_bytes().await?)?;
+    assert_eq!(checkpoint.version, 1, "evaluation moved no model");
+    let model = Model::new(checkpoint.spec)?;
+    let csv = "-1,-1.1\n0.5,2.05\n1.5,3.9\n2,5.1\n-2,-2.9\n";
+    let data = Dataset::from_csv(csv.as_bytes(), &TargetColumn::Last)?;
+    assert_eq!(data.len(), points);
+    let native = model.evaluate(
+        &checkpoint.params,
+        data.features(),
+        data.targets(),
+        data.len(),
+    );
+
+    let history = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let h = server.json("/v1/tasks/linear/rounds").await?;
+            if h["rounds"].as_array().is_some_and(|r| r.len() == 2) {
+                return Ok::<Value, anyhow::Error>(h);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .context("the evaluation round closes")??;
+    let eval = &history["rounds"][1];
+    assert_eq!(eval["kind"], "evaluation", "{history}");
+    assert_eq!(eval["status"], "evaluated");
+    assert_eq!(eval["examples"], points);
+    assert_eq!(
+        eval["mean_loss"].as_f64(),
+        Some(f64::from(native.loss)),
+        "the page's score is the core's"
+    );
+    assert_eq!(server.json("/v1/tasks/linear").await?["version"], 1);
+
+    browser.close().await;
+    server.running.stop().await?;
+    Ok(())
+}
+
 /// Same numbers everywhere: the page's WebAssembly trainer and the native `starling-core`
 /// trainer give the same parameters for the same model, data and plan.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
