@@ -8,11 +8,13 @@
 //! - [`simulate`]: many virtual devices on the real round engine, in one process.
 //! - [`bench`](mod@bench): benchmarks (aggregator, HTTP ingest, check-in storms, soak).
 //! - [`admin`]: operate a running server through its admin API (rollback).
+//! - [`privacy`]: differential-privacy accounting (ε of a run, noise for a budget).
 
 mod admin;
 mod bench;
 mod demo;
 mod device;
+mod privacy;
 mod serve;
 mod simulate;
 mod train;
@@ -52,6 +54,10 @@ enum Command {
     /// Operate a running server through its admin API (token in STARLING_ADMIN_TOKEN).
     #[command(subcommand)]
     Admin(admin::Command),
+    /// Differential-privacy accounting: the ε of noised, subsampled rounds, or the noise for
+    /// a budget.
+    #[command(subcommand)]
+    Privacy(privacy::Command),
 }
 
 fn init_tracing(default: &str) {
@@ -94,6 +100,10 @@ fn main() -> std::process::ExitCode {
         Command::Admin(c) => {
             init_tracing("warn");
             admin::run(c)
+        }
+        Command::Privacy(c) => {
+            init_tracing("warn");
+            privacy::run(c)
         }
     };
     match result {

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use starling_core::{trainer::builtin, Dataset, Plan};
 use starling_sim::data::{self, Partition};
-use starling_sim::{Buffered, Federation, Latency, Sample, SimConfig};
+use starling_sim::{Buffered, Federation, Latency, Sample, SimConfig, SimPrivacy};
 
 /// Arguments of `starling simulate`.
 #[derive(clap::Args)]
@@ -105,6 +105,19 @@ pub(crate) struct Args {
     /// With --buffer: an update s versions old weighs (1 + s)^-A [default: 0.5].
     #[arg(long, requires = "buffer", value_name = "A")]
     staleness_exponent: Option<f64>,
+    /// Differential privacy (DP-FedAvg): clip every update to this L2 norm; needs
+    /// --noise-multiplier and --epsilon. The population is the simulated devices.
+    #[arg(long, value_name = "S", requires_all = ["noise_multiplier", "epsilon"])]
+    dp_clip: Option<f64>,
+    /// With --dp-clip: Gaussian noise of standard deviation Z·S on each round's sum.
+    #[arg(long, value_name = "Z", requires = "dp_clip")]
+    noise_multiplier: Option<f64>,
+    /// With --dp-clip: the privacy budget's ε; training stops before a round would pass it.
+    #[arg(long, value_name = "E", requires = "dp_clip")]
+    epsilon: Option<f64>,
+    /// With --dp-clip: the privacy budget's δ (at most 1 / devices).
+    #[arg(long, value_name = "D", default_value_t = 1e-5)]
+    delta: f64,
     /// Evaluate the test set every N rounds (with --buffer: steps) and after the last.
     #[arg(long, default_value_t = 1, value_name = "N")]
     eval_every: u32,
@@ -196,6 +209,15 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
     config.deadline_secs = a.deadline_secs;
     config.buffered = buffered;
     config.eval_every = a.eval_every;
+    config.privacy = match (a.dp_clip, a.noise_multiplier, a.epsilon) {
+        (Some(clip), Some(noise_multiplier), Some(epsilon)) => Some(SimPrivacy {
+            clip,
+            noise_multiplier,
+            epsilon,
+            delta: a.delta,
+        }),
+        _ => None,
+    };
 
     let (lo, mean, hi) = federation.sizes();
     let unit = if buffered.is_some() { "step" } else { "round" };
@@ -206,6 +228,13 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
                 b.buffer, b.concurrency, b.max_staleness, b.staleness_exponent
             ),
             None => String::new(),
+        };
+        let mode = match &config.privacy {
+            Some(p) => format!(
+                "{mode}, DP (clip {}, noise multiplier {}, budget ε {} at δ {})",
+                p.clip, p.noise_multiplier, p.epsilon, p.delta
+            ),
+            None => mode,
         };
         println!(
             "simulating `{}` on {} devices ({lo}..{hi} examples, mean {mean:.0}), {} test examples, {} {unit}s, strategy {}, mu {}{mode}{}",
@@ -232,9 +261,10 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
         bar.set_position(m.round);
         if let Some(loss) = m.test_loss {
             bar.set_message(format!(
-                "accuracy {}  loss {loss:.4}  virtual {:.0} s",
+                "accuracy {}  loss {loss:.4}  virtual {:.0} s{}",
                 m.test_accuracy.map_or("-".into(), |x| format!("{x:.4}")),
-                m.virtual_secs
+                m.virtual_secs,
+                m.epsilon.map_or(String::new(), |e| format!("  ε {e:.3}"))
             ));
         }
     }))?;
@@ -264,6 +294,9 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
                 "refused_stale": refused_stale,
                 "strategy": config.strategy,
                 "mu": config.plan.mu,
+                "privacy": config.privacy,
+                "epsilon": report.rounds.last().and_then(|r| r.epsilon),
+                "stopped": report.stopped,
                 "peak_rss_mib": peak,
                 "machine": starling_bench::machine::machine(),
             })
@@ -279,6 +312,12 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
             report.final_loss.unwrap_or(f32::NAN),
             peak.map_or("-".into(), |m| format!("{m:.0}"))
         );
+        if let Some(e) = report.rounds.last().and_then(|r| r.epsilon) {
+            println!("privacy: ε = {e:.4} spent at δ = {}", a.delta);
+        }
+        if let Some(reason) = &report.stopped {
+            println!("training stopped: {reason}");
+        }
         if let Some(t) = a.target_accuracy {
             match (to_target, secs_to_target) {
                 (Some(r), Some(secs)) => {

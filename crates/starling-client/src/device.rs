@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rand::Rng;
+use starling_core::privacy::LocalDp;
 use starling_core::trainer::train::{self, check_data, Progress};
 use starling_core::wire::checkpoint;
 use starling_core::wire::protocol::{CheckInAnswer, ErrorCode, EvaluationReport, RoundKind};
@@ -77,6 +78,13 @@ pub struct DeviceOptions {
     /// tests and demonstrations can play a slow device on a fast machine without waiting.
     /// Zero (the default) for a real device.
     pub extra_step_time: Duration,
+    /// Local differential privacy, for a device that trusts no server: every update is
+    /// clipped and noised here before it is sent, and carries no loss, accuracy or example
+    /// count ([`train::local_update_private`]); the device counts its own ε
+    /// ([`DeviceReport::local_epsilon`]). `None` (the default): updates as the plan makes them.
+    pub local_dp: Option<LocalDp>,
+    /// The δ at which the device reports its local ε.
+    pub local_dp_delta: f64,
 }
 
 impl Default for DeviceOptions {
@@ -92,6 +100,8 @@ impl Default for DeviceOptions {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             device_id: format!("{:016x}", rand::rng().random::<u64>()),
             extra_step_time: Duration::ZERO,
+            local_dp: None,
+            local_dp_delta: 1e-5,
         }
     }
 }
@@ -170,6 +180,9 @@ pub struct DeviceReport {
     /// Accepted updates that were partial work: training stopped early to meet the round's
     /// deadline (counted in `contributions` too).
     pub partial: u64,
+    /// With local differential privacy, the ε (at `local_dp_delta`) this device spent on the
+    /// updates it sent in this run (each counted, whether or not the server took it).
+    pub local_epsilon: Option<f64>,
     /// The last model version the device saw.
     pub last_version: Option<u64>,
     /// The last local loss after training.
@@ -413,6 +426,7 @@ impl<T: Transport> Device<T> {
         mut on_event: impl FnMut(&DeviceEvent),
     ) -> Result<DeviceReport, ClientError> {
         let mut report = DeviceReport::default();
+        let mut released = 0u64;
         let task = self.options.task.clone();
         let device_id = self.options.device_id.clone();
         while self.options.rounds.is_none_or(|r| report.contributions < r) {
@@ -460,6 +474,17 @@ impl<T: Transport> Device<T> {
             }
             let cached = self.cached.as_ref().expect("ensure_model filled the cache");
             report.last_version = Some(cached.version);
+            if kind == RoundKind::Evaluation && self.options.local_dp.is_some() {
+                // A score of the local data is not noised: a device under local DP sends none.
+                report.skipped += 1;
+                on_event(&DeviceEvent::Skipped {
+                    round,
+                    reason: "local differential privacy: this device sends no evaluation \
+                             reports (they are not noised)"
+                        .into(),
+                });
+                continue;
+            }
             if kind == RoundKind::Evaluation {
                 let (model, params, data) = (
                     cached.model.clone(),
@@ -501,28 +526,44 @@ impl<T: Transport> Device<T> {
                 .and_then(|b| Duration::try_from_secs_f64(b).ok())
                 .and_then(|b| checked_in.checked_add(b));
             let extra_step_time = self.options.extra_step_time;
+            let local_dp = self.options.local_dp;
             let (body, tr) = tokio::task::spawn_blocking(move || {
-                train::local_update(
-                    &model,
-                    &base,
-                    &data,
-                    &plan,
-                    base_version,
-                    update_token,
-                    |p: Progress| match stop_at {
-                        Some(at) => {
-                            let steps = u32::try_from(p.step).unwrap_or(u32::MAX);
-                            let now =
-                                Instant::now().checked_add(extra_step_time.saturating_mul(steps));
-                            if now.is_none_or(|now| now >= at) {
-                                ControlFlow::Break(())
-                            } else {
-                                ControlFlow::Continue(())
-                            }
+                let progress = |p: Progress| match stop_at {
+                    Some(at) => {
+                        let steps = u32::try_from(p.step).unwrap_or(u32::MAX);
+                        let now = Instant::now().checked_add(extra_step_time.saturating_mul(steps));
+                        if now.is_none_or(|now| now >= at) {
+                            ControlFlow::Break(())
+                        } else {
+                            ControlFlow::Continue(())
                         }
-                        None => ControlFlow::Continue(()),
-                    },
-                )
+                    }
+                    None => ControlFlow::Continue(()),
+                };
+                match &local_dp {
+                    None => train::local_update(
+                        &model,
+                        &base,
+                        &data,
+                        &plan,
+                        base_version,
+                        update_token,
+                        progress,
+                    ),
+                    // Local DP: clipped and noised here, from the OS-seeded thread generator,
+                    // before the update leaves the device.
+                    Some(ldp) => train::local_update_private(
+                        &model,
+                        &base,
+                        &data,
+                        &plan,
+                        base_version,
+                        update_token,
+                        ldp,
+                        &mut rand::rng(),
+                        progress,
+                    ),
+                }
             })
             .await
             .map_err(|e| ClientError::Protocol(format!("training task failed: {e}")))??;
@@ -549,6 +590,12 @@ impl<T: Transport> Device<T> {
                 },
             )
             .await;
+            // Every noised update that went out is a release, taken or not (its retries send
+            // the same bytes: no new release).
+            if let Some(ldp) = &self.options.local_dp {
+                released += 1;
+                report.local_epsilon = ldp.epsilon(released, self.options.local_dp_delta).ok();
+            }
             let skipped = match result {
                 Ok(_) => None,
                 // Only this assignment holds the token: an earlier try got through even though

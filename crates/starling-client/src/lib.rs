@@ -41,6 +41,11 @@ pub enum ClientError {
     /// The server answered something this client does not understand.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// TLS failed: the server's certificate was refused (not signed by a trusted CA, not for
+    /// this host, expired), the server does not speak TLS, or a CA certificate given to trust
+    /// is unusable. Not retried: it is a matter of configuration, not of the moment.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// Local data is unusable.
     #[error("local data: {0}")]
     Data(String),

@@ -4,12 +4,22 @@
 //!
 //! A transport reports what happened and decides nothing: every error answer becomes
 //! [`ClientError::Refused`] (its [`ErrorBody`] parsed, its `Retry-After` read), a failure to
-//! reach the server or to read its answer becomes [`ClientError::Unreachable`], and the device
-//! loop chooses what to retry.
+//! reach the server or to read its answer becomes [`ClientError::Unreachable`], a failed TLS
+//! handshake (a certificate refused, a server that does not speak TLS) becomes
+//! [`ClientError::Tls`], and the device loop chooses what to retry.
+//!
+//! [`HttpTransport`] speaks `http://` and `https://` (rustls, with `ring`). It trusts the
+//! Mozilla roots of `webpki-roots`, the system's roots (`rustls-native-certs`: the OS store,
+//! or `SSL_CERT_FILE` / `SSL_CERT_DIR`), and the certificates given to
+//! [`HttpTransport::with_ca_certificates`] (a private CA's, `starling device --ca-cert`).
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use rustls::{ClientConfig, RootCertStore};
 use starling_core::wire::protocol::{CheckInRequest, ErrorBody, EvaluationReport, TOKEN_HEADER};
 
 pub use starling_core::wire::protocol::{CheckInAnswer, UploadReceipt};
@@ -69,27 +79,95 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The HTTP transport.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpTransport {
     base: String,
+    tls: Arc<ClientConfig>,
     client: reqwest::Client,
 }
 
-fn client(connect: Duration, request: Duration) -> reqwest::Client {
+impl std::fmt::Debug for HttpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpTransport")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+fn client(tls: &ClientConfig, connect: Duration, request: Duration) -> reqwest::Client {
     reqwest::Client::builder()
+        .use_preconfigured_tls(tls.clone())
         .connect_timeout(connect)
         .timeout(request)
         .build()
-        .expect("a plain HTTP client always builds")
+        .expect("a client with a rustls config always builds")
+}
+
+/// The roots every transport trusts: `webpki-roots` and the system's, read once per process.
+fn built_in_roots() -> &'static RootCertStore {
+    static ROOTS: OnceLock<RootCertStore> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let mut roots = RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        let system = rustls_native_certs::load_native_certs();
+        for e in &system.errors {
+            tracing::debug!(error = %e, "cannot read some of the system's root certificates");
+        }
+        let (added, ignored) = roots.add_parsable_certificates(system.certs);
+        tracing::debug!(added, ignored, "system root certificates");
+        roots
+    })
+}
+
+/// A rustls client config trusting `roots` (ring; TLS 1.2 and 1.3).
+fn tls_config(roots: RootCertStore) -> Arc<ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Arc::new(
+        ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("ring supports TLS 1.2 and 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
 }
 
 impl HttpTransport {
-    /// A transport to the server at `base` (`http://host:port`), with the default timeouts
-    /// ([`DEFAULT_CONNECT_TIMEOUT`], [`DEFAULT_REQUEST_TIMEOUT`]).
+    /// A transport to the server at `base` (`http://host:port` or `https://host:port`), with
+    /// the default timeouts ([`DEFAULT_CONNECT_TIMEOUT`], [`DEFAULT_REQUEST_TIMEOUT`]), trusting
+    /// the built-in roots (see the module docs).
     pub fn new(base: &str) -> Self {
+        Self::with_roots(base, built_in_roots().clone())
+    }
+
+    /// Like [`HttpTransport::new`], and also trusting the CA certificates in `pem` (one or
+    /// more `-----BEGIN CERTIFICATE-----` sections: a private CA's). Fails with
+    /// [`ClientError::Tls`] when `pem` holds no certificate or one that is not a valid X.509
+    /// certificate.
+    pub fn with_ca_certificates(base: &str, pem: &[u8]) -> Result<Self, ClientError> {
+        let certs = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ClientError::Tls(format!("the CA certificate is not valid PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(ClientError::Tls(
+                "no CA certificate found: expected PEM (-----BEGIN CERTIFICATE-----)".into(),
+            ));
+        }
+        let mut roots = built_in_roots().clone();
+        for (i, cert) in certs.into_iter().enumerate() {
+            roots.add(cert).map_err(|e| {
+                ClientError::Tls(format!("CA certificate {} is unusable: {e}", i + 1))
+            })?;
+        }
+        Ok(Self::with_roots(base, roots))
+    }
+
+    fn with_roots(base: &str, roots: RootCertStore) -> Self {
+        let tls = tls_config(roots);
         Self {
             base: base.trim_end_matches('/').to_string(),
-            client: client(DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT),
+            client: client(&tls, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT),
+            tls,
         }
     }
 
@@ -98,7 +176,13 @@ impl HttpTransport {
     }
 }
 
+/// A request's failure: a failed TLS handshake ([`ClientError::Tls`], not worth repeating),
+/// or else the server unreachable (with the innermost cause, which reqwest's message leaves
+/// out).
 fn unreachable(e: reqwest::Error) -> ClientError {
+    if let Some(tls) = causes(&e).find_map(|c| c.downcast_ref::<rustls::Error>()) {
+        return ClientError::Tls(tls_message(tls));
+    }
     let what = if e.is_timeout() {
         "no answer in time"
     } else if e.is_connect() {
@@ -106,7 +190,52 @@ fn unreachable(e: reqwest::Error) -> ClientError {
     } else {
         "connection failed"
     };
-    ClientError::Unreachable(format!("{what}: {e}"))
+    match causes(&e).skip(1).last() {
+        Some(cause) => ClientError::Unreachable(format!("{what}: {e}: {cause}")),
+        None => ClientError::Unreachable(format!("{what}: {e}")),
+    }
+}
+
+/// `e` and its chain of sources. An I/O error's `source` skips the error it wraps (rustls'
+/// handshake error comes wrapped in one or two I/O errors), so the chain steps into that one
+/// instead.
+fn causes<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |err| match err.downcast_ref::<std::io::Error>() {
+        Some(io) => io
+            .get_ref()
+            .map(|inner| inner as &(dyn std::error::Error + 'static)),
+        None => err.source(),
+    })
+}
+
+/// What a TLS failure means, for a person.
+fn tls_message(e: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(C::UnknownIssuer) => format!(
+            "the server's certificate was refused ({e}): it is not signed by a trusted CA; for \
+             a server with a private CA, trust that CA's certificate (`starling device --ca-cert \
+             FILE`)"
+        ),
+        rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        ) => {
+            format!(
+                "the server's certificate was refused ({e}): it does not name the host in the \
+                 server's URL"
+            )
+        }
+        rustls::Error::InvalidCertificate(_) => {
+            format!("the server's certificate was refused ({e})")
+        }
+        rustls::Error::InvalidMessage(_) => format!(
+            "the handshake failed ({e}): does the server speak HTTPS on this port? (a \
+             plain-HTTP server takes an http:// URL)"
+        ),
+        _ => format!("the handshake failed ({e})"),
+    }
 }
 
 /// `Retry-After` in its delay-seconds form (a fraction is accepted); the HTTP-date form is
@@ -159,7 +288,7 @@ async fn answer<T: serde::de::DeserializeOwned>(
 
 impl Transport for HttpTransport {
     fn set_timeouts(&mut self, connect: Duration, request: Duration) {
-        self.client = client(connect, request);
+        self.client = client(&self.tls, connect, request);
     }
 
     async fn check_in(&self, task: &str, device: &str) -> Result<CheckInAnswer, ClientError> {

@@ -309,6 +309,45 @@ async fn a_device_answers_an_evaluation_round_with_its_score_and_trains_on() {
     server.stop().await.unwrap();
 }
 
+/// Local differential privacy: the device clips and noises its updates itself, sends no
+/// loss, accuracy or example count, and counts the ε of the updates it sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_under_local_dp_sends_noised_updates_that_say_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = starling_server::spawn(settings(dir.path(), 1), listener)
+        .await
+        .unwrap();
+    let ldp = starling_core::privacy::LocalDp {
+        clip: 0.5,
+        noise_multiplier: 2.0,
+    };
+    let mut o = options(2);
+    o.local_dp = Some(ldp);
+    o.local_dp_delta = 1e-5;
+    let mut device = Device::new(HttpTransport::new(&server.url()), line_data(), o);
+    let (result, events) = run_collecting(&mut device).await;
+    let report = result.unwrap();
+    assert_eq!(report.contributions, 2, "{events:?}");
+    assert_eq!(report.local_epsilon, Some(ldp.epsilon(2, 1e-5).unwrap()));
+    let mut st = server.tasks[0].subscribe();
+    st.wait_for(|s| s.model.version >= 2).await.unwrap();
+    let history: serde_json::Value =
+        reqwest::get(format!("{}/v1/tasks/linear/rounds", server.url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    let trained: Vec<&serde_json::Value> = history["rounds"].as_array().unwrap().iter().collect();
+    assert_eq!(trained.len(), 2, "{history}");
+    for r in trained {
+        assert_eq!(r["examples"], 1, "the data's size stays on the device: {r}");
+        assert_eq!(r["mean_loss"], serde_json::Value::Null, "{r}");
+    }
+    server.stop().await.unwrap();
+}
+
 // ---- a scripted server ------------------------------------------------------------------
 
 /// The requests the scripted server distinguishes.

@@ -42,7 +42,7 @@ use starling_core::wire::protocol::{
 };
 use tokio::sync::Semaphore;
 
-use crate::engine::{Caller, CheckIn, EngineError, Receipt, TaskHandle, Upload};
+use crate::engine::{self, Caller, CheckIn, EngineError, Receipt, TaskHandle, Upload};
 use crate::metrics::Metrics;
 use crate::settings::Secret;
 use crate::store::Store;
@@ -182,6 +182,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tasks/{task}/model", get(get_model))
         .route("/v1/tasks/{task}/checkin", post(check_in))
         .route("/v1/tasks/{task}/rounds", get(rounds))
+        .route("/v1/tasks/{task}/privacy", get(privacy))
         .route("/v1/tasks/{task}/rounds/{round}/updates", post(upload))
         .route(
             "/v1/tasks/{task}/rounds/{round}/evaluations",
@@ -300,6 +301,12 @@ fn task_json(t: &TaskHandle) -> Value {
         "parameter_count": t.spec().layout().numel(),
         "mode": if t.buffered().is_some() { "buffered" } else { "rounds" },
         "buffered": t.buffered(),
+        "status": if st.stopped.is_some() { "stopped" } else { "training" },
+        "stopped_reason": st.stopped,
+        "privacy": t.privacy().map(|p| json!({
+            "budget": {"epsilon": p.epsilon, "delta": p.delta},
+            "epsilon_spent": st.epsilon_spent,
+        })),
         // Small models (the demo's W and b) are shown inline; large ones are downloaded.
         "parameters": if t.spec().layout().numel() <= 64 { params } else { Value::Null },
     })
@@ -426,6 +433,53 @@ async fn check_in(
         )
             .into_response(),
     })
+}
+
+/// `GET /v1/tasks/{task}/privacy`: the task's privacy policy, its budget, the ε spent so
+/// far, whether it still trains, and the ledger: one entry per committed round.
+async fn privacy(
+    State(s): State<AppState>,
+    Path(task): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let t = s.task(&task)?;
+    let st = t.status();
+    let Some(policy) = t.privacy() else {
+        return Ok(Json(json!({"task": t.name(), "enabled": false})));
+    };
+    let history = s.store.rounds(t.name()).await.map_err(EngineError::from)?;
+    let ledger: Vec<Value> = history
+        .iter()
+        .filter_map(|r| {
+            r.privacy.as_ref().map(|p| {
+                json!({
+                    "round": r.round,
+                    "version": r.version,
+                    "mechanism": p.mechanism,
+                    "clip": p.clip,
+                    "noise_multiplier": p.noise_multiplier,
+                    "cohort": p.cohort,
+                    "participants": r.participants,
+                    "sampling_rate": p.sampling_rate,
+                    "epsilon": p.epsilon,
+                    "delta": p.delta,
+                })
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "task": t.name(),
+        "enabled": true,
+        "mechanism": engine::privacy::MECHANISM,
+        "clip": policy.clip,
+        "noise_multiplier": policy.noise_multiplier,
+        "population": policy.population,
+        "sampling_rate": policy.sampling_rate(t.policy().goal),
+        "budget": {"epsilon": policy.epsilon, "delta": policy.delta},
+        "epsilon_spent": st.epsilon_spent,
+        "status": if st.stopped.is_some() { "stopped" } else { "training" },
+        "stopped_reason": st.stopped,
+        "ledger": ledger,
+    })))
 }
 
 async fn rounds(

@@ -91,6 +91,12 @@ pub struct ServerSettings {
     /// as the client's address for `max_assignments_per_address`. Unset, the peer address
     /// counts (and behind a proxy every device would share the proxy's).
     pub client_address_header: Option<String>,
+    /// PEM file of the certificate chain (the server's own certificate first) with which the
+    /// server serves HTTPS itself; set together with `tls_key`. Unset, it speaks plain HTTP,
+    /// as behind a proxy that terminates TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM file of `tls_cert`'s private key (PKCS#8, PKCS#1 or SEC1).
+    pub tls_key: Option<PathBuf>,
 }
 
 /// A secret setting: shown as `<redacted>` by `Debug`, so it never reaches a log.
@@ -133,6 +139,8 @@ impl Default for ServerSettings {
             max_uploads_in_flight: 32,
             admin_token: None,
             client_address_header: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -191,6 +199,138 @@ pub struct TaskSettings {
     /// example count, recorded beside the training rounds (0, the default: none).
     /// Synchronous rounds only.
     pub evaluate_every: u32,
+    /// Differential privacy (DP-FedAvg) with a budget the server enforces
+    /// (`[tasks.privacy]`; absent: none).
+    pub privacy: Option<PrivacyPolicy>,
+}
+
+/// Central differential privacy for a task: DP-FedAvg (McMahan et al. 2018, "Learning
+/// Differentially Private Recurrent Language Models") with a Rényi-DP accountant and a budget.
+///
+/// Every update is clipped to L2 norm `clip` (scaled down, not refused) and weighs the same
+/// (the sensitivity must not depend on a claimed example count); at commit the server adds
+/// Gaussian noise of standard deviation `noise_multiplier · clip` to the sum, drawn from a
+/// cryptographically secure generator, and divides by the round's `goal` (a fixed
+/// denominator). A round takes at most `goal` updates. The accountant treats each committed
+/// round as the Poisson-subsampled Gaussian mechanism with sampling rate
+/// `goal / population`; the ε spent is recorded with every round and saved with every
+/// version, and once the next round would take ε past `epsilon` the task stops training.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyPolicy {
+    /// The L2 clip bound S of one update.
+    pub clip: f64,
+    /// The noise multiplier z: the noise's standard deviation on the sum is z · S.
+    pub noise_multiplier: f64,
+    /// How many devices may be sampled (the population the cohort is drawn from): the
+    /// sampling rate is `rounds.goal / population`. The guarantee holds only if devices are
+    /// this many and the cohort is a random sample of them; the server cannot check either.
+    pub population: u64,
+    /// The budget's ε: no round is committed that would take the task past it.
+    pub epsilon: f64,
+    /// The budget's δ (at most 1 / population, conventionally much less).
+    pub delta: f64,
+    /// Adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with Adaptive
+    /// Clipping"): the clip bound follows this quantile of the update norms (e.g. 0.5, the
+    /// median), starting from `clip`; absent, the bound stays `clip`.
+    #[serde(default)]
+    pub target_quantile: Option<f64>,
+    /// Adaptive clipping's learning rate η: after each round the bound is multiplied by
+    /// `exp(-η (b - target_quantile))`, b the noised share of unclipped updates (default 0.2).
+    #[serde(default = "default_clip_learning_rate")]
+    pub clip_learning_rate: f64,
+    /// Adaptive clipping's noise on the count of unclipped updates, as a standard deviation
+    /// σ_b (default `rounds.goal / 20`, the paper's). It must exceed `noise_multiplier / 2`:
+    /// the update's noise multiplier becomes `(z^-2 - (2 σ_b)^-2)^-1/2`, so that update and
+    /// count together cost what one Gaussian release of multiplier z costs.
+    #[serde(default)]
+    pub count_noise: Option<f64>,
+}
+
+fn default_clip_learning_rate() -> f64 {
+    0.2
+}
+
+impl PrivacyPolicy {
+    /// The sampling rate of a round of `goal` devices.
+    pub fn sampling_rate(&self, goal: u32) -> f64 {
+        (f64::from(goal) / self.population as f64).min(1.0)
+    }
+
+    /// Adaptive clipping's noise σ_b on the count of unclipped updates, for rounds of `goal`.
+    pub fn count_noise(&self, goal: u32) -> f64 {
+        self.count_noise.unwrap_or(f64::from(goal) / 20.0)
+    }
+
+    /// The noise multiplier of the updates' sum: `noise_multiplier` itself, or with adaptive
+    /// clipping the share left after the count's noise, `(z^-2 - (2 σ_b)^-2)^-1/2` (Andrew et
+    /// al. 2021, Theorem 1), so that the round costs what a release of multiplier z costs.
+    pub fn update_noise_multiplier(&self, goal: u32) -> f64 {
+        match self.target_quantile {
+            None => self.noise_multiplier,
+            Some(_) => {
+                let z = self.noise_multiplier;
+                let two_sigma_b = 2.0 * self.count_noise(goal);
+                (z.powi(-2) - two_sigma_b.powi(-2)).powf(-0.5)
+            }
+        }
+    }
+
+    /// Checks the policy for rounds of `goal` devices.
+    pub fn validate(&self, goal: u32) -> Result<(), String> {
+        let positive = |key: &str, x: f64| {
+            if x.is_finite() && x > 0.0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "privacy.{key} must be positive and finite, not {x}"
+                ))
+            }
+        };
+        positive("clip", self.clip)?;
+        positive("noise_multiplier", self.noise_multiplier)?;
+        positive("epsilon", self.epsilon)?;
+        if !(self.delta > 0.0 && self.delta < 1.0) {
+            return Err(format!(
+                "privacy.delta must be in (0, 1), not {}",
+                self.delta
+            ));
+        }
+        if self.population < u64::from(goal) {
+            return Err(format!(
+                "privacy.population ({}) is smaller than rounds.goal ({goal}): a round cannot \
+                 sample more devices than there are",
+                self.population
+            ));
+        }
+        if let Some(q) = self.target_quantile {
+            if !(q > 0.0 && q < 1.0) {
+                return Err(format!(
+                    "privacy.target_quantile must be in (0, 1), not {q}"
+                ));
+            }
+            positive("clip_learning_rate", self.clip_learning_rate)?;
+            let sigma_b = self.count_noise(goal);
+            positive("count_noise", sigma_b)?;
+            if 2.0 * sigma_b <= self.noise_multiplier {
+                return Err(format!(
+                    "privacy.count_noise ({sigma_b}) must exceed noise_multiplier / 2 ({}): the \
+                     count of clipped updates must be noised enough to leave budget for the \
+                     updates",
+                    self.noise_multiplier / 2.0
+                ));
+            }
+        }
+        if self.delta > 1.0 / self.population as f64 {
+            return Err(format!(
+                "privacy.delta ({}) is above 1 / population ({}): such a δ allows releasing a \
+                 device's data outright; choose a smaller one",
+                self.delta,
+                1.0 / self.population as f64
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Buffered asynchronous training (FedBuff, Nguyen et al. 2022): no synchronous rounds.
@@ -319,6 +459,7 @@ impl Default for TaskSettings {
             strategy: StrategyConfig::default(),
             buffered: None,
             evaluate_every: 0,
+            privacy: None,
         }
     }
 }
@@ -389,6 +530,11 @@ pub struct TaskDefinition {
     /// A federated evaluation round after every this many committed training rounds (0:
     /// none).
     pub evaluate_every: u32,
+    /// Central differential privacy, if the task uses it.
+    pub privacy: Option<PrivacyPolicy>,
+    /// Seeds the privacy noise so that a run can be repeated (the simulator); `None`, as a
+    /// server's settings always give, draws it from the operating system's entropy.
+    pub privacy_noise_seed: Option<u64>,
 }
 
 impl TaskSettings {
@@ -506,6 +652,23 @@ impl TaskSettings {
                 ));
             }
         }
+        if let Some(p) = &self.privacy {
+            p.validate(r.goal).map_err(invalid)?;
+            if self.buffered.is_some() {
+                return Err(invalid(
+                    "[tasks.privacy] needs synchronous rounds: the accountant treats each round \
+                     as one sampled Gaussian release, which buffered mode is not"
+                        .into(),
+                ));
+            }
+            if self.evaluate_every > 0 {
+                return Err(invalid(
+                    "evaluate_every publishes devices' losses without noise, which \
+                     [tasks.privacy] does not account for; evaluate on held-out data instead"
+                        .into(),
+                ));
+            }
+        }
         Ok(TaskDefinition {
             name: self.name.clone(),
             spec,
@@ -521,6 +684,8 @@ impl TaskSettings {
             strategy: self.strategy,
             buffered: self.buffered.clone(),
             evaluate_every: self.evaluate_every,
+            privacy: self.privacy.clone(),
+            privacy_noise_seed: None,
         })
     }
 }
@@ -547,7 +712,8 @@ where
 impl Settings {
     /// Loads settings: defaults, then `file` if given, then environment variables
     /// (`STARLING_HOST`, `STARLING_PORT`, `PORT`, `STARLING_DATA_DIR`, `STARLING_DATABASE`,
-    /// `STARLING_MAX_BODY_BYTES`, `STARLING_ADMIN_TOKEN`, `STARLING_CLIENT_ADDRESS_HEADER`).
+    /// `STARLING_MAX_BODY_BYTES`, `STARLING_ADMIN_TOKEN`, `STARLING_CLIENT_ADDRESS_HEADER`,
+    /// `STARLING_TLS_CERT`, `STARLING_TLS_KEY`).
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
         let mut s = match file {
             Some(path) => Self::from_toml_file(path)?,
@@ -606,6 +772,12 @@ impl Settings {
         if let Some(t) = env_var("STARLING_ADMIN_TOKEN") {
             self.server.admin_token = Some(Secret(t));
         }
+        if let Some(c) = env_var("STARLING_TLS_CERT") {
+            self.server.tls_cert = Some(c.into());
+        }
+        if let Some(k) = env_var("STARLING_TLS_KEY") {
+            self.server.tls_key = Some(k.into());
+        }
         Ok(())
     }
 
@@ -651,6 +823,23 @@ impl Settings {
                     "server.client_address_header `{h}` is not a header name"
                 )));
             }
+        }
+        match (&sv.tls_cert, &sv.tls_key) {
+            (Some(_), None) => {
+                return Err(SettingsError::Invalid(
+                    "server.tls_cert is set but server.tls_key is not: HTTPS needs the \
+                     certificate's private key too (STARLING_TLS_KEY, --tls-key)"
+                        .into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(SettingsError::Invalid(
+                    "server.tls_key is set but server.tls_cert is not: HTTPS needs the \
+                     certificate too (STARLING_TLS_CERT, --tls-cert)"
+                        .into(),
+                ))
+            }
+            _ => {}
         }
         if sv.admin_token.as_ref().is_some_and(|t| t.0.len() < 16) {
             return Err(SettingsError::Invalid(

@@ -104,6 +104,31 @@ pub struct RoundRecord {
     /// Milliseconds the commit spent merging the partial aggregates and stepping the model
     /// (before the database write).
     pub commit_ms: Option<f64>,
+    /// A differentially private round's entry in the privacy ledger (committed rounds of a
+    /// task with `[tasks.privacy]`).
+    pub privacy: Option<RoundPrivacy>,
+}
+
+/// One committed round's entry in a task's privacy ledger.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct RoundPrivacy {
+    /// The mechanism: `"gaussian"` (DP-FedAvg's Gaussian noise on the clipped sum).
+    pub mechanism: String,
+    /// The clip bound S this round used.
+    pub clip: f64,
+    /// With adaptive clipping, the bound the next round uses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_clip: Option<f64>,
+    /// The noise multiplier z (noise standard deviation z · S on the sum).
+    pub noise_multiplier: f64,
+    /// The cohort the round was sized for (the fixed denominator).
+    pub cohort: u32,
+    /// The sampling rate the accountant used (cohort / population).
+    pub sampling_rate: f64,
+    /// ε spent by the task up to and including this round, at the budget's δ.
+    pub epsilon: f64,
+    /// The budget's δ.
+    pub delta: f64,
 }
 
 /// A committed model version as stored: the parameters and the strategy's server state that
@@ -116,6 +141,9 @@ pub struct StoredVersion {
     pub params: Parameters,
     /// The strategy's saved state (empty for a stateless strategy).
     pub strategy_state: Vec<u8>,
+    /// The privacy accountant's state after this version (empty without differential
+    /// privacy): the budget spent up to it, which a restart resumes and a rollback keeps.
+    pub privacy_state: Vec<u8>,
 }
 
 /// The SQLite store.
@@ -144,6 +172,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     params BLOB NOT NULL,
     created_at INTEGER NOT NULL,
     strategy_state BLOB NOT NULL DEFAULT x'',
+    privacy_state BLOB NOT NULL DEFAULT x'',
     PRIMARY KEY (task, version)
 );
 CREATE TABLE IF NOT EXISTS rounds (
@@ -161,16 +190,19 @@ CREATE TABLE IF NOT EXISTS rounds (
     commit_ms REAL,
     reason TEXT,
     kind TEXT NOT NULL DEFAULT 'training',
+    privacy TEXT,
     PRIMARY KEY (task, round)
 );
 ";
 
 /// Columns added since the first schema: `(table, column, definition)`, added to databases
 /// created before them.
-const ADDED_COLUMNS: [(&str, &str, &str); 3] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 5] = [
     ("checkpoints", "strategy_state", "BLOB NOT NULL DEFAULT x''"),
     ("rounds", "reason", "TEXT"),
     ("rounds", "kind", "TEXT NOT NULL DEFAULT 'training'"),
+    ("checkpoints", "privacy_state", "BLOB NOT NULL DEFAULT x''"),
+    ("rounds", "privacy", "TEXT"),
 ];
 
 async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
@@ -294,7 +326,7 @@ impl Store {
         spec: &ModelSpec,
     ) -> Result<StoredVersion, StoreError> {
         let row = sqlx::query(
-            "SELECT version, params, strategy_state FROM checkpoints WHERE task = ? \
+            "SELECT version, params, strategy_state, privacy_state FROM checkpoints WHERE task = ? \
              ORDER BY version DESC LIMIT 1",
         )
         .bind(task)
@@ -311,7 +343,8 @@ impl Store {
         version: u64,
     ) -> Result<Option<StoredVersion>, StoreError> {
         let row = sqlx::query(
-            "SELECT version, params, strategy_state FROM checkpoints WHERE task = ? AND version = ?",
+            "SELECT version, params, strategy_state, privacy_state FROM checkpoints \
+             WHERE task = ? AND version = ?",
         )
         .bind(task)
         .bind(version as i64)
@@ -348,6 +381,7 @@ impl Store {
             version: version as u64,
             params,
             strategy_state: row.get("strategy_state"),
+            privacy_state: row.get("privacy_state"),
         })
     }
 
@@ -363,14 +397,15 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         if let Some(c) = version {
             sqlx::query(
-                "INSERT INTO checkpoints (task, version, params, created_at, strategy_state) \
-                 VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO checkpoints (task, version, params, created_at, strategy_state, \
+                 privacy_state) VALUES (?, ?, ?, ?, ?, ?)",
             )
             .bind(task)
             .bind(c.version as i64)
             .bind(c.params.to_safetensors(None))
             .bind(record.ended_at_ms)
             .bind(&c.strategy_state)
+            .bind(&c.privacy_state)
             .execute(&mut *tx)
             .await?;
             let stored: Vec<i64> =
@@ -390,8 +425,8 @@ impl Store {
         }
         sqlx::query(
             "INSERT INTO rounds (task, round, status, base_version, version, participants, \
-             examples, mean_loss, mean_accuracy, started_at, ended_at, commit_ms, reason, kind) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             examples, mean_loss, mean_accuracy, started_at, ended_at, commit_ms, reason, kind, \
+             privacy) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(task)
         .bind(record.round as i64)
@@ -407,6 +442,12 @@ impl Store {
         .bind(record.commit_ms)
         .bind(record.reason.map(AbandonReason::as_str))
         .bind(record.kind.as_str())
+        .bind(
+            record
+                .privacy
+                .as_ref()
+                .map(|p| serde_json::to_string(p).expect("numbers and a name serialize")),
+        )
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -417,7 +458,7 @@ impl Store {
     pub async fn rounds(&self, task: &str) -> Result<Vec<RoundRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT round, status, base_version, version, participants, examples, mean_loss, \
-             mean_accuracy, started_at, ended_at, commit_ms, reason, kind FROM rounds \
+             mean_accuracy, started_at, ended_at, commit_ms, reason, kind, privacy FROM rounds \
              WHERE task = ? \
              ORDER BY round",
         )
@@ -450,6 +491,9 @@ impl Store {
                 started_at_ms: r.get("started_at"),
                 ended_at_ms: r.get("ended_at"),
                 commit_ms: r.get("commit_ms"),
+                privacy: r
+                    .get::<Option<String>, _>("privacy")
+                    .and_then(|j| serde_json::from_str(&j).ok()),
             })
             .collect())
     }

@@ -404,6 +404,7 @@ impl Loop<'_> {
             refused_stale: t.refused_stale,
             mean_staleness: (t.folded > 0).then(|| t.staleness as f64 / t.folded as f64),
             max_in_flight: t.max_in_flight,
+            epsilon: None,
             examples: record.examples,
             train_loss: record.mean_loss,
             train_accuracy: record.mean_accuracy,

@@ -22,7 +22,9 @@ pub mod sim;
 pub use federation::Federation;
 pub use latency::Latency;
 pub use report::{RoundMetrics, SimReport};
-pub use sim::{run, strategy, Buffered, Sample, SimConfig, LATENCY_DEADLINE_SECS, STRATEGIES};
+pub use sim::{
+    run, strategy, Buffered, Sample, SimConfig, SimPrivacy, LATENCY_DEADLINE_SECS, STRATEGIES,
+};
 
 /// Errors of a simulation.
 #[derive(Debug, thiserror::Error)]

@@ -35,6 +35,8 @@ pub struct RoundMetrics {
     /// The most assignments outstanding at once (devices training) during the round; in
     /// buffered mode at most the concurrency C.
     pub max_in_flight: usize,
+    /// ε spent by the task after this round, at the budget's δ (with differential privacy).
+    pub epsilon: Option<f64>,
     /// Examples behind the aggregated updates.
     pub examples: u64,
     /// Example-weighted mean of the devices' local losses after training.
@@ -77,6 +79,8 @@ pub struct SimReport {
     pub final_accuracy: Option<f32>,
     /// Test loss after the last evaluated round.
     pub final_loss: Option<f32>,
+    /// Why training stopped before the rounds ran out (a spent privacy budget), if it did.
+    pub stopped: Option<String>,
 }
 
 impl SimReport {
@@ -95,6 +99,7 @@ impl SimReport {
             final_accuracy: last.and_then(|r| r.test_accuracy),
             final_loss: last.and_then(|r| r.test_loss),
             rounds_per_sec: rounds.len() as f64 / wall_secs.max(1e-9),
+            stopped: None,
             rounds,
             wall_secs,
         }
@@ -122,12 +127,12 @@ impl SimReport {
         let mut out = String::from(
             "round,version,committed,sampled,reported,dropped,stragglers,examples,train_loss,\
              train_accuracy,test_loss,test_accuracy,bytes_up,bytes_down,virtual_secs,wall_secs,\
-             refused_stale,mean_staleness,max_in_flight\n",
+             refused_stale,mean_staleness,max_in_flight,epsilon\n",
         );
         let opt = |v: Option<String>| v.unwrap_or_default();
         for r in &self.rounds {
             out.push_str(&format!(
-                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.6},{:.6},{},{},{}\n",
+                "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.6},{:.6},{},{},{},{}\n",
                 r.round,
                 r.version,
                 r.committed,
@@ -146,7 +151,8 @@ impl SimReport {
                 r.wall_secs,
                 r.refused_stale,
                 opt(r.mean_staleness.map(|v| format!("{v:.3}"))),
-                r.max_in_flight
+                r.max_in_flight,
+                opt(r.epsilon.map(|v| format!("{v:.6}")))
             ));
         }
         out

@@ -21,7 +21,7 @@ use starling_core::{wire::checkpoint, Dataset, Model, ModelSpec, Parameters};
 use starling_server::engine::{self, Caller, CheckIn, Clock, TaskHandle, Upload, VirtualClock};
 use starling_server::metrics::Metrics as ServerMetrics;
 use starling_server::settings::{
-    BufferedPolicy, Retention, RoundPolicy, TaskDefinition, Weighting,
+    BufferedPolicy, PrivacyPolicy, Retention, RoundPolicy, TaskDefinition, Weighting,
 };
 use starling_server::store::{RoundStatus, Store};
 
@@ -128,6 +128,22 @@ pub struct SimConfig {
     pub buffered: Option<Buffered>,
     /// Evaluate the test set after every this many rounds (steps), and after the last.
     pub eval_every: u32,
+    /// Central differential privacy (DP-FedAvg with the server's accountant and budget); the
+    /// population is the federation's devices. Synchronous rounds only.
+    pub privacy: Option<SimPrivacy>,
+}
+
+/// A simulation's `[tasks.privacy]`, without the population (the federation's size).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct SimPrivacy {
+    /// L2 clip bound of one update.
+    pub clip: f64,
+    /// Noise multiplier z (noise standard deviation z · clip on the sum).
+    pub noise_multiplier: f64,
+    /// Budget ε: the task stops before a round would pass it.
+    pub epsilon: f64,
+    /// Budget δ.
+    pub delta: f64,
 }
 
 impl SimConfig {
@@ -155,6 +171,7 @@ impl SimConfig {
             deadline_secs: None,
             buffered: None,
             eval_every: 1,
+            privacy: None,
         }
     }
 
@@ -448,6 +465,24 @@ pub async fn run(
     let mean_examples =
         federation.devices.iter().map(Dataset::len).sum::<usize>() as f64 / n as f64;
     let deadline = config.deadline(mean_examples);
+    let privacy = config.privacy.map(|p| PrivacyPolicy {
+        clip: p.clip,
+        noise_multiplier: p.noise_multiplier,
+        population: n as u64,
+        epsilon: p.epsilon,
+        delta: p.delta,
+        target_quantile: None,
+        clip_learning_rate: 0.2,
+        count_noise: None,
+    });
+    if let Some(p) = &privacy {
+        if config.buffered.is_some() {
+            return Err(SimError::Config(
+                "differential privacy needs synchronous rounds, not --buffer".into(),
+            ));
+        }
+        p.validate(k as u32).map_err(SimError::Config)?;
+    }
     let def = TaskDefinition {
         name: "sim".into(),
         spec: config.model.clone(),
@@ -480,6 +515,9 @@ pub async fn run(
             assignment_secs: deadline,
         }),
         evaluate_every: 0,
+        privacy: privacy.clone(),
+        // The simulation is a function of its seed, its noise included.
+        privacy_noise_seed: Some(config.seed),
     };
     let store = Store::open_memory().await?;
     let clock = VirtualClock::new();
@@ -506,12 +544,14 @@ pub async fn run(
         None => run_rounds(config, federation, &setup, k, &mut on_round).await?,
         Some(b) => crate::buffered::run(config, *b, federation, &setup, &mut on_round).await?,
     };
-    Ok(SimReport::new(
+    let mut report = SimReport::new(
         config,
         federation,
         rounds,
         setup.started.elapsed().as_secs_f64(),
-    ))
+    );
+    report.stopped = setup.task.status().stopped;
+    Ok(report)
 }
 
 /// Synchronous rounds of `k` sampled devices each.
@@ -552,15 +592,20 @@ async fn run_rounds(
             .iter()
             .map(|_| Fate::draw(&mut rng, config))
             .collect();
-        // Every sampled device checks in and downloads the model.
-        let answers = task
+        // Every sampled device checks in and downloads the model; a task whose privacy
+        // budget is spent stops the simulation (the report says why).
+        let answers = match task
             .check_in_many(
                 sampled
                     .iter()
                     .map(|d| Caller::device(format!("device-{d}")))
                     .collect(),
             )
-            .await?;
+            .await
+        {
+            Err(starling_server::engine::EngineError::TaskStopped(_)) => break,
+            other => other?,
+        };
         let mut tokens = Vec::with_capacity(k);
         for (&d, answer) in sampled.iter().zip(answers) {
             match answer {
@@ -694,6 +739,7 @@ async fn run_rounds(
             refused_stale: 0,
             mean_staleness: (reported > 0).then_some(0.0),
             max_in_flight: k,
+            epsilon: st.epsilon_spent,
             examples: record.examples,
             train_loss: record.mean_loss,
             train_accuracy: record.mean_accuracy,

@@ -626,3 +626,45 @@ fn bad_buffered_configurations_are_clear_errors() {
     c.dropout = 1.0;
     assert!(err_of(&c).contains("no update arrived"), "{}", err_of(&c));
 }
+
+/// DP-FedAvg in the simulator: each round's ε is the accountant's for that many rounds at
+/// q = devices per round / devices, the run stops (and says why) before a round would pass
+/// the budget, and the seeded noise keeps the run a function of its seed.
+#[test]
+fn differential_privacy_spends_the_budget_round_by_round_and_stops_reproducibly() {
+    let fed = federation(Partition::Iid, 50);
+    let (q, z, delta) = (10.0 / 50.0, 1.2, 1e-4);
+    let eps = |k: u64| starling_core::privacy::epsilon(q, z, k, delta).unwrap();
+    let mut c = config(20);
+    c.privacy = Some(starling_sim::SimPrivacy {
+        clip: 1.0,
+        noise_multiplier: z,
+        epsilon: (eps(4) + eps(5)) / 2.0,
+        delta,
+    });
+    let a = run(&c, &fed);
+    assert_eq!(a.rounds.len(), 4, "the budget affords four rounds");
+    for (k, r) in a.rounds.iter().enumerate() {
+        assert_eq!(r.epsilon, Some(eps(k as u64 + 1)), "round {}", k + 1);
+        assert!(r.committed);
+        assert_eq!(r.train_loss, None, "no un-noised device statistics");
+    }
+    let reason = a.stopped.as_deref().expect("stopped by the budget");
+    assert!(reason.contains("privacy budget is spent"), "{reason}");
+    let b = run(&c, &fed);
+    assert_eq!(deterministic(&a.rounds), deterministic(&b.rounds));
+    // Another seed draws other noise.
+    let mut other = c.clone();
+    other.seed = 43;
+    let o = run(&other, &fed);
+    assert_ne!(o.rounds[0].test_loss, a.rounds[0].test_loss);
+    // Buffered mode has no DP accounting.
+    let mut bad = c.clone();
+    bad.buffered = Some(Buffered::new(10, 10));
+    let e = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(starling_sim::run(&bad, &fed, |_| {}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("synchronous rounds"), "{e}");
+}

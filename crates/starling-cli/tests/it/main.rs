@@ -2,5 +2,6 @@
 
 mod common;
 mod demo;
+mod privacy;
 mod processes;
 mod train;

@@ -46,6 +46,7 @@ pub struct WeightedSum {
     sums: Vec<f64>,
     weight: f64,
     updates: u64,
+    clipped: u64,
     examples: u64,
     loss_sum: f64,
     loss_weight: f64,
@@ -61,6 +62,7 @@ impl WeightedSum {
             sums: vec![0.0; layout.numel()],
             weight: 0.0,
             updates: 0,
+            clipped: 0,
             examples: 0,
             loss_sum: 0.0,
             loss_weight: 0.0,
@@ -82,14 +84,16 @@ impl WeightedSum {
     pub fn accept_discounted(&mut self, update: &CheckedUpdate, discount: f64) {
         let w = update.weight();
         let mut offset = 0;
+        let factor = w * discount * update.scale();
         for data in update.tensors() {
             let n = data.len() / 4;
-            fold(&mut self.sums[offset..offset + n], data, w * discount);
+            fold(&mut self.sums[offset..offset + n], data, factor);
             offset += n;
         }
         let meta = update.meta();
         self.weight += w;
         self.updates += 1;
+        self.clipped += u64::from(update.was_clipped());
         self.examples += meta.examples;
         if let Some(l) = meta.loss {
             self.loss_sum += w * f64::from(l);
@@ -99,6 +103,25 @@ impl WeightedSum {
             self.accuracy_sum += w * f64::from(a);
             self.accuracy_weight += w;
         }
+    }
+
+    /// DP-FedAvg's release (McMahan et al. 2018, with a fixed denominator): adds independent
+    /// Gaussian noise of standard deviation `noise_std` to every coordinate of the sum, drawn
+    /// from the cryptographically secure `rng`, and makes the mean divide by `denominator`
+    /// (the round's expected cohort) instead of the weight folded in, so that one device's
+    /// clipped update moves the mean by at most `clip / denominator` whatever the others do.
+    pub fn privatize<R: rand::Rng + rand::CryptoRng + ?Sized>(
+        &mut self,
+        noise_std: f64,
+        denominator: f64,
+        rng: &mut R,
+    ) {
+        use rand_distr::{Distribution, StandardNormal};
+        for s in &mut self.sums {
+            let z: f64 = StandardNormal.sample(rng);
+            *s += noise_std * z;
+        }
+        self.weight = denominator;
     }
 
     /// Merges another partial aggregate of the same round into this one.
@@ -111,6 +134,7 @@ impl WeightedSum {
         }
         self.weight += other.weight;
         self.updates += other.updates;
+        self.clipped += other.clipped;
         self.examples += other.examples;
         self.loss_sum += other.loss_sum;
         self.loss_weight += other.loss_weight;
@@ -122,6 +146,12 @@ impl WeightedSum {
     /// Updates folded in.
     pub fn updates(&self) -> u64 {
         self.updates
+    }
+
+    /// Updates the clip bound scaled down (differential privacy's adaptive clipping counts
+    /// them, with noise, to move the bound).
+    pub fn clipped(&self) -> u64 {
+        self.clipped
     }
 
     /// Examples the folded updates claim.
@@ -623,8 +653,116 @@ pub(crate) mod test_support {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::update::{check, encode, Rules, UpdateMeta};
+    use crate::wire::update::{check, encode, Rules, UpdateMeta, Weighting};
     use rand::{Rng, SeedableRng};
+
+    fn update_body(values: [f32; 3], examples: u64) -> Vec<u8> {
+        encode(
+            &test_support::params(&values),
+            &UpdateMeta {
+                base_version: 0,
+                examples,
+                loss: None,
+                accuracy: None,
+                token: "t".into(),
+            },
+        )
+    }
+
+    /// DP clipping scales, never refuses: an update longer than the bound folds in at the
+    /// bound's length in its own direction; a shorter one folds in unchanged; with uniform
+    /// weights a claimed example count changes nothing.
+    #[test]
+    fn clipping_scales_long_updates_to_the_bound_in_their_direction() {
+        let layout = test_support::layout();
+        let rules = Rules {
+            clip: Some(1.0),
+            weighting: Weighting::Uniform,
+            ..Rules::lenient(&layout)
+        };
+        // Norm 5: (3, 4, 0) -> (0.6, 0.8, 0); norm 0.5: unchanged.
+        let long = check(update_body([3.0, 4.0, 0.0], 1_000_000), &rules).unwrap();
+        let short = check(update_body([0.3, 0.0, 0.4], 1), &rules).unwrap();
+        assert!(long.was_clipped() && !short.was_clipped());
+        let mut counted = WeightedSum::new(&layout);
+        counted.accept(&long);
+        counted.accept(&short);
+        counted.accept(&long);
+        assert_eq!((counted.updates(), counted.clipped()), (3, 2));
+        assert!((long.scale() - 0.2).abs() < 1e-12);
+        let mut sum = WeightedSum::new(&layout);
+        sum.accept(&long);
+        let m = sum.mean().unwrap();
+        assert!((m[0] - 0.6).abs() < 1e-9 && (m[1] - 0.8).abs() < 1e-9 && m[2] == 0.0);
+        let norm = m.iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-9, "clipped norm {norm}");
+        sum.accept(&short);
+        assert_eq!(sum.weight(), 2.0, "a million claimed examples weigh one");
+        let m = sum.mean().unwrap();
+        assert!(
+            (m[0] - 0.45).abs() < 1e-6 && (m[2] - 0.2).abs() < 1e-6,
+            "{m:?}"
+        );
+        // Random updates of every length: no folded contribution is longer than the bound.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for _ in 0..200 {
+            let scale: f32 = rng.random_range(0.01..100.0);
+            let v = [0, 1, 2].map(|_| rng.random_range(-scale..scale));
+            let u = check(update_body(v, 1), &rules).unwrap();
+            let mut one = WeightedSum::new(&layout);
+            one.accept(&u);
+            let n = one
+                .mean()
+                .unwrap()
+                .iter()
+                .map(|x| x * x)
+                .sum::<f64>()
+                .sqrt();
+            assert!(n <= 1.0 + 1e-6, "{n}");
+        }
+    }
+
+    /// The release's noise, statistically: over many coordinates its mean is 0 and its
+    /// standard deviation the one asked for (within 1%, far beyond chance at this size), the
+    /// mean divides by the fixed denominator, and two releases differ.
+    #[test]
+    fn privatize_adds_gaussian_noise_of_the_asked_deviation_and_fixes_the_denominator() {
+        let n = 200_000;
+        let layout = Layout::new(vec![("w".into(), vec![n])]);
+        let zeros = Parameters::new(vec![("w".into(), Tensor::full(vec![n], 0.0))]).unwrap();
+        let body = encode(
+            &zeros,
+            &UpdateMeta {
+                base_version: 0,
+                examples: 1,
+                loss: None,
+                accuracy: None,
+                token: "t".into(),
+            },
+        );
+        let update = check(body, &Rules::lenient(&layout)).unwrap();
+        let mut a = WeightedSum::new(&layout);
+        a.accept(&update);
+        let mut b = a.clone();
+        let std = 2.5;
+        a.privatize(std, 10.0, &mut rand::rngs::StdRng::seed_from_u64(1));
+        b.privatize(std, 10.0, &mut rand::rngs::StdRng::seed_from_u64(2));
+        assert_eq!(a.weight(), 10.0);
+        // The mean divides the noised sum by 10.
+        let sums: Vec<f64> = a.mean().unwrap().iter().map(|m| m * 10.0).collect();
+        let mean = sums.iter().sum::<f64>() / n as f64;
+        let sd = (sums.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
+        // The standard error of the mean is 2.5 / sqrt(2e5) = 0.0056; of the deviation 0.004.
+        assert!(mean.abs() < 0.03, "noise mean {mean}");
+        assert!(
+            (sd / std - 1.0).abs() < 0.01,
+            "noise deviation {sd}, wanted {std}"
+        );
+        // Normal tails: about 4.55% beyond two deviations.
+        let beyond = sums.iter().filter(|x| x.abs() > 2.0 * std).count() as f64 / n as f64;
+        assert!((beyond - 0.0455).abs() < 0.003, "{beyond}");
+        assert_ne!(a.mean().unwrap()[..10], b.mean().unwrap()[..10]);
+    }
 
     fn random_params(rng: &mut impl Rng, scale: f32) -> Parameters {
         Parameters::new(vec![

@@ -319,3 +319,35 @@ pub fn local_update<C: StepControl>(
     };
     Ok((crate::wire::update::encode(&delta, &meta), report))
 }
+
+/// [`local_update`] under local differential privacy ([`LocalDp`]): the trained difference
+/// is clipped and noised on the device, from the cryptographically secure `rng`, before it is
+/// encoded, and the update carries nothing else of the local data: no loss or accuracy, and
+/// an example count of 1 (so the server weighs it like any other).
+///
+/// [`LocalDp`]: crate::privacy::LocalDp
+#[allow(clippy::too_many_arguments)]
+pub fn local_update_private<C: StepControl, R: rand::Rng + rand::CryptoRng + ?Sized>(
+    model: &Model,
+    base: &Parameters,
+    data: &Dataset,
+    plan: &Plan,
+    base_version: u64,
+    token: String,
+    ldp: &crate::privacy::LocalDp,
+    rng: &mut R,
+    progress: impl FnMut(Progress) -> C,
+) -> Result<(Vec<u8>, TrainReport), TrainError> {
+    let mut params = base.clone();
+    let report = train(model, &mut params, data, plan, progress)?;
+    let mut delta = params.sub(base)?;
+    ldp.apply(&mut delta, rng);
+    let meta = crate::wire::update::UpdateMeta {
+        base_version,
+        examples: 1,
+        loss: None,
+        accuracy: None,
+        token,
+    };
+    Ok((crate::wire::update::encode(&delta, &meta), report))
+}

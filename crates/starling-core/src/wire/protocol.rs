@@ -55,6 +55,9 @@ pub enum ErrorCode {
     RoundClosed,
     /// An update sent to an evaluation round, or an evaluation report to a training round.
     WrongRoundKind,
+    /// The task has stopped training (its privacy budget is spent); check-ins get this until
+    /// an operator changes the task.
+    TaskStopped,
     /// Buffered asynchronous mode: the update is built on a version more versions behind the
     /// current one than the task's `max_staleness`.
     TooStale,
@@ -80,7 +83,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in the order of the documentation.
-    pub const ALL: [ErrorCode; 26] = [
+    pub const ALL: [ErrorCode; 27] = [
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::BadRequest,
@@ -99,6 +102,7 @@ impl ErrorCode {
         ErrorCode::StaleVersion,
         ErrorCode::RoundClosed,
         ErrorCode::WrongRoundKind,
+        ErrorCode::TaskStopped,
         ErrorCode::TooStale,
         ErrorCode::DuplicateUpdate,
         ErrorCode::PayloadTooLarge,
@@ -129,6 +133,7 @@ impl ErrorCode {
             ErrorCode::RoundClosed => "round_closed",
             ErrorCode::TooStale => "too_stale",
             ErrorCode::WrongRoundKind => "wrong_round_kind",
+            ErrorCode::TaskStopped => "task_stopped",
             ErrorCode::DuplicateUpdate => "duplicate_update",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UriTooLong => "uri_too_long",
@@ -162,6 +167,7 @@ impl ErrorCode {
             | ErrorCode::RoundClosed
             | ErrorCode::TooStale
             | ErrorCode::WrongRoundKind
+            | ErrorCode::TaskStopped
             | ErrorCode::DuplicateUpdate => 409,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::UriTooLong => 414,
@@ -222,6 +228,10 @@ impl ErrorCode {
             ErrorCode::RoundClosed => {
                 "the round is over (committed or abandoned), or closing (goal reached or \
                  deadline passed)"
+            }
+            ErrorCode::TaskStopped => {
+                "the task has stopped training: its privacy budget is spent (the message says \
+                 how much); devices should stop asking"
             }
             ErrorCode::WrongRoundKind => {
                 "an update sent to an evaluation round, or an evaluation report to a training \

@@ -77,6 +77,8 @@ pub struct UpdateView<'a> {
     pub meta: UpdateMeta,
     /// Each parameter's little-endian f32 bytes, in layout order.
     pub tensors: Vec<&'a [u8]>,
+    /// The update's L2 norm, when a norm bound made [`decode`] compute it.
+    pub norm: Option<f64>,
 }
 
 /// How much one update weighs in the average. The weight is decided here, by validation, and
@@ -101,6 +103,9 @@ pub struct Rules {
     pub max_norm: Option<f64>,
     /// How updates are weighted.
     pub weighting: Weighting,
+    /// Differential privacy's clip bound: an update whose L2 norm exceeds it is scaled down
+    /// to it (not refused), so that no device moves the sum by more (`None`: no clipping).
+    pub clip: Option<f64>,
 }
 
 impl Rules {
@@ -112,6 +117,7 @@ impl Rules {
             weighting: Weighting::Examples {
                 cap: MAX_EXAMPLES as u64,
             },
+            clip: None,
         }
     }
 }
@@ -123,6 +129,7 @@ pub struct CheckedUpdate {
     tensors: Vec<Range<usize>>,
     meta: UpdateMeta,
     weight: f64,
+    scale: f64,
 }
 
 impl std::fmt::Debug for CheckedUpdate {
@@ -131,6 +138,7 @@ impl std::fmt::Debug for CheckedUpdate {
         f.debug_struct("CheckedUpdate")
             .field("meta", &self.meta)
             .field("weight", &self.weight)
+            .field("scale", &self.scale)
             .field("bytes", &self.body.len())
             .finish()
     }
@@ -151,6 +159,33 @@ impl CheckedUpdate {
     pub fn tensors(&self) -> impl Iterator<Item = &[u8]> {
         self.tensors.iter().map(|r| &self.body[r.clone()])
     }
+
+    /// The factor the values are folded with: `min(1, clip / ‖update‖)` under the rules'
+    /// clip bound, else 1.
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    /// Whether the clip bound scaled this update down.
+    pub fn was_clipped(&self) -> bool {
+        self.scale < 1.0
+    }
+}
+
+/// The L2 norm of little-endian f32 tensors, accumulated in f64.
+fn l2_norm(tensors: &[&[u8]]) -> f64 {
+    tensors
+        .iter()
+        .map(|data| match bytemuck::try_cast_slice::<u8, f32>(data) {
+            Ok(values) if cfg!(target_endian = "little") => {
+                crate::aggregate::kernels::sum_squares(values)
+            }
+            _ => f32s_from_le(data)
+                .map(|v| f64::from(v) * f64::from(v))
+                .sum(),
+        })
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// The largest body an update of `layout` can need: its values plus a generous allowance for
@@ -178,6 +213,17 @@ pub fn check(body: Vec<u8>, rules: &Rules) -> Result<CheckedUpdate, UpdateError>
             offset..offset + t.len()
         })
         .collect();
+    let scale = match rules.clip {
+        Some(clip) => {
+            let norm = view.norm.unwrap_or_else(|| l2_norm(&view.tensors));
+            if norm > clip {
+                clip / norm
+            } else {
+                1.0
+            }
+        }
+        None => 1.0,
+    };
     let meta = view.meta;
     let weight = match rules.weighting {
         Weighting::Examples { cap } => meta.examples.min(cap) as f64,
@@ -188,6 +234,7 @@ pub fn check(body: Vec<u8>, rules: &Rules) -> Result<CheckedUpdate, UpdateError>
         tensors,
         meta,
         weight,
+        scale,
     })
 }
 
@@ -294,24 +341,19 @@ pub fn decode<'a>(
             return Err(UpdateError::NotFinite(name.clone()));
         }
     }
+    let mut norm = None;
     if let Some(bound) = max_norm {
-        let sq: f64 = tensors
-            .iter()
-            .map(|data| match bytemuck::try_cast_slice::<u8, f32>(data) {
-                Ok(values) if cfg!(target_endian = "little") => {
-                    crate::aggregate::kernels::sum_squares(values)
-                }
-                _ => f32s_from_le(data)
-                    .map(|v| f64::from(v) * f64::from(v))
-                    .sum(),
-            })
-            .sum();
-        let norm = sq.sqrt();
-        if norm > bound {
-            return Err(UpdateError::NormTooLarge { norm, bound });
+        let n = l2_norm(&tensors);
+        if n > bound {
+            return Err(UpdateError::NormTooLarge { norm: n, bound });
         }
+        norm = Some(n);
     }
-    Ok(UpdateView { meta, tensors })
+    Ok(UpdateView {
+        meta,
+        tensors,
+        norm,
+    })
 }
 
 #[cfg(test)]
@@ -352,6 +394,7 @@ mod tests {
     fn checked_updates_carry_a_bounded_weight() {
         let d = delta(1.0);
         let rules = |weighting| Rules {
+            clip: None,
             layout: d.layout(),
             max_norm: Some(10.0),
             weighting,

@@ -252,6 +252,7 @@ fn rules(layout: &Layout, max_norm: Option<f64>, weighting: Weighting) -> Rules 
         layout: layout.clone(),
         max_norm,
         weighting,
+        clip: None,
     }
 }
 

@@ -1,4 +1,4 @@
-//! The core's integration tests, one binary: gradients against finite differences, the training loop against a hand-written reference, FedProx's proximal term and partial work (training stopped between steps), model specs, data-set loaders and partitions on the committed fixtures, the paper models learning real digits, and fuzzing of update decoding.
+//! The core's integration tests, one binary: gradients against finite differences, the training loop against a hand-written reference, FedProx's proximal term and partial work (training stopped between steps), model specs, data-set loaders and partitions on the committed fixtures, the paper models learning real digits, the Rényi-DP accountant against dp-accounting's numbers, and fuzzing of update decoding.
 
 mod datasets;
 mod fedprox;
@@ -8,4 +8,5 @@ mod mnist;
 mod models;
 mod partial_work;
 mod partition;
+mod privacy;
 mod training;

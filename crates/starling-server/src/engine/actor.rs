@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::buffer::{Buffered, Slot};
 use super::clock::Clock;
+use super::privacy::Privacy;
 use super::round::{
     AbandonReason, ClosedRound, NoRoom, OpenRound, Phase, RoundLimits, RoundSummary,
 };
@@ -64,6 +65,12 @@ struct Actor {
     partial_sums: usize,
     /// Training rounds committed since the last evaluation round opened.
     trained_since_evaluation: u32,
+    /// Differential privacy's state, for a task with `[tasks.privacy]`.
+    privacy: Option<Privacy>,
+    /// Why the task no longer trains, once it stopped.
+    stopped: Option<String>,
+    /// The clip bound the handle's checks read (moved by adaptive clipping).
+    clip: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The served form of a checkpoint: safetensors with the task, version and spec as metadata.
@@ -100,6 +107,27 @@ pub async fn spawn(
             message: e.to_string(),
         })
     })?;
+    let privacy = match &def.privacy {
+        Some(policy) => Some(
+            Privacy::resume(
+                policy.clone(),
+                def.rounds.goal,
+                &stored.privacy_state,
+                def.privacy_noise_seed,
+            )
+            .map_err(|e| {
+                EngineError::Store(crate::store::StoreError::StrategyState {
+                    task: def.name.clone(),
+                    message: e.to_string(),
+                })
+            })?,
+        ),
+        None => None,
+    };
+    let stopped = privacy.as_ref().and_then(Privacy::exhausted);
+    let clip = Arc::new(std::sync::atomic::AtomicU64::new(
+        privacy.as_ref().map_or(0.0, Privacy::clip).to_bits(),
+    ));
     let partial_sums = std::thread::available_parallelism().map_or(2, |n| n.get());
     let model = model_state(&def, stored.version, stored.params);
     let mode = match &def.buffered {
@@ -132,9 +160,17 @@ pub async fn spawn(
         model: model.clone(),
         round: mode.info(),
         last_round: None,
+        stopped: stopped.clone(),
+        epsilon_spent: privacy.as_ref().map(Privacy::spent),
     });
     let (tx, rx) = mpsc::channel(1024);
-    let weighting = match def.weighting {
+    // Differential privacy fixes every update's weight: the sensitivity must not depend on a
+    // claimed example count.
+    let weighting = match if def.privacy.is_some() {
+        Weighting::Uniform
+    } else {
+        def.weighting
+    } {
         Weighting::Examples => starling_core::wire::update::Weighting::Examples {
             cap: def.max_examples_per_update,
         },
@@ -147,10 +183,13 @@ pub async fn spawn(
             plan: def.plan.clone(),
             policy: def.rounds.clone(),
             buffered: def.buffered.clone(),
+            privacy: def.privacy.clone(),
+            clip: clip.clone(),
             rules: starling_core::wire::update::Rules {
                 layout: layout.clone(),
                 max_norm: Some(def.max_update_norm),
                 weighting,
+                clip: def.privacy.as_ref().map(|p| p.clip),
             },
             max_upload_bytes: starling_core::wire::update::max_encoded_len(&layout),
             tx,
@@ -169,6 +208,9 @@ pub async fn spawn(
         status: status_tx,
         partial_sums,
         trained_since_evaluation: 0,
+        privacy,
+        stopped,
+        clip,
     };
     tokio::spawn(actor.run(mode, rx));
     Ok(handle)
@@ -193,6 +235,7 @@ fn open_round(
         RoundLimits {
             min_cohort: def.min_cohort,
             max_per_address: def.max_assignments_per_address,
+            at_most_goal: def.privacy.is_some(),
         },
         partial_sums,
         clock.now(),
@@ -362,6 +405,10 @@ impl Actor {
 
     async fn handle_rounds(&mut self, mut phase: Phase, cmd: Command) -> Mode {
         match cmd {
+            Command::CheckIn { reply, .. } if self.stopped.is_some() => {
+                let reason = self.stopped.clone().unwrap_or_default();
+                let _ = reply.send(Err(EngineError::TaskStopped(reason)));
+            }
             Command::CheckIn { callers, reply } => {
                 let answers = callers
                     .into_iter()
@@ -371,7 +418,7 @@ impl Actor {
                         answer
                     })
                     .collect();
-                let _ = reply.send(answers);
+                let _ = reply.send(Ok(answers));
             }
             Command::Admit {
                 round,
@@ -448,7 +495,7 @@ impl Actor {
                         answer
                     })
                     .collect();
-                let _ = reply.send(answers);
+                let _ = reply.send(Ok(answers));
             }
             Command::Admit {
                 round,
@@ -524,6 +571,13 @@ impl Actor {
             version: new_version,
             params: target.params,
             strategy_state: target.strategy_state,
+            // Privacy spent stays spent: the new version carries today's ledger, not the
+            // target's.
+            privacy_state: self
+                .privacy
+                .as_ref()
+                .map(Privacy::state)
+                .unwrap_or_default(),
         };
         if let Err(e) = self
             .store
@@ -611,22 +665,40 @@ impl Actor {
         // The strategy's state before this round's step: a round that does not commit must
         // not move it (the stored state is the committed version's).
         let state_before = self.strategy.state();
+        // A private round's release: noise on the sum, the ledger entry and the accountant
+        // it leaves, adopted only once the version is stored.
+        let mut released = None;
         let next_params = match closed {
-            ClosedRound::Commit { sum } => {
-                match self.strategy.next_params(&self.model.params, &sum) {
-                    Ok(params) => match self.check_step(&params) {
-                        Ok(()) => {
-                            record.examples = sum.examples();
-                            record.mean_loss = sum.mean_loss();
-                            record.mean_accuracy = sum.mean_accuracy();
-                            Ok(params)
-                        }
-                        Err(reason) => Err(reason),
-                    },
-                    Err(e) => {
-                        tracing::error!(task = %self.def.name, round = number, error = %e,
+            ClosedRound::Commit { mut sum } => {
+                match self.privacy.as_ref().map(|p| p.release(&mut sum, number)) {
+                    Some(Err(reason)) => {
+                        tracing::error!(task = %self.def.name, round = number,
+                        "round not released: {reason}");
+                        Err(AbandonReason::PrivacyBudget)
+                    }
+                    release => {
+                        released = release.map(|r| r.expect("errors handled above"));
+                        match self.strategy.next_params(&self.model.params, &sum) {
+                            Ok(params) => match self.check_step(&params) {
+                                Ok(()) => {
+                                    // Under differential privacy only the noised model is released:
+                                    // no un-noised statistics of the devices (example counts, their
+                                    // losses) are published with it.
+                                    if released.is_none() {
+                                        record.examples = sum.examples();
+                                        record.mean_loss = sum.mean_loss();
+                                        record.mean_accuracy = sum.mean_accuracy();
+                                    }
+                                    Ok(params)
+                                }
+                                Err(reason) => Err(reason),
+                            },
+                            Err(e) => {
+                                tracing::error!(task = %self.def.name, round = number, error = %e,
                             "strategy failed; round abandoned");
-                        Err(AbandonReason::StrategyFailed)
+                                Err(AbandonReason::StrategyFailed)
+                            }
+                        }
                     }
                 }
             }
@@ -639,10 +711,15 @@ impl Actor {
                     version: self.model.version + 1,
                     params,
                     strategy_state: self.strategy.state(),
+                    privacy_state: released
+                        .as_ref()
+                        .map(|(_, acc)| Privacy::state_of(acc))
+                        .unwrap_or_default(),
                 };
                 let mut done = record.clone();
                 done.status = RoundStatus::Committed;
                 done.reason = None;
+                done.privacy = released.as_ref().map(|(entry, _)| entry.clone());
                 done.version = Some(stored.version);
                 done.commit_ms = Some(closing_started.elapsed().as_secs_f64() * 1e3);
                 // Durable first, announced after (invariant 4).
@@ -654,6 +731,13 @@ impl Actor {
                     Ok(()) => {
                         record = done;
                         self.trained_since_evaluation += 1;
+                        if let (Some(p), Some((_, state))) = (&mut self.privacy, released) {
+                            p.adopt(state);
+                            // The next round's checks clip at its bound: stored before the
+                            // round opens, so every check of its updates sees it.
+                            self.clip
+                                .store(p.clip().to_bits(), std::sync::atomic::Ordering::Release);
+                        }
                         self.model = model_state(&self.def, stored.version, stored.params);
                         tracing::info!(
                             task = %self.def.name, round = number, version = self.model.version,
@@ -720,6 +804,7 @@ impl Actor {
             started_at_ms: summary.started_at_ms,
             ended_at_ms: self.clock.unix_ms(),
             commit_ms: None,
+            privacy: None,
         }
     }
 
@@ -757,11 +842,23 @@ impl Actor {
         {
             tracing::error!(task = %self.def.name, error = %e, "could not record the round number");
         }
+        if self.stopped.is_none() {
+            self.stopped = self.privacy.as_ref().and_then(Privacy::exhausted);
+            if let Some(reason) = &self.stopped {
+                tracing::warn!(task = %self.def.name, "training stopped: {reason}");
+            }
+        }
         let model = self.model.clone();
+        let (stopped, spent) = (
+            self.stopped.clone(),
+            self.privacy.as_ref().map(Privacy::spent),
+        );
         self.status.send_modify(|s| {
             s.model = model;
             s.round = round_info;
             s.last_round = Some(record);
+            s.stopped = stopped;
+            s.epsilon_spent = spent;
         });
     }
 }

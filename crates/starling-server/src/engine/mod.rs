@@ -9,12 +9,14 @@
 //!   buffer that steps the model every K updates, each discounted by its staleness.
 //! - [`partial`]: per-core partial sums, so uploads fold in parallel without a global lock.
 //! - [`clock`]: real and virtual time.
+//! - [`privacy`]: differential privacy's noise on a round's sum, and its budget.
 //! - `actor`: the task that owns the round state.
 
 mod actor;
 pub mod buffer;
 pub mod clock;
 pub mod partial;
+pub mod privacy;
 pub mod round;
 
 use std::net::IpAddr;
@@ -29,7 +31,7 @@ use starling_core::{ModelSpec, Parameters, Plan};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::Metrics;
-use crate::settings::{BufferedPolicy, RoundPolicy, TaskDefinition};
+use crate::settings::{BufferedPolicy, PrivacyPolicy, RoundPolicy, TaskDefinition};
 use crate::store::{Store, StoreError};
 
 pub use actor::spawn;
@@ -65,6 +67,9 @@ pub enum EngineError {
         /// What it is.
         kind: RoundKind,
     },
+    /// The task stopped training (its privacy budget is spent).
+    #[error("task stopped: {0}")]
+    TaskStopped(String),
     /// An evaluation report's numbers are unusable.
     #[error(transparent)]
     Report(#[from] ReportError),
@@ -130,6 +135,7 @@ impl EngineError {
             | EngineError::TokenMismatch => ErrorCode::InvalidToken,
             EngineError::TooStale { .. } => ErrorCode::TooStale,
             EngineError::WrongRoundKind { .. } => ErrorCode::WrongRoundKind,
+            EngineError::TaskStopped(_) => ErrorCode::TaskStopped,
             EngineError::Report(ReportError::Examples(_)) => ErrorCode::InvalidExamples,
             EngineError::Report(_) => ErrorCode::InvalidMetadata,
             EngineError::Duplicate => ErrorCode::DuplicateUpdate,
@@ -255,6 +261,10 @@ pub struct TaskStatus {
     pub round: RoundInfo,
     /// The last round closed by this process, if any.
     pub last_round: Option<crate::store::RoundRecord>,
+    /// Why the task no longer trains (its privacy budget is spent), if it stopped.
+    pub stopped: Option<String>,
+    /// ε spent so far, for a task with `[tasks.privacy]`.
+    pub epsilon_spent: Option<f64>,
 }
 
 /// Requests to a task's actor. Each carries a batch, so that a simulation's thousand devices
@@ -262,7 +272,7 @@ pub struct TaskStatus {
 pub(crate) enum Command {
     CheckIn {
         callers: Vec<Caller>,
-        reply: oneshot::Sender<Vec<CheckIn>>,
+        reply: oneshot::Sender<Result<Vec<CheckIn>, EngineError>>,
     },
     Admit {
         round: u64,
@@ -308,7 +318,11 @@ struct HandleInner {
     plan: Plan,
     policy: RoundPolicy,
     buffered: Option<BufferedPolicy>,
+    privacy: Option<PrivacyPolicy>,
     rules: Rules,
+    /// The current clip bound's bits (f64), for a task with `[tasks.privacy]`: adaptive
+    /// clipping moves it between rounds, and every check reads the round's.
+    clip: Arc<std::sync::atomic::AtomicU64>,
     max_upload_bytes: usize,
     tx: mpsc::Sender<Command>,
     status: watch::Receiver<TaskStatus>,
@@ -341,6 +355,11 @@ impl TaskHandle {
         self.inner.buffered.as_ref()
     }
 
+    /// The differential-privacy settings, if the task has them.
+    pub fn privacy(&self) -> Option<&PrivacyPolicy> {
+        self.inner.privacy.as_ref()
+    }
+
     /// The largest upload body this task can need: its model's values plus a header
     /// allowance. Larger uploads are refused before they are read.
     pub fn max_upload_bytes(&self) -> usize {
@@ -357,7 +376,7 @@ impl TaskHandle {
         self.inner.status.clone()
     }
 
-    /// A device asks for work.
+    /// A device asks for work. A stopped task answers [`EngineError::TaskStopped`].
     pub async fn check_in(&self, caller: Caller) -> Result<CheckIn, EngineError> {
         let mut answers = self.check_in_many(vec![caller]).await?;
         Ok(answers.pop().expect("one answer per caller"))
@@ -367,7 +386,7 @@ impl TaskHandle {
     pub async fn check_in_many(&self, callers: Vec<Caller>) -> Result<Vec<CheckIn>, EngineError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::CheckIn { callers, reply }).await?;
-        rx.await.map_err(|_| EngineError::Unavailable)
+        rx.await.map_err(|_| EngineError::Unavailable)?
     }
 
     /// Whether an upload to `round` with `token` may send its body: the round is the open
@@ -464,7 +483,11 @@ impl TaskHandle {
         uploads: Vec<Upload>,
     ) -> Vec<Result<Receipt, EngineError>> {
         let n = uploads.len();
-        let rules = self.inner.rules.clone();
+        let mut rules = self.inner.rules.clone();
+        if rules.clip.is_some() {
+            let bits = self.inner.clip.load(std::sync::atomic::Ordering::Acquire);
+            rules.clip = Some(f64::from_bits(bits));
+        }
         let checked = tokio::task::spawn_blocking(move || {
             uploads
                 .into_iter()

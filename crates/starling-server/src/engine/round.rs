@@ -57,6 +57,8 @@ pub enum AbandonReason {
     StorageFailed,
     /// An operator rolled the task back while the round was open.
     RolledBack,
+    /// Releasing the round would have taken the task past its privacy budget.
+    PrivacyBudget,
 }
 
 impl AbandonReason {
@@ -69,6 +71,7 @@ impl AbandonReason {
             AbandonReason::StrategyFailed => "strategy_failed",
             AbandonReason::StorageFailed => "storage_failed",
             AbandonReason::RolledBack => "rolled_back",
+            AbandonReason::PrivacyBudget => "privacy_budget",
         }
     }
 
@@ -81,6 +84,7 @@ impl AbandonReason {
             AbandonReason::StrategyFailed,
             AbandonReason::StorageFailed,
             AbandonReason::RolledBack,
+            AbandonReason::PrivacyBudget,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)
@@ -116,6 +120,7 @@ struct RoundState {
     policy: RoundPolicy,
     min_cohort: u32,
     max_per_address: u32,
+    at_most_goal: bool,
 }
 
 /// The limits a round enforces beyond its [`RoundPolicy`].
@@ -125,6 +130,9 @@ pub struct RoundLimits {
     pub min_cohort: u32,
     /// Assignments one client address may hold.
     pub max_per_address: u32,
+    /// Take at most `goal` updates (differential privacy: the cohort the noise and the
+    /// accountant assume), refusing later ones as `round_closed`.
+    pub at_most_goal: bool,
 }
 
 /// Why a check-in got no assignment.
@@ -313,6 +321,7 @@ impl OpenRound {
             policy: policy.clone(),
             min_cohort: limits.min_cohort,
             max_per_address: limits.max_per_address,
+            at_most_goal: limits.at_most_goal,
         })
     }
 
@@ -358,6 +367,9 @@ impl OpenRound {
         s.check_kind(RoundKind::Training)?;
         s.check_version(base_version)?;
         s.check_token(token)?;
+        if s.at_most_goal && s.folded + s.in_flight >= u64::from(s.policy.goal) {
+            return Err(EngineError::RoundClosed(s.number));
+        }
         s.assignments
             .insert(token.to_string(), AssignmentState::InFlight);
         s.in_flight += 1;

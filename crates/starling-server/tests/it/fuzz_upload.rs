@@ -69,6 +69,7 @@ async fn start() -> Fuzzer {
         weighting: Weighting::Examples {
             cap: MAX_EXAMPLES_PER_UPDATE,
         },
+        clip: None,
     };
     let limit = task.max_upload_bytes();
     Fuzzer {

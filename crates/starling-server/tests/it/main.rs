@@ -9,4 +9,5 @@ mod example_config;
 mod fuzz_upload;
 mod hardening;
 mod harness;
+mod privacy;
 mod protocol;
