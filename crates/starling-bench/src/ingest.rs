@@ -1,5 +1,7 @@
 //! The ingest benchmark: N devices check in and upload valid updates of P parameters over
-//! HTTP on 127.0.0.1, C at a time, into one round of goal N.
+//! HTTP on 127.0.0.1, C at a time, into one round of goal N. With [`IngestOptions::tls`] the
+//! server serves HTTPS with a self-signed certificate made for the run ([`self_signed`]),
+//! which the load generator trusts alone.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,11 +31,16 @@ pub struct IngestOptions {
     pub task: String,
     /// The `starling` binary to start as the server.
     pub exe: PathBuf,
+    /// Serve HTTPS (`starling serve --tls-cert --tls-key`, a fresh self-signed certificate for
+    /// 127.0.0.1) instead of plain HTTP; only for a server started here.
+    pub tls: bool,
 }
 
 /// The figures of one run.
 #[derive(Debug, Clone, Serialize)]
 pub struct IngestRow {
+    /// Over HTTPS (the server's own TLS), not plain HTTP.
+    pub tls: bool,
     /// Parameters per update.
     pub params: usize,
     /// Devices.
@@ -91,6 +98,14 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+/// A self-signed certificate for `127.0.0.1` and `localhost` and its private key, as PEM:
+/// `(certificate, key)`.
+pub fn self_signed() -> Result<(String, String), BenchError> {
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
+        .map_err(|e| BenchError::Server(format!("cannot make a certificate: {e}")))?;
+    Ok((made.cert.pem(), made.signing_key.serialize_pem()))
+}
+
 async fn get_json(http: &reqwest::Client, url: &str) -> Result<Value, BenchError> {
     Ok(http
         .get(url)
@@ -111,17 +126,43 @@ pub async fn run(o: &IngestOptions) -> Result<IngestRow, BenchError> {
     let placeholder = "X".repeat(32);
     let (_, template) = update_body(o.params, &placeholder);
     let token_at = find(&template, placeholder.as_bytes()).expect("the token is in the header");
+    let mut http = reqwest::Client::builder().timeout(Duration::from_secs(120));
+    // The certificate's files live until the server is gone.
+    let mut _certificate = None;
     let (server, url) = match &o.server {
+        Some(_) if o.tls => {
+            return Err(BenchError::Usage(
+                "--tls starts its own HTTPS server; it does not go with --server".into(),
+            ))
+        }
         Some(u) => (None, u.trim_end_matches('/').to_string()),
+        None if o.tls => {
+            let (cert, key) = self_signed()?;
+            let dir = tempfile::tempdir()?;
+            let (cert_file, key_file) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+            std::fs::write(&cert_file, &cert)?;
+            std::fs::write(&key_file, key)?;
+            http = http
+                .add_root_certificate(reqwest::Certificate::from_pem(cert.as_bytes())?)
+                .https_only(true);
+            let flags = [
+                "--tls-cert".as_ref(),
+                cert_file.as_os_str(),
+                "--tls-key".as_ref(),
+                key_file.as_os_str(),
+            ];
+            let s = ServerProcess::start_with(&o.exe, &config(o), &flags)?;
+            _certificate = Some(dir);
+            let u = s.url.clone();
+            (Some(s), u)
+        }
         None => {
             let s = ServerProcess::start(&o.exe, &config(o))?;
             let u = s.url.clone();
             (Some(s), u)
         }
     };
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()?;
+    let http = http.build()?;
     let task_url = format!("{url}/v1/tasks/{}", o.task);
     let task = get_json(&http, &task_url).await?;
     let count = task["parameter_count"].as_u64().unwrap_or(0) as usize;
@@ -241,6 +282,7 @@ pub async fn run(o: &IngestOptions) -> Result<IngestRow, BenchError> {
     latencies.sort_by(f64::total_cmp);
     let update_mb = template.len() as f64 / 1e6;
     Ok(IngestRow {
+        tls: o.tls,
         params: o.params,
         devices: o.devices,
         concurrency: o.concurrency,

@@ -1,6 +1,7 @@
 //! A `starling serve` child process, so that the server's memory is measured apart from the
 //! load generator's.
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -20,6 +21,16 @@ pub struct ServerProcess {
 impl ServerProcess {
     /// Starts `exe serve` on a free port with `config` (TOML) and a temporary data directory.
     pub fn start(exe: &Path, config: &str) -> Result<Self, BenchError> {
+        Self::start_with(exe, config, &[] as &[&OsStr])
+    }
+
+    /// [`ServerProcess::start`] with further `serve` flags (`--tls-cert FILE`, ...); its URL
+    /// is the one the server prints (`https://` for TLS).
+    pub fn start_with(
+        exe: &Path,
+        config: &str,
+        flags: &[impl AsRef<OsStr>],
+    ) -> Result<Self, BenchError> {
         let dir = tempfile::tempdir()?;
         let cfg = dir.path().join("bench.toml");
         std::fs::write(&cfg, config)?;
@@ -28,6 +39,7 @@ impl ServerProcess {
             .arg(&cfg)
             .arg("--data-dir")
             .arg(dir.path().join("data"))
+            .args(flags)
             .env("STARLING_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -43,6 +43,10 @@ pub(crate) enum Command {
         /// The task to target with --server.
         #[arg(long, default_value = "bench")]
         task: String,
+        /// Also measure over HTTPS: for each N, a plain-HTTP run and then one against a server
+        /// with its own TLS (a self-signed certificate made for the run), and their ratio.
+        #[arg(long, conflicts_with = "server")]
+        tls: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -146,6 +150,14 @@ fn count(s: &str) -> Result<usize, String> {
     }
 }
 
+fn scheme(tls: bool) -> &'static str {
+    if tls {
+        "https"
+    } else {
+        "http"
+    }
+}
+
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("-".into(), |x| format!("{x:.digits$}"))
 }
@@ -186,35 +198,55 @@ pub(crate) fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             concurrency,
             server,
             task,
+            tls,
             json,
         } => {
             let exe = std::env::current_exe().context("cannot find the starling binary")?;
             let rt = crate::runtime()?;
             let mut rows = Vec::new();
+            let schemes: &[bool] = if tls { &[false, true] } else { &[false] };
             for n in devices {
-                let o = ingest::IngestOptions {
-                    params,
-                    devices: n,
-                    concurrency,
-                    server: server.clone(),
-                    task: task.clone(),
-                    exe: exe.clone(),
-                };
-                if !json {
-                    eprintln!(
-                        "running: {n} devices, {params} parameters, concurrency {concurrency} ..."
-                    );
+                for &tls in schemes {
+                    let o = ingest::IngestOptions {
+                        params,
+                        devices: n,
+                        concurrency,
+                        server: server.clone(),
+                        task: task.clone(),
+                        exe: exe.clone(),
+                        tls,
+                    };
+                    if !json {
+                        eprintln!(
+                            "running: {n} devices, {params} parameters, concurrency {concurrency}, {} ...",
+                            scheme(tls)
+                        );
+                    }
+                    rows.push(rt.block_on(ingest::run(&o))?);
                 }
-                rows.push(rt.block_on(ingest::run(&o))?);
             }
+            // HTTPS against plain HTTP, run after run: (devices, https / http updates/s).
+            let ratios: Vec<(usize, f64)> = rows
+                .windows(2)
+                .filter(|w| !w[0].tls && w[1].tls && w[0].devices == w[1].devices)
+                .map(|w| (w[0].devices, w[1].updates_per_sec / w[0].updates_per_sec))
+                .collect();
             if json {
-                println!("{}", json!({"machine": m, "ingest": rows}));
+                let ratios: Vec<_> = ratios
+                    .iter()
+                    .map(|(n, r)| json!({"devices": n, "https_over_http": r}))
+                    .collect();
+                println!(
+                    "{}",
+                    json!({"machine": m, "ingest": rows, "tls_ratio": ratios})
+                );
                 return Ok(ExitCode::SUCCESS);
             }
             println!("HTTP ingest on 127.0.0.1: one round of N updates (goal N)");
             println!("machine: {m}");
             println!(
-                "{:>9} {:>8} {:>5} {:>9} {:>10} {:>9} {:>9} {:>9} {:>12} {:>10} {:>12} {:>6}",
+                "{:>6} {:>9} {:>8} {:>5} {:>9} {:>10} {:>9} {:>9} {:>9} {:>12} {:>10} {:>12} {:>6}",
+                "scheme",
                 "params",
                 "devices",
                 "conc",
@@ -230,15 +262,19 @@ pub(crate) fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             );
             for r in &rows {
                 println!(
-                    "{:>9} {:>8} {:>5} {:>9.2} {:>10.1} {:>9.1} {:>9.1} {:>9.1} {:>10} MiB {:>10} {:>12.1} {:>6}",
-                    r.params, r.devices, r.concurrency, r.update_mb, r.updates_per_sec, r.mb_per_sec,
+                    "{:>6} {:>9} {:>8} {:>5} {:>9.2} {:>10.1} {:>9.1} {:>9.1} {:>9.1} {:>10} MiB {:>10} {:>12.1} {:>6}",
+                    scheme(r.tls), r.params, r.devices, r.concurrency, r.update_mb, r.updates_per_sec, r.mb_per_sec,
                     r.p50_ms, r.p99_ms, opt(r.server_peak_rss_mib, 1), opt(r.commit_ms, 2),
                     r.time_to_new_version_ms, r.errors
                 );
             }
-            if let (Some(first), Some(last)) = (rows.first(), rows.last()) {
+            for (n, ratio) in &ratios {
+                println!("HTTPS / HTTP throughput at N = {n}: {ratio:.2}");
+            }
+            let plain: Vec<_> = rows.iter().filter(|r| !r.tls).collect();
+            if let (Some(first), Some(last)) = (plain.first(), plain.last()) {
                 if let (Some(a), Some(b)) = (first.server_peak_rss_mib, last.server_peak_rss_mib) {
-                    if rows.len() > 1 {
+                    if plain.len() > 1 {
                         println!(
                             "server peak RSS at N = {} is {:.2}x its peak at N = {}",
                             last.devices,

@@ -1,5 +1,5 @@
-//! `starling serve`: settings from a file, the environment and flags; graceful shutdown on
-//! SIGINT and SIGTERM.
+//! `starling serve`: settings from a file, the environment and flags; HTTPS with
+//! `--tls-cert` and `--tls-key`; graceful shutdown on SIGINT and SIGTERM.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,6 +25,14 @@ pub(crate) struct Args {
     /// SQLite file (default: DATA_DIR/starling.db).
     #[arg(long)]
     database: Option<PathBuf>,
+    /// Serve HTTPS with this PEM certificate chain (the server's certificate first), with
+    /// --tls-key (overrides the file and STARLING_TLS_CERT). Without it: plain HTTP, as
+    /// behind a proxy that terminates TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert (overrides the file and STARLING_TLS_KEY).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 async fn shutdown_signal() {
@@ -56,6 +64,12 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(d) = args.database {
         settings.server.database = Some(d);
     }
+    if let Some(c) = args.tls_cert {
+        settings.server.tls_cert = Some(c);
+    }
+    if let Some(k) = args.tls_key {
+        settings.server.tls_key = Some(k);
+    }
     runtime_main(settings)
 }
 
@@ -75,7 +89,8 @@ fn runtime_main(settings: Settings) -> anyhow::Result<ExitCode> {
                 round = st.round.round, goal = st.round.goal, "serving task"
             );
         }
-        tracing::info!(database = %db.display(), "listening on http://{addr}");
+        let scheme = server.scheme();
+        tracing::info!(database = %db.display(), "listening on {scheme}://{addr}");
         server.serve(listener, shutdown_signal()).await?;
         Ok(ExitCode::SUCCESS)
     })

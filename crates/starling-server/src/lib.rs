@@ -5,8 +5,10 @@
 //! - [`store`]: the SQLite store of tasks, checkpoints and round records.
 //! - [`engine`]: the round engine (one task owns each task's round state).
 //! - [`api`]: the HTTP API (axum).
-//! - `net`: the serving loop: accepting connections within the connection limits, hyper's
-//!   HTTP/1.1 with header and idle timeouts, graceful shutdown.
+//! - `net`: the serving loop: accepting connections within the connection limits, the TLS
+//!   handshake when the server serves HTTPS, hyper's HTTP/1.1 with header and idle timeouts,
+//!   graceful shutdown.
+//! - `tls`: the certificate and key of HTTPS served by the server itself (rustls).
 //! - [`metrics`]: Prometheus counters and gauges.
 //! - [`web`]: the device app (the browser client), embedded and served at `/` and `/app/`.
 
@@ -16,6 +18,7 @@ pub mod metrics;
 mod net;
 pub mod settings;
 pub mod store;
+mod tls;
 pub mod web;
 
 use std::future::Future;
@@ -47,6 +50,9 @@ pub enum ServerError {
     /// The listener failed.
     #[error("network: {0}")]
     Io(#[from] std::io::Error),
+    /// The TLS certificate or key (`server.tls_cert`, `server.tls_key`) cannot be served.
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// A started server: storage open, every task's engine running, not yet listening.
@@ -54,12 +60,20 @@ pub enum ServerError {
 pub struct Server {
     state: api::AppState,
     settings: Settings,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Server {
-    /// Opens the store and starts the tasks' engines.
+    /// Loads the TLS certificate and key if the settings name them, opens the store and
+    /// starts the tasks' engines.
     pub async fn start(settings: Settings) -> Result<Self, ServerError> {
         let defs = settings.task_definitions()?;
+        let tls = match (&settings.server.tls_cert, &settings.server.tls_key) {
+            (Some(cert), Some(key)) => {
+                Some(tls::server_config(cert, key).map_err(ServerError::Tls)?)
+            }
+            _ => None,
+        };
         let path = settings.server.database_path();
         std::fs::create_dir_all(&settings.server.data_dir)?;
         let store = store::Store::open(&path)
@@ -92,7 +106,20 @@ impl Server {
                 .as_deref()
                 .and_then(|h| axum::http::HeaderName::from_bytes(h.as_bytes()).ok()),
         };
-        Ok(Self { state, settings })
+        Ok(Self {
+            state,
+            settings,
+            tls,
+        })
+    }
+
+    /// `https` when the server serves TLS itself (`server.tls_cert`), else `http`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// The tasks' engines.
@@ -107,10 +134,11 @@ impl Server {
         api::router(self.state.clone())
     }
 
-    /// Serves HTTP on an already-bound listener until `shutdown` resolves, then stops
-    /// accepting, lets in-flight requests finish (up to `shutdown_timeout_secs`) and closes
-    /// the store. Connections are limited and timed as the `[server]` settings say (see
-    /// `net.rs`); this raises the process's open-files limit to serve `max_connections`.
+    /// Serves HTTP (HTTPS with `server.tls_cert`) on an already-bound listener until
+    /// `shutdown` resolves, then stops accepting, lets in-flight requests finish (up to
+    /// `shutdown_timeout_secs`) and closes the store. Connections are limited and timed as the
+    /// `[server]` settings say (see `net.rs`); this raises the process's open-files limit to
+    /// serve `max_connections`.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -122,6 +150,7 @@ impl Server {
             self.router(),
             self.state.metrics.clone(),
             limits,
+            self.tls.clone().map(tokio_rustls::TlsAcceptor::from),
             shutdown,
         )
         .await;
@@ -142,6 +171,8 @@ impl Server {
 pub struct Running {
     /// The address it listens on.
     pub addr: SocketAddr,
+    /// `https` or `http` ([`Server::scheme`]).
+    pub scheme: &'static str,
     /// The tasks' engines.
     pub tasks: Vec<TaskHandle>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -149,9 +180,9 @@ pub struct Running {
 }
 
 impl Running {
-    /// The base URL, `http://addr`.
+    /// The base URL, `http://addr` (or `https://addr`).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// Stops the server gracefully and waits for it.
@@ -168,12 +199,14 @@ pub async fn spawn(settings: Settings, listener: TcpListener) -> Result<Running,
     let server = Server::start(settings).await?;
     let addr = listener.local_addr()?;
     let tasks = server.tasks().to_vec();
+    let scheme = server.scheme();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let join = tokio::spawn(server.serve(listener, async move {
         let _ = rx.await;
     }));
     Ok(Running {
         addr,
+        scheme,
         tasks,
         stop: Some(tx),
         join,

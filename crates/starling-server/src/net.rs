@@ -1,5 +1,6 @@
-//! The serving loop: accepts TCP connections and serves HTTP/1.1 on each with hyper, within
-//! limits that keep a flood of clients, or a few slow ones, from taking the server down.
+//! The serving loop: accepts TCP connections and serves HTTP/1.1 on each with hyper (over
+//! TLS when the server has a certificate: `tls.rs`), within limits that keep a flood of
+//! clients, or a few slow ones, from taking the server down.
 //!
 //! - **Connections at once** (`max_connections`): a semaphore permit is taken *before*
 //!   `accept`, so further clients wait in the kernel's listen queue. At start the soft
@@ -15,6 +16,11 @@
 //!   response, no byte of a new request yet): closed `idle_timeout_secs` after the response.
 //!   Hyper's own `header_read_timeout` is not used: it starts as soon as a kept-alive
 //!   connection goes idle, so it would be an idle timeout of `header_timeout_secs` too.
+//! - **TLS handshake** (with a certificate): part of the first request's head. It runs in the
+//!   connection's task, holding the connection's permit and address slot, and the handshake
+//!   and the first request's head together must arrive within `header_timeout_secs` of the
+//!   connection opening; a client that stalls, or speaks plain HTTP to the TLS port, is
+//!   dropped, and its slot freed, without touching the accept loop or other connections.
 //! - **Read buffer**: hyper buffers at most [`MAX_READ_BUFFER`] per connection, which
 //!   bounds a request's head (larger heads get hyper's 431).
 //! - **Before routing**, each request gets its peer address (as axum's
@@ -45,6 +51,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tower_service::Service;
 
 use crate::api;
@@ -117,12 +124,14 @@ fn fd_budget(wanted: usize) -> usize {
     wanted
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then drains (see the module docs).
+/// Serves `router` on `listener`, over TLS with `tls`, until `shutdown` resolves, then
+/// drains (see the module docs).
 pub(crate) async fn serve(
     listener: TcpListener,
     router: axum::Router,
     metrics: Arc<Metrics>,
     limits: Limits,
+    tls: Option<TlsAcceptor>,
     shutdown: impl Future<Output = ()>,
 ) {
     let connections = Arc::new(Semaphore::new(limits.max_connections));
@@ -179,7 +188,7 @@ pub(crate) async fn serve(
             _permit: permit,
             _slot: slot,
         };
-        tasks.spawn(connection.run(stream, http.clone(), closing_rx.clone()));
+        tasks.spawn(connection.run(stream, tls.clone(), http.clone(), closing_rx.clone()));
     }
     drop(listener);
     let _ = closing_tx.send(true);
@@ -261,11 +270,47 @@ impl Connection {
     async fn run(
         self,
         stream: TcpStream,
+        tls: Option<TlsAcceptor>,
         http: http1::Builder,
         mut closing: watch::Receiver<bool>,
     ) {
         let _ = stream.set_nodelay(true);
+        // The connection is in its head phase from now: the handshake counts against it.
         let phase = Arc::new(PhaseClock::new());
+        let Some(acceptor) = tls else {
+            return self.serve(stream, phase, http, closing).await;
+        };
+        let deadline = phase.started() + self.limits.header_timeout;
+        let handshake = tokio::time::timeout_at(deadline, acceptor.accept(stream));
+        let stream = tokio::select! {
+            done = handshake => match done {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %self.peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %self.peer, "closing a connection whose TLS handshake took longer than the header timeout");
+                    return;
+                }
+            },
+            // Shutting down: a connection without a request yet is closed at once.
+            _ = closing.changed() => return,
+        };
+        self.serve(stream, phase, http, closing).await
+    }
+
+    /// Serves HTTP/1.1 on `stream` (TCP, or TLS after the handshake) until the connection
+    /// closes, times out or drains.
+    async fn serve<S>(
+        self,
+        stream: S,
+        phase: Arc<PhaseClock>,
+        http: http1::Builder,
+        mut closing: watch::Receiver<bool>,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let io = TokioIo::new(WatchedIo {
             stream,
             phase: phase.clone(),
@@ -347,6 +392,11 @@ impl PhaseClock {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// When the current phase began.
+    fn started(&self) -> Instant {
+        self.lock().1
+    }
+
     /// Bytes arrived: on an idle connection, a new request has begun.
     fn bytes_read(&self) {
         let mut s = self.lock();
@@ -425,13 +475,14 @@ impl HttpBody for TrackedBody {
     }
 }
 
-/// The TCP stream, telling the connection's [`PhaseClock`] when bytes arrive.
-struct WatchedIo {
-    stream: TcpStream,
+/// The connection's stream (TCP, or TLS over it), telling the connection's [`PhaseClock`]
+/// when bytes of a request arrive (with TLS: decrypted bytes, after the handshake).
+struct WatchedIo<S> {
+    stream: S,
     phase: Arc<PhaseClock>,
 }
 
-impl AsyncRead for WatchedIo {
+impl<S: AsyncRead + Unpin> AsyncRead for WatchedIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -446,7 +497,7 @@ impl AsyncRead for WatchedIo {
     }
 }
 
-impl AsyncWrite for WatchedIo {
+impl<S: AsyncWrite + Unpin> AsyncWrite for WatchedIo<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -57,7 +57,8 @@ impl ServeProcess {
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines() {
                     let Ok(line) = line else { break };
-                    if let Some(i) = line.find("listening on http://") {
+                    // `http://` or, with --tls-cert, `https://`.
+                    if let Some(i) = line.find("listening on http") {
                         let rest = &line[i + "listening on ".len()..];
                         let url = rest.split_whitespace().next().unwrap_or_default();
                         let _ = tx.send(url.to_string());

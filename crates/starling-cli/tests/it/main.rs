@@ -4,4 +4,5 @@ mod common;
 mod demo;
 mod privacy;
 mod processes;
+mod tls;
 mod train;
