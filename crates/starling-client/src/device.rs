@@ -39,7 +39,9 @@ use rand::Rng;
 use starling_core::privacy::LocalDp;
 use starling_core::trainer::train::{self, check_data, Progress};
 use starling_core::wire::checkpoint;
-use starling_core::wire::protocol::{CheckInAnswer, ErrorCode, EvaluationReport, RoundKind};
+use starling_core::wire::protocol::{
+    CheckInAnswer, ErrorCode, EvaluationReport, RoundKind, UploadReceipt,
+};
 use starling_core::{Dataset, Model, Parameters};
 use tokio::time::Instant;
 
@@ -273,6 +275,45 @@ where
     }
 }
 
+/// What became of an upload (an update or an evaluation report, `what`) after `tries` tries:
+/// taken (`None`), dropped with the reason (the round no longer takes it, or its deadline
+/// passed while the server failed), or an error that ends the run.
+fn dropped(
+    result: Result<UploadReceipt, ClientError>,
+    tries: u32,
+    what: &str,
+) -> Result<Option<String>, ClientError> {
+    match result {
+        Ok(_) => Ok(None),
+        // Only this assignment holds the token: an earlier try got through even though its
+        // answer was lost or was an error.
+        Err(e) if e.code() == Some(ErrorCode::DuplicateUpdate) && tries > 1 => Ok(None),
+        Err(e)
+            if matches!(
+                e.code(),
+                Some(
+                    ErrorCode::RoundClosed
+                        | ErrorCode::StaleVersion
+                        | ErrorCode::TooStale
+                        | ErrorCode::WrongRoundKind
+                        | ErrorCode::InvalidToken
+                        | ErrorCode::DuplicateUpdate
+                )
+            ) =>
+        {
+            Ok(Some(match e {
+                ClientError::Refused { message, .. } => message,
+                other => other.to_string(),
+            }))
+        }
+        // `retry` stopped because the round's deadline came while the server failed.
+        Err(e) if e.is_retryable() => Ok(Some(format!(
+            "the round's deadline passed before the server took the {what} ({e})"
+        ))),
+        Err(e) => Err(e),
+    }
+}
+
 impl<T> std::fmt::Debug for Device<T> {
     /// The options and the data's size, never the data itself.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -380,28 +421,7 @@ impl<T: Transport> Device<T> {
             },
         )
         .await;
-        let skipped = match result {
-            Ok(_) => None,
-            Err(e) if e.code() == Some(ErrorCode::DuplicateUpdate) && tries > 1 => None,
-            Err(e)
-                if matches!(
-                    e.code(),
-                    Some(
-                        ErrorCode::RoundClosed
-                            | ErrorCode::StaleVersion
-                            | ErrorCode::WrongRoundKind
-                            | ErrorCode::InvalidToken
-                            | ErrorCode::DuplicateUpdate
-                    )
-                ) =>
-            {
-                Some(e.to_string())
-            }
-            Err(e) if e.is_retryable() => Some(format!(
-                "the round's deadline passed before the server took the report ({e})"
-            )),
-            Err(e) => return Err(e),
-        };
+        let skipped = dropped(result, tries, "report")?;
         match skipped {
             None => {
                 report.evaluations += 1;
@@ -596,35 +616,7 @@ impl<T: Transport> Device<T> {
                 released += 1;
                 report.local_epsilon = ldp.epsilon(released, self.options.local_dp_delta).ok();
             }
-            let skipped = match result {
-                Ok(_) => None,
-                // Only this assignment holds the token: an earlier try got through even though
-                // its answer was lost or was an error.
-                Err(e) if e.code() == Some(ErrorCode::DuplicateUpdate) && tries > 1 => None,
-                Err(e)
-                    if matches!(
-                        e.code(),
-                        Some(
-                            ErrorCode::RoundClosed
-                                | ErrorCode::StaleVersion
-                                | ErrorCode::TooStale
-                                | ErrorCode::WrongRoundKind
-                                | ErrorCode::InvalidToken
-                                | ErrorCode::DuplicateUpdate
-                        )
-                    ) =>
-                {
-                    Some(match e {
-                        ClientError::Refused { message, .. } => message,
-                        other => other.to_string(),
-                    })
-                }
-                // `retry` stopped because the round's deadline came while the server failed.
-                Err(e) if e.is_retryable() => Some(format!(
-                    "the round's deadline passed before the server took the update ({e})"
-                )),
-                Err(e) => return Err(e),
-            };
+            let skipped = dropped(result, tries, "update")?;
             match skipped {
                 None => {
                     report.contributions += 1;

@@ -369,25 +369,13 @@ async fn check_in(
 ) -> Result<Response, ApiError> {
     let t = s.task(&task)?;
     let address = client_address(&s, &request);
-    let limit = s.limits.max_body_bytes;
-    let body = read_body(request.into_body(), limit, s.limits.body_timeout)
-        .await
-        .map_err(|e| match e {
-            BodyError::TooLarge => ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                format!("a check-in body has at most {limit} bytes"),
-            ),
-            BodyError::TimedOut => ApiError::new(
-                ErrorCode::RequestTimeout,
-                "the check-in body did not arrive in time",
-            ),
-            BodyError::Disconnected => {
-                ApiError::new(ErrorCode::BadRequest, "the check-in body ended early")
-            }
-            BodyError::Malformed(m) => {
-                ApiError::new(ErrorCode::BadRequest, format!("check-in body: {m}"))
-            }
-        })?;
+    let body = read_control_body(
+        &s,
+        request.into_body(),
+        "check-in body",
+        ErrorCode::BadRequest,
+    )
+    .await?;
     let device = if body.iter().all(u8::is_ascii_whitespace) {
         None
     } else {
@@ -538,38 +526,14 @@ async fn evaluation(
             ),
         )
     })?;
-    let token = match request.headers().get(TOKEN_HEADER).map(HeaderValue::to_str) {
-        None => {
-            return Err(ApiError::new(
-                ErrorCode::MissingToken,
-                "send the assignment's token in the X-Starling-Token header",
-            ))
-        }
-        Some(Err(_)) => {
-            return Err(ApiError::new(
-                ErrorCode::InvalidToken,
-                "the X-Starling-Token header is not a token",
-            ))
-        }
-        Some(Ok(t)) => t.to_string(),
-    };
-    let limit = s.limits.max_body_bytes;
-    let body = read_body(request.into_body(), limit, s.limits.body_timeout)
-        .await
-        .map_err(|e| match e {
-            BodyError::TooLarge => ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                format!("an evaluation report has at most {limit} bytes"),
-            ),
-            BodyError::TimedOut => ApiError::new(
-                ErrorCode::RequestTimeout,
-                "the evaluation report did not arrive in time",
-            ),
-            BodyError::Disconnected | BodyError::Malformed(_) => ApiError::new(
-                ErrorCode::InvalidMetadata,
-                "the evaluation report ended early",
-            ),
-        })?;
+    let token = token_header(request.headers())?;
+    let body = read_control_body(
+        &s,
+        request.into_body(),
+        "evaluation report",
+        ErrorCode::InvalidMetadata,
+    )
+    .await?;
     let report: EvaluationReport = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             ErrorCode::InvalidMetadata,
@@ -635,21 +599,7 @@ async fn receive_upload(
             ),
         ))
     })?;
-    let token = match parts.headers.get(TOKEN_HEADER).map(HeaderValue::to_str) {
-        None => {
-            return Err(refuse(ApiError::new(
-                ErrorCode::MissingToken,
-                "send the assignment's token in the X-Starling-Token header",
-            )))
-        }
-        Some(Err(_)) => {
-            return Err(refuse(ApiError::new(
-                ErrorCode::InvalidToken,
-                "the X-Starling-Token header is not a token",
-            )))
-        }
-        Some(Ok(t)) => t.to_string(),
-    };
+    let token = token_header(&parts.headers).map_err(refuse)?;
     let limit = t.max_upload_bytes();
     let declared = body.size_hint().exact();
     if let Some(n) = declared {
@@ -768,6 +718,47 @@ impl BodyError {
 /// Reads a whole body of at most `limit` bytes within `timeout` into one buffer, allocated
 /// once from `Content-Length` when there is one. (The `starling` binary's allocator zeroes
 /// every buffer this frees, the HTTP library's included.)
+/// The assignment's token from the `X-Starling-Token` header.
+fn token_header(headers: &HeaderMap) -> Result<String, ApiError> {
+    match headers.get(TOKEN_HEADER).map(HeaderValue::to_str) {
+        None => Err(ApiError::new(
+            ErrorCode::MissingToken,
+            "send the assignment's token in the X-Starling-Token header",
+        )),
+        Some(Err(_)) => Err(ApiError::new(
+            ErrorCode::InvalidToken,
+            "the X-Starling-Token header is not a token",
+        )),
+        Some(Ok(t)) => Ok(t.to_string()),
+    }
+}
+
+/// A small control body (a check-in's, an evaluation report), read under `max_body_bytes`
+/// and `body_timeout_secs`; `what` names it in the errors, and a body that ends early or
+/// cannot be read is answered with `malformed`.
+async fn read_control_body(
+    s: &AppState,
+    body: Body,
+    what: &str,
+    malformed: ErrorCode,
+) -> Result<Vec<u8>, ApiError> {
+    let limit = s.limits.max_body_bytes;
+    read_body(body, limit, s.limits.body_timeout)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge => ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("the {what} may have at most {limit} bytes"),
+            ),
+            BodyError::TimedOut => ApiError::new(
+                ErrorCode::RequestTimeout,
+                format!("the {what} did not arrive in time"),
+            ),
+            BodyError::Disconnected => ApiError::new(malformed, format!("the {what} ended early")),
+            BodyError::Malformed(m) => ApiError::new(malformed, format!("{what}: {m}")),
+        })
+}
+
 async fn read_body(body: Body, limit: usize, timeout: Duration) -> Result<Vec<u8>, BodyError> {
     let declared = body.size_hint().exact();
     if declared.is_some_and(|n| n > limit as u64) {

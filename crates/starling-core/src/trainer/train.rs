@@ -307,9 +307,7 @@ pub fn local_update<C: StepControl>(
     token: String,
     progress: impl FnMut(Progress) -> C,
 ) -> Result<(Vec<u8>, TrainReport), TrainError> {
-    let mut params = base.clone();
-    let report = train(model, &mut params, data, plan, progress)?;
-    let delta = params.sub(base)?;
+    let (delta, report) = trained_delta(model, base, data, plan, progress)?;
     let meta = crate::wire::update::UpdateMeta {
         base_version,
         examples: report.examples as u64,
@@ -318,6 +316,19 @@ pub fn local_update<C: StepControl>(
         token,
     };
     Ok((crate::wire::update::encode(&delta, &meta), report))
+}
+
+/// Trains a copy of `base` and returns the difference it made, with the report.
+fn trained_delta<C: StepControl>(
+    model: &Model,
+    base: &Parameters,
+    data: &Dataset,
+    plan: &Plan,
+    progress: impl FnMut(Progress) -> C,
+) -> Result<(Parameters, TrainReport), TrainError> {
+    let mut params = base.clone();
+    let report = train(model, &mut params, data, plan, progress)?;
+    Ok((params.sub(base)?, report))
 }
 
 /// [`local_update`] under local differential privacy ([`LocalDp`]): the trained difference
@@ -338,9 +349,7 @@ pub fn local_update_private<C: StepControl, R: rand::Rng + rand::CryptoRng + ?Si
     rng: &mut R,
     progress: impl FnMut(Progress) -> C,
 ) -> Result<(Vec<u8>, TrainReport), TrainError> {
-    let mut params = base.clone();
-    let report = train(model, &mut params, data, plan, progress)?;
-    let mut delta = params.sub(base)?;
+    let (mut delta, report) = trained_delta(model, base, data, plan, progress)?;
     ldp.apply(&mut delta, rng);
     let meta = crate::wire::update::UpdateMeta {
         base_version,

@@ -374,6 +374,22 @@ impl Actor {
         }
     }
 
+    /// A batch of check-ins answered in order by `one`, each counted in the metrics.
+    fn answer(
+        &self,
+        callers: Vec<Caller>,
+        mut one: impl FnMut(&Self, Caller) -> CheckIn,
+    ) -> Vec<CheckIn> {
+        callers
+            .into_iter()
+            .map(|caller| {
+                let answer = one(self, caller);
+                self.metrics.count_checkin(&answer);
+                answer
+            })
+            .collect()
+    }
+
     /// The round a buffered-mode upload names: one of the buffers so far (the token says
     /// which), never a later one.
     fn known_buffer(b: &Buffered, number: u64) -> Result<(), EngineError> {
@@ -410,14 +426,7 @@ impl Actor {
                 let _ = reply.send(Err(EngineError::TaskStopped(reason)));
             }
             Command::CheckIn { callers, reply } => {
-                let answers = callers
-                    .into_iter()
-                    .map(|caller| {
-                        let answer = self.check_in(&mut phase, caller);
-                        self.metrics.count_checkin(&answer);
-                        answer
-                    })
-                    .collect();
+                let answers = self.answer(callers, |a, caller| a.check_in(&mut phase, caller));
                 let _ = reply.send(Ok(answers));
             }
             Command::Admit {
@@ -487,14 +496,7 @@ impl Actor {
         let now = self.clock.now();
         match cmd {
             Command::CheckIn { callers, reply } => {
-                let answers = callers
-                    .into_iter()
-                    .map(|caller| {
-                        let answer = self.check_in_buffered(&mut b, caller);
-                        self.metrics.count_checkin(&answer);
-                        answer
-                    })
-                    .collect();
+                let answers = self.answer(callers, |a, caller| a.check_in_buffered(&mut b, caller));
                 let _ = reply.send(Ok(answers));
             }
             Command::Admit {

@@ -3,17 +3,15 @@
 //! concurrency bounded, uploads that find the buffer full carried into the next, and the mode
 //! composed with a server optimiser. Assignment lifetimes run on a virtual clock.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use starling_core::aggregate::StrategyConfig;
 use starling_core::wire::protocol::ErrorCode;
-use starling_server::engine::{self, Caller, CheckIn, EngineError, TaskHandle, VirtualClock};
-use starling_server::metrics::Metrics;
+use starling_server::engine::{self, Caller, CheckIn, EngineError, TaskHandle};
 use starling_server::settings::{BufferedPolicy, TaskSettings};
-use starling_server::store::{RoundStatus, Store};
+use starling_server::store::RoundStatus;
 
-use crate::harness::{delta, encode, wait_engine_version, STUCK};
+use crate::harness::{delta, encode, spawn_clocked, wait_engine_version, STUCK};
 
 /// The demo's linear task (W = 5, b = 3) in buffered mode with buffers of `k`.
 fn buffered(k: u32, concurrency: u32, max_staleness: u64) -> TaskSettings {
@@ -28,19 +26,6 @@ fn buffered(k: u32, concurrency: u32, max_staleness: u64) -> TaskSettings {
         }),
         ..TaskSettings::default()
     }
-}
-
-async fn spawn(settings: TaskSettings) -> (TaskHandle, VirtualClock) {
-    let clock = VirtualClock::new();
-    let task = engine::spawn(
-        settings.resolve().unwrap(),
-        Store::open_memory().await.unwrap(),
-        Arc::new(Metrics::default()),
-        Arc::new(clock.clone()),
-    )
-    .await
-    .unwrap();
-    (task, clock)
 }
 
 /// Check-ins of devices `names`: `(round, base_version, token)` of each assignment.
@@ -71,7 +56,7 @@ fn upload(v: f32, examples: u64, base: u64, token: &str) -> engine::Upload {
 
 #[tokio::test]
 async fn versions_step_every_k_updates_and_stale_ones_count_less() {
-    let (task, _clock) = spawn(buffered(2, 10, 5)).await;
+    let (task, _clock) = spawn_clocked(buffered(2, 10, 5)).await;
     let a = assign(&task, &["a", "b", "c"]).await;
     assert!(a.iter().all(|(round, base, _)| (*round, *base) == (1, 0)));
     // Buffer 1: +1 (1 example) and +4 (3 examples): W = 5 + (1 + 12) / 4.
@@ -111,7 +96,7 @@ async fn versions_step_every_k_updates_and_stale_ones_count_less() {
 
 #[tokio::test]
 async fn an_update_staler_than_the_bound_is_refused_and_frees_its_place() {
-    let (task, _clock) = spawn(buffered(2, 3, 1)).await;
+    let (task, _clock) = spawn_clocked(buffered(2, 3, 1)).await;
     let old = assign(&task, &["old", "x", "y"]).await;
     // Full: three outstanding.
     let more = task.check_in(Caller::device("z")).await.unwrap();
@@ -163,7 +148,7 @@ async fn an_update_staler_than_the_bound_is_refused_and_frees_its_place() {
 
 #[tokio::test]
 async fn outstanding_assignments_never_exceed_the_concurrency_and_lapse_on_the_clock() {
-    let (task, clock) = spawn(buffered(2, 4, 5)).await;
+    let (task, clock) = spawn_clocked(buffered(2, 4, 5)).await;
     let answers = task
         .check_in_many((0..10).map(|i| Caller::device(format!("d{i}"))).collect())
         .await
@@ -193,7 +178,7 @@ async fn outstanding_assignments_never_exceed_the_concurrency_and_lapse_on_the_c
 
 #[tokio::test]
 async fn a_batch_larger_than_the_buffer_spills_into_the_next_buffers_in_order() {
-    let (task, _clock) = spawn(buffered(2, 10, 5)).await;
+    let (task, _clock) = spawn_clocked(buffered(2, 10, 5)).await;
     let a = assign(&task, &["a", "b", "c", "d", "e"]).await;
     let uploads = a
         .iter()
@@ -228,7 +213,7 @@ async fn buffered_mode_composes_with_a_server_optimiser() {
         },
         ..buffered(2, 10, 5)
     };
-    let (task, _clock) = spawn(settings).await;
+    let (task, _clock) = spawn_clocked(settings).await;
     let a = assign(&task, &["a", "b", "c", "d"]).await;
     // Buffer 1: Δ = 1; v = 1; W = 5 + 0.5. Buffer 2: both one version stale, Δ = 2/sqrt2;
     // v = 0.9 + sqrt2; W += 0.5 v.

@@ -3,20 +3,18 @@
 //! Deadlines run on a virtual clock that the test moves, not on real sleeps.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use starling_core::aggregate::{StrategyConfig, WeightedSum};
 use starling_core::wire::update::{check, Rules};
 use starling_server::engine::round::AbandonReason;
-use starling_server::engine::{
-    self, Caller, CheckIn, Clock, EngineError, SystemClock, TaskHandle, Upload, VirtualClock,
-};
-use starling_server::metrics::Metrics;
+use starling_server::engine::{Caller, CheckIn, EngineError, SystemClock, TaskHandle, Upload};
 use starling_server::settings::{Retention, RoundPolicy, TaskSettings, Weighting};
 use starling_server::store::{RoundStatus, Store};
 
-use crate::harness::{self, delta, encode, wait_engine_version as wait_version, STUCK};
+use crate::harness::{
+    self, delta, encode, spawn_clocked, spawn_on, wait_engine_version as wait_version, STUCK,
+};
 
 /// The body of an update that moves every parameter by `v`.
 fn body(v: f32, token: &str, examples: u64, base_version: u64) -> Vec<u8> {
@@ -47,25 +45,6 @@ fn small(goal: u32, min: u32) -> TaskSettings {
 
 async fn spawn(settings: TaskSettings, store: Store) -> TaskHandle {
     spawn_on(settings, store, SystemClock::new()).await
-}
-
-async fn spawn_on(settings: TaskSettings, store: Store, clock: Arc<dyn Clock>) -> TaskHandle {
-    engine::spawn(
-        settings.resolve().unwrap(),
-        store,
-        Arc::new(Metrics::default()),
-        clock,
-    )
-    .await
-    .unwrap()
-}
-
-/// A task on an in-memory store whose deadlines follow a clock the test moves.
-async fn spawn_clocked(settings: TaskSettings) -> (TaskHandle, VirtualClock) {
-    let clock = VirtualClock::new();
-    let store = Store::open_memory().await.unwrap();
-    let task = spawn_on(settings, store, Arc::new(clock.clone())).await;
-    (task, clock)
 }
 
 async fn tokens(task: &TaskHandle, n: usize) -> Vec<String> {

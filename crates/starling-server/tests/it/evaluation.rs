@@ -4,17 +4,15 @@
 //! are recorded beside the training rounds, the model does not move, bad reports are refused
 //! with a code and change nothing, and a round of too few devices publishes nothing.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use starling_core::wire::protocol::{ErrorCode, EvaluationReport, RoundKind};
-use starling_server::engine::{self, Caller, CheckIn, EngineError, TaskHandle, VirtualClock};
-use starling_server::metrics::Metrics;
+use starling_server::engine::{self, Caller, CheckIn, EngineError, TaskHandle};
 use starling_server::settings::{RoundPolicy, TaskSettings};
-use starling_server::store::{RoundStatus, Store};
+use starling_server::store::RoundStatus;
 
-use crate::harness::{self, delta, encode, STUCK};
+use crate::harness::{self, delta, encode, spawn_clocked, STUCK};
 
 /// The demo's task with rounds of `goal` (minimum `min`, deadline 60 s) and an evaluation
 /// round after every training round that commits.
@@ -32,19 +30,6 @@ fn task(goal: u32, min: u32) -> TaskSettings {
         evaluate_every: 1,
         ..TaskSettings::default()
     }
-}
-
-async fn spawn(settings: TaskSettings) -> (TaskHandle, VirtualClock) {
-    let clock = VirtualClock::new();
-    let task = engine::spawn(
-        settings.resolve().unwrap(),
-        Store::open_memory().await.unwrap(),
-        Arc::new(Metrics::default()),
-        Arc::new(clock.clone()),
-    )
-    .await
-    .unwrap();
-    (task, clock)
 }
 
 async fn assign(task: &TaskHandle, n: usize) -> Vec<engine::Assignment> {
@@ -95,7 +80,7 @@ fn report(base_version: u64, examples: u64, loss: f64, accuracy: Option<f64>) ->
 
 #[tokio::test]
 async fn an_evaluation_round_records_weighted_means_and_leaves_the_model() {
-    let (task, _clock) = spawn(task(2, 2)).await;
+    let (task, _clock) = spawn_clocked(task(2, 2)).await;
     train_round(&task).await;
     let model = task.status().model;
     assert_eq!(model.version, 1);
@@ -136,7 +121,7 @@ async fn an_evaluation_round_records_weighted_means_and_leaves_the_model() {
 
 #[tokio::test]
 async fn bad_reports_and_wrong_kinds_are_refused_and_change_nothing() {
-    let (task, _clock) = spawn(task(2, 2)).await;
+    let (task, _clock) = spawn_clocked(task(2, 2)).await;
     // A report to a training round; an update to an evaluation round.
     let t = assign(&task, 2).await;
     let e = task
@@ -210,7 +195,7 @@ async fn bad_reports_and_wrong_kinds_are_refused_and_change_nothing() {
 
 #[tokio::test]
 async fn an_evaluation_round_of_too_few_devices_publishes_nothing() {
-    let (task, clock) = spawn(task(3, 2)).await;
+    let (task, clock) = spawn_clocked(task(3, 2)).await;
     let t = assign(&task, 3).await;
     for x in &t {
         let body = encode(&delta(0.5, 0.5), 0, 4, None, &x.token);

@@ -12,8 +12,12 @@ use starling_core::wire::params::Layout;
 use starling_core::wire::protocol::{CheckInAnswer, TOKEN_HEADER};
 use starling_core::wire::update::{self, UpdateMeta};
 use starling_core::{Parameters, Tensor, WeightedSum};
-use starling_server::engine::TaskHandle;
+use std::sync::Arc;
+
+use starling_server::engine::{Clock, TaskHandle, VirtualClock};
+use starling_server::metrics::Metrics;
 use starling_server::settings::{RoundPolicy, ServerSettings, TaskSettings};
+use starling_server::store::Store;
 use starling_server::{Running, Settings};
 
 /// Rounds of `goal` updates that commit with `min` at the deadline, twice the goal assigned,
@@ -327,4 +331,28 @@ pub(crate) fn expected_fold(base: &Parameters, updates: &[(Parameters, u64)]) ->
         agg.accept(&update::check(encode(d, 0, *n, None, ""), &rules).unwrap());
     }
     agg.finish(base).unwrap()
+}
+
+/// Starts a task's engine on `store` and `clock`, without HTTP.
+pub(crate) async fn spawn_on(
+    settings: TaskSettings,
+    store: Store,
+    clock: Arc<dyn Clock>,
+) -> TaskHandle {
+    starling_server::engine::spawn(
+        settings.resolve().unwrap(),
+        store,
+        Arc::new(Metrics::default()),
+        clock,
+    )
+    .await
+    .unwrap()
+}
+
+/// A task's engine on an in-memory store, whose deadlines follow a clock the test moves.
+pub(crate) async fn spawn_clocked(settings: TaskSettings) -> (TaskHandle, VirtualClock) {
+    let clock = VirtualClock::new();
+    let store = Store::open_memory().await.unwrap();
+    let task = spawn_on(settings, store, Arc::new(clock.clone())).await;
+    (task, clock)
 }

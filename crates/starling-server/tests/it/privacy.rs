@@ -3,13 +3,10 @@
 //! task that stops before a round would pass the budget, and a ledger that a restart resumes
 //! exactly and a rollback does not rewind. Through the engine and over real HTTP.
 
-use std::sync::Arc;
-
 use serde_json::Value;
 use starling_core::privacy;
 use starling_core::wire::protocol::ErrorCode;
-use starling_server::engine::{self, Caller, CheckIn, EngineError, SystemClock, TaskHandle};
-use starling_server::metrics::Metrics;
+use starling_server::engine::{Caller, CheckIn, EngineError, SystemClock, TaskHandle};
 use starling_server::settings::{BufferedPolicy, PrivacyPolicy, RoundPolicy, TaskSettings};
 use starling_server::store::{RoundRecord, RoundStatus, Store};
 
@@ -57,14 +54,7 @@ fn dp_task(rounds: u64) -> TaskSettings {
 }
 
 async fn spawn(settings: TaskSettings, store: Store) -> TaskHandle {
-    engine::spawn(
-        settings.resolve().unwrap(),
-        store,
-        Arc::new(Metrics::default()),
-        SystemClock::new(),
-    )
-    .await
-    .unwrap()
+    harness::spawn_on(settings, store, SystemClock::new()).await
 }
 
 /// One round: `GOAL` devices upload long updates claiming many examples; returns the
