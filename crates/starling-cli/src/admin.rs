@@ -20,9 +20,13 @@ pub(crate) enum Command {
 /// Arguments of `starling admin rollback`.
 #[derive(clap::Args)]
 pub(crate) struct RollbackArgs {
-    /// The server's base URL.
+    /// The server's base URL (http:// or https://).
     #[arg(long, default_value = "http://127.0.0.1:8080", env = "STARLING_SERVER")]
     server: String,
+    /// Also trust the CA certificate(s) in this PEM file for an https:// server (a private
+    /// CA's), beside the built-in (webpki) and the system's roots.
+    #[arg(long, value_name = "FILE")]
+    ca_cert: Option<std::path::PathBuf>,
     /// The task.
     #[arg(long)]
     task: String,
@@ -50,7 +54,16 @@ async fn rollback(a: RollbackArgs, token: &str) -> anyhow::Result<ExitCode> {
         a.server.trim_end_matches('/'),
         a.task
     );
-    let resp = reqwest::Client::new()
+    let pem = match &a.ca_cert {
+        Some(path) => Some(
+            std::fs::read(path)
+                .with_context(|| format!("cannot read --ca-cert {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let http = starling_client::transport::http_client(pem.as_deref())
+        .with_context(|| "--ca-cert".to_string())?;
+    let resp = http
         .post(&url)
         .header(ADMIN_TOKEN_HEADER, token)
         .json(&RollbackRequest { version: a.version })

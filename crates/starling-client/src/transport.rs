@@ -120,6 +120,40 @@ fn built_in_roots() -> &'static RootCertStore {
     })
 }
 
+/// The built-in roots plus the CA certificates in `pem` (one or more PEM sections).
+fn roots_with(pem: &[u8]) -> Result<RootCertStore, ClientError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ClientError::Tls(format!("the CA certificate is not valid PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(ClientError::Tls(
+            "no CA certificate found: expected PEM (-----BEGIN CERTIFICATE-----)".into(),
+        ));
+    }
+    let mut roots = built_in_roots().clone();
+    for (i, cert) in certs.into_iter().enumerate() {
+        roots
+            .add(cert)
+            .map_err(|e| ClientError::Tls(format!("CA certificate {} is unusable: {e}", i + 1)))?;
+    }
+    Ok(roots)
+}
+
+/// An HTTP client that trusts what a device trusts (the built-in roots, and the CA
+/// certificates in `ca_pem` if given), with the default timeouts: for tools that speak to the
+/// server beside the device protocol, such as `starling admin`.
+pub fn http_client(ca_pem: Option<&[u8]>) -> Result<reqwest::Client, ClientError> {
+    let roots = match ca_pem {
+        Some(pem) => roots_with(pem)?,
+        None => built_in_roots().clone(),
+    };
+    Ok(client(
+        &tls_config(roots),
+        DEFAULT_CONNECT_TIMEOUT,
+        DEFAULT_REQUEST_TIMEOUT,
+    ))
+}
+
 /// A rustls client config trusting `roots` (ring; TLS 1.2 and 1.3).
 fn tls_config(roots: RootCertStore) -> Arc<ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -145,21 +179,7 @@ impl HttpTransport {
     /// [`ClientError::Tls`] when `pem` holds no certificate or one that is not a valid X.509
     /// certificate.
     pub fn with_ca_certificates(base: &str, pem: &[u8]) -> Result<Self, ClientError> {
-        let certs = CertificateDer::pem_slice_iter(pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ClientError::Tls(format!("the CA certificate is not valid PEM: {e}")))?;
-        if certs.is_empty() {
-            return Err(ClientError::Tls(
-                "no CA certificate found: expected PEM (-----BEGIN CERTIFICATE-----)".into(),
-            ));
-        }
-        let mut roots = built_in_roots().clone();
-        for (i, cert) in certs.into_iter().enumerate() {
-            roots.add(cert).map_err(|e| {
-                ClientError::Tls(format!("CA certificate {} is unusable: {e}", i + 1))
-            })?;
-        }
-        Ok(Self::with_roots(base, roots))
+        Ok(Self::with_roots(base, roots_with(pem)?))
     }
 
     fn with_roots(base: &str, roots: RootCertStore) -> Self {

@@ -382,3 +382,43 @@ fn plain_http_and_stalled_handshakes_on_the_tls_port_are_dropped_without_harm() 
     let out = server.terminate();
     assert!(!out.contains("ERROR"), "{out}");
 }
+
+/// `starling admin` trusts what `starling device` trusts: against an https server it needs
+/// the private CA (`--ca-cert`), and with it the rollback goes through.
+#[test]
+fn starling_admin_speaks_https_with_the_private_ca() {
+    const TOKEN: &str = "admin-token-for-the-tls-test";
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("Starling test CA");
+    let ca_file = ca.write(&dir.path().join("ca.pem"));
+    let (cert, key) = ca.server_files(dir.path());
+    let config = write_config(
+        dir.path(),
+        &format!("[server]\nadmin_token = \"{TOKEN}\"\n{ONE_DEVICE_TASK}"),
+    );
+    let server = serve_tls(&config, &dir.path().join("data"), &cert, &key);
+    let admin = |ca: Option<&Path>| {
+        let mut cmd = starling();
+        cmd.args(["admin", "rollback", "--server", &server.url])
+            .args(["--task", "linear", "--version", "0", "--json"])
+            .env("STARLING_ADMIN_TOKEN", TOKEN);
+        if let Some(ca) = ca {
+            cmd.arg("--ca-cert").arg(ca);
+        }
+        cmd
+    };
+    let stderr = fails(&mut admin(None));
+    assert!(stderr.contains("cannot reach"), "{stderr}");
+    let out = admin(Some(&ca_file)).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (answer["restored"].as_u64(), answer["version"].as_u64()),
+        (Some(0), Some(1))
+    );
+    server.terminate();
+}
