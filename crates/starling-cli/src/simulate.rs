@@ -115,6 +115,10 @@ pub(crate) struct Args {
     /// With --dp-clip: the privacy budget's ε; training stops before a round would pass it.
     #[arg(long, value_name = "E", requires = "dp_clip")]
     epsilon: Option<f64>,
+    /// With --dp-clip: adapt the clip bound toward this quantile of the update norms (Andrew
+    /// et al. 2021), starting from --dp-clip.
+    #[arg(long, value_name = "Q", requires = "dp_clip")]
+    target_quantile: Option<f64>,
     /// With --dp-clip: the privacy budget's δ (at most 1 / devices).
     #[arg(long, value_name = "D", default_value_t = 1e-5)]
     delta: f64,
@@ -215,6 +219,7 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
             noise_multiplier,
             epsilon,
             delta: a.delta,
+            target_quantile: a.target_quantile,
         }),
         _ => None,
     };

@@ -144,6 +144,9 @@ pub struct SimPrivacy {
     pub epsilon: f64,
     /// Budget δ.
     pub delta: f64,
+    /// Adaptive clipping toward this quantile of the update norms (Andrew et al. 2021), with
+    /// the server's defaults for its learning rate and count noise; `None`: a fixed bound.
+    pub target_quantile: Option<f64>,
 }
 
 impl SimConfig {
@@ -471,7 +474,7 @@ pub async fn run(
         population: n as u64,
         epsilon: p.epsilon,
         delta: p.delta,
-        target_quantile: None,
+        target_quantile: p.target_quantile,
         clip_learning_rate: 0.2,
         count_noise: None,
     });

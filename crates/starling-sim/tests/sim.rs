@@ -641,6 +641,7 @@ fn differential_privacy_spends_the_budget_round_by_round_and_stops_reproducibly(
         noise_multiplier: z,
         epsilon: (eps(4) + eps(5)) / 2.0,
         delta,
+        target_quantile: None,
     });
     let a = run(&c, &fed);
     assert_eq!(a.rounds.len(), 4, "the budget affords four rounds");
@@ -658,6 +659,31 @@ fn differential_privacy_spends_the_budget_round_by_round_and_stops_reproducibly(
     other.seed = 43;
     let o = run(&other, &fed);
     assert_ne!(o.rounds[0].test_loss, a.rounds[0].test_loss);
+    // Adaptive clipping spends the same budget (its count noise comes out of the updates'),
+    // with a moving bound that changes the model.
+    // (Ten devices a round give a count noise of 10 / 20 = 0.5, which needs z < 1.)
+    let mut fixed = c.clone();
+    fixed.privacy.as_mut().unwrap().noise_multiplier = 0.9;
+    fixed.privacy.as_mut().unwrap().epsilon = 1e3;
+    fixed.rounds = 3;
+    let mut adaptive = fixed.clone();
+    adaptive.privacy.as_mut().unwrap().target_quantile = Some(0.5);
+    let (f, ad) = (run(&fixed, &fed), run(&adaptive, &fed));
+    assert_eq!(ad.rounds.len(), 3);
+    for (k, (x, y)) in ad.rounds.iter().zip(&f.rounds).enumerate() {
+        let want = starling_core::privacy::epsilon(q, 0.9, k as u64 + 1, delta).unwrap();
+        assert_eq!((x.epsilon, y.epsilon), (Some(want), Some(want)));
+    }
+    assert_ne!(ad.rounds[2].test_loss, f.rounds[2].test_loss);
+    // With z = 1.2 the default count noise leaves no budget for the updates: refused.
+    let mut bad = c.clone();
+    bad.privacy.as_mut().unwrap().target_quantile = Some(0.5);
+    let e = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(starling_sim::run(&bad, &fed, |_| {}))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("count_noise"), "{e}");
     // Buffered mode has no DP accounting.
     let mut bad = c.clone();
     bad.buffered = Some(Buffered::new(10, 10));
