@@ -26,15 +26,8 @@
 # Output: the table on stdout; each run's JSON summary and results under target/fedbuff/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-DATA=../shared/data/mnist
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --data) shift; DATA="$1" ;;
-        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
-    esac
-    shift
-done
+source bench/lib.sh
+mnist_args "$0" "$@"
 SEEDS="${SEEDS:-1 2 3}"
 TARGET="${TARGET:-0.95}"
 LATENCY="${LATENCY:-lognormal:1.5}"
@@ -44,14 +37,8 @@ BUFFER="${BUFFER:-10}"
 ROUNDS="${ROUNDS:-1000}"
 STEPS="${STEPS:-5000}"
 EVAL_EVERY="${EVAL_EVERY:-1}"
-if [ ! -d "$DATA" ]; then
-    echo "compare.sh: no MNIST folder at $DATA; pass --data DIR (the four IDX files)" >&2
-    exit 1
-fi
-if [ -z "${STARLING_BIN:-}" ]; then
-    cargo build --release --locked -q -p starling-cli
-    STARLING_BIN=target/release/starling
-fi
+require_mnist "$0"
+starling_bin
 OUT=target/fedbuff
 mkdir -p "$OUT"
 common=(simulate --dataset mnist --data "$DATA" --model mlp --partition iid

@@ -19,28 +19,15 @@
 # run's JSON summary and results (results.csv has the ε after every round) under target/privacy/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-DATA=../shared/data/mnist
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --data) shift; DATA="$1" ;;
-        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        *) echo "mnist.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
-    esac
-    shift
-done
+source bench/lib.sh
+mnist_args "$0" "$@"
 ZS="${ZS:-0.5 1 2}"
 CLIP="${CLIP:-1}"
 ROUNDS="${ROUNDS:-100}"
 BUDGET="${BUDGET:-1}"
 SEED="${SEED:-1}"
-if [ ! -d "$DATA" ]; then
-    echo "mnist.sh: no MNIST folder at $DATA; pass --data DIR (the four IDX files)" >&2
-    exit 1
-fi
-if [ -z "${STARLING_BIN:-}" ]; then
-    cargo build --release --locked -q -p starling-cli
-    STARLING_BIN=target/release/starling
-fi
+require_mnist "$0"
+starling_bin
 OUT=target/privacy
 mkdir -p "$OUT"
 common=(simulate --dataset mnist --data "$DATA" --model mlp --partition iid --devices 1000

@@ -16,27 +16,14 @@
 # Output: the table on stdout; each run's JSON summary and results under target/strategies/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-DATA=../shared/data/mnist
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --data) shift; DATA="$1" ;;
-        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
-    esac
-    shift
-done
+source bench/lib.sh
+mnist_args "$0" "$@"
 ROUNDS="${ROUNDS:-300}"
 TARGET="${TARGET:-0.97}"
 SEED="${SEED:-1}"
 STRATEGIES="${STRATEGIES:-fedavg fedavgm:0.3 fedadagrad:0.03 fedadam:0.01 fedyogi:0.01}"
-if [ ! -d "$DATA" ]; then
-    echo "compare.sh: no MNIST folder at $DATA; pass --data DIR (the four IDX files)" >&2
-    exit 1
-fi
-if [ -z "${STARLING_BIN:-}" ]; then
-    cargo build --release --locked -q -p starling-cli
-    STARLING_BIN=target/release/starling
-fi
+require_mnist "$0"
+starling_bin
 OUT=target/strategies
 mkdir -p "$OUT"
 printf '%-11s %10s %16s %14s %10s\n' strategy server_lr "rounds to $TARGET" "final accuracy" "wall s"

@@ -12,25 +12,12 @@
 # Output: the table on stdout, both runs' results (CSV, JSON, plot) under target/fedprox/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-DATA=../shared/data/mnist
-while [ $# -gt 0 ]; do
-    case "$1" in
-        --data) shift; DATA="$1" ;;
-        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        *) echo "fedprox.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
-    esac
-    shift
-done
+source bench/lib.sh
+mnist_args "$0" "$@"
 ROUNDS="${ROUNDS:-100}"; EVERY="${EVERY:-10}"; SEED="${SEED:-1}"
 MU="${MU:-1.0}"; STRAGGLERS="${STRAGGLERS:-0.9}"
-if [ ! -d "$DATA" ]; then
-    echo "fedprox.sh: no MNIST folder at $DATA; pass --data DIR (the four IDX files)" >&2
-    exit 1
-fi
-if [ -z "${STARLING_BIN:-}" ]; then
-    cargo build --release --locked -q -p starling-cli
-    STARLING_BIN=target/release/starling
-fi
+require_mnist "$0"
+starling_bin
 OUT=target/fedprox
 mkdir -p "$OUT"
 common=(simulate --dataset mnist --data "$DATA" --model mlp --partition shards --devices 100

@@ -30,34 +30,32 @@ deadline_secs = 60
 retry_secs = 0.2
 "#;
 
-#[test]
-fn serve_and_device_processes_train_the_demo_model() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), LINEAR_TASK);
-    let server = ServeProcess::start(&config, &dir.path().join("data"), "info");
-    let devices: Vec<_> = (0..3)
+/// Three `starling device` processes against `url`, each contributing `rounds` updates from
+/// its own third of the line y = 2x + 1 on [-2, 2] (60 noisy points, seeds from `seed`).
+fn spawn_devices(dir: &Path, url: &str, rounds: u64, seed: u64) -> Vec<std::process::Child> {
+    (0..3)
         .map(|i| {
             let lo = -2.0 + 4.0 / 3.0 * i as f32;
-            let data = synthetic_line(2.0, 1.0, (lo, lo + 4.0 / 3.0), 60, 0.1, 100 + i);
-            let csv = dir.path().join(format!("device{i}.csv"));
+            let data = synthetic_line(2.0, 1.0, (lo, lo + 4.0 / 3.0), 60, 0.1, seed + i);
+            let csv = dir.join(format!("device{i}.csv"));
             std::fs::write(&csv, to_csv(&data)).unwrap();
             starling()
-                .args([
-                    "device",
-                    "--server",
-                    &server.url,
-                    "--rounds",
-                    "30",
-                    "--give-up-after",
-                    "20",
-                ])
-                .arg("--data")
+                .args(["device", "--server", url, "--rounds", &rounds.to_string()])
+                .args(["--give-up-after", "20", "--data"])
                 .arg(&csv)
                 .env("STARLING_LOG", "warn")
                 .spawn()
                 .unwrap()
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn serve_and_device_processes_train_the_demo_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), LINEAR_TASK);
+    let server = ServeProcess::start(&config, &dir.path().join("data"), "info");
+    let devices = spawn_devices(dir.path(), &server.url, 30, 100);
     for mut d in devices {
         assert!(d.wait().unwrap().success(), "a device failed");
     }
@@ -498,29 +496,7 @@ fn serve_in_buffered_mode_steps_every_k_updates_and_refuses_stale_ones() {
         .unwrap();
     assert_eq!(laggard["status"], "assigned", "{laggard}");
     assert_eq!(laggard["base_version"], 0);
-    let devices: Vec<_> = (0..3)
-        .map(|i| {
-            let lo = -2.0 + 4.0 / 3.0 * i as f32;
-            let data = synthetic_line(2.0, 1.0, (lo, lo + 4.0 / 3.0), 60, 0.1, 200 + i);
-            let csv = dir.path().join(format!("device{i}.csv"));
-            std::fs::write(&csv, to_csv(&data)).unwrap();
-            starling()
-                .args([
-                    "device",
-                    "--server",
-                    &server.url,
-                    "--rounds",
-                    "4",
-                    "--give-up-after",
-                    "20",
-                ])
-                .arg("--data")
-                .arg(&csv)
-                .env("STARLING_LOG", "warn")
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let devices = spawn_devices(dir.path(), &server.url, 4, 200);
     for mut d in devices {
         assert!(d.wait().unwrap().success(), "a device failed");
     }
