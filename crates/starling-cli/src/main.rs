@@ -9,9 +9,11 @@
 //! - [`bench`](mod@bench): benchmarks (aggregator, HTTP ingest, check-in storms, soak).
 //! - [`admin`]: operate a running server through its admin API (rollback).
 //! - [`privacy`]: differential-privacy accounting (ε of a run, noise for a budget).
+//! - [`data`]: download the experiments' data sets, checked against their known sums.
 
 mod admin;
 mod bench;
+mod data;
 mod demo;
 mod device;
 mod privacy;
@@ -58,6 +60,9 @@ enum Command {
     /// a budget.
     #[command(subcommand)]
     Privacy(privacy::Command),
+    /// Data sets for the simulator: download them into a cache folder, checked.
+    #[command(subcommand)]
+    Data(data::Command),
 }
 
 fn init_tracing(default: &str) {
@@ -104,6 +109,10 @@ fn main() -> std::process::ExitCode {
         Command::Privacy(c) => {
             init_tracing("warn");
             privacy::run(c)
+        }
+        Command::Data(c) => {
+            init_tracing("warn");
+            data::run(c)
         }
     };
     match result {

@@ -1,6 +1,7 @@
 //! The `starling` binary's integration tests, one binary: the real binary as separate processes (`common` starts and reads them).
 
 mod common;
+mod data;
 mod demo;
 mod privacy;
 mod processes;
