@@ -16,7 +16,7 @@
 //! engine, not at the device) for the next buffer, so no good update is refused because
 //! others were faster.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,6 +80,9 @@ pub struct Buffered {
     policy: BufferedPolicy,
     max_per_address: u32,
     assignments: HashMap<String, Outstanding>,
+    /// The outstanding assignments by lapse time, so that lapsing them costs O(log n) each
+    /// rather than a scan of all at every check-in (at capacity, every check-in lapses some).
+    lapses: BTreeSet<(Duration, String)>,
     devices: HashMap<String, String>,
     per_address: HashMap<IpAddr, u32>,
     /// Tokens whose update was folded recently, so that a device retrying a delivered upload
@@ -114,6 +117,7 @@ impl Buffered {
             policy,
             max_per_address,
             assignments: HashMap::new(),
+            lapses: BTreeSet::new(),
             devices: HashMap::new(),
             per_address: HashMap::new(),
             delivered: HashSet::new(),
@@ -141,6 +145,7 @@ impl Buffered {
 
     fn forget(&mut self, token: &str) -> Option<Outstanding> {
         let o = self.assignments.remove(token)?;
+        self.lapses.remove(&(o.expires, token.to_string()));
         if let Some(d) = &o.device {
             if self.devices.get(d).is_some_and(|t| t == token) {
                 self.devices.remove(d);
@@ -157,16 +162,17 @@ impl Buffered {
         Some(o)
     }
 
-    /// Drops the assignments that lapsed by `now` (never one whose update is in flight).
+    /// Drops the assignments that lapsed by `now`. One whose update is in flight stays (its
+    /// fold ends it); should the fold fail, `released` queues it to lapse again.
     fn expire(&mut self, now: Duration) {
-        let lapsed: Vec<String> = self
-            .assignments
-            .iter()
-            .filter(|(_, o)| !o.in_flight && o.expires <= now)
-            .map(|(t, _)| t.clone())
-            .collect();
-        for t in lapsed {
-            self.forget(&t);
+        while let Some((at, token)) = self.lapses.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.lapses.pop_first();
+            if self.assignments.get(&token).is_some_and(|o| !o.in_flight) {
+                self.forget(&token);
+            }
         }
     }
 
@@ -201,12 +207,14 @@ impl Buffered {
         if let Some(d) = device {
             self.devices.insert(d.to_string(), token.to_string());
         }
+        let expires = now + self.lifetime();
+        self.lapses.insert((expires, token.to_string()));
         self.assignments.insert(
             token.to_string(),
             Outstanding {
                 round: self.buffer.number,
                 base_version: version,
-                expires: now + self.lifetime(),
+                expires,
                 in_flight: false,
                 device: device.map(str::to_string),
                 address,
@@ -303,6 +311,8 @@ impl Buffered {
         if let Some(o) = self.assignments.get_mut(token) {
             if o.in_flight {
                 o.in_flight = false;
+                // It may have lapsed in flight (and left the queue): it lapses again.
+                self.lapses.insert((o.expires, token.to_string()));
                 if round == self.buffer.number {
                     self.buffer.in_flight -= 1;
                 }
@@ -405,6 +415,28 @@ mod tests {
         // Ten seconds later the three lapse: their places are free, their tokens void.
         let later = Duration::from_secs(10);
         b.assign("d", None, None, 0, later).unwrap();
+        assert_eq!(b.outstanding(), 1);
+        assert!(matches!(
+            b.admit(1, "a", later),
+            Err(EngineError::UnknownToken(1))
+        ));
+    }
+
+    #[test]
+    fn an_update_in_flight_outlives_its_lapse_and_a_released_one_lapses_after() {
+        let mut b = buffered(10, 1, 5);
+        b.assign("a", None, None, 0, T0).unwrap();
+        assert!(matches!(
+            b.reserve(1, 0, "a", 0, T0),
+            Ok(Slot::Reserved { .. })
+        ));
+        // Ten seconds on, its fold still under way: it keeps its place.
+        let later = Duration::from_secs(10);
+        assert_eq!(b.assign("b", None, None, 0, later), Err(NoRoom::Full));
+        assert_eq!(b.outstanding(), 1);
+        // The fold fails: released, it has lapsed, and the next check-in gets the place.
+        b.released(1, "a");
+        b.assign("b", None, None, 0, later).unwrap();
         assert_eq!(b.outstanding(), 1);
         assert!(matches!(
             b.admit(1, "a", later),
