@@ -1,13 +1,13 @@
 # Shared by the MNIST experiment scripts under bench/, sourced from the repository's root after
 # `set -euo pipefail`: their one option (--data) and help, the data check, and the binary.
 
-# Parses the caller's options: `--data DIR` sets DATA (default ../shared/data/mnist);
+# Parses the caller's options: `--data DIR` sets DATA (default: see require_mnist);
 # `-h`/`--help` prints the caller's header comment (its lines 2 up to `set -euo`) and exits.
 # Usage: mnist_args "$0" "$@"
 mnist_args() {
     local script=$1
     shift
-    DATA=../shared/data/mnist
+    DATA=
     while [ $# -gt 0 ]; do
         case "$1" in
             --data) shift; DATA="$1" ;;
@@ -18,9 +18,18 @@ mnist_args() {
     done
 }
 
-# Stops with a clear message unless DATA is a folder (the four MNIST IDX files).
+# Settles DATA: as given; else ../shared/data/mnist where it exists; else the folder
+# `starling data fetch mnist` downloads to (and checks). Stops with a clear message unless it
+# is a folder. Call after starling_bin.
 # Usage: require_mnist "$0"
 require_mnist() {
+    if [ -z "$DATA" ]; then
+        if [ -d ../shared/data/mnist ]; then
+            DATA=../shared/data/mnist
+        else
+            DATA=$("$STARLING_BIN" data fetch mnist)
+        fi
+    fi
     if [ ! -d "$DATA" ]; then
         echo "$(basename "$1"): no MNIST folder at $DATA; pass --data DIR (the four IDX files)" >&2
         exit 1

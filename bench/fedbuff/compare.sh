@@ -10,7 +10,7 @@
 # the table gives the virtual seconds each needed, per seed, and the speed-up.
 #
 # Usage: bench/fedbuff/compare.sh [--data DIR]
-#   --data DIR   the MNIST folder (four IDX files, gzip or not); default ../shared/data/mnist
+#   --data DIR   the MNIST folder (four IDX files, gzip or not); default ../shared/data/mnist where it exists, else the folder `starling data fetch mnist` fills
 # Environment:
 #   SEEDS="1 2 3"      the seeds (each seeds the partition, the sampling and the latencies)
 #   TARGET=acc         the target test accuracy (default 0.95)
@@ -37,8 +37,8 @@ BUFFER="${BUFFER:-10}"
 ROUNDS="${ROUNDS:-1000}"
 STEPS="${STEPS:-5000}"
 EVAL_EVERY="${EVAL_EVERY:-1}"
-require_mnist "$0"
 starling_bin
+require_mnist "$0"
 OUT=target/fedbuff
 mkdir -p "$OUT"
 common=(simulate --dataset mnist --data "$DATA" --model mlp --partition iid

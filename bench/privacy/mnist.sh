@@ -7,7 +7,7 @@
 # run with a small budget, to show the server refusing the round that would pass it.
 #
 # Usage: bench/privacy/mnist.sh [--data DIR]
-#   --data DIR   the MNIST folder (four IDX files, gzip or not); default ../shared/data/mnist
+#   --data DIR   the MNIST folder (four IDX files, gzip or not); default ../shared/data/mnist where it exists, else the folder `starling data fetch mnist` fills
 # Environment:
 #   ZS="0.5 1 2"     the noise multipliers
 #   CLIP=c           the clip bound (default 1)
@@ -26,8 +26,8 @@ CLIP="${CLIP:-1}"
 ROUNDS="${ROUNDS:-100}"
 BUDGET="${BUDGET:-1}"
 SEED="${SEED:-1}"
-require_mnist "$0"
 starling_bin
+require_mnist "$0"
 OUT=target/privacy
 mkdir -p "$OUT"
 common=(simulate --dataset mnist --data "$DATA" --model mlp --partition iid --devices 1000

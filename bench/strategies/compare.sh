@@ -6,7 +6,7 @@
 # STRATEGIES says otherwise. One run, one machine, the same seed for all.
 #
 # Usage: bench/strategies/compare.sh [--data DIR]
-#   --data DIR   the MNIST folder (four IDX files, gzip or not); default ../shared/data/mnist
+#   --data DIR   the MNIST folder (four IDX files, gzip or not); default ../shared/data/mnist where it exists, else the folder `starling data fetch mnist` fills
 # Environment:
 #   ROUNDS=N       at most this many rounds per strategy (default 300)
 #   TARGET=acc     the target test accuracy (default 0.97)
@@ -22,8 +22,8 @@ ROUNDS="${ROUNDS:-300}"
 TARGET="${TARGET:-0.97}"
 SEED="${SEED:-1}"
 STRATEGIES="${STRATEGIES:-fedavg fedavgm:0.3 fedadagrad:0.03 fedadam:0.01 fedyogi:0.01}"
-require_mnist "$0"
 starling_bin
+require_mnist "$0"
 OUT=target/strategies
 mkdir -p "$OUT"
 printf '%-11s %10s %16s %14s %10s\n' strategy server_lr "rounds to $TARGET" "final accuracy" "wall s"

@@ -6,7 +6,7 @@
 # share of their data they had time for; FedAvg drops them. Prints both accuracy curves.
 #
 # Usage: bench/strategies/fedprox.sh [--data DIR]
-#   --data DIR   the MNIST folder (four IDX files, gzip or not); default ../shared/data/mnist
+#   --data DIR   the MNIST folder (four IDX files, gzip or not); default ../shared/data/mnist where it exists, else the folder `starling data fetch mnist` fills
 # Environment: ROUNDS (default 100), EVERY (print every Nth round, default 10), SEED (1),
 #   MU (1.0), STRAGGLERS (0.9), STARLING_BIN (default: cargo build --release).
 # Output: the table on stdout, both runs' results (CSV, JSON, plot) under target/fedprox/.
@@ -16,8 +16,8 @@ source bench/lib.sh
 mnist_args "$0" "$@"
 ROUNDS="${ROUNDS:-100}"; EVERY="${EVERY:-10}"; SEED="${SEED:-1}"
 MU="${MU:-1.0}"; STRAGGLERS="${STRAGGLERS:-0.9}"
-require_mnist "$0"
 starling_bin
+require_mnist "$0"
 OUT=target/fedprox
 mkdir -p "$OUT"
 common=(simulate --dataset mnist --data "$DATA" --model mlp --partition shards --devices 100
