@@ -196,6 +196,19 @@ impl RoundState {
         }
     }
 
+    /// The round-level facts of an upload (an update or an evaluation report), in the order
+    /// every phase checks them: the round's kind, the base version, the token.
+    fn check_upload(
+        &self,
+        kind: RoundKind,
+        base_version: u64,
+        token: &str,
+    ) -> Result<(), EngineError> {
+        self.check_kind(kind)?;
+        self.check_version(base_version)?;
+        self.check_token(token).map(|_| ())
+    }
+
     fn check_version(&self, base_version: u64) -> Result<(), EngineError> {
         if base_version == self.base_version {
             Ok(())
@@ -364,9 +377,7 @@ impl OpenRound {
         token: &str,
     ) -> Result<Arc<PartialSums>, EngineError> {
         let s = &mut self.0;
-        s.check_kind(RoundKind::Training)?;
-        s.check_version(base_version)?;
-        s.check_token(token)?;
+        s.check_upload(RoundKind::Training, base_version, token)?;
         if s.at_most_goal && s.folded + s.in_flight >= u64::from(s.policy.goal) {
             return Err(EngineError::RoundClosed(s.number));
         }
@@ -385,9 +396,7 @@ impl OpenRound {
         weight: f64,
     ) -> Result<u64, EngineError> {
         let s = &mut self.0;
-        s.check_kind(RoundKind::Evaluation)?;
-        s.check_version(report.base_version)?;
-        s.check_token(token)?;
+        s.check_upload(RoundKind::Evaluation, report.base_version, token)?;
         s.assignments
             .insert(token.to_string(), AssignmentState::Folded);
         s.folded += 1;
@@ -551,9 +560,7 @@ impl Phase {
         match self {
             Phase::Open(r) => r.reserve(base_version, token),
             Phase::Draining(r) => {
-                r.0.check_kind(RoundKind::Training)?;
-                r.0.check_version(base_version)?;
-                r.0.check_token(token)?;
+                r.0.check_upload(RoundKind::Training, base_version, token)?;
                 Err(EngineError::RoundClosed(r.0.number))
             }
         }
@@ -569,9 +576,7 @@ impl Phase {
         match self {
             Phase::Open(r) => r.evaluate(token, report, weight),
             Phase::Draining(r) => {
-                r.0.check_kind(RoundKind::Evaluation)?;
-                r.0.check_version(report.base_version)?;
-                r.0.check_token(token)?;
+                r.0.check_upload(RoundKind::Evaluation, report.base_version, token)?;
                 Err(EngineError::RoundClosed(r.0.number))
             }
         }

@@ -60,10 +60,20 @@ async fn spawn(settings: TaskSettings, store: Store) -> TaskHandle {
 /// One round: `GOAL` devices upload long updates claiming many examples; returns the
 /// round's record.
 async fn one_round(task: &TaskHandle) -> RoundRecord {
+    round_of(task, GOAL, |_| (delta(30.0, 40.0), 1_000_000)).await
+}
+
+/// One round of `n` devices, device `i` uploading `update(i)` (a delta and its claimed
+/// example count); returns the round's record.
+async fn round_of(
+    task: &TaskHandle,
+    n: u32,
+    update: impl Fn(usize) -> (starling_core::Parameters, u64),
+) -> RoundRecord {
     let round = task.status().round.round;
     let answers = task
         .check_in_many(
-            (0..GOAL)
+            (0..n)
                 .map(|i| Caller::device(format!("r{round}d{i}")))
                 .collect(),
         )
@@ -72,9 +82,11 @@ async fn one_round(task: &TaskHandle) -> RoundRecord {
     let version = task.status().model.version;
     let uploads = answers
         .into_iter()
-        .map(|a| match a {
+        .enumerate()
+        .map(|(i, a)| match a {
             CheckIn::Assigned(a) => {
-                encode(&delta(30.0, 40.0), version, 1_000_000, Some(0.5), &a.token).into()
+                let (d, examples) = update(i);
+                encode(&d, version, examples, Some(0.5), &a.token).into()
             }
             CheckIn::Retry { reason, .. } => panic!("not assigned: {reason}"),
         })
@@ -286,40 +298,14 @@ async fn adaptive_clipping_follows_the_target_quantile_of_update_norms() {
     let task = spawn(settings, Store::open_memory().await.unwrap()).await;
     let mut clips = Vec::new();
     for r in 1..=60u64 {
-        let answers = task
-            .check_in_many(
-                (0..N)
-                    .map(|i| Caller::device(format!("r{r}d{i}")))
-                    .collect(),
-            )
-            .await
-            .unwrap();
-        let version = task.status().model.version;
-        let uploads = answers
-            .into_iter()
-            .enumerate()
-            .map(|(i, a)| match a {
-                CheckIn::Assigned(a) => {
-                    // Norm (i + 1) / 10, split evenly over W and b.
-                    let v = (i as f32 + 1.0) / 10.0 / 2f32.sqrt();
-                    encode(&delta(v, v), version, 1, None, &a.token).into()
-                }
-                CheckIn::Retry { reason, .. } => panic!("not assigned: {reason}"),
-            })
-            .collect();
-        for u in task.upload_many(r, uploads).await {
-            u.unwrap();
-        }
-        let mut rx = task.subscribe();
-        let st = tokio::time::timeout(
-            STUCK,
-            rx.wait_for(|s| s.last_round.as_ref().is_some_and(|x| x.round == r)),
-        )
-        .await
-        .unwrap()
-        .unwrap()
-        .clone();
-        let p = st.last_round.unwrap().privacy.unwrap();
+        // Device i's update has norm (i + 1) / 10, split evenly over W and b.
+        let record = round_of(&task, N, |i| {
+            let v = (i as f32 + 1.0) / 10.0 / 2f32.sqrt();
+            (delta(v, v), 1)
+        })
+        .await;
+        assert_eq!(record.round, r);
+        let p = record.privacy.unwrap();
         if let Some(prev) = clips.last() {
             assert_eq!(
                 p.clip, *prev,

@@ -183,7 +183,16 @@ struct Server {
 
 impl Server {
     async fn start(goal: u32, plan: Plan) -> Result<Self> {
-        Self::start_task(TaskSettings {
+        Self::start_with(goal, plan, |_| {}).await
+    }
+
+    /// [`Server::start`]'s task, changed by `adjust` first.
+    async fn start_with(
+        goal: u32,
+        plan: Plan,
+        adjust: impl FnOnce(&mut TaskSettings),
+    ) -> Result<Self> {
+        let mut task = TaskSettings {
             plan: Some(starling_server::settings::plan_table(&plan)),
             rounds: RoundPolicy {
                 goal,
@@ -196,8 +205,9 @@ impl Server {
             min_cohort: goal,
             max_assignments_per_address: 100,
             ..TaskSettings::default()
-        })
-        .await
+        };
+        adjust(&mut task);
+        Self::start_task(task).await
     }
 
     async fn start_task(task: TaskSettings) -> Result<Self> {
@@ -580,18 +590,14 @@ async fn wait_version(server: &Server, version: u64) -> Result<Value> {
 
 async fn buffered_task() -> Result<()> {
     let _one = ONE_BROWSER.lock().await;
-    let server = Server::start_task(TaskSettings {
-        plan: Some(starling_server::settings::plan_table(&demo_plan())),
-        // Buffers of two, every device on 127.0.0.1: test-sized, said explicitly.
-        min_cohort: 2,
-        max_assignments_per_address: 100,
-        buffered: Some(BufferedPolicy {
+    // Buffers of two (min_cohort 2, said by start_with's test-sized task).
+    let server = Server::start_with(2, demo_plan(), |t| {
+        t.buffered = Some(BufferedPolicy {
             buffer: 2,
             concurrency: 10,
             max_staleness: 1,
             ..BufferedPolicy::default()
-        }),
-        ..TaskSettings::default()
+        });
     })
     .await?;
     let task = server.json("/v1/tasks/linear").await?;
@@ -679,22 +685,7 @@ async fn the_browser_answers_an_evaluation_round_with_its_score() -> Result<()> 
 
 async fn browser_evaluation() -> Result<()> {
     let _one = ONE_BROWSER.lock().await;
-    let server = Server::start_task(TaskSettings {
-        plan: Some(starling_server::settings::plan_table(&demo_plan())),
-        rounds: RoundPolicy {
-            goal: 1,
-            min: 1,
-            deadline_secs: 300.0,
-            overcommit: 2.0,
-            retry_secs: 1.0,
-        },
-        // One device per round, on 127.0.0.1: test-sized, said explicitly.
-        min_cohort: 1,
-        max_assignments_per_address: 100,
-        evaluate_every: 1,
-        ..TaskSettings::default()
-    })
-    .await?;
+    let server = Server::start_with(1, demo_plan(), |t| t.evaluate_every = 1).await?;
     native_contribution(&server, 11).await?;
     let task = wait_version(&server, 1).await?;
     assert_eq!(task["round"]["kind"], "evaluation", "{task}");
