@@ -39,7 +39,7 @@ pub async fn run(exe: &Path, devices: usize, goal: u32) -> Result<CheckinRow, Be
         // Every device of the storm is 127.0.0.1: the per-address limits would answer for it
         // instead of the round, so they are lifted; a round of one may commit.
         "[server]\nmax_connections_per_address = 100000\n\
-         [[tasks]]\nname = \"linear\"\nmin_cohort = 1\nmax_assignments_per_address = 100000\n\
+         [[tasks]]\nname = \"linear\"\nadmission = \"open\"\nmin_cohort = 1\nmax_assignments_per_address = 100000\n\
          [tasks.rounds]\ngoal = {goal}\nmin = 1\n\
          deadline_secs = 3600\novercommit = 1.0\nretry_secs = 5\n"
     );

@@ -76,6 +76,7 @@ max_connections_per_address = 100000
 max_uploads_in_flight = 100000
 [[tasks]]
 name = "{task}"
+admission = "open"
 model = "linear"
 inputs = {inputs}
 min_cohort = 1

@@ -164,6 +164,7 @@ max_connections_per_address = 1024
 
 [[tasks]]
 name = "{TASK}"
+admission = "open"
 model = "logistic"
 inputs = {inputs}
 outputs = 10

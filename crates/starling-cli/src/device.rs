@@ -1,5 +1,7 @@
 //! `starling device`: one device training on a local CSV file, over HTTP or HTTPS (`--ca-cert`
-//! for a server whose certificate a private CA signed).
+//! for a server whose certificate a private CA signed). For an enrolled task the device
+//! enrolls once with the task's enrollment secret (`STARLING_ENROLLMENT_SECRET`) and keeps the
+//! credential it receives in `--credential-file`, which later runs reuse.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,6 +27,14 @@ pub(crate) struct Args {
     /// The task to contribute to.
     #[arg(long, default_value = "linear")]
     task: String,
+    /// Where this device keeps its credential for an enrolled task: read when the file
+    /// exists; otherwise the device enrolls (with STARLING_ENROLLMENT_SECRET) and writes the
+    /// credential there, readable by its owner only.
+    #[arg(long, value_name = "FILE")]
+    credential_file: Option<PathBuf>,
+    /// A label for the operator's device list when the device enrolls.
+    #[arg(long, value_name = "TEXT")]
+    label: Option<String>,
     /// Local data: a CSV file of numbers (a header row is allowed).
     #[arg(long)]
     data: PathBuf,
@@ -110,9 +120,22 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("--ca-cert {}", path.display()))?
         }
     };
+    let rt = crate::runtime()?;
+    // An enrolled task's secret comes only from the environment, so it stays out of shell
+    // history and process lists; it is used once, when --credential-file holds no credential.
+    let secret = std::env::var("STARLING_ENROLLMENT_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty());
+    let transport = rt.block_on(with_credential(
+        transport,
+        &options.task,
+        args.credential_file.as_deref(),
+        secret.as_deref(),
+        args.label.as_deref(),
+    ))?;
     tracing::info!(server = %args.server, examples = data.len(), "device starting");
     let mut device = Device::new(transport, data, options);
-    let report = crate::runtime()?.block_on(async move {
+    let report = rt.block_on(async move {
         tokio::select! {
             r = device.run(log_event) => r.map(Some),
             _ = tokio::signal::ctrl_c() => Ok(None),
@@ -137,6 +160,58 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
         None => tracing::info!("device stopped"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The transport with the device's credential: read from `file` when it exists, else
+/// obtained by enrolling with `secret` (and written to `file`, owner-only); unchanged when the
+/// device has neither (an open task).
+async fn with_credential(
+    transport: HttpTransport,
+    task: &str,
+    file: Option<&std::path::Path>,
+    secret: Option<&str>,
+    label: Option<&str>,
+) -> anyhow::Result<HttpTransport> {
+    if let Some(path) = file.filter(|p| p.exists()) {
+        let credential = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read --credential-file {}", path.display()))?;
+        let credential = credential.trim();
+        anyhow::ensure!(
+            !credential.is_empty(),
+            "--credential-file {} is empty; delete it to enroll again",
+            path.display()
+        );
+        return Ok(transport.with_credential(credential));
+    }
+    let Some(secret) = secret else {
+        return Ok(transport);
+    };
+    let answer = transport
+        .enroll(task, secret, label)
+        .await
+        .with_context(|| format!("enrolling in task `{task}`"))?;
+    tracing::info!(task, device = %answer.device, "enrolled");
+    if let Some(path) = file {
+        write_private(path, &answer.credential)
+            .with_context(|| format!("cannot write --credential-file {}", path.display()))?;
+    }
+    Ok(transport.with_credential(&answer.credential))
+}
+
+/// Writes a secret to a new file only its owner can read (mode 0600 on Unix).
+fn write_private(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(path)?;
+    f.write_all(secret.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
 }
 
 fn log_event(e: &DeviceEvent) {

@@ -20,7 +20,10 @@ use bytes::Bytes;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, RootCertStore};
-use starling_core::wire::protocol::{CheckInRequest, ErrorBody, EvaluationReport, TOKEN_HEADER};
+use starling_core::wire::protocol::{
+    CheckInRequest, EnrollAnswer, EnrollRequest, ErrorBody, EvaluationReport, CREDENTIAL_SCHEME,
+    TOKEN_HEADER,
+};
 
 pub use starling_core::wire::protocol::{CheckInAnswer, UploadReceipt};
 
@@ -84,12 +87,18 @@ pub struct HttpTransport {
     base: String,
     tls: Arc<ClientConfig>,
     client: reqwest::Client,
+    /// `Bearer <credential>` for an enrolled task.
+    authorization: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for HttpTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HttpTransport")
             .field("base", &self.base)
+            .field(
+                "credential",
+                &self.authorization.as_ref().map(|_| "<redacted>"),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -188,11 +197,53 @@ impl HttpTransport {
             base: base.trim_end_matches('/').to_string(),
             client: client(&tls, DEFAULT_CONNECT_TIMEOUT, DEFAULT_REQUEST_TIMEOUT),
             tls,
+            authorization: None,
         }
+    }
+
+    /// This transport presenting a device credential (from [`HttpTransport::enroll`]) with
+    /// every check-in, upload and evaluation report, as an enrolled task requires.
+    pub fn with_credential(mut self, credential: &str) -> Self {
+        self.authorization = Some(format!("{CREDENTIAL_SCHEME} {credential}").into());
+        self
+    }
+
+    /// Enrolls this device in an enrolled task with the task's enrollment secret: the answer
+    /// holds the device's id and its credential, which the server shows this once. Keep the
+    /// credential (privately) and pass it to [`HttpTransport::with_credential`].
+    pub async fn enroll(
+        &self,
+        task: &str,
+        secret: &str,
+        label: Option<&str>,
+    ) -> Result<EnrollAnswer, ClientError> {
+        let resp = self
+            .client
+            .post(self.url(&format!("/v1/tasks/{task}/enroll")))
+            .json(&EnrollRequest {
+                secret: secret.to_string(),
+                label: label.map(str::to_string),
+            })
+            .send()
+            .await
+            .map_err(unreachable)?;
+        if !resp.status().is_success() {
+            return Err(refusal(resp).await);
+        }
+        answer(resp, "enrollment answer").await
     }
 
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// A POST with the device's credential, if it has one.
+    fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        let req = self.client.post(self.url(path));
+        match &self.authorization {
+            Some(a) => req.header(reqwest::header::AUTHORIZATION, &**a),
+            None => req,
+        }
     }
 }
 
@@ -313,8 +364,7 @@ impl Transport for HttpTransport {
 
     async fn check_in(&self, task: &str, device: &str) -> Result<CheckInAnswer, ClientError> {
         let resp = self
-            .client
-            .post(self.url(&format!("/v1/tasks/{task}/checkin")))
+            .post(&format!("/v1/tasks/{task}/checkin"))
             .json(&CheckInRequest {
                 device: Some(device.to_string()),
             })
@@ -363,8 +413,7 @@ impl Transport for HttpTransport {
         body: Bytes,
     ) -> Result<UploadReceipt, ClientError> {
         let resp = self
-            .client
-            .post(self.url(&format!("/v1/tasks/{task}/rounds/{round}/updates")))
+            .post(&format!("/v1/tasks/{task}/rounds/{round}/updates"))
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
             .header(TOKEN_HEADER, token)
             .body(body)
@@ -385,8 +434,7 @@ impl Transport for HttpTransport {
         report: &EvaluationReport,
     ) -> Result<UploadReceipt, ClientError> {
         let resp = self
-            .client
-            .post(self.url(&format!("/v1/tasks/{task}/rounds/{round}/evaluations")))
+            .post(&format!("/v1/tasks/{task}/rounds/{round}/evaluations"))
             .header(TOKEN_HEADER, token)
             .json(report)
             .send()

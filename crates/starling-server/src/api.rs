@@ -36,15 +36,18 @@ use axum::{Json, Router};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use starling_core::wire::protocol::{
-    parse_canonical_u64, CheckInAnswer, CheckInRequest, ErrorBody, ErrorCode, EvaluationReport,
-    RollbackAnswer, RollbackRequest, RoundKind, UploadReceipt, ADMIN_TOKEN_HEADER, MAX_DEVICE_ID,
+    parse_canonical_u64, CheckInAnswer, CheckInRequest, EnrollAnswer, EnrollRequest, ErrorBody,
+    ErrorCode, EvaluationReport, RoundKind, UploadReceipt, CREDENTIAL_SCHEME, MAX_DEVICE_ID,
     TOKEN_HEADER, VERSION_HEADER,
 };
 use tokio::sync::Semaphore;
 
+use crate::credentials::{CredentialError, Credentials};
 use crate::engine::{self, Caller, CheckIn, EngineError, Receipt, TaskHandle, Upload};
 use crate::metrics::Metrics;
-use crate::settings::Secret;
+use crate::ratelimit::RateLimits;
+use crate::registry::Tasks;
+use crate::settings::{Admission, Secret};
 use crate::store::Store;
 
 /// The longest request URI answered; longer ones get 414 `uri_too_long` (hyper's own limit,
@@ -55,7 +58,9 @@ pub const MAX_URI_BYTES: usize = 8 * 1024;
 #[derive(Clone, Debug)]
 pub struct AppState {
     /// The tasks hosted.
-    pub tasks: Arc<Vec<TaskHandle>>,
+    pub tasks: Arc<Tasks>,
+    /// The device credentials of enrolled tasks.
+    pub credentials: Arc<Credentials>,
     /// Process-wide counters.
     pub metrics: Arc<Metrics>,
     /// The store (round history).
@@ -66,6 +71,8 @@ pub struct AppState {
     pub uploads: Arc<Semaphore>,
     /// The admin API's token; `None` turns the admin API off.
     pub admin_token: Option<Secret>,
+    /// Rate limits per client address and per device credential.
+    pub rate_limits: Arc<RateLimits>,
     /// The header a proxy names the client's address in (`client_address_header`).
     pub client_address_header: Option<axum::http::HeaderName>,
 }
@@ -81,8 +88,8 @@ pub struct BodyLimits {
 }
 
 impl AppState {
-    fn task(&self, name: &str) -> Result<&TaskHandle, ApiError> {
-        self.tasks.iter().find(|t| t.name() == name).ok_or_else(|| {
+    pub(crate) fn task(&self, name: &str) -> Result<TaskHandle, ApiError> {
+        self.tasks.get(name).ok_or_else(|| {
             ApiError::new(
                 ErrorCode::UnknownTask,
                 format!("no task named `{}`", shown(name)),
@@ -92,7 +99,7 @@ impl AppState {
 }
 
 /// At most 64 characters of something the client sent, for a message.
-fn shown(s: &str) -> String {
+pub(crate) fn shown(s: &str) -> String {
     const MAX: usize = 64;
     if s.chars().count() <= MAX {
         s.to_string()
@@ -122,6 +129,12 @@ impl ApiError {
     /// The code.
     pub fn code(&self) -> ErrorCode {
         self.code
+    }
+
+    /// This error with a `Retry-After` header.
+    pub(crate) fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs);
+        self
     }
 
     /// 503 `busy` with `Retry-After: 1`.
@@ -157,6 +170,12 @@ impl From<EngineError> for ApiError {
     }
 }
 
+impl From<CredentialError> for ApiError {
+    fn from(e: CredentialError) -> Self {
+        ApiError::new(e.code(), e.to_string())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status =
@@ -181,6 +200,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tasks/{task}", get(get_task))
         .route("/v1/tasks/{task}/model", get(get_model))
         .route("/v1/tasks/{task}/checkin", post(check_in))
+        .route("/v1/tasks/{task}/enroll", post(enroll))
         .route("/v1/tasks/{task}/rounds", get(rounds))
         .route("/v1/tasks/{task}/privacy", get(privacy))
         .route("/v1/tasks/{task}/rounds/{round}/updates", post(upload))
@@ -188,7 +208,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/tasks/{task}/rounds/{round}/evaluations",
             post(evaluation),
         )
-        .route("/v1/admin/tasks/{task}/rollback", post(rollback))
+        .merge(crate::admin::router())
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(middleware::map_response(json_errors))
@@ -275,7 +295,7 @@ async fn openapi() -> impl IntoResponse {
     )
 }
 
-fn task_json(t: &TaskHandle) -> Value {
+pub(crate) fn task_json(t: &TaskHandle) -> Value {
     let st = t.status();
     let params: Value = st
         .model
@@ -301,8 +321,15 @@ fn task_json(t: &TaskHandle) -> Value {
         "parameter_count": t.spec().layout().numel(),
         "mode": if t.buffered().is_some() { "buffered" } else { "rounds" },
         "buffered": t.buffered(),
-        "status": if st.stopped.is_some() { "stopped" } else { "training" },
+        "status": if st.stopped.is_some() {
+            "stopped"
+        } else if st.paused {
+            "paused"
+        } else {
+            "training"
+        },
         "stopped_reason": st.stopped,
+        "admission": t.admission().as_str(),
         "privacy": t.privacy().map(|p| json!({
             "budget": {"epsilon": p.epsilon, "delta": p.delta},
             "epsilon_spent": st.epsilon_spent,
@@ -313,14 +340,14 @@ fn task_json(t: &TaskHandle) -> Value {
 }
 
 async fn list_tasks(State(s): State<AppState>) -> Json<Value> {
-    Json(Value::Array(s.tasks.iter().map(task_json).collect()))
+    Json(Value::Array(s.tasks.all().iter().map(task_json).collect()))
 }
 
 async fn get_task(
     State(s): State<AppState>,
     Path(task): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(task_json(s.task(&task)?)))
+    Ok(Json(task_json(&s.task(&task)?)))
 }
 
 async fn get_model(
@@ -369,6 +396,8 @@ async fn check_in(
 ) -> Result<Response, ApiError> {
     let t = s.task(&task)?;
     let address = client_address(&s, &request);
+    limit_address(&s, &request)?;
+    let credential_device = authenticate(&s, &t, request.headers(), true)?;
     let body = read_control_body(
         &s,
         request.into_body(),
@@ -393,6 +422,8 @@ async fn check_in(
         }
         request.device
     };
+    // An enrolled device is known by its credential, whatever id it names itself.
+    let device = credential_device.or(device);
     let name = t.name();
     Ok(match t.check_in(Caller { device, address }).await? {
         CheckIn::Assigned(a) => Json(CheckInAnswer::Assigned {
@@ -527,6 +558,8 @@ async fn evaluation(
         )
     })?;
     let token = token_header(request.headers())?;
+    limit_address(&s, &request)?;
+    let device = authenticate(&s, &t, request.headers(), false)?;
     let body = read_control_body(
         &s,
         request.into_body(),
@@ -543,7 +576,7 @@ async fn evaluation(
             ),
         )
     })?;
-    let receipt = t.evaluate(round, &token, report).await?;
+    let receipt = t.evaluate(round, &token, device.as_deref(), report).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(UploadReceipt {
@@ -586,6 +619,7 @@ async fn receive_upload(
         s.metrics.count_refusal(e.code());
         e
     };
+    limit_address(s, &request).map_err(refuse)?;
     let (parts, body) = request.into_parts();
     // The route is /v1/tasks/{task}/rounds/{round}/updates.
     let t = s.task(raw_segment(&parts.uri, 3)).map_err(refuse)?;
@@ -600,6 +634,7 @@ async fn receive_upload(
         ))
     })?;
     let token = token_header(&parts.headers).map_err(refuse)?;
+    let device = authenticate(s, &t, &parts.headers, false).map_err(refuse)?;
     let limit = t.max_upload_bytes();
     let declared = body.size_hint().exact();
     if let Some(n) = declared {
@@ -615,7 +650,7 @@ async fn receive_upload(
         return Err(refuse(ApiError::busy()));
     };
     let _in_flight = s.metrics.track_upload();
-    t.admit_upload(round, &token)
+    t.admit_upload(round, &token, device.as_deref())
         .await
         .map_err(|e| refuse(e.into()))?;
 
@@ -685,7 +720,7 @@ fn empty_upload() -> ApiError {
 
 /// Why a body was not read whole.
 #[derive(Debug)]
-enum BodyError {
+pub(crate) enum BodyError {
     /// Over the limit, declared or counted.
     TooLarge,
     /// Not whole within the timeout.
@@ -736,7 +771,7 @@ fn token_header(headers: &HeaderMap) -> Result<String, ApiError> {
 /// A small control body (a check-in's, an evaluation report), read under `max_body_bytes`
 /// and `body_timeout_secs`; `what` names it in the errors, and a body that ends early or
 /// cannot be read is answered with `malformed`.
-async fn read_control_body(
+pub(crate) async fn read_control_body(
     s: &AppState,
     body: Body,
     what: &str,
@@ -759,7 +794,11 @@ async fn read_control_body(
         })
 }
 
-async fn read_body(body: Body, limit: usize, timeout: Duration) -> Result<Vec<u8>, BodyError> {
+pub(crate) async fn read_body(
+    body: Body,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Vec<u8>, BodyError> {
     let declared = body.size_hint().exact();
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(BodyError::TooLarge);
@@ -788,67 +827,103 @@ async fn read_body(body: Body, limit: usize, timeout: Duration) -> Result<Vec<u8
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.metrics.render(&s.tasks),
+        s.metrics.render(&s.tasks.all()),
     )
 }
 
-/// Lets an admin call through only with the admin token. Both tokens are hashed before they
-/// are compared, so the comparison's timing reveals nothing about the token; neither is
-/// ever logged.
-fn check_admin(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    use sha2::{Digest, Sha256};
-    let Some(token) = &s.admin_token else {
-        return Err(ApiError::new(
-            ErrorCode::Unauthorized,
-            "the admin API is off: set server.admin_token (or STARLING_ADMIN_TOKEN)",
-        ));
-    };
-    let given = headers
-        .get(ADMIN_TOKEN_HEADER)
-        .map_or(&[][..], HeaderValue::as_bytes);
-    if Sha256::digest(given) == Sha256::digest(token.expose().as_bytes()) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            ErrorCode::Unauthorized,
-            "the X-Starling-Admin-Token header is missing or wrong",
-        ))
+/// The device an enrolled task's request comes from, by its credential
+/// (`Authorization: Bearer <credential>`); `None` for an open task, whose devices carry none.
+/// A check-in (`check_in`) is counted in the device's activity.
+fn authenticate(
+    s: &AppState,
+    t: &TaskHandle,
+    headers: &HeaderMap,
+    check_in: bool,
+) -> Result<Option<String>, ApiError> {
+    if t.admission() == Admission::Open {
+        return Ok(None);
     }
+    let credential = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case(CREDENTIAL_SCHEME))
+        .map(|(_, c)| c.trim());
+    let device = s.credentials.authenticate(t.name(), credential, check_in)?;
+    s.rate_limits
+        .check_credential(&s.metrics, t.name(), &device)?;
+    Ok(Some(device))
 }
 
-/// `POST /v1/admin/tasks/{task}/rollback`: the task goes back to a stored version.
-async fn rollback(
+/// Counts a device's request against its address's rate limit.
+fn limit_address(s: &AppState, request: &Request) -> Result<(), ApiError> {
+    s.rate_limits
+        .check_address(&s.metrics, client_address(s, request))
+}
+
+/// `POST /v1/tasks/{task}/enroll`: a device presents the task's enrollment secret once and
+/// gets its own credential (201). An open task takes no enrollment.
+async fn enroll(
     State(s): State<AppState>,
     Path(task): Path<String>,
     request: Request,
-) -> Result<Json<RollbackAnswer>, ApiError> {
-    // The token first: nobody without it makes the server read a body.
-    check_admin(&s, request.headers())?;
+) -> Result<Response, ApiError> {
     let t = s.task(&task)?;
-    let limit = s.limits.max_body_bytes;
-    let body = read_body(request.into_body(), limit, s.limits.body_timeout)
+    if t.admission() == Admission::Open {
+        return Err(ApiError::new(
+            ErrorCode::EnrollmentRefused,
+            format!(
+                "task `{}` is open to every device: no enrollment needed",
+                t.name()
+            ),
+        ));
+    }
+    limit_address(&s, &request)?;
+    let body = read_control_body(
+        &s,
+        request.into_body(),
+        "enrollment body",
+        ErrorCode::BadRequest,
+    )
+    .await?;
+    let request: EnrollRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            ErrorCode::BadRequest,
+            format!("an enrollment is {{\"secret\", \"label\"?}}: {e}"),
+        )
+    })?;
+    if request
+        .label
+        .as_ref()
+        .is_some_and(|l| l.is_empty() || l.len() > MAX_DEVICE_ID)
+    {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!("a device label has 1 to {MAX_DEVICE_ID} characters"),
+        ));
+    }
+    if !t.enrollment_secret_matches(&request.secret) {
+        tracing::warn!(task = t.name(), "enrollment refused: wrong secret");
+        return Err(ApiError::new(
+            ErrorCode::EnrollmentRefused,
+            format!("wrong enrollment secret for task `{}`", t.name()),
+        ));
+    }
+    let (device, credential) = s
+        .credentials
+        .enroll(t.name(), request.label)
         .await
-        .map_err(|e| match e {
-            BodyError::TooLarge => ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                format!("a rollback body has at most {limit} bytes"),
-            ),
-            BodyError::TimedOut => ApiError::new(
-                ErrorCode::RequestTimeout,
-                "the rollback body did not arrive in time",
-            ),
-            BodyError::Disconnected | BodyError::Malformed(_) => {
-                ApiError::new(ErrorCode::BadRequest, "the rollback body could not be read")
-            }
-        })?;
-    let request: RollbackRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("rollback body: {e}")))?;
-    let version = t.rollback(request.version).await?;
-    Ok(Json(RollbackAnswer {
-        task: t.name().to_string(),
-        restored: request.version,
-        version,
-    }))
+        .map_err(EngineError::from)?;
+    tracing::info!(task = t.name(), %device, "device enrolled");
+    Ok((
+        StatusCode::CREATED,
+        Json(EnrollAnswer {
+            task: t.name().to_string(),
+            device,
+            credential,
+        }),
+    )
+        .into_response())
 }
 
 /// The client's address: the last entry of the proxy's header when the settings name one (the

@@ -4,7 +4,10 @@
 //! - [`settings`]: typed settings from TOML and the environment.
 //! - [`store`]: the SQLite store of tasks, checkpoints and round records.
 //! - [`engine`]: the round engine (one task owns each task's round state).
-//! - [`api`]: the HTTP API (axum).
+//! - [`api`]: the HTTP API (axum) for devices and readers; `admin`: the admin API.
+//! - [`registry`]: the hosted tasks, which the admin API creates, changes and deletes.
+//! - [`ratelimit`]: rate limits per client address and per device credential.
+//! - [`credentials`]: device credentials of enrolled tasks (enrollment, digests, revocation).
 //! - `net`: the serving loop: accepting connections within the connection limits, the TLS
 //!   handshake when the server serves HTTPS, hyper's HTTP/1.1 with header and idle timeouts,
 //!   graceful shutdown.
@@ -12,10 +15,14 @@
 //! - [`metrics`]: Prometheus counters and gauges.
 //! - [`web`]: the device app (the browser client), embedded and served at `/` and `/app/`.
 
+mod admin;
 pub mod api;
+pub mod credentials;
 pub mod engine;
 pub mod metrics;
 mod net;
+pub mod ratelimit;
+pub mod registry;
 pub mod settings;
 pub mod store;
 mod tls;
@@ -83,16 +90,20 @@ impl Server {
                 source,
             })?;
         let metrics = Arc::new(metrics::Metrics::default());
-        let tasks = engine::start_tasks(
+        let tasks = registry::Tasks::start(
             defs,
             store.clone(),
             metrics.clone(),
             engine::SystemClock::new(),
         )
         .await?;
+        let credentials = credentials::Credentials::load(store.clone())
+            .await
+            .map_err(engine::EngineError::from)?;
         let sv = &settings.server;
         let state = api::AppState {
             tasks: Arc::new(tasks),
+            credentials: Arc::new(credentials),
             metrics,
             store,
             limits: api::BodyLimits {
@@ -101,6 +112,10 @@ impl Server {
             },
             uploads: Arc::new(tokio::sync::Semaphore::new(sv.max_uploads_in_flight)),
             admin_token: sv.admin_token.clone(),
+            rate_limits: Arc::new(ratelimit::RateLimits::new(
+                sv.rate_limit_per_address,
+                sv.rate_limit_per_credential,
+            )),
             client_address_header: sv
                 .client_address_header
                 .as_deref()
@@ -122,9 +137,9 @@ impl Server {
         }
     }
 
-    /// The tasks' engines.
-    pub fn tasks(&self) -> &[TaskHandle] {
-        &self.state.tasks
+    /// The tasks' engines (those running now: the admin API adds and removes tasks).
+    pub fn tasks(&self) -> Vec<TaskHandle> {
+        self.state.tasks.all()
     }
 
     /// The HTTP router. The serving loop ([`Server::serve`]) adds, before routing, the
@@ -173,7 +188,7 @@ pub struct Running {
     pub addr: SocketAddr,
     /// `https` or `http` ([`Server::scheme`]).
     pub scheme: &'static str,
-    /// The tasks' engines.
+    /// The tasks' engines when it started.
     pub tasks: Vec<TaskHandle>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     join: tokio::task::JoinHandle<Result<(), ServerError>>,
@@ -198,7 +213,7 @@ impl Running {
 pub async fn spawn(settings: Settings, listener: TcpListener) -> Result<Running, ServerError> {
     let server = Server::start(settings).await?;
     let addr = listener.local_addr()?;
-    let tasks = server.tasks().to_vec();
+    let tasks = server.tasks();
     let scheme = server.scheme();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let join = tokio::spawn(server.serve(listener, async move {

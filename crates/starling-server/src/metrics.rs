@@ -2,7 +2,8 @@
 //!
 //! The engine counts what it answers (`count_checkin`, `count_update`, `count_round`); the
 //! HTTP layer counts uploads it refuses before the engine sees them (`count_refusal`), upload
-//! bodies cut off by their client (`count_client_disconnected`), and keeps the gauges of
+//! bodies cut off by their client (`count_client_disconnected`) and requests over a rate
+//! limit (`count_rate_limited`), and keeps the gauges of
 //! uploads in flight and open connections (`track_upload`, `track_connection`).
 
 use std::collections::BTreeMap;
@@ -27,6 +28,8 @@ pub struct Metrics {
     uploads_in_flight: AtomicU64,
     connections_open: AtomicU64,
     connections_refused: AtomicU64,
+    rate_limited_address: AtomicU64,
+    rate_limited_credential: AtomicU64,
 }
 
 /// Holds one unit of a gauge (an upload in flight, an open connection) until dropped.
@@ -84,6 +87,15 @@ impl Metrics {
             &self.rounds_committed
         } else {
             &self.rounds_abandoned
+        }
+        .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request refused by a rate limit.
+    pub(crate) fn count_rate_limited(&self, scope: crate::ratelimit::Scope) {
+        match scope {
+            crate::ratelimit::Scope::Address => &self.rate_limited_address,
+            crate::ratelimit::Scope::Credential => &self.rate_limited_credential,
         }
         .fetch_add(1, Ordering::Relaxed);
     }
@@ -211,6 +223,22 @@ impl Metrics {
             "starling_connections_refused_total {}",
             get(&self.connections_refused)
         );
+        family(
+            &mut out,
+            "starling_rate_limited_total",
+            "counter",
+            "Requests refused with 429 rate_limited, by the limit they hit.",
+        );
+        for (scope, n) in [
+            ("address", &self.rate_limited_address),
+            ("credential", &self.rate_limited_credential),
+        ] {
+            let _ = writeln!(
+                out,
+                "starling_rate_limited_total{{scope=\"{scope}\"}} {}",
+                get(n)
+            );
+        }
         family(
             &mut out,
             "starling_rounds_total",

@@ -97,6 +97,13 @@ pub struct ServerSettings {
     pub tls_cert: Option<PathBuf>,
     /// PEM file of `tls_cert`'s private key (PKCS#8, PKCS#1 or SEC1).
     pub tls_key: Option<PathBuf>,
+    /// Requests a minute one client address may send of check-ins, enrollments, uploads and
+    /// evaluation reports, in a burst or spread out; more get 429 `rate_limited` with
+    /// `Retry-After`. 0 (the default): no limit, since behind carrier-grade NAT thousands of
+    /// phones share one address.
+    pub rate_limit_per_address: u32,
+    /// The same per device credential (enrolled tasks); 0: no limit.
+    pub rate_limit_per_credential: u32,
 }
 
 /// A secret setting: shown as `<redacted>` by `Debug`, so it never reaches a log.
@@ -141,6 +148,8 @@ impl Default for ServerSettings {
             client_address_header: None,
             tls_cert: None,
             tls_key: None,
+            rate_limit_per_address: 0,
+            rate_limit_per_credential: 120,
         }
     }
 }
@@ -202,6 +211,37 @@ pub struct TaskSettings {
     /// Differential privacy (DP-FedAvg) with a budget the server enforces
     /// (`[tasks.privacy]`; absent: none).
     pub privacy: Option<PrivacyPolicy>,
+    /// Who may check in: `"enrolled"` devices only (each presents `enrollment_secret` once
+    /// and gets a credential of its own), or `"open"`: anyone, under any number of ids (for
+    /// demos; the server warns). A settings file must say which ([`Settings::from_toml_file`]
+    /// refuses a task that does not); left out in code, a task is open.
+    pub admission: Option<Admission>,
+    /// The secret a device presents once to enroll in an `enrolled` task (at least 16
+    /// characters; never logged). Give it to devices out of band: a string, a QR code, or a
+    /// link to the device app with `#enroll=<secret>`.
+    pub enrollment_secret: Option<Secret>,
+}
+
+/// Who may check in to a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Admission {
+    /// Anyone who can reach the server, under any number of ids: for demos.
+    Open,
+    /// Devices with a credential: each enrolls once with the task's enrollment secret and
+    /// gets its own credential, which it presents with every request; one credential holds
+    /// at most one assignment per round, and operators can list and revoke credentials.
+    Enrolled,
+}
+
+impl Admission {
+    /// As written in settings and served.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Admission::Open => "open",
+            Admission::Enrolled => "enrolled",
+        }
+    }
 }
 
 /// Central differential privacy for a task: DP-FedAvg (McMahan et al. 2018, "Learning
@@ -460,6 +500,8 @@ impl Default for TaskSettings {
             buffered: None,
             evaluate_every: 0,
             privacy: None,
+            admission: None,
+            enrollment_secret: None,
         }
     }
 }
@@ -535,9 +577,27 @@ pub struct TaskDefinition {
     /// Seeds the privacy noise so that a run can be repeated (the simulator); `None`, as a
     /// server's settings always give, draws it from the operating system's entropy.
     pub privacy_noise_seed: Option<u64>,
+    /// Who may check in.
+    pub admission: Admission,
+    /// The enrollment secret of an enrolled task.
+    pub enrollment_secret: Option<Secret>,
 }
 
 impl TaskSettings {
+    /// Refuses a task that does not say who may check in, as a settings file or an admin
+    /// call must.
+    pub fn require_admission(&self) -> Result<(), String> {
+        if self.admission.is_none() {
+            return Err(format!(
+                "task `{}` does not say who may check in: add admission = \"enrolled\" with \
+                 an enrollment_secret (devices enroll once and each gets a credential), or \
+                 admission = \"open\" (anyone, under any number of ids: for demos)",
+                self.name
+            ));
+        }
+        Ok(())
+    }
+
     /// Resolves the model and plan, reading `spec_file` if set.
     pub fn resolve(&self) -> Result<TaskDefinition, SettingsError> {
         let invalid = |m: String| SettingsError::Invalid(format!("task `{}`: {m}", self.name));
@@ -669,6 +729,29 @@ impl TaskSettings {
                 ));
             }
         }
+        let admission = self.admission.unwrap_or(Admission::Open);
+        match (admission, &self.enrollment_secret) {
+            (Admission::Enrolled, None) => {
+                return Err(invalid(
+                    "admission = \"enrolled\" needs an enrollment_secret (at least 16 \
+                     characters) for devices to enroll with"
+                        .into(),
+                ))
+            }
+            (Admission::Enrolled, Some(secret)) if secret.0.chars().count() < 16 => {
+                return Err(invalid(
+                    "enrollment_secret must have at least 16 characters".into(),
+                ))
+            }
+            (Admission::Open, Some(_)) => {
+                return Err(invalid(
+                    "enrollment_secret is set but admission is \"open\": set admission = \
+                     \"enrolled\", or drop the secret"
+                        .into(),
+                ))
+            }
+            _ => {}
+        }
         Ok(TaskDefinition {
             name: self.name.clone(),
             spec,
@@ -686,6 +769,8 @@ impl TaskSettings {
             evaluate_every: self.evaluate_every,
             privacy: self.privacy.clone(),
             privacy_noise_seed: None,
+            admission,
+            enrollment_secret: self.enrollment_secret.clone(),
         })
     }
 }
@@ -724,6 +809,8 @@ impl Settings {
     }
 
     /// Parses a TOML file. A relative `spec_file` is taken relative to the file's folder.
+    /// Every task in a file must say who may check in (`admission`): a file is what an
+    /// operator deploys, and open admission should never be an accident.
     pub fn from_toml_file(path: &Path) -> Result<Self, SettingsError> {
         let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
             path: path.to_path_buf(),
@@ -733,6 +820,9 @@ impl Settings {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
+        for task in &settings.tasks {
+            task.require_admission().map_err(SettingsError::Invalid)?;
+        }
         let dir = path.parent().unwrap_or(Path::new(""));
         for task in &mut settings.tasks {
             if let Some(spec) = task.spec_file.as_mut().filter(|p| p.is_relative()) {
@@ -940,7 +1030,7 @@ mod tests {
         let cfg = dir.path().join("starling.toml");
         std::fs::write(
             &cfg,
-            "[[tasks]]\nname = 'custom'\nspec_file = 'model.json'\n",
+            "[[tasks]]\nname = 'custom'\nadmission = 'open'\nspec_file = 'model.json'\n",
         )
         .unwrap();
         let s = Settings::from_toml_file(&cfg).unwrap();

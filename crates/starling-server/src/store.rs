@@ -146,6 +146,23 @@ pub struct StoredVersion {
     pub privacy_state: Vec<u8>,
 }
 
+/// A device credential as stored: its SHA-256 digest, never the credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCredential {
+    /// The task it admits to.
+    pub task: String,
+    /// The device's id (server-chosen).
+    pub device: String,
+    /// SHA-256 of the credential.
+    pub digest: [u8; 32],
+    /// The label the device enrolled with.
+    pub label: Option<String>,
+    /// When it was issued, Unix milliseconds.
+    pub enrolled_at_ms: i64,
+    /// When an operator revoked it, if they did.
+    pub revoked_at_ms: Option<i64>,
+}
+
 /// The SQLite store.
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -193,16 +210,31 @@ CREATE TABLE IF NOT EXISTS rounds (
     privacy TEXT,
     PRIMARY KEY (task, round)
 );
+CREATE TABLE IF NOT EXISTS credentials (
+    task TEXT NOT NULL,
+    device TEXT NOT NULL,
+    digest BLOB NOT NULL UNIQUE,
+    label TEXT,
+    enrolled_at INTEGER NOT NULL,
+    revoked_at INTEGER,
+    PRIMARY KEY (task, device)
+);
+CREATE TABLE IF NOT EXISTS admin_tasks (
+    name TEXT PRIMARY KEY,
+    settings TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+);
 ";
 
 /// Columns added since the first schema: `(table, column, definition)`, added to databases
 /// created before them.
-const ADDED_COLUMNS: [(&str, &str, &str); 5] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 6] = [
     ("checkpoints", "strategy_state", "BLOB NOT NULL DEFAULT x''"),
     ("rounds", "reason", "TEXT"),
     ("rounds", "kind", "TEXT NOT NULL DEFAULT 'training'"),
     ("checkpoints", "privacy_state", "BLOB NOT NULL DEFAULT x''"),
     ("rounds", "privacy", "TEXT"),
+    ("tasks", "paused", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
@@ -496,6 +528,130 @@ impl Store {
                     .and_then(|j| serde_json::from_str(&j).ok()),
             })
             .collect())
+    }
+
+    /// Whether an operator paused the task (it hands out no assignments until resumed).
+    pub async fn paused(&self, task: &str) -> Result<bool, StoreError> {
+        let paused: Option<i64> = sqlx::query_scalar("SELECT paused FROM tasks WHERE name = ?")
+            .bind(task)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(paused.unwrap_or(0) != 0)
+    }
+
+    /// Records that the task is paused (or not), so that a restart keeps it so.
+    pub async fn set_paused(&self, task: &str, paused: bool) -> Result<(), StoreError> {
+        sqlx::query("UPDATE tasks SET paused = ? WHERE name = ?")
+            .bind(i64::from(paused))
+            .bind(task)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Stores a device credential's SHA-256 digest (never the credential itself).
+    pub async fn add_credential(&self, c: &StoredCredential) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO credentials (task, device, digest, label, enrolled_at, revoked_at) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&c.task)
+        .bind(&c.device)
+        .bind(&c.digest[..])
+        .bind(&c.label)
+        .bind(c.enrolled_at_ms)
+        .bind(c.revoked_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Marks a device's credential revoked; whether there was one to revoke.
+    pub async fn revoke_credential(
+        &self,
+        task: &str,
+        device: &str,
+        at_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE credentials SET revoked_at = COALESCE(revoked_at, ?) \
+             WHERE task = ? AND device = ?",
+        )
+        .bind(at_ms)
+        .bind(task)
+        .bind(device)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Every stored credential (digests), for the server's in-memory table.
+    pub async fn credentials(&self) -> Result<Vec<StoredCredential>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT task, device, digest, label, enrolled_at, revoked_at FROM credentials \
+             ORDER BY enrolled_at, device",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let digest: Vec<u8> = r.try_get("digest")?;
+                Ok(StoredCredential {
+                    task: r.try_get("task")?,
+                    device: r.try_get("device")?,
+                    digest: digest.try_into().unwrap_or([0; 32]),
+                    label: r.try_get("label")?,
+                    enrolled_at_ms: r.try_get("enrolled_at")?,
+                    revoked_at_ms: r.try_get("revoked_at")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Stores (or replaces) the settings of a task created through the admin API, as the TOML
+    /// the operator sent, so that a restart serves it again.
+    pub async fn put_admin_task(&self, name: &str, settings: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO admin_tasks (name, settings, updated_at) VALUES (?, ?, ?) \
+             ON CONFLICT(name) DO UPDATE SET settings = excluded.settings, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(name)
+        .bind(settings)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The tasks created through the admin API: `(name, settings TOML)`, oldest first.
+    pub async fn admin_tasks(&self) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(
+            sqlx::query_as("SELECT name, settings FROM admin_tasks ORDER BY updated_at, name")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Deletes a task and everything stored of it: versions, round history, credentials and
+    /// its admin settings, in one transaction.
+    pub async fn delete_task(&self, task: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for table in ["checkpoints", "rounds", "credentials"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE task = ?"))
+                .bind(task)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for table in ["tasks", "admin_tasks"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE name = ?"))
+                .bind(task)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Closes the pool, checkpointing the write-ahead log.

@@ -521,6 +521,9 @@ pub async fn run(
         privacy: privacy.clone(),
         // The simulation is a function of its seed, its noise included.
         privacy_noise_seed: Some(config.seed),
+        // The simulator's devices are in-process callers of the engine, not HTTP clients.
+        admission: starling_server::settings::Admission::Open,
+        enrollment_secret: None,
     };
     let store = Store::open_memory().await?;
     let clock = VirtualClock::new();

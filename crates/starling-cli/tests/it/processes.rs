@@ -15,6 +15,7 @@ use starling_core::{Parameters, Tensor};
 const LINEAR_TASK: &str = r#"
 [[tasks]]
 name = "linear"
+admission = "open"
 model = "linear"
 # Three devices, all on 127.0.0.1: a test-sized round, said explicitly.
 min_cohort = 3
@@ -139,6 +140,7 @@ fn model_bytes(url: &str, task: &str) -> (u64, Vec<u8>) {
 const TWO_PER_ROUND: &str = r#"
 [[tasks]]
 name = "linear"
+admission = "open"
 min_cohort = 2
 max_assignments_per_address = 100
 [tasks.rounds]
@@ -197,6 +199,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 const WIDE_TASK: &str = r#"
 [[tasks]]
 name = "wide"
+admission = "open"
 model = "linear"
 inputs = 16
 # Distinctive values far from anything else in memory, so larger than the default bound.
@@ -418,7 +421,7 @@ fn an_operator_rolls_back_with_starling_admin_and_the_token_is_never_logged() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(
         dir.path(),
-        "[[tasks]]\nname = \"linear\"\nmin_cohort = 1\n[tasks.rounds]\ngoal = 1\nmin = 1\n",
+        "[[tasks]]\nname = \"linear\"\nadmission = \"open\"\nmin_cohort = 1\n[tasks.rounds]\ngoal = 1\nmin = 1\n",
     );
     let mut cmd = starling();
     cmd.args(["serve", "--port", "0"])
@@ -462,6 +465,7 @@ fn an_operator_rolls_back_with_starling_admin_and_the_token_is_never_logged() {
 const BUFFERED_TASK: &str = r#"
 [[tasks]]
 name = "linear"
+admission = "open"
 model = "linear"
 # Buffers of three devices, all on 127.0.0.1: test-sized, said explicitly.
 min_cohort = 3

@@ -103,6 +103,7 @@ fn health(client: &reqwest::blocking::Client, url: &str) -> Result<(), String> {
 const ONE_DEVICE_TASK: &str = r#"
 [[tasks]]
 name = "linear"
+admission = "open"
 model = "linear"
 # One device per round: a test-sized round, said explicitly.
 min_cohort = 1

@@ -15,6 +15,11 @@ pub const TOKEN_HEADER: &str = "x-starling-token";
 /// The header that carries the admin token on the admin API (`/v1/admin/...`).
 pub const ADMIN_TOKEN_HEADER: &str = "x-starling-admin-token";
 
+/// The scheme of a device credential in the standard `Authorization` header: a device of an
+/// enrolled task sends `Authorization: Bearer <credential>` with every check-in, upload and
+/// evaluation report.
+pub const CREDENTIAL_SCHEME: &str = "Bearer";
+
 /// The header that carries the served model's version beside its `ETag`.
 pub const VERSION_HEADER: &str = "x-starling-version";
 
@@ -73,6 +78,24 @@ pub enum ErrorCode {
     Busy,
     /// An admin call without the right admin token (or with the admin API off).
     Unauthorized,
+    /// A request to an enrolled task without a device credential.
+    MissingCredential,
+    /// A device credential the server never issued for this task.
+    InvalidCredential,
+    /// A device credential an operator revoked.
+    RevokedCredential,
+    /// An enrollment with the wrong enrollment secret, or to a task that takes none.
+    EnrollmentRefused,
+    /// Too many requests from one client address or credential; come back after
+    /// `Retry-After`.
+    RateLimited,
+    /// An admin call's task settings are invalid (the message says which key).
+    InvalidSettings,
+    /// An uploaded model does not fit the task's model (names, shapes, dtypes, finiteness).
+    InvalidModel,
+    /// The admin call conflicts with the task's state (it exists already, or is defined in
+    /// the settings file).
+    Conflict,
     /// No stored model version with that number (never committed, or no longer kept).
     UnknownVersion,
     /// The task's engine is shutting down.
@@ -83,7 +106,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in the order of the documentation.
-    pub const ALL: [ErrorCode; 27] = [
+    pub const ALL: [ErrorCode; 35] = [
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::BadRequest,
@@ -98,6 +121,10 @@ impl ErrorCode {
         ErrorCode::NormTooLarge,
         ErrorCode::MissingToken,
         ErrorCode::Unauthorized,
+        ErrorCode::MissingCredential,
+        ErrorCode::InvalidCredential,
+        ErrorCode::RevokedCredential,
+        ErrorCode::EnrollmentRefused,
         ErrorCode::InvalidToken,
         ErrorCode::StaleVersion,
         ErrorCode::RoundClosed,
@@ -105,9 +132,13 @@ impl ErrorCode {
         ErrorCode::TaskStopped,
         ErrorCode::TooStale,
         ErrorCode::DuplicateUpdate,
+        ErrorCode::Conflict,
+        ErrorCode::InvalidSettings,
+        ErrorCode::InvalidModel,
         ErrorCode::PayloadTooLarge,
         ErrorCode::UriTooLong,
         ErrorCode::RequestTimeout,
+        ErrorCode::RateLimited,
         ErrorCode::Busy,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
@@ -140,6 +171,14 @@ impl ErrorCode {
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::Busy => "busy",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::MissingCredential => "missing_credential",
+            ErrorCode::InvalidCredential => "invalid_credential",
+            ErrorCode::RevokedCredential => "revoked_credential",
+            ErrorCode::EnrollmentRefused => "enrollment_refused",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::InvalidSettings => "invalid_settings",
+            ErrorCode::InvalidModel => "invalid_model",
+            ErrorCode::Conflict => "conflict",
             ErrorCode::UnknownVersion => "unknown_version",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
@@ -154,9 +193,17 @@ impl ErrorCode {
     /// The HTTP status the code is answered with.
     pub fn status(self) -> u16 {
         match self {
-            ErrorCode::BadRequest | ErrorCode::MalformedUpdate | ErrorCode::InvalidMetadata => 400,
-            ErrorCode::MissingToken | ErrorCode::Unauthorized => 401,
-            ErrorCode::InvalidToken => 403,
+            ErrorCode::BadRequest
+            | ErrorCode::MalformedUpdate
+            | ErrorCode::InvalidMetadata
+            | ErrorCode::InvalidSettings => 400,
+            ErrorCode::MissingToken
+            | ErrorCode::Unauthorized
+            | ErrorCode::MissingCredential
+            | ErrorCode::InvalidCredential => 401,
+            ErrorCode::InvalidToken
+            | ErrorCode::RevokedCredential
+            | ErrorCode::EnrollmentRefused => 403,
             ErrorCode::NotFound
             | ErrorCode::UnknownTask
             | ErrorCode::UnknownRound
@@ -168,13 +215,16 @@ impl ErrorCode {
             | ErrorCode::TooStale
             | ErrorCode::WrongRoundKind
             | ErrorCode::TaskStopped
-            | ErrorCode::DuplicateUpdate => 409,
+            | ErrorCode::DuplicateUpdate
+            | ErrorCode::Conflict => 409,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::UriTooLong => 414,
             ErrorCode::WrongTensors
             | ErrorCode::InvalidExamples
             | ErrorCode::NotFinite
-            | ErrorCode::NormTooLarge => 422,
+            | ErrorCode::NormTooLarge
+            | ErrorCode::InvalidModel => 422,
+            ErrorCode::RateLimited => 429,
             ErrorCode::Internal => 500,
             ErrorCode::Busy | ErrorCode::Unavailable => 503,
         }
@@ -186,6 +236,7 @@ impl ErrorCode {
         matches!(
             self,
             ErrorCode::Busy
+                | ErrorCode::RateLimited
                 | ErrorCode::Unavailable
                 | ErrorCode::Internal
                 | ErrorCode::RequestTimeout
@@ -257,6 +308,35 @@ impl ErrorCode {
             ErrorCode::Unauthorized => {
                 "an admin call without the right `X-Starling-Admin-Token`, or the admin API is \
                  off (no `server.admin_token`)"
+            }
+            ErrorCode::MissingCredential => {
+                "a request to an enrolled task without `Authorization: Bearer <credential>`; \
+                 enroll first (`POST /v1/tasks/{task}/enroll`)"
+            }
+            ErrorCode::InvalidCredential => {
+                "the device credential was never issued for this task (forged, mistyped, or \
+                 another task's)"
+            }
+            ErrorCode::RevokedCredential => "an operator revoked this device credential",
+            ErrorCode::EnrollmentRefused => {
+                "the enrollment secret is wrong, or the task's admission is `open` (no \
+                 enrollment needed)"
+            }
+            ErrorCode::RateLimited => {
+                "too many requests from this client address or credential; come back after \
+                 `Retry-After` seconds"
+            }
+            ErrorCode::InvalidSettings => {
+                "an admin call's task settings are not valid TOML for a task, or break a rule \
+                 (the message names the key)"
+            }
+            ErrorCode::InvalidModel => {
+                "an uploaded model is not a safetensors file of the task's tensors (names, \
+                 shapes, F32), or holds NaN or an infinity"
+            }
+            ErrorCode::Conflict => {
+                "the admin call conflicts with the task: it exists already, or is defined in \
+                 the settings file (change it there)"
             }
             ErrorCode::UnknownVersion => {
                 "no stored model version with that number (never committed, or no longer kept)"
@@ -452,6 +532,49 @@ pub struct RollbackAnswer {
     pub restored: u64,
     /// The new version, which holds them.
     pub version: u64,
+}
+
+/// The body of `POST /v1/tasks/{task}/enroll`: the enrollment secret the operator gave the
+/// device (a string, a QR code, a link), presented once for a device credential.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// The task's enrollment secret.
+    pub secret: String,
+    /// A label for operators (`"pixel-7 in the lab"`), at most [`MAX_DEVICE_ID`] characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+impl std::fmt::Debug for EnrollRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollRequest")
+            .field("secret", &"<redacted>")
+            .field("label", &self.label)
+            .finish()
+    }
+}
+
+/// The answer to an enrollment (HTTP 201): the device's id and its credential, shown this
+/// once (the server keeps only its SHA-256 digest).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnrollAnswer {
+    /// The task.
+    pub task: String,
+    /// The device's id, chosen by the server; operators list and revoke devices by it.
+    pub device: String,
+    /// The credential: send it as `Authorization: Bearer <credential>`.
+    pub credential: String,
+}
+
+impl std::fmt::Debug for EnrollAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollAnswer")
+            .field("task", &self.task)
+            .field("device", &self.device)
+            .field("credential", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Parses a decimal number as the protocol writes it: ASCII digits only, no sign, no leading

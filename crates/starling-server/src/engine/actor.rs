@@ -71,6 +71,8 @@ struct Actor {
     stopped: Option<String>,
     /// The clip bound the handle's checks read (moved by adaptive clipping).
     clip: Arc<std::sync::atomic::AtomicU64>,
+    /// An operator paused the task: check-ins are told to come back later.
+    paused: bool,
 }
 
 /// The served form of a checkpoint: safetensors with the task, version and spec as metadata.
@@ -125,6 +127,7 @@ pub async fn spawn(
         None => None,
     };
     let stopped = privacy.as_ref().and_then(Privacy::exhausted);
+    let paused = store.paused(&def.name).await?;
     let clip = Arc::new(std::sync::atomic::AtomicU64::new(
         privacy.as_ref().map_or(0.0, Privacy::clip).to_bits(),
     ));
@@ -162,6 +165,7 @@ pub async fn spawn(
         last_round: None,
         stopped: stopped.clone(),
         epsilon_spent: privacy.as_ref().map(Privacy::spent),
+        paused,
     });
     let (tx, rx) = mpsc::channel(1024);
     // Differential privacy fixes every update's weight: the sensitivity must not depend on a
@@ -184,6 +188,8 @@ pub async fn spawn(
             policy: def.rounds.clone(),
             buffered: def.buffered.clone(),
             privacy: def.privacy.clone(),
+            admission: def.admission,
+            enrollment_secret: def.enrollment_secret.clone(),
             clip: clip.clone(),
             rules: starling_core::wire::update::Rules {
                 layout: layout.clone(),
@@ -211,6 +217,7 @@ pub async fn spawn(
         privacy,
         stopped,
         clip,
+        paused,
     };
     tokio::spawn(actor.run(mode, rx));
     Ok(handle)
@@ -245,6 +252,7 @@ fn open_round(
 
 impl Actor {
     async fn run(mut self, mut mode: Mode, mut rx: mpsc::Receiver<Command>) {
+        let mut stop = None;
         loop {
             let deadline = match &mode {
                 Mode::Rounds(Phase::Open(r)) => Some(self.clock.sleep_until(r.deadline())),
@@ -252,6 +260,10 @@ impl Actor {
             };
             let deadline_passed = tokio::select! {
                 cmd = rx.recv() => match cmd {
+                    Some(Command::Stop { reply }) => {
+                        stop = Some(reply);
+                        break;
+                    }
                     Some(cmd) => {
                         mode = self.handle(mode, cmd).await;
                         false
@@ -280,7 +292,12 @@ impl Actor {
                 changed
             });
         }
+        // Requests still queued are answered `unavailable` as their replies drop with `rx`.
+        drop(rx);
         tracing::debug!(task = %self.def.name, "engine stopped");
+        if let Some(reply) = stop {
+            let _ = reply.send(());
+        }
     }
 
     /// Moves a synchronous round on: past its deadline, to draining at its goal, and closed
@@ -413,9 +430,34 @@ impl Actor {
     }
 
     async fn handle(&mut self, mode: Mode, cmd: Command) -> Mode {
-        match mode {
-            Mode::Rounds(phase) => self.handle_rounds(phase, cmd).await,
-            Mode::Buffered(b) => self.handle_buffered(b, cmd).await,
+        match cmd {
+            Command::Pause { paused, reply } => {
+                let result = self.store.set_paused(&self.def.name, paused).await;
+                if result.is_ok() && self.paused != paused {
+                    self.paused = paused;
+                    tracing::warn!(task = %self.def.name, paused, "operator paused or resumed the task");
+                    self.status.send_modify(|s| s.paused = paused);
+                }
+                let _ = reply.send(result.map_err(EngineError::from));
+                mode
+            }
+            Command::CheckIn { callers, reply } if self.paused => {
+                let answers = self.answer(callers, |a, _| CheckIn::Retry {
+                    after: a.retry_after(),
+                    reason: "the task is paused by its operator",
+                });
+                let _ = reply.send(Ok(answers));
+                mode
+            }
+            Command::Install { params, reply } => {
+                let (result, next) = self.install(mode, params).await;
+                let _ = reply.send(result);
+                next
+            }
+            cmd => match mode {
+                Mode::Rounds(phase) => self.handle_rounds(phase, cmd).await,
+                Mode::Buffered(b) => self.handle_buffered(b, cmd).await,
+            },
         }
     }
 
@@ -432,10 +474,14 @@ impl Actor {
             Command::Admit {
                 round,
                 token,
+                device,
                 reply,
             } => {
-                let _ =
-                    reply.send(Self::same_round(&phase, round).and_then(|()| phase.admit(&token)));
+                let _ = reply.send(
+                    Self::same_round(&phase, round)
+                        .and_then(|()| phase.check_owner(&token, device.as_deref()))
+                        .and_then(|()| phase.admit(&token)),
+                );
             }
             Command::Reserve {
                 round,
@@ -468,14 +514,18 @@ impl Actor {
                 }
             }
             Command::Folded { .. } | Command::Released { .. } => {}
+            // Handled for every mode in `handle` and `run`.
+            Command::Pause { .. } | Command::Install { .. } | Command::Stop { .. } => {}
             Command::Evaluate {
                 round,
                 token,
+                device,
                 report,
                 reply,
             } => {
                 let weight = self.report_weight(report.examples);
                 let result = Self::same_round(&phase, round)
+                    .and_then(|()| phase.check_owner(&token, device.as_deref()))
                     .and_then(|()| phase.evaluate(&token, &report, weight))
                     .map(|n| Receipt {
                         round,
@@ -502,10 +552,14 @@ impl Actor {
             Command::Admit {
                 round,
                 token,
+                device,
                 reply,
             } => {
-                let _ = reply
-                    .send(Self::known_buffer(&b, round).and_then(|()| b.admit(round, &token, now)));
+                let _ = reply.send(
+                    Self::known_buffer(&b, round)
+                        .and_then(|()| b.check_owner(&token, device.as_deref()))
+                        .and_then(|()| b.admit(round, &token, now)),
+                );
             }
             Command::Reserve {
                 round,
@@ -545,6 +599,8 @@ impl Actor {
                 let _ = reply.send(result);
                 return next;
             }
+            // Handled for every mode in `handle` and `run`.
+            Command::Pause { .. } | Command::Install { .. } | Command::Stop { .. } => {}
         }
         Mode::Buffered(b)
     }
@@ -566,15 +622,63 @@ impl Actor {
             tracing::error!(task = %self.def.name, error = %e, "cannot restore the strategy state");
             return (Err(EngineError::UnknownVersion(version)), mode);
         }
+        tracing::warn!(task = %self.def.name, from = self.model.version, to = version, "rolling back");
+        self.replace_model(
+            mode,
+            target.params,
+            target.strategy_state,
+            AbandonReason::RolledBack,
+        )
+        .await
+    }
+
+    /// An operator's own model: checked to be finite, installed as the next version with the
+    /// strategy started afresh (momentum built on the old model means nothing for it).
+    async fn install(
+        &mut self,
+        mode: Mode,
+        params: Parameters,
+    ) -> (Result<u64, EngineError>, Mode) {
+        if let Some((name, _)) = params
+            .iter()
+            .find(|(_, t)| t.data().iter().any(|v| !v.is_finite()))
+        {
+            return (
+                Err(EngineError::InvalidModel(format!(
+                    "tensor `{name}` holds NaN or an infinity"
+                ))),
+                mode,
+            );
+        }
+        let fresh = self.def.strategy.build(&self.layout);
+        let state = fresh.state();
+        let (result, next) = self
+            .replace_model(mode, params, state, AbandonReason::ModelReplaced)
+            .await;
+        if result.is_ok() {
+            self.strategy = fresh;
+            tracing::warn!(task = %self.def.name, version = ?result.as_ref().ok(), "operator installed a model");
+        }
+        (result, next)
+    }
+
+    /// Ends the open round (its updates were built on the version being replaced) and
+    /// commits `params` with `strategy_state` as the next version.
+    async fn replace_model(
+        &mut self,
+        mode: Mode,
+        params: Parameters,
+        strategy_state: Vec<u8>,
+        reason: AbandonReason,
+    ) -> (Result<u64, EngineError>, Mode) {
         let new_version = self.model.version + 1;
-        let mut record = self.abandoned(mode.summary(), AbandonReason::RolledBack);
+        let mut record = self.abandoned(mode.summary(), reason);
         record.version = Some(new_version);
         let stored = StoredVersion {
             version: new_version,
-            params: target.params,
-            strategy_state: target.strategy_state,
-            // Privacy spent stays spent: the new version carries today's ledger, not the
-            // target's.
+            params,
+            strategy_state,
+            // Privacy spent stays spent: the new version carries today's ledger.
             privacy_state: self
                 .privacy
                 .as_ref()
@@ -586,13 +690,9 @@ impl Actor {
             .record_round(&self.def.name, &record, Some(&stored), &self.def.retention)
             .await
         {
-            tracing::error!(task = %self.def.name, error = %e, "could not store the rollback");
+            tracing::error!(task = %self.def.name, error = %e, "could not store the new version");
             return (Err(e.into()), mode);
         }
-        tracing::warn!(
-            task = %self.def.name, from = self.model.version, to = version, new_version,
-            "rolled back"
-        );
         self.model = model_state(&self.def, new_version, stored.params);
         self.metrics.count_round(false);
         let next = match mode {

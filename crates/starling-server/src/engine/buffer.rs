@@ -238,6 +238,17 @@ impl Buffered {
         }
     }
 
+    /// With `device` (a credential's device), whether the assignment `token` names was handed
+    /// to that device. An unknown token passes here and is refused by the token check.
+    pub fn check_owner(&self, token: &str, device: Option<&str>) -> Result<(), EngineError> {
+        match (device, self.assignments.get(token)) {
+            (Some(d), Some(o)) if o.device.as_deref() != Some(d) => {
+                Err(EngineError::NotYourAssignment)
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Whether an upload to `round` with `token` may send its body.
     pub fn admit(&mut self, round: u64, token: &str, now: Duration) -> Result<(), EngineError> {
         self.check_token(round, token, now)

@@ -31,7 +31,9 @@ use starling_core::{ModelSpec, Parameters, Plan};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::Metrics;
-use crate::settings::{BufferedPolicy, PrivacyPolicy, RoundPolicy, TaskDefinition};
+use crate::settings::{
+    Admission, BufferedPolicy, PrivacyPolicy, RoundPolicy, Secret, TaskDefinition,
+};
 use crate::store::{Store, StoreError};
 
 pub use actor::spawn;
@@ -95,6 +97,12 @@ pub enum EngineError {
     /// The assignment already delivered its update.
     #[error("this assignment already delivered its update")]
     Duplicate,
+    /// The upload token belongs to an assignment of another device (credential).
+    #[error("the upload token belongs to another device's assignment")]
+    NotYourAssignment,
+    /// An uploaded model does not fit the task.
+    #[error("{0}")]
+    InvalidModel(String),
     /// The token in the upload's header differs from the one in its metadata.
     #[error("the upload's header token differs from the token in its metadata")]
     TokenMismatch,
@@ -132,7 +140,9 @@ impl EngineError {
             EngineError::StaleVersion { .. } => ErrorCode::StaleVersion,
             EngineError::UnknownToken(_)
             | EngineError::AssignmentExpired
-            | EngineError::TokenMismatch => ErrorCode::InvalidToken,
+            | EngineError::TokenMismatch
+            | EngineError::NotYourAssignment => ErrorCode::InvalidToken,
+            EngineError::InvalidModel(_) => ErrorCode::InvalidModel,
             EngineError::TooStale { .. } => ErrorCode::TooStale,
             EngineError::WrongRoundKind { .. } => ErrorCode::WrongRoundKind,
             EngineError::TaskStopped(_) => ErrorCode::TaskStopped,
@@ -265,6 +275,8 @@ pub struct TaskStatus {
     pub stopped: Option<String>,
     /// ε spent so far, for a task with `[tasks.privacy]`.
     pub epsilon_spent: Option<f64>,
+    /// An operator paused the task: check-ins are told to come back later.
+    pub paused: bool,
 }
 
 /// Requests to a task's actor. Each carries a batch, so that a simulation's thousand devices
@@ -277,6 +289,7 @@ pub(crate) enum Command {
     Admit {
         round: u64,
         token: String,
+        device: Option<String>,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
     Reserve {
@@ -300,8 +313,20 @@ pub(crate) enum Command {
     Evaluate {
         round: u64,
         token: String,
+        device: Option<String>,
         report: EvaluationReport,
         reply: oneshot::Sender<Result<Receipt, EngineError>>,
+    },
+    Pause {
+        paused: bool,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
+    Install {
+        params: Parameters,
+        reply: oneshot::Sender<Result<u64, EngineError>>,
+    },
+    Stop {
+        reply: oneshot::Sender<()>,
     },
 }
 
@@ -319,6 +344,8 @@ struct HandleInner {
     policy: RoundPolicy,
     buffered: Option<BufferedPolicy>,
     privacy: Option<PrivacyPolicy>,
+    admission: Admission,
+    enrollment_secret: Option<Secret>,
     rules: Rules,
     /// The current clip bound's bits (f64), for a task with `[tasks.privacy]`: adaptive
     /// clipping moves it between rounds, and every check reads the round's.
@@ -353,6 +380,19 @@ impl TaskHandle {
     /// The buffered-mode settings, if the task trains asynchronously.
     pub fn buffered(&self) -> Option<&BufferedPolicy> {
         self.inner.buffered.as_ref()
+    }
+
+    /// Who may check in.
+    pub fn admission(&self) -> Admission {
+        self.inner.admission
+    }
+
+    /// Whether `given` is the enrollment secret of this (enrolled) task.
+    pub fn enrollment_secret_matches(&self, given: &str) -> bool {
+        self.inner
+            .enrollment_secret
+            .as_ref()
+            .is_some_and(|s| crate::credentials::secret_matches(given, s.expose()))
     }
 
     /// The differential-privacy settings, if the task has them.
@@ -390,13 +430,21 @@ impl TaskHandle {
     }
 
     /// Whether an upload to `round` with `token` may send its body: the round is the open
-    /// one and the token is an assignment of it that has not delivered. A cheap check, so
-    /// that nobody without an assignment makes the server read (and buffer) a body.
-    pub async fn admit_upload(&self, round: u64, token: &str) -> Result<(), EngineError> {
+    /// one and the token is an assignment of it that has not delivered — and, with `device`
+    /// (an enrolled task's authenticated device), an assignment handed to that device. A
+    /// cheap check, so that nobody without an assignment makes the server read (and buffer)
+    /// a body.
+    pub async fn admit_upload(
+        &self,
+        round: u64,
+        token: &str,
+        device: Option<&str>,
+    ) -> Result<(), EngineError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Admit {
             round,
             token: token.to_string(),
+            device: device.map(str::to_string),
             reply,
         })
         .await?;
@@ -405,11 +453,13 @@ impl TaskHandle {
 
     /// A device's evaluation report for an evaluation round: checked, then added to the
     /// round's example-weighted means (weighted as updates are: the capped example count, or
-    /// 1 with uniform weighting). Only the means are kept.
+    /// 1 with uniform weighting). Only the means are kept. With `device`, the token must be
+    /// an assignment handed to that device.
     pub async fn evaluate(
         &self,
         round: u64,
         token: &str,
+        device: Option<&str>,
         report: EvaluationReport,
     ) -> Result<Receipt, EngineError> {
         report.check()?;
@@ -417,6 +467,7 @@ impl TaskHandle {
         self.send(Command::Evaluate {
             round,
             token: token.to_string(),
+            device: device.map(str::to_string),
             report,
             reply,
         })
@@ -431,6 +482,33 @@ impl TaskHandle {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Rollback { version, reply }).await?;
         rx.await.map_err(|_| EngineError::Unavailable)?
+    }
+
+    /// Pauses the task (check-ins are told to come back later; the open round still takes
+    /// the updates of devices already assigned) or resumes it. Kept across restarts.
+    pub async fn set_paused(&self, paused: bool) -> Result<(), EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Pause { paused, reply }).await?;
+        rx.await.map_err(|_| EngineError::Unavailable)?
+    }
+
+    /// Installs `params` (an operator's model) as the task's next version: the open round is
+    /// abandoned, the strategy starts afresh, and devices train the new version from the next
+    /// round on. Returns the new version's number.
+    pub async fn install(&self, params: Parameters) -> Result<u64, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Install { params, reply }).await?;
+        rx.await.map_err(|_| EngineError::Unavailable)?
+    }
+
+    /// Stops the task's engine and waits until it has: the open round ends unrecorded (its
+    /// number is never reused), and every later request answers `unavailable`. For replacing
+    /// or deleting a task at run time.
+    pub async fn stop(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.send(Command::Stop { reply }).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 
     async fn send(&self, cmd: Command) -> Result<(), EngineError> {

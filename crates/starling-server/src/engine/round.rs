@@ -57,6 +57,8 @@ pub enum AbandonReason {
     StorageFailed,
     /// An operator rolled the task back while the round was open.
     RolledBack,
+    /// An operator installed a model of their own while the round was open.
+    ModelReplaced,
     /// Releasing the round would have taken the task past its privacy budget.
     PrivacyBudget,
 }
@@ -71,6 +73,7 @@ impl AbandonReason {
             AbandonReason::StrategyFailed => "strategy_failed",
             AbandonReason::StorageFailed => "storage_failed",
             AbandonReason::RolledBack => "rolled_back",
+            AbandonReason::ModelReplaced => "model_replaced",
             AbandonReason::PrivacyBudget => "privacy_budget",
         }
     }
@@ -84,6 +87,7 @@ impl AbandonReason {
             AbandonReason::StrategyFailed,
             AbandonReason::StorageFailed,
             AbandonReason::RolledBack,
+            AbandonReason::ModelReplaced,
             AbandonReason::PrivacyBudget,
         ]
         .into_iter()
@@ -113,6 +117,8 @@ struct RoundState {
     deadline_ms: i64,
     assignments: HashMap<String, AssignmentState>,
     devices: HashSet<String>,
+    /// The device each token was handed to, for assignments to a named device.
+    owners: HashMap<String, String>,
     per_address: HashMap<IpAddr, u32>,
     in_flight: u64,
     folded: u64,
@@ -182,6 +188,19 @@ impl RoundState {
                 Err(EngineError::Duplicate)
             }
             Some(s) => Ok(*s),
+        }
+    }
+
+    /// With `device` (a credential's device), whether the assignment `token` names was
+    /// handed to that device. An unknown token passes here and is refused by the token check.
+    fn check_owner(&self, token: &str, device: Option<&str>) -> Result<(), EngineError> {
+        let Some(device) = device else {
+            return Ok(());
+        };
+        match self.owners.get(token) {
+            Some(owner) if owner == device => Ok(()),
+            None if !self.assignments.contains_key(token) => Ok(()),
+            _ => Err(EngineError::NotYourAssignment),
         }
     }
 
@@ -327,6 +346,7 @@ impl OpenRound {
             deadline_ms: now_ms + period.as_millis() as i64,
             assignments: HashMap::new(),
             devices: HashSet::new(),
+            owners: HashMap::new(),
             per_address: HashMap::new(),
             in_flight: 0,
             folded: 0,
@@ -366,6 +386,7 @@ impl OpenRound {
             .insert(token.to_string(), AssignmentState::Assigned);
         if let Some(d) = device {
             s.devices.insert(d.to_string());
+            s.owners.insert(token.to_string(), d.to_string());
         }
         Ok(())
     }
@@ -537,6 +558,11 @@ impl Phase {
     /// The round as published.
     pub fn info(&self) -> RoundInfo {
         self.state().info()
+    }
+
+    /// With `device`, whether `token`'s assignment was handed to that device.
+    pub fn check_owner(&self, token: &str, device: Option<&str>) -> Result<(), EngineError> {
+        self.state().check_owner(token, device)
     }
 
     /// Whether an upload may send its body now.

@@ -168,7 +168,7 @@ async fn outstanding_assignments_never_exceed_the_concurrency_and_lapse_on_the_c
     clock.advance(Duration::from_secs(60));
     let later = assign(&task, &["n0", "n1", "n2", "n3"]).await;
     assert_eq!(later.len(), 4);
-    let e = task.admit_upload(1, &first.token).await.unwrap_err();
+    let e = task.admit_upload(1, &first.token, None).await.unwrap_err();
     assert_eq!(e.code(), ErrorCode::InvalidToken);
     // The replaced device checking in again gets a fresh token, not a second place.
     let again = assign(&task, &["n0"]).await;

@@ -92,11 +92,11 @@ async fn an_evaluation_round_records_weighted_means_and_leaves_the_model() {
     assert_eq!(task.status().round.kind, RoundKind::Evaluation);
     // The two reports make the goal: loss (10 * 0.5 + 30 * 0.25) / 40, accuracy likewise.
     let r = task
-        .evaluate(2, &a[0].token, report(1, 10, 0.5, Some(0.6)))
+        .evaluate(2, &a[0].token, None, report(1, 10, 0.5, Some(0.6)))
         .await
         .unwrap();
     assert_eq!((r.round, r.updates_in_round), (2, 1));
-    task.evaluate(2, &a[1].token, report(1, 30, 0.25, Some(0.8)))
+    task.evaluate(2, &a[1].token, None, report(1, 30, 0.25, Some(0.8)))
         .await
         .unwrap();
     let record = wait_closed(&task, 2).await;
@@ -113,7 +113,7 @@ async fn an_evaluation_round_records_weighted_means_and_leaves_the_model() {
     assert_eq!(after.round.kind, RoundKind::Training);
     // The third device came too late.
     let e = task
-        .evaluate(2, &a[2].token, report(1, 5, 0.1, None))
+        .evaluate(2, &a[2].token, None, report(1, 5, 0.1, None))
         .await
         .unwrap_err();
     assert_eq!(e.code(), ErrorCode::RoundClosed);
@@ -125,7 +125,7 @@ async fn bad_reports_and_wrong_kinds_are_refused_and_change_nothing() {
     // A report to a training round; an update to an evaluation round.
     let t = assign(&task, 2).await;
     let e = task
-        .evaluate(1, &t[0].token, report(0, 5, 0.5, None))
+        .evaluate(1, &t[0].token, None, report(0, 5, 0.5, None))
         .await
         .unwrap_err();
     assert!(matches!(
@@ -147,7 +147,10 @@ async fn bad_reports_and_wrong_kinds_are_refused_and_change_nothing() {
     assert_eq!(e.code(), ErrorCode::WrongRoundKind);
     assert_eq!(e.to_string(), "round 2 is an evaluation round");
     assert_eq!(
-        task.admit_upload(2, &a[0].token).await.unwrap_err().code(),
+        task.admit_upload(2, &a[0].token, None)
+            .await
+            .unwrap_err()
+            .code(),
         ErrorCode::WrongRoundKind,
         "refused before an update's body is read"
     );
@@ -170,23 +173,23 @@ async fn bad_reports_and_wrong_kinds_are_refused_and_change_nothing() {
     ];
     for (bad, code) in cases {
         let e = task
-            .evaluate(2, &a[0].token, bad.clone())
+            .evaluate(2, &a[0].token, None, bad.clone())
             .await
             .unwrap_err();
         assert_eq!(e.code(), code, "{bad:?}: {e}");
         assert_eq!(task.status().round.updates, 0, "{bad:?} changed the round");
     }
     let e = task
-        .evaluate(2, "forged", report(1, 5, 0.5, None))
+        .evaluate(2, "forged", None, report(1, 5, 0.5, None))
         .await
         .unwrap_err();
     assert_eq!(e.code(), ErrorCode::InvalidToken);
     // The assignment is still good after all that, once.
-    task.evaluate(2, &a[0].token, report(1, 5, 0.5, None))
+    task.evaluate(2, &a[0].token, None, report(1, 5, 0.5, None))
         .await
         .unwrap();
     let e = task
-        .evaluate(2, &a[0].token, report(1, 5, 0.5, None))
+        .evaluate(2, &a[0].token, None, report(1, 5, 0.5, None))
         .await
         .unwrap_err();
     assert_eq!(e.code(), ErrorCode::DuplicateUpdate);
@@ -203,7 +206,7 @@ async fn an_evaluation_round_of_too_few_devices_publishes_nothing() {
     }
     wait_closed(&task, 1).await;
     let a = assign(&task, 3).await;
-    task.evaluate(2, &a[0].token, report(1, 7, 0.125, Some(0.5)))
+    task.evaluate(2, &a[0].token, None, report(1, 7, 0.125, Some(0.5)))
         .await
         .unwrap();
     clock.advance(Duration::from_secs(61));

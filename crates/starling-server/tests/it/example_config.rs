@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use starling_server::settings::{RoundPolicy, TaskSettings};
+use starling_server::settings::{Admission, RoundPolicy, TaskSettings};
 use starling_server::Settings;
 
 fn example_path() -> PathBuf {
@@ -40,6 +40,9 @@ fn example_config_documents_the_defaults() {
     // model (compared resolved below).
     let mut task = s.tasks[0].clone();
     task.plan = None;
+    // A file must state the admission that a task built in code leaves to its default.
+    assert_eq!(task.admission, Some(Admission::Open));
+    task.admission = None;
     assert_eq!(task, TaskSettings::default());
     assert_eq!(s.tasks[0].rounds, RoundPolicy::default());
 

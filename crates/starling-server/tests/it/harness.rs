@@ -47,7 +47,7 @@ pub(crate) fn small_task(rounds: RoundPolicy) -> TaskSettings {
 pub(crate) struct Harness {
     pub(crate) server: Running,
     pub(crate) http: reqwest::Client,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 /// Starts a server with the one task `task` and its data in a new temporary directory, with
@@ -62,7 +62,7 @@ pub(crate) async fn start(task: TaskSettings, adjust: impl FnOnce(&mut ServerSet
     Harness {
         server: starling_server::spawn(settings, listener).await.unwrap(),
         http: reqwest::Client::new(),
-        _dir: dir,
+        _dir: Some(dir),
     }
 }
 
@@ -107,6 +107,15 @@ impl Assigned {
 }
 
 impl Harness {
+    /// A harness around a server the test started itself (on a data directory it keeps).
+    pub(crate) fn from_running(server: Running) -> Self {
+        Self {
+            server,
+            http: reqwest::Client::new(),
+            _dir: None,
+        }
+    }
+
     pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.server.url())
     }
