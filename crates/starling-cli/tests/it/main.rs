@@ -1,5 +1,6 @@
 //! The `starling` binary's integration tests, one binary: the real binary as separate processes (`common` starts and reads them).
 
+mod admin;
 mod common;
 mod data;
 mod demo;

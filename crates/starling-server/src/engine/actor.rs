@@ -622,14 +622,19 @@ impl Actor {
             tracing::error!(task = %self.def.name, error = %e, "cannot restore the strategy state");
             return (Err(EngineError::UnknownVersion(version)), mode);
         }
-        tracing::warn!(task = %self.def.name, from = self.model.version, to = version, "rolling back");
-        self.replace_model(
-            mode,
-            target.params,
-            target.strategy_state,
-            AbandonReason::RolledBack,
-        )
-        .await
+        let from = self.model.version;
+        let (result, next) = self
+            .replace_model(
+                mode,
+                target.params,
+                target.strategy_state,
+                AbandonReason::RolledBack,
+            )
+            .await;
+        if let Ok(new_version) = result {
+            tracing::warn!(task = %self.def.name, from, to = version, new_version, "rolled back");
+        }
+        (result, next)
     }
 
     /// An operator's own model: checked to be finite, installed as the next version with the
