@@ -37,6 +37,72 @@ function deviceId() {
   return id;
 }
 
+// ---- enrollment -------------------------------------------------------------------------
+
+// An enrolled task admits devices with a credential only. The operator hands out a link to
+// this page ending in `#enroll=<secret>` (the fragment never reaches any server's logs);
+// the page presents the secret once, keeps the credential it gets in this browser's storage,
+// and forgets the secret.
+const credentialKey = (task) => `starling-credential:${task}`;
+
+function credential(task) {
+  try {
+    return localStorage.getItem(credentialKey(task));
+  } catch (_) {
+    return null;
+  }
+}
+
+// The Authorization header of `task`'s requests, when this browser holds a credential.
+function authHeaders(task) {
+  const c = credential(task);
+  return c ? { authorization: `Bearer ${c}` } : {};
+}
+
+function enrollmentSecret() {
+  const hash = new URLSearchParams(location.hash.replace(/^#/, ""));
+  return hash.get("enroll");
+}
+
+// Enrolls in the current task when the page was opened with an enrollment link and holds no
+// credential for the task yet; removes the secret from the address bar either way.
+async function enrollFromLink() {
+  const secret = enrollmentSecret();
+  if (!secret) return;
+  history.replaceState(null, "", location.pathname + location.search);
+  if (credential(state.task)) {
+    $("enrollment").textContent = `This browser is already enrolled in ${state.task}.`;
+    return;
+  }
+  const answer = await (
+    await api(`/v1/tasks/${encodeURIComponent(state.task)}/enroll`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ secret, label: "browser" }),
+    })
+  ).json();
+  try {
+    localStorage.setItem(credentialKey(state.task), answer.credential);
+  } catch (_) {
+    throw new Error("this browser does not let the page keep its credential (storage is off)");
+  }
+  document.body.dataset.enrolled = answer.device;
+  showEnrollment();
+}
+
+function showEnrollment() {
+  const el = $("enrollment");
+  if (!state.info || state.info.admission !== "enrolled") {
+    el.hidden = true;
+    return;
+  }
+  el.hidden = false;
+  el.textContent = credential(state.task)
+    ? `This browser is enrolled in ${state.task}: it contributes with its own credential.`
+    : `${state.task} takes enrolled devices only: open the enrollment link its operator ` +
+      "gave you.";
+}
+
 // ---- talking to the server ------------------------------------------------------------
 
 class Unreachable extends Error {}
@@ -210,6 +276,7 @@ async function selectTask(name) {
   await loadModel();
   buildPointForm();
   checkData();
+  showEnrollment();
 }
 
 async function refreshInfo() {
@@ -523,7 +590,7 @@ async function contribute() {
       answer = await (
         await api(`/v1/tasks/${task}/checkin`, {
           method: "POST",
-          headers: { "content-type": "application/json" },
+          headers: { "content-type": "application/json", ...authHeaders(state.task) },
           body: JSON.stringify({ device: deviceId() }),
         })
       ).json();
@@ -579,6 +646,7 @@ async function contribute() {
         headers: {
           "content-type": "application/octet-stream",
           "X-Starling-Token": answer.token,
+          ...authHeaders(state.task),
         },
         body: result.update,
       })
@@ -619,7 +687,11 @@ async function reportEvaluation(answer) {
   const receipt = await (
     await api(answer.upload_url, {
       method: "POST",
-      headers: { "content-type": "application/json", "X-Starling-Token": answer.token },
+      headers: {
+        "content-type": "application/json",
+        "X-Starling-Token": answer.token,
+        ...authHeaders(state.task),
+      },
       body: JSON.stringify(report),
     })
   ).json();
@@ -658,6 +730,25 @@ function explain(e) {
         return "The assignment expired before the update arrived. Press Contribute again.";
       case "duplicate_update":
         return "This update was already counted.";
+      case "missing_credential":
+        return (
+          `${state.task} takes enrolled devices only: open the enrollment link its operator ` +
+          "gave you, then press Contribute again."
+        );
+      case "invalid_credential":
+      case "revoked_credential":
+        try {
+          localStorage.removeItem(credentialKey(state.task));
+        } catch (_) {}
+        state.assignment = null;
+        return (
+          "The server no longer accepts this browser's credential " +
+          `(${e.message}). Ask the operator for a new enrollment link.`
+        );
+      case "enrollment_refused":
+        return `The enrollment link was refused: ${e.message}`;
+      case "rate_limited":
+        return `The server asks this device to slow down: ${e.message}`;
       default:
         return `The server refused the update: ${e.message}`;
     }
@@ -727,8 +818,10 @@ async function main() {
   startWorker();
   try {
     await loadTasks();
+    await enrollFromLink();
   } catch (e) {
-    report(e);
+    if (e instanceof Refused) setStatus(explain(e), "warn");
+    else report(e);
   }
   document.body.dataset.ready = "true";
   setTimeout(poll, 3000);

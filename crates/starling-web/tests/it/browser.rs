@@ -987,3 +987,76 @@ async fn partial_work_round() -> Result<()> {
     server.running.stop().await?;
     Ok(())
 }
+
+/// An enrolled task: the page opened from the operator's link (`#enroll=<secret>`) enrolls
+/// once, drops the secret from the address bar, keeps its credential, and contributes to a
+/// round with an enrolled native device; reopened without the link, it is still enrolled.
+#[tokio::test]
+async fn a_browser_enrolls_from_a_link_and_trains_an_enrolled_task() -> Result<()> {
+    bounded(enrolled_task()).await
+}
+
+async fn enrolled_task() -> Result<()> {
+    use starling_server::settings::{Admission, Secret};
+    const SECRET: &str = "browser-enrollment-secret-42";
+    let _one = ONE_BROWSER.lock().await;
+    let server = Server::start_with(2, demo_plan(), |t| {
+        t.admission = Some(Admission::Enrolled);
+        t.enrollment_secret = Some(Secret::new(SECRET));
+    })
+    .await?;
+    let browser = Browser::start(Viewport::Phone).await?;
+    let c = browser.client();
+
+    // Without a credential the page says how to get one, and the server refuses it.
+    open_app(c, &server, "/app/", 0).await?;
+    let text = c.find(Locator::Css("#enrollment")).await?.text().await?;
+    assert!(text.contains("enrolled devices only"), "{text}");
+
+    open_app(c, &server, &format!("/app/?task=linear#enroll={SECRET}"), 0).await?;
+    wait_for(
+        c,
+        "document.body.dataset.enrolled !== undefined",
+        "the page to enroll",
+    )
+    .await?;
+    let href = c.execute("return location.href", vec![]).await?;
+    assert!(!href.to_string().contains(SECRET), "{href}");
+
+    // The browser's update, then an enrolled native device's: the round of two commits.
+    enter_points(c).await?;
+    c.find(Locator::Css("#contribute")).await?.click().await?;
+    wait_for(
+        c,
+        "document.getElementById('status').dataset.accepted === '1'",
+        "the server to accept the browser's update",
+    )
+    .await?;
+    let transport = HttpTransport::new(&server.running.url());
+    let enrolled = transport.enroll("linear", SECRET, Some("native")).await?;
+    let mut native = Device::new(
+        transport.with_credential(&enrolled.credential),
+        synthetic_line(2.0, 1.0, (-2.0, 2.0), 20, 0.1, 11),
+        DeviceOptions {
+            rounds: Some(1),
+            ..DeviceOptions::default()
+        },
+    );
+    assert_eq!(native.run(|_| {}).await?.contributions, 1);
+    wait_for(
+        c,
+        "document.getElementById('status').dataset.committed === '1'",
+        "the round to commit",
+    )
+    .await?;
+    page_shows_server_model(c, &server, 1).await?;
+    let rounds = server.json("/v1/tasks/linear/rounds").await?;
+    assert_eq!(rounds["rounds"][0]["participants"], 2, "{rounds}");
+
+    // Reopened without the link: still enrolled, with the credential it kept.
+    open_app(c, &server, "/app/", 1).await?;
+    let text = c.find(Locator::Css("#enrollment")).await?.text().await?;
+    assert!(text.contains("is enrolled"), "{text}");
+    screenshot(c, "enrolled").await?;
+    Ok(())
+}
