@@ -11,8 +11,10 @@
 //! - `tls`: the certificate and key of HTTPS served by the server itself (rustls).
 //! - [`metrics`]: Prometheus counters and gauges.
 //! - [`web`]: the device app (the browser client), embedded and served at `/` and `/app/`.
+//! - [`dashboard`]: the operator dashboard, embedded and served at `/dashboard`.
 
 pub mod api;
+pub mod dashboard;
 pub mod engine;
 pub mod metrics;
 mod net;
