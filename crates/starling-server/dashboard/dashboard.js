@@ -29,6 +29,8 @@ const state = {
   // Why the device list is not polled: "missing" (no endpoint), "refused" (the token), or null.
   devicesStopped: null,
   devicesTask: null,
+  // The device whose revoke button waits for its confirming click: {task, id, until}.
+  confirming: null,
 };
 
 // ---- formatting -----------------------------------------------------------------------------
@@ -105,7 +107,12 @@ function changed(key, text) {
 
 /** A request; network failures throw, HTTP errors come back with their parsed error. */
 async function api(path, options = {}) {
-  const response = await fetch(path, { cache: "no-store", ...options });
+  let response;
+  try {
+    response = await fetch(path, { cache: "no-store", ...options });
+  } catch (e) {
+    throw new Unreachable(e);
+  }
   const text = await response.text();
   let body = null;
   try {
@@ -126,6 +133,13 @@ function errorOf(r) {
 class ServerError extends Error {
   constructor(what, error) {
     super(`${what}: ${error.code}: ${error.message}`);
+  }
+}
+
+/** A request that got no answer at all (the server is down, or the network). */
+class Unreachable extends Error {
+  constructor(cause) {
+    super(`the server does not answer (${cause && cause.message ? cause.message : cause})`);
   }
 }
 
@@ -151,7 +165,7 @@ async function poll() {
     const task = selectedTask();
     const [rounds, metrics, privacy] = await Promise.all([
       task ? api(`${taskPath(task.name)}/rounds`) : null,
-      fetch("/metrics", { cache: "no-store" }).then(async (r) => ({ ok: r.ok, status: r.status, text: await r.text() })),
+      api("/metrics"),
       task && task.privacy ? api(`${taskPath(task.name)}/privacy`) : null,
     ]);
     if (rounds) {
@@ -191,15 +205,20 @@ function connected() {
 
 function disconnected(e) {
   const conn = $("conn");
-  conn.textContent = "unreachable";
+  conn.textContent = e instanceof Unreachable ? "unreachable" : "error";
   conn.className = "pill bad";
   conn.dataset.state = "down";
   const banner = $("banner");
-  const why = e instanceof ServerError ? e.message : `the server does not answer (${e.message || e})`;
   const since = state.lastOk
     ? `The data shown is from ${new Date(state.lastOk).toLocaleTimeString()}.`
     : "Nothing could be read yet.";
-  banner.textContent = `Cannot read the server: ${why}. ${since} Retrying every ${POLL_MS / 1000} s.`;
+  const retry = `Retrying every ${POLL_MS / 1000} s.`;
+  if (e instanceof ServerError || e instanceof Unreachable) {
+    banner.textContent = `Cannot read the server: ${e.message}. ${since} ${retry}`;
+  } else {
+    console.error(e);
+    banner.textContent = `The dashboard could not show the server's answer (${e && e.message ? e.message : e}). ${since} ${retry}`;
+  }
   banner.hidden = false;
 }
 
@@ -355,6 +374,7 @@ function drawHistory() {
   const body = state.rounds;
   const records = (body && body.rounds) || [];
   $("history-empty").hidden = records.length > 0;
+  $("charts").hidden = records.length === 0;
   drawCharts();
   const rows = records.slice(-RECENT_ROUNDS).reverse().map((r) => {
     const status = String(r.status);
@@ -379,17 +399,22 @@ function drawHistory() {
 
 function drawCharts() {
   const records = (state.rounds && state.rounds.rounds) || [];
+  if (records.length === 0) return;
   const trained = records.filter((r) => r.kind === "training" && r.status === "committed");
   const evaluated = records.filter((r) => r.status === "evaluated");
   const series = (field) => [
     { key: "training", label: "training", points: points(trained, field) },
     { key: "evaluation", label: "evaluation", points: points(evaluated, field) },
   ];
+  const loss = series("mean_loss");
+  const anyLoss = loss.some((x) => x.points.length > 0);
+  $("loss-none").hidden = anyLoss || records.length === 0;
+  $("loss-chart").hidden = !anyLoss && records.length > 0;
   lineChart($("loss-chart"), {
     id: "loss",
     title: "Mean loss per round",
     what: "mean loss",
-    series: series("mean_loss"),
+    series: loss,
     format: num,
   });
   const accuracy = series("mean_accuracy");
@@ -606,7 +631,10 @@ function drawPrivacy(task, answer) {
     h("dl", { class: "facts" }, facts.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v)))),
     h("label", { class: "meter-line" }, `Budget used: ${pct(budget.epsilon ? spent / budget.epsilon : 0)}`,
       h("meter", { id: "privacy-spent", min: 0, max: budget.epsilon || 1, value: spent, optimum: 0, high: (budget.epsilon || 1) * 0.8, "data-epsilon": spent })),
-    p.status === "stopped" ? h("p", { class: "note" }, `Training stopped: ${p.stopped_reason || "the budget is spent"}.`) : null,
+    ...(p.status === "stopped"
+      ? [h("p", { class: "note" }, `Training stopped: ${p.stopped_reason || "the budget is spent"}.`)]
+      : []),
+    h("p", { class: "muted chart-caption" }, "ε spent after each committed round, against the budget:"),
   );
   const ledger = (p.ledger || []).map((e) => ({ x: e.round, y: e.epsilon }));
   lineChart($("epsilon-chart"), {
@@ -706,7 +734,7 @@ async function admin(path, body) {
     const r = await api(path, { method: "POST", headers, body: body === undefined ? undefined : JSON.stringify(body) });
     return r.ok ? { answer: r.body } : { error: errorOf(r), status: r.status };
   } catch (e) {
-    return { error: { code: "unreachable", message: `the server does not answer (${e.message || e})` } };
+    return { error: { code: "unreachable", message: e.message } };
   }
 }
 
@@ -789,8 +817,16 @@ function drawDevices(task, devices) {
         .map((c, i) => h("th", { scope: "col", class: i === 4 ? "num" : null }, c)))),
     h("tbody", {}, devices.map((d) => {
       const revoked = d.revoked_at_ms != null;
-      const button = h("button", { type: "button", class: "danger", "data-revoke": d.id, disabled: revoked }, "Revoke");
-      button.addEventListener("click", () => revoke(task, d.id, button));
+      const confirming = isConfirming(task, d.id);
+      const button = h("button", {
+        type: "button",
+        class: "danger",
+        "data-revoke": d.id,
+        "data-confirm": confirming,
+        disabled: revoked,
+        "aria-label": `${confirming ? "Confirm: revoke" : "Revoke"} device ${d.label || d.id}`,
+      }, confirming ? "Confirm revoke" : "Revoke");
+      button.addEventListener("click", () => revoke(task, d.id));
       return h("tr", { "data-device": d.id, "data-revoked": revoked },
         h("td", {}, h("code", { class: "id" }, d.id)),
         h("td", {}, d.label || "–"),
@@ -803,21 +839,44 @@ function drawDevices(task, devices) {
   box.replaceChildren(h("div", { class: "table-wrap" }, table));
 }
 
-/** Revokes after a second click on the same button within five seconds. */
-async function revoke(task, id, button) {
-  if (button.dataset.confirm !== "true") {
-    button.dataset.confirm = "true";
-    button.textContent = "Confirm revoke";
+/** Whether the revoke button of `id` waits for its confirming click. */
+function isConfirming(task, id) {
+  const c = state.confirming;
+  return Boolean(c && c.task === task && c.id === id && c.until > Date.now());
+}
+
+/** Revokes after a second click on the same device's button within five seconds (the list
+ * may be redrawn in between; the button keeps its state). */
+async function revoke(task, id) {
+  const button = () => document.querySelector(`#devices-table button[data-revoke="${CSS.escape(id)}"]`);
+  if (!isConfirming(task, id)) {
+    state.confirming = { task, id, until: Date.now() + 5000 };
+    const b = button();
+    if (b) {
+      b.textContent = "Confirm revoke";
+      b.dataset.confirm = "";
+    }
     setTimeout(() => {
-      button.dataset.confirm = "false";
-      button.textContent = "Revoke";
-    }, 5000);
+      if (isConfirming(task, id)) return;
+      const b = button();
+      if (b && b.textContent === "Confirm revoke") {
+        b.textContent = "Revoke";
+        delete b.dataset.confirm;
+      }
+    }, 5100);
     return;
   }
-  button.disabled = true;
+  state.confirming = null;
+  const b = button();
+  if (b) b.disabled = true;
   const r = await admin(`${adminPath(task)}/devices/${encodeURIComponent(id)}/revoke`);
   if (r.error) {
-    button.disabled = false;
+    const again = button();
+    if (again) {
+      again.disabled = false;
+      again.textContent = "Revoke";
+      delete again.dataset.confirm;
+    }
     result(r);
     return;
   }
@@ -834,13 +893,16 @@ function start() {
   $("token-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const value = $("token").value.trim();
-    if (value) sessionStorage.setItem(TOKEN_KEY, value);
-    else sessionStorage.removeItem(TOKEN_KEY);
+    if (!value) {
+      result({ error: { code: "no_token", message: "type the token first (Forget clears it)" } });
+      return;
+    }
+    sessionStorage.setItem(TOKEN_KEY, value);
     $("token").value = "";
     state.devicesStopped = null;
     state.drawn.delete("devices");
     drawTokenState();
-    result({ ok: value ? "Token set." : "Token cleared." });
+    result({ ok: "Token set." });
     poll();
   });
   $("forget-token").addEventListener("click", () => {
