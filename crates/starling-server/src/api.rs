@@ -194,6 +194,7 @@ impl IntoResponse for ApiError {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(crate::web::router())
+        .merge(crate::dashboard::router())
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/tasks", get(list_tasks))

@@ -14,10 +14,12 @@
 //! - `tls`: the certificate and key of HTTPS served by the server itself (rustls).
 //! - [`metrics`]: Prometheus counters and gauges.
 //! - [`web`]: the device app (the browser client), embedded and served at `/` and `/app/`.
+//! - [`dashboard`]: the operator dashboard, embedded and served at `/dashboard`.
 
 mod admin;
 pub mod api;
 pub mod credentials;
+pub mod dashboard;
 pub mod engine;
 pub mod metrics;
 mod net;

@@ -11,7 +11,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 
 /// One embedded file: name under `/app/`, content type, bytes.
-type Asset = (&'static str, &'static str, &'static [u8]);
+pub(crate) type Asset = (&'static str, &'static str, &'static [u8]);
 
 /// An embedded file of `crates/starling-web/`: `www` (the page's own files) or `dist` (what
 /// `scripts/build-web.sh` generates: the wasm module and its JS glue).
@@ -53,22 +53,30 @@ pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
 /// FNV-1a of each file, computed once: the `ETag` that lets browsers revalidate cheaply.
 fn etags() -> &'static [String] {
     static TAGS: OnceLock<Vec<String>> = OnceLock::new();
-    TAGS.get_or_init(|| {
-        ASSETS
-            .iter()
-            .map(|(_, _, bytes)| {
-                let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-                    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-                });
-                format!("\"{hash:016x}\"")
-            })
-            .collect()
-    })
+    TAGS.get_or_init(|| ASSETS.iter().map(|(_, _, bytes)| etag_of(bytes)).collect())
+}
+
+/// The quoted FNV-1a hash of an embedded file, its `ETag` (also the dashboard's).
+pub(crate) fn etag_of(bytes: &[u8]) -> String {
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("\"{hash:016x}\"")
 }
 
 fn serve(index: usize, headers: &HeaderMap) -> Response {
     let (_, content_type, bytes) = ASSETS[index];
-    let etag = &etags()[index];
+    respond(content_type, bytes, &etags()[index], headers)
+}
+
+/// An embedded file's answer (also the dashboard's): 304 when the request's `If-None-Match`
+/// names `etag`, else the bytes; either way told to revalidate every time.
+pub(crate) fn respond(
+    content_type: &'static str,
+    bytes: &'static [u8],
+    etag: &str,
+    headers: &HeaderMap,
+) -> Response {
     let fresh = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -96,6 +104,18 @@ fn serve(index: usize, headers: &HeaderMap) -> Response {
         .into_response()
 }
 
+/// The answer for a file the app (`what`) does not have (also the dashboard's).
+pub(crate) fn no_such_file(what: &str, file: &str) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(serde_json::json!({"error": {
+            "code": "not_found",
+            "message": format!("{what} has no file `{file}`"),
+        }})),
+    )
+        .into_response()
+}
+
 async fn page(headers: HeaderMap) -> Response {
     serve(0, &headers)
 }
@@ -103,14 +123,7 @@ async fn page(headers: HeaderMap) -> Response {
 async fn asset(Path(file): Path<String>, headers: HeaderMap) -> Response {
     match ASSETS.iter().position(|(name, _, _)| *name == file) {
         Some(i) => serve(i, &headers),
-        None => (
-            StatusCode::NOT_FOUND,
-            Json(serde_json::json!({"error": {
-                "code": "not_found",
-                "message": format!("the device app has no file `{file}`"),
-            }})),
-        )
-            .into_response(),
+        None => no_such_file("the device app", &file),
     }
 }
 

@@ -22,10 +22,10 @@ use starling_server::settings::{BufferedPolicy, RoundPolicy, TaskSettings};
 use starling_server::{Running, Settings};
 
 /// One browser at a time: the machine has two cores, and each test already runs a server.
-static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[derive(Clone, Copy, Debug)]
-enum Viewport {
+pub(crate) enum Viewport {
     /// 390x844 CSS pixels, device pixel ratio 3, touch: a current phone.
     Phone,
     /// 1280x800.
@@ -33,7 +33,7 @@ enum Viewport {
 }
 
 impl Viewport {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Viewport::Phone => "phone",
             Viewport::Desktop => "desktop",
@@ -63,7 +63,7 @@ fn find_tool(env: &str, candidates: &[&str]) -> Result<PathBuf> {
 
 /// Runs a test body with a time limit; on expiry the body is dropped, and with it the
 /// browser and the server.
-async fn bounded(body: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+pub(crate) async fn bounded(body: impl std::future::Future<Output = Result<()>>) -> Result<()> {
     tokio::time::timeout(Duration::from_secs(300), body)
         .await
         .context("the test took longer than 300 s")?
@@ -71,14 +71,14 @@ async fn bounded(body: impl std::future::Future<Output = Result<()>>) -> Result<
 
 /// Chromium driven through chromedriver, both started by this test in their own process
 /// group so that everything ends with the test.
-struct Browser {
+pub(crate) struct Browser {
     client: Option<Client>,
     driver: Child,
     _profile: tempfile::TempDir,
 }
 
 impl Browser {
-    async fn start(viewport: Viewport) -> Result<Self> {
+    pub(crate) async fn start(viewport: Viewport) -> Result<Self> {
         let chromium = find_tool(
             "STARLING_CHROMIUM",
             &["/usr/bin/chromium", "/usr/bin/chromium-browser"],
@@ -154,11 +154,11 @@ impl Browser {
         Ok(browser)
     }
 
-    fn client(&self) -> &Client {
+    pub(crate) fn client(&self) -> &Client {
         self.client.as_ref().expect("started")
     }
 
-    async fn close(mut self) {
+    pub(crate) async fn close(mut self) {
         if let Some(c) = self.client.take() {
             let _ = c.close().await;
         }
@@ -175,9 +175,9 @@ impl Drop for Browser {
     }
 }
 
-struct Server {
-    running: Running,
-    http: reqwest::Client,
+pub(crate) struct Server {
+    pub(crate) running: Running,
+    pub(crate) http: reqwest::Client,
     _dir: tempfile::TempDir,
 }
 
@@ -211,10 +211,19 @@ impl Server {
     }
 
     async fn start_task(task: TaskSettings) -> Result<Self> {
+        Self::start_settings(task, |_| {}).await
+    }
+
+    /// A server with this one task, its settings changed by `adjust` first.
+    pub(crate) async fn start_settings(
+        task: TaskSettings,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut settings = Settings::default();
         settings.server.data_dir = dir.path().to_path_buf();
         settings.tasks = vec![task];
+        adjust(&mut settings);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         Ok(Server {
             running: starling_server::spawn(settings, listener).await?,
@@ -223,11 +232,11 @@ impl Server {
         })
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.running.url())
     }
 
-    async fn json(&self, path: &str) -> Result<Value> {
+    pub(crate) async fn json(&self, path: &str) -> Result<Value> {
         Ok(self
             .http
             .get(self.url(path))
@@ -257,11 +266,11 @@ fn demo_plan() -> Plan {
     }
 }
 
-fn screenshots_dir() -> PathBuf {
+pub(crate) fn screenshots_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/screenshots")
 }
 
-async fn screenshot(c: &Client, name: &str) -> Result<()> {
+pub(crate) async fn screenshot(c: &Client, name: &str) -> Result<()> {
     let dir = screenshots_dir();
     std::fs::create_dir_all(&dir)?;
     let png = c.screenshot().await?;
@@ -269,7 +278,7 @@ async fn screenshot(c: &Client, name: &str) -> Result<()> {
     Ok(())
 }
 
-async fn scroll_to(c: &Client, css: &str) -> Result<()> {
+pub(crate) async fn scroll_to(c: &Client, css: &str) -> Result<()> {
     c.execute(
         "document.querySelector(arguments[0]).scrollIntoView({block: 'start'}); return true;",
         vec![json!(css)],
@@ -281,7 +290,7 @@ async fn scroll_to(c: &Client, css: &str) -> Result<()> {
 /// What the page says, for failure messages.
 async fn page_messages(c: &Client) -> String {
     c.execute(
-        "return ['banner', 'data-status', 'status', 'conn'].map(id => \
+        "return ['banner', 'data-status', 'status', 'conn', 'admin-result'].map(id => \
            id + ': ' + (document.getElementById(id) || {}).textContent).join(' | ');",
         vec![],
     )
@@ -291,7 +300,7 @@ async fn page_messages(c: &Client) -> String {
 }
 
 /// Waits until the JS expression `cond` is true.
-async fn wait_for(c: &Client, cond: &str, what: &str) -> Result<()> {
+pub(crate) async fn wait_for(c: &Client, cond: &str, what: &str) -> Result<()> {
     let script = format!("return Boolean({cond});");
     let started = Instant::now();
     loop {
@@ -308,7 +317,7 @@ async fn wait_for(c: &Client, cond: &str, what: &str) -> Result<()> {
     }
 }
 
-async fn text(c: &Client, css: &str) -> Result<String> {
+pub(crate) async fn text(c: &Client, css: &str) -> Result<String> {
     Ok(c.find(Locator::Css(css)).await?.text().await?)
 }
 

@@ -1,4 +1,6 @@
-//! The device app's integration tests, one binary: its files as served, and the app in headless Chromium.
+//! The device app's integration tests, one binary: its files as served, and the app in headless Chromium;
+//! also the server's operator dashboard in headless Chromium, which shares the browser helpers.
 
 mod browser;
+mod dashboard;
 mod serving;
