@@ -790,7 +790,9 @@ async function pollDevices(task) {
     return; // the poll's own requests report an unreachable server
   }
   if (r.ok) {
-    if (changed("devices", `${task.name}\n${r.text}`)) drawDevices(task.name, (r.body && r.body.devices) || []);
+    if (changed("devices", `${task.name}\n${r.text}`)) {
+      drawDevices(task.name, (r.body && r.body.devices) || [], r.body && r.body.admission);
+    }
     return;
   }
   const error = errorOf(r);
@@ -805,10 +807,15 @@ async function pollDevices(task) {
   box.replaceChildren(h("p", { class: "result err", "data-code": error.code }, h("code", {}, error.code), `: ${error.message}`));
 }
 
-function drawDevices(task, devices) {
+function drawDevices(task, devices, admission) {
   const box = $("devices");
+  if (admission === "open") {
+    box.replaceChildren(h("p", { class: "muted", id: "devices-open" },
+      "This task is open to any device, so it has no enrolled devices to list."));
+    return;
+  }
   if (devices.length === 0) {
-    box.replaceChildren(h("p", { class: "muted" }, "No device has enrolled in this task."));
+    box.replaceChildren(h("p", { class: "muted", id: "devices-empty" }, "No device has enrolled in this task."));
     return;
   }
   const table = h("table", { class: "data", id: "devices-table" },

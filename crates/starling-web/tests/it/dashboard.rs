@@ -517,14 +517,31 @@ async fn dashboard() -> Result<()> {
     )
     .await?;
     assert!(row.contains("rolled_back"), "{row}");
-    // The device list answers, or (on a server without the endpoint) says it is missing.
+    // The device list answers: an open task has no enrolled devices.
     wait_for(
         c,
-        "document.getElementById('devices-unavailable') !== null \
-         || document.getElementById('devices-table') !== null",
-        "the device list or its absence",
+        "document.getElementById('devices-open') !== null",
+        "the device list of an open task",
     )
     .await?;
+    // Pause and resume from the page: the server's task follows each click.
+    for (button, status) in [("#pause", "paused"), ("#resume", "training")] {
+        c.execute(
+            "const r = document.getElementById('admin-result'); r.textContent = ''; \
+             delete r.dataset.ok; delete r.dataset.code; return true;",
+            vec![],
+        )
+        .await?;
+        c.find(Locator::Css(button)).await?.click().await?;
+        wait_for(
+            c,
+            "document.getElementById('admin-result').dataset.ok === 'true'",
+            "the pause or resume answer",
+        )
+        .await?;
+        let now = server.json(&format!("/v1/tasks/{TASK}")).await?;
+        assert_eq!(now["status"], status, "{now}");
+    }
     // The round after the rollback's takes an update; the page follows.
     let open = task["round"]["round"].as_u64().context("round")?;
     let (url, token, body) = assigned_update(&server, "operator-probe-2").await?;
