@@ -10,6 +10,7 @@
 //!   graceful shutdown.
 //! - `tls`: the certificate and key of HTTPS served by the server itself (rustls).
 //! - [`metrics`]: Prometheus counters and gauges.
+//! - [`tensorboard`]: TensorBoard event files of the round history (`server.tensorboard_dir`).
 //! - [`web`]: the device app (the browser client), embedded and served at `/` and `/app/`.
 
 pub mod api;
@@ -18,6 +19,7 @@ pub mod metrics;
 mod net;
 pub mod settings;
 pub mod store;
+pub mod tensorboard;
 mod tls;
 pub mod web;
 
@@ -61,6 +63,7 @@ pub struct Server {
     state: api::AppState,
     settings: Settings,
     tls: Option<Arc<rustls::ServerConfig>>,
+    tensorboard: tensorboard::Writers,
 }
 
 impl Server {
@@ -90,6 +93,8 @@ impl Server {
             engine::SystemClock::new(),
         )
         .await?;
+        let tensorboard =
+            tensorboard::Writers::spawn(settings.server.tensorboard_dir.as_deref(), &tasks, &store);
         let sv = &settings.server;
         let state = api::AppState {
             tasks: Arc::new(tasks),
@@ -110,6 +115,7 @@ impl Server {
             state,
             settings,
             tls,
+            tensorboard,
         })
     }
 
@@ -154,6 +160,7 @@ impl Server {
             shutdown,
         )
         .await;
+        self.tensorboard.stop().await;
         self.state.store.close().await;
         tracing::info!("server stopped");
         Ok(())

@@ -97,6 +97,9 @@ pub struct ServerSettings {
     pub tls_cert: Option<PathBuf>,
     /// PEM file of `tls_cert`'s private key (PKCS#8, PKCS#1 or SEC1).
     pub tls_key: Option<PathBuf>,
+    /// A folder for TensorBoard event files of every task's round history
+    /// (`<dir>/<task>/events.out.tfevents.*`, see `tensorboard.rs`); unset, none are written.
+    pub tensorboard_dir: Option<PathBuf>,
 }
 
 /// A secret setting: shown as `<redacted>` by `Debug`, so it never reaches a log.
@@ -141,6 +144,7 @@ impl Default for ServerSettings {
             client_address_header: None,
             tls_cert: None,
             tls_key: None,
+            tensorboard_dir: None,
         }
     }
 }
@@ -713,7 +717,7 @@ impl Settings {
     /// Loads settings: defaults, then `file` if given, then environment variables
     /// (`STARLING_HOST`, `STARLING_PORT`, `PORT`, `STARLING_DATA_DIR`, `STARLING_DATABASE`,
     /// `STARLING_MAX_BODY_BYTES`, `STARLING_ADMIN_TOKEN`, `STARLING_CLIENT_ADDRESS_HEADER`,
-    /// `STARLING_TLS_CERT`, `STARLING_TLS_KEY`).
+    /// `STARLING_TLS_CERT`, `STARLING_TLS_KEY`, `STARLING_TENSORBOARD_DIR`).
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
         let mut s = match file {
             Some(path) => Self::from_toml_file(path)?,
@@ -777,6 +781,9 @@ impl Settings {
         }
         if let Some(k) = env_var("STARLING_TLS_KEY") {
             self.server.tls_key = Some(k.into());
+        }
+        if let Some(d) = env_var("STARLING_TENSORBOARD_DIR") {
+            self.server.tensorboard_dir = Some(d.into());
         }
         Ok(())
     }
