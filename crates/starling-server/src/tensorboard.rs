@@ -5,9 +5,9 @@
 //! **Format.** An event file is TensorBoard's: a sequence of TFRecords (the data's length as
 //! a u64 little-endian, the masked CRC32C of those 8 bytes, the data, the masked CRC32C of
 //! the data; a CRC is masked as `((crc >> 15) | (crc << 17)) + 0xa282ead8`), each holding one
-//! `tensorflow.Event` protobuf message. The first says `file_version: "brain.Event:2"`; each
-//! round after it is one Event with the round's `wall_time`, its `step` and a `summary` of
-//! `simple_value` scalars. The messages are prost-derived structs carrying only the fields
+//! `tensorflow.Event` protobuf message. The first says `file_version: "brain.Event:2"`, the
+//! second is a `session_log` START at step 0; each round after them is one Event with the
+//! round's `wall_time`, its `step` and a `summary` of `simple_value` scalars. The messages are prost-derived structs carrying only the fields
 //! written; the checksums are `crc`'s Castagnoli algorithm.
 //!
 //! **What is written** for each closed round ([`round_scalars`]), at step = the round number
@@ -31,8 +31,9 @@
 //! history into a fresh file at start, then follows the task's status channel and, whenever
 //! a round closes, appends every stored round it has not written (so none is missed when two
 //! close between two wake-ups) and flushes. A restarted server writes a new file with the
-//! whole history; TensorBoard reads a run's files in name order and a repeated step replaces
-//! the older points, so the run shows each round once. A failure to write (a full disk, a
+//! whole history; TensorBoard reads a run's files in name order, and the new file's START
+//! (for TensorBoard's Python reader) and its steps starting over (for its data server) make
+//! it drop the older files' points, so the run shows each round once. A failure to write (a full disk, a
 //! folder without permission) is logged once for the task, whose event file then stops
 //! growing; the server goes on serving.
 
@@ -61,7 +62,7 @@ struct Event {
     wall_time: f64,
     #[prost(int64, tag = "2")]
     step: i64,
-    #[prost(oneof = "What", tags = "3, 5")]
+    #[prost(oneof = "What", tags = "3, 5, 7")]
     what: Option<What>,
 }
 
@@ -72,7 +73,20 @@ enum What {
     FileVersion(String),
     #[prost(message, tag = "5")]
     Summary(Summary),
+    #[prost(message, tag = "7")]
+    SessionLog(SessionLog),
 }
+
+/// `tensorflow.SessionLog`: here only its status, `START`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct SessionLog {
+    /// `SessionLog.SessionStatus` (an enum on the wire, a varint like this int32).
+    #[prost(int32, tag = "1")]
+    status: i32,
+}
+
+/// `SessionLog.SessionStatus.START`.
+const SESSION_START: i32 = 1;
 
 /// `tensorflow.Summary` (`tensorflow/core/framework/summary.proto`).
 #[derive(Clone, PartialEq, prost::Message)]
@@ -166,7 +180,8 @@ pub struct Writer {
 impl Writer {
     /// Creates `dir` if it is missing and a new event file in it,
     /// `events.out.tfevents.<unix secs>.<hostname>.<pid>` (with `.1`, `.2`, ... after it
-    /// should that name be taken), holding the file-version record, flushed.
+    /// should that name be taken), holding the file-version record and a session START
+    /// (what this file says replaces what older files in `dir` said), flushed.
     pub fn create(dir: &Path) -> io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let now = SystemTime::now()
@@ -198,6 +213,16 @@ impl Writer {
             wall_time: now.as_secs_f64(),
             step: 0,
             what: Some(What::FileVersion(FILE_VERSION.into())),
+        })?;
+        // A new file holds the whole history again: TensorBoard's reader drops what earlier
+        // files of the folder said at steps from this START's on (step 0: all of it), so a
+        // restarted server's run shows each round once.
+        writer.write_event(&Event {
+            wall_time: now.as_secs_f64(),
+            step: 0,
+            what: Some(What::SessionLog(SessionLog {
+                status: SESSION_START,
+            })),
         })?;
         writer.flush()?;
         Ok(writer)
@@ -497,6 +522,21 @@ mod tests {
     }
 
     #[test]
+    fn the_session_start_event_is_framed_as_tensorboard_writes_it() {
+        let event = Event {
+            wall_time: 1_700_000_000.5,
+            step: 0,
+            what: Some(What::SessionLog(SessionLog {
+                status: SESSION_START,
+            })),
+        };
+        assert_eq!(
+            record(&event.encode_to_vec()),
+            hex("0d000000000000003c37b8340900002040fc54d9413a020801a870fdd5")
+        );
+    }
+
+    #[test]
     fn a_summary_event_with_a_zero_scalar_is_written_as_tensorboard_writes_it() {
         let file = tempfile::tempdir().unwrap();
         let mut w = Writer::create(file.path()).unwrap();
@@ -513,11 +553,13 @@ mod tests {
             "3800000000000000a3797d570900005040fc54d94110032a2b0a110a0a747261696e2f6c6f73731500\
              00003f0a160a0f726f756e642f6162616e646f6e65641500000000e18dab6e",
         );
-        // After the file-version record (its wall time is now): exactly that record, and
-        // nothing for the empty Event.
+        // After the file-version and session-start records (their wall time is now):
+        // exactly that record, and nothing for the empty Event.
         assert!(bytes.ends_with(&expected), "{bytes:02x?}");
-        let first_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        assert_eq!(bytes.len(), 16 + first_len + expected.len());
+        let len_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+        let first = 16 + len_at(0) as usize;
+        let second = 16 + len_at(first) as usize;
+        assert_eq!(bytes.len(), first + second + expected.len());
     }
 
     fn committed() -> RoundRecord {
