@@ -482,10 +482,7 @@ mod tests {
     fn crc32c_is_castagnoli() {
         // The check value of CRC-32C (RFC 3720, and every CRC catalogue).
         assert_eq!(CRC32C.checksum(b"123456789"), 0xE306_9283);
-        assert_eq!(
-            masked_crc32c(b"123456789"),
-            (0xE306_9283u32 >> 15 | 0xE306_9283u32 << 17).wrapping_add(0xa282_ead8)
-        );
+        // Masked as TFRecord masks it: TensorBoard's own `masked_crc32c` gives this.
         assert_eq!(masked_crc32c(b"123456789"), 0xC78A_B0E5);
     }
 
