@@ -3,7 +3,8 @@
 //! `scripts/setup.sh` installs, through `scripts/tensorboard-scalars.py`): every closed
 //! round's scalars at its step equal the round records the server serves, over HTTP and
 //! through the engine; each round is in the file as soon as it closes; abandoned and private
-//! rounds give their tags; and a restarted writer's fresh file shows each round once.
+//! rounds give their tags; a restarted writer's fresh file shows each round once; and a
+//! folder that cannot be written does not stop the rounds.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -412,4 +413,26 @@ async fn rounds_are_written_as_they_close_and_a_restart_rewrites_the_history() {
     assert_eq!(all.len(), 4);
     assert_eq!(run, expected(&all));
     assert_eq!(run["train/loss"].len(), 3, "each round once: {run:?}");
+}
+
+/// A folder that cannot be written (here a file stands where it should be) costs the event
+/// file, not the server: rounds still close and commit, and stopping the writers returns.
+#[tokio::test]
+async fn a_folder_that_cannot_be_written_does_not_stop_the_rounds() {
+    let store = Store::open_memory().await.unwrap();
+    let clock = VirtualClock::new();
+    let task = harness::spawn_on(plain_task("plain"), store.clone(), Arc::new(clock)).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let not_a_folder = tmp.path().join("file");
+    std::fs::write(&not_a_folder, b"").unwrap();
+    let writers = Writers::spawn(Some(&not_a_folder), std::slice::from_ref(&task), &store);
+    for _ in 0..2 {
+        let r = upload_round(&task, 2, 0.5).await;
+        let record = wait_closed(&task, r).await;
+        assert_eq!(record.status, RoundStatus::Committed);
+    }
+    let written = writers.written("plain").unwrap();
+    writers.stop().await;
+    assert_eq!(*written.borrow(), None, "nothing could be written");
+    assert_eq!(task.status().model.version, 2);
 }
