@@ -7,8 +7,9 @@
 //! the data; a CRC is masked as `((crc >> 15) | (crc << 17)) + 0xa282ead8`), each holding one
 //! `tensorflow.Event` protobuf message. The first says `file_version: "brain.Event:2"`, the
 //! second is a `session_log` START at step 0; each round after them is one Event with the
-//! round's `wall_time`, its `step` and a `summary` of `simple_value` scalars. The messages are prost-derived structs carrying only the fields
-//! written; the checksums are `crc`'s Castagnoli algorithm.
+//! round's `wall_time`, its `step` and a `summary` of `simple_value` scalars. The messages
+//! are prost-derived structs carrying only the fields written; the checksums are `crc`'s
+//! Castagnoli algorithm.
 //!
 //! **What is written** for each closed round ([`round_scalars`]), at step = the round number
 //! (every record has one, training, evaluation or abandoned, and a task never reuses one,
@@ -33,9 +34,9 @@
 //! close between two wake-ups) and flushes. A restarted server writes a new file with the
 //! whole history; TensorBoard reads a run's files in name order, and the new file's START
 //! (for TensorBoard's Python reader) and its steps starting over (for its data server) make
-//! it drop the older files' points, so the run shows each round once. A failure to write (a full disk, a
-//! folder without permission) is logged once for the task, whose event file then stops
-//! growing; the server goes on serving.
+//! it drop the older files' points, so the run shows each round once. A failure to write (a
+//! full disk, a folder without permission) is logged once for the task, whose event file
+//! then stops growing; the server goes on serving.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -46,7 +47,7 @@ use prost::Message;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::engine::TaskHandle;
+use crate::engine::{TaskHandle, TaskStatus};
 use crate::store::{RoundRecord, RoundStatus, Store};
 
 /// The file version TensorBoard's current writers put first in every event file.
@@ -334,7 +335,12 @@ impl Writers {
                     store_failed: false,
                     written: written_tx,
                 };
-                let join = tokio::spawn(follow(log, task.clone(), store.clone(), stopped.clone()));
+                let join = tokio::spawn(follow(
+                    log,
+                    task.subscribe(),
+                    store.clone(),
+                    stopped.clone(),
+                ));
                 Follower {
                     task: task.name().to_string(),
                     written,
@@ -384,15 +390,15 @@ struct TaskLog {
     written: watch::Sender<Option<u64>>,
 }
 
-/// Follows one task: writes its history, then every round as it closes, until the task's
-/// engine stops or the writers are stopped, and then what is left.
+/// Follows one task through its status channel (not its handle, which would keep its
+/// engine alive): writes its history, then every round as it closes, until the task's engine
+/// stops or the writers are stopped, and then what is left.
 async fn follow(
     mut log: TaskLog,
-    task: TaskHandle,
+    mut status: watch::Receiver<TaskStatus>,
     store: Store,
     mut stopped: watch::Receiver<()>,
 ) {
-    let mut status = task.subscribe();
     // Marked seen before the history is read: a round that closes meanwhile wakes us below.
     status.borrow_and_update();
     log.catch_up(&store).await;
