@@ -38,3 +38,7 @@ else
         "or point STARLING_CHROMIUM and STARLING_CHROMEDRIVER at them" >&2
     exit 1
 fi
+
+# The TensorBoard tests read Starling's event files with TensorBoard's own reader: a pinned
+# tensorboard in a virtual environment under target/.
+bash scripts/tensorboard-venv.sh

@@ -1,5 +1,6 @@
 //! `starling serve`: settings from a file, the environment and flags; HTTPS with
-//! `--tls-cert` and `--tls-key`; graceful shutdown on SIGINT and SIGTERM.
+//! `--tls-cert` and `--tls-key`; TensorBoard event files with `--tensorboard`; graceful
+//! shutdown on SIGINT and SIGTERM.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +34,11 @@ pub(crate) struct Args {
     /// The PEM private key of --tls-cert (overrides the file and STARLING_TLS_KEY).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Write TensorBoard event files of every task's round history into DIR/<task>/, each
+    /// round as it closes (overrides the file and STARLING_TENSORBOARD_DIR); view them with
+    /// `tensorboard --logdir DIR`.
+    #[arg(long, value_name = "DIR")]
+    tensorboard: Option<PathBuf>,
 }
 
 async fn shutdown_signal() {
@@ -69,6 +75,9 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     if let Some(k) = args.tls_key {
         settings.server.tls_key = Some(k);
+    }
+    if let Some(d) = args.tensorboard {
+        settings.server.tensorboard_dir = Some(d);
     }
     runtime_main(settings)
 }

@@ -1,9 +1,11 @@
 //! `starling simulate`: loads a data set, partitions it over virtual devices and runs the
 //! simulation (synchronous rounds, or buffered asynchronous training with `--buffer`) with a
-//! progress bar; writes results (JSON, CSV, SVG plot).
+//! progress bar; writes results (JSON, CSV, SVG plot) and, with `--tensorboard`, TensorBoard
+//! event files of the rounds.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -140,6 +142,11 @@ pub(crate) struct Args {
     /// Folder for results.json, results.csv and plot.svg.
     #[arg(long, default_value = "target/simulation")]
     out: PathBuf,
+    /// Also write the rounds as a TensorBoard event file in DIR, each as it ends (the tags of
+    /// `starling serve --tensorboard`). DIR is one run: give each simulation its own folder
+    /// and compare them with `tensorboard --logdir` on their parent.
+    #[arg(long, value_name = "DIR")]
+    tensorboard: Option<PathBuf>,
     /// Print a JSON summary (last line of stdout) instead of a table.
     #[arg(long)]
     json: bool,
@@ -262,7 +269,34 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
             .expect("static template"),
         )
     };
+    let mut tensorboard = a
+        .tensorboard
+        .as_deref()
+        .map(|dir| {
+            starling_server::tensorboard::Writer::create(dir).with_context(|| {
+                format!(
+                    "cannot create a TensorBoard event file in {}",
+                    dir.display()
+                )
+            })
+        })
+        .transpose()?;
+    // The first failure to write the event file; the simulation goes on, and fails at the end.
+    let mut tensorboard_error = None;
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
     let report = crate::runtime()?.block_on(starling_sim::run(&config, &federation, |m| {
+        if let (Some(w), None) = (tensorboard.as_mut(), &tensorboard_error) {
+            let wall_time = started + m.wall_secs;
+            if let Err(e) = w
+                .write_scalars(m.round, wall_time, &m.tensorboard_scalars())
+                .and_then(|()| w.flush())
+            {
+                tensorboard_error = Some(e);
+            }
+        }
         bar.set_position(m.round);
         if let Some(loss) = m.test_loss {
             bar.set_message(format!(
@@ -274,7 +308,16 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
         }
     }))?;
     bar.finish_and_clear();
-    let files = report.write(&a.out)?;
+    let mut files = report.write(&a.out)?;
+    if let Some(w) = &tensorboard {
+        if let Some(e) = tensorboard_error {
+            bail!(
+                "cannot write the TensorBoard event file {}: {e}",
+                w.path().display()
+            );
+        }
+        files.push(w.path().to_path_buf());
+    }
     let peak = starling_bench::machine::peak_rss_mib(std::process::id());
     let to_target = a.target_accuracy.and_then(|t| report.rounds_to_accuracy(t));
     let secs_to_target = a

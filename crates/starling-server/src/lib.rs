@@ -13,6 +13,7 @@
 //!   graceful shutdown.
 //! - `tls`: the certificate and key of HTTPS served by the server itself (rustls).
 //! - [`metrics`]: Prometheus counters and gauges.
+//! - [`tensorboard`]: TensorBoard event files of the round history (`server.tensorboard_dir`).
 //! - [`web`]: the device app (the browser client), embedded and served at `/` and `/app/`.
 //! - [`dashboard`]: the operator dashboard, embedded and served at `/dashboard`.
 
@@ -27,6 +28,7 @@ pub mod ratelimit;
 pub mod registry;
 pub mod settings;
 pub mod store;
+pub mod tensorboard;
 mod tls;
 pub mod web;
 
@@ -70,6 +72,7 @@ pub struct Server {
     state: api::AppState,
     settings: Settings,
     tls: Option<Arc<rustls::ServerConfig>>,
+    tensorboard: tensorboard::Writers,
 }
 
 impl Server {
@@ -102,6 +105,11 @@ impl Server {
         let credentials = credentials::Credentials::load(store.clone())
             .await
             .map_err(engine::EngineError::from)?;
+        let tensorboard = tensorboard::Writers::spawn(
+            settings.server.tensorboard_dir.as_deref(),
+            &tasks.all(),
+            &store,
+        );
         let sv = &settings.server;
         let state = api::AppState {
             tasks: Arc::new(tasks),
@@ -127,6 +135,7 @@ impl Server {
             state,
             settings,
             tls,
+            tensorboard,
         })
     }
 
@@ -171,6 +180,7 @@ impl Server {
             shutdown,
         )
         .await;
+        self.tensorboard.stop().await;
         self.state.store.close().await;
         tracing::info!("server stopped");
         Ok(())

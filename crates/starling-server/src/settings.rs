@@ -104,6 +104,9 @@ pub struct ServerSettings {
     pub rate_limit_per_address: u32,
     /// The same per device credential (enrolled tasks); 0: no limit.
     pub rate_limit_per_credential: u32,
+    /// A folder for TensorBoard event files of every task's round history
+    /// (`<dir>/<task>/events.out.tfevents.*`, see `tensorboard.rs`); unset, none are written.
+    pub tensorboard_dir: Option<PathBuf>,
 }
 
 /// A secret setting: shown as `<redacted>` by `Debug`, so it never reaches a log.
@@ -150,6 +153,7 @@ impl Default for ServerSettings {
             tls_key: None,
             rate_limit_per_address: 0,
             rate_limit_per_credential: 120,
+            tensorboard_dir: None,
         }
     }
 }
@@ -798,7 +802,7 @@ impl Settings {
     /// Loads settings: defaults, then `file` if given, then environment variables
     /// (`STARLING_HOST`, `STARLING_PORT`, `PORT`, `STARLING_DATA_DIR`, `STARLING_DATABASE`,
     /// `STARLING_MAX_BODY_BYTES`, `STARLING_ADMIN_TOKEN`, `STARLING_CLIENT_ADDRESS_HEADER`,
-    /// `STARLING_TLS_CERT`, `STARLING_TLS_KEY`).
+    /// `STARLING_TLS_CERT`, `STARLING_TLS_KEY`, `STARLING_TENSORBOARD_DIR`).
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
         let mut s = match file {
             Some(path) => Self::from_toml_file(path)?,
@@ -867,6 +871,9 @@ impl Settings {
         }
         if let Some(k) = env_var("STARLING_TLS_KEY") {
             self.server.tls_key = Some(k.into());
+        }
+        if let Some(d) = env_var("STARLING_TENSORBOARD_DIR") {
+            self.server.tensorboard_dir = Some(d.into());
         }
         Ok(())
     }

@@ -488,13 +488,25 @@ impl Store {
 
     /// A task's round history, oldest first.
     pub async fn rounds(&self, task: &str) -> Result<Vec<RoundRecord>, StoreError> {
+        self.rounds_after(task, None).await
+    }
+
+    /// A task's rounds numbered after `after` (all of them for `None`), oldest first: what
+    /// a follower of the history (the TensorBoard writer) has not seen yet, without reading
+    /// the whole history again at every round.
+    pub async fn rounds_after(
+        &self,
+        task: &str,
+        after: Option<u64>,
+    ) -> Result<Vec<RoundRecord>, StoreError> {
         let rows = sqlx::query(
             "SELECT round, status, base_version, version, participants, examples, mean_loss, \
              mean_accuracy, started_at, ended_at, commit_ms, reason, kind, privacy FROM rounds \
-             WHERE task = ? \
+             WHERE task = ? AND round > ? \
              ORDER BY round",
         )
         .bind(task)
+        .bind(after.map_or(-1, |r| r as i64))
         .fetch_all(&self.pool)
         .await?;
         Ok(rows

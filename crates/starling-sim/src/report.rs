@@ -58,6 +58,44 @@ pub struct RoundMetrics {
     pub wall_secs: f64,
 }
 
+impl RoundMetrics {
+    /// The round as TensorBoard scalars (`starling simulate --tensorboard`), under the tags
+    /// the server writes for its rounds (`starling_server::tensorboard`): a committed round's
+    /// `train/loss`, `train/accuracy`, `round/participants` (the devices that reported),
+    /// `round/examples` (not under differential privacy, which publishes none) and
+    /// `privacy/epsilon`; `round/abandoned` = 1 for a round that committed nothing;
+    /// `eval/loss` and `eval/accuracy` when the round was evaluated, here on the held-out
+    /// test set; and the simulator's own `sim/virtual_secs`, the virtual clock's time.
+    pub fn tensorboard_scalars(&self) -> Vec<(&'static str, f64)> {
+        let mut out = Vec::new();
+        if self.committed {
+            if let Some(loss) = self.train_loss {
+                out.push(("train/loss", loss));
+            }
+            if let Some(accuracy) = self.train_accuracy {
+                out.push(("train/accuracy", accuracy));
+            }
+            out.push(("round/participants", self.reported as f64));
+            if self.epsilon.is_none() {
+                out.push(("round/examples", self.examples as f64));
+            }
+            if let Some(epsilon) = self.epsilon {
+                out.push(("privacy/epsilon", epsilon));
+            }
+        } else {
+            out.push(("round/abandoned", 1.0));
+        }
+        if let Some(loss) = self.test_loss {
+            out.push(("eval/loss", f64::from(loss)));
+        }
+        if let Some(accuracy) = self.test_accuracy {
+            out.push(("eval/accuracy", f64::from(accuracy)));
+        }
+        out.push(("sim/virtual_secs", self.virtual_secs));
+        out
+    }
+}
+
 /// A finished simulation.
 #[derive(Debug, Clone, Serialize)]
 pub struct SimReport {

@@ -97,9 +97,18 @@ fn an_operator_creates_an_enrolled_task_from_a_model_file_and_rolls_it_back() {
     std::fs::write(&model, initial.to_safetensors(None)).unwrap();
     let out = ok(&admin(
         &url,
-        &["create", "--settings", settings.to_str().unwrap(), "--model", model.to_str().unwrap()],
+        &[
+            "create",
+            "--settings",
+            settings.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+        ],
     ));
-    assert!(out.contains("created task `line`: training, version 1"), "{out}");
+    assert!(
+        out.contains("created task `line`: training, version 1"),
+        "{out}"
+    );
 
     // A device without the secret or a credential is refused, and says why.
     let refused = starling()
@@ -132,11 +141,8 @@ fn an_operator_creates_an_enrolled_task_from_a_model_file_and_rolls_it_back() {
         .collect();
 
     // The operator sees the three devices, and revokes one: its next run is refused.
-    let listed: serde_json::Value = serde_json::from_str(&ok(&admin(
-        &url,
-        &["devices", "--task", "line", "--json"],
-    )))
-    .unwrap();
+    let listed: serde_json::Value =
+        serde_json::from_str(&ok(&admin(&url, &["devices", "--task", "line", "--json"]))).unwrap();
     let ids: Vec<&str> = listed["devices"]
         .as_array()
         .unwrap()
@@ -145,7 +151,10 @@ fn an_operator_creates_an_enrolled_task_from_a_model_file_and_rolls_it_back() {
         .collect();
     assert_eq!(ids.len(), 3, "{listed}");
     let table = ok(&admin(&url, &["devices", "--task", "line"]));
-    assert!(table.contains("bench 0") && table.contains("active"), "{table}");
+    assert!(
+        table.contains("bench 0") && table.contains("active"),
+        "{table}"
+    );
     // Device 0's id: the one labelled "bench 0".
     let zero = listed["devices"]
         .as_array()
@@ -156,14 +165,20 @@ fn an_operator_creates_an_enrolled_task_from_a_model_file_and_rolls_it_back() {
         .as_str()
         .unwrap()
         .to_string();
-    ok(&admin(&url, &["revoke", "--task", "line", "--device", &zero]));
+    ok(&admin(
+        &url,
+        &["revoke", "--task", "line", "--device", &zero],
+    ));
     let again = device(dir.path(), &url, 0, 1).output().unwrap();
     assert!(!again.status.success());
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(err.contains("revoked"), "{err}");
 
     // Rolled back to the operator's model: version 4 holds W = 0, b = 0 again.
-    let out = ok(&admin(&url, &["rollback", "--task", "line", "--version", "1"]));
+    let out = ok(&admin(
+        &url,
+        &["rollback", "--task", "line", "--version", "1"],
+    ));
     assert!(out.contains("now version 4"), "{out}");
     let body = crate::common::http()
         .get(format!("{url}/v1/tasks/line/model"))

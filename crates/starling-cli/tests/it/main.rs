@@ -6,5 +6,6 @@ mod data;
 mod demo;
 mod privacy;
 mod processes;
+mod tensorboard;
 mod tls;
 mod train;

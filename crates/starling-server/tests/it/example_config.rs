@@ -69,6 +69,7 @@ fn commented_out_keys_are_valid_keys() {
         .collect();
     let s: Settings = toml::from_str(&uncommented).unwrap();
     assert!(s.server.database.is_some());
+    assert!(s.server.tensorboard_dir.is_some());
     assert!(s.tasks[0].spec_file.is_some());
 }
 
