@@ -72,7 +72,6 @@ pub struct Server {
     state: api::AppState,
     settings: Settings,
     tls: Option<Arc<rustls::ServerConfig>>,
-    tensorboard: tensorboard::Writers,
 }
 
 impl Server {
@@ -100,16 +99,12 @@ impl Server {
             store.clone(),
             metrics.clone(),
             engine::SystemClock::new(),
+            settings.server.tensorboard_dir.as_deref(),
         )
         .await?;
         let credentials = credentials::Credentials::load(store.clone())
             .await
             .map_err(engine::EngineError::from)?;
-        let tensorboard = tensorboard::Writers::spawn(
-            settings.server.tensorboard_dir.as_deref(),
-            &tasks.all(),
-            &store,
-        );
         let sv = &settings.server;
         let state = api::AppState {
             tasks: Arc::new(tasks),
@@ -135,7 +130,6 @@ impl Server {
             state,
             settings,
             tls,
-            tensorboard,
         })
     }
 
@@ -180,7 +174,7 @@ impl Server {
             shutdown,
         )
         .await;
-        self.tensorboard.stop().await;
+        self.state.tasks.stop_writers().await;
         self.state.store.close().await;
         tracing::info!("server stopped");
         Ok(())

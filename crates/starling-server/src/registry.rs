@@ -14,6 +14,7 @@ use crate::engine::{self, Clock, EngineError, TaskHandle};
 use crate::metrics::Metrics;
 use crate::settings::{Admission, TaskDefinition, TaskSettings};
 use crate::store::{Store, StoreError};
+use crate::tensorboard::Writers;
 
 /// Why an admin change to the task list was refused.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +64,8 @@ pub struct Tasks {
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
     changes: tokio::sync::Mutex<()>,
+    /// TensorBoard event files of every task's history (`server.tensorboard_dir`).
+    writers: std::sync::Mutex<Writers>,
 }
 
 /// Parses an admin call's task settings: the keys of one `[[tasks]]` entry of a settings file,
@@ -100,11 +103,14 @@ impl Tasks {
     /// Starts the engines of the settings file's tasks and of the tasks created through the
     /// admin API (a stored task that no longer starts is logged and left out; one the settings
     /// file now defines too is served as the file says).
+    /// With `tensorboard_dir`, every task's round history is written there as TensorBoard
+    /// event files, those created or changed later included.
     pub async fn start(
         defs: Vec<TaskDefinition>,
         store: Store,
         metrics: Arc<Metrics>,
         clock: Arc<dyn Clock>,
+        tensorboard_dir: Option<&std::path::Path>,
     ) -> Result<Self, EngineError> {
         let configured: HashSet<String> = defs.iter().map(|d| d.name.clone()).collect();
         for d in &defs {
@@ -138,6 +144,7 @@ impl Tasks {
                 ),
             }
         }
+        let writers = Writers::spawn(tensorboard_dir, &list, &store);
         Ok(Self {
             list: RwLock::new(list),
             configured,
@@ -145,6 +152,7 @@ impl Tasks {
             metrics,
             clock,
             changes: tokio::sync::Mutex::new(()),
+            writers: std::sync::Mutex::new(writers),
         })
     }
 
@@ -209,6 +217,7 @@ impl Tasks {
             handle.set_paused(true).await?;
         }
         self.write().push(handle.clone());
+        self.follow(&handle);
         tracing::info!(task = %name, "task created through the admin API");
         Ok(handle)
     }
@@ -247,6 +256,7 @@ impl Tasks {
                 *t = handle.clone();
             }
         }
+        self.follow(&handle);
         tracing::info!(task = %name, "task settings replaced through the admin API");
         Ok(handle)
     }
@@ -260,6 +270,25 @@ impl Tasks {
         self.store.delete_task(name).await?;
         tracing::warn!(task = %name, "task deleted through the admin API");
         Ok(())
+    }
+
+    fn follow(&self, task: &TaskHandle) {
+        self.writers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .follow(task);
+    }
+
+    /// Writes what is left of every task's TensorBoard history and stops the writers; the
+    /// server calls this after its last request and before closing the store.
+    pub async fn stop_writers(&self) {
+        let writers = std::mem::take(
+            &mut *self
+                .writers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        writers.stop().await;
     }
 
     /// The task `name`, if the admin API may change it.

@@ -299,9 +299,12 @@ fn hostname() -> String {
 }
 
 /// The background writers of a server's tasks' event files, one tokio task per task; none
-/// without a directory.
+/// without a directory. Tasks started later (through the admin API) are followed from then
+/// on ([`Writers::follow`]).
 #[derive(Debug, Default)]
 pub struct Writers {
+    /// Where the files go, and what the followers read; `None`: no files.
+    target: Option<(PathBuf, Store, watch::Receiver<()>)>,
     /// Dropped to tell the followers to write what is left and stop.
     stop: Option<watch::Sender<()>>,
     followers: Vec<Follower>,
@@ -322,36 +325,47 @@ impl Writers {
             return Self::default();
         };
         let (stop, stopped) = watch::channel(());
-        let followers = tasks
-            .iter()
-            .map(|task| {
-                let (written_tx, written) = watch::channel(None);
-                let log = TaskLog {
-                    task: task.name().to_string(),
-                    dir: dir.join(task.name()),
-                    writer: None,
-                    last: None,
-                    failed: false,
-                    store_failed: false,
-                    written: written_tx,
-                };
-                let join = tokio::spawn(follow(
-                    log,
-                    task.subscribe(),
-                    store.clone(),
-                    stopped.clone(),
-                ));
-                Follower {
-                    task: task.name().to_string(),
-                    written,
-                    join,
-                }
-            })
-            .collect();
-        Self {
+        let mut writers = Self {
+            target: Some((dir.to_path_buf(), store.clone(), stopped)),
             stop: Some(stop),
-            followers,
+            followers: Vec::new(),
+        };
+        for task in tasks {
+            writers.follow(task);
         }
+        writers
+    }
+
+    /// Follows one more task (created or restarted at run time): its stored history into a
+    /// fresh file, then each round as it closes. Nothing without a directory. A task that
+    /// was followed before (replaced through the admin API) gets a fresh file, which
+    /// TensorBoard reads as the same run started again.
+    pub fn follow(&mut self, task: &TaskHandle) {
+        let Some((dir, store, stopped)) = &self.target else {
+            return;
+        };
+        self.followers.retain(|f| !f.join.is_finished());
+        let (written_tx, written) = watch::channel(None);
+        let log = TaskLog {
+            task: task.name().to_string(),
+            dir: dir.join(task.name()),
+            writer: None,
+            last: None,
+            failed: false,
+            store_failed: false,
+            written: written_tx,
+        };
+        let join = tokio::spawn(follow(
+            log,
+            task.subscribe(),
+            store.clone(),
+            stopped.clone(),
+        ));
+        self.followers.push(Follower {
+            task: task.name().to_string(),
+            written,
+            join,
+        });
     }
 
     /// The last round of `task` written to its event file and flushed (`None` before the
@@ -359,6 +373,7 @@ impl Writers {
     pub fn written(&self, task: &str) -> Option<watch::Receiver<Option<u64>>> {
         self.followers
             .iter()
+            .rev()
             .find(|f| f.task == task)
             .map(|f| f.written.clone())
     }

@@ -175,13 +175,13 @@ fn simulate_writes_the_rounds_results_json_reports() {
 }
 
 /// `starling serve --tensorboard DIR` writes each task's history into `DIR/<task>/` from
-/// the start (none closed yet: no scalars).
+/// the start (none closed yet: no scalars), a task created through the admin API included.
 #[test]
 fn serve_writes_an_event_file_per_task() {
     let tmp = tempfile::tempdir().unwrap();
     let config = write_config(
         tmp.path(),
-        "[[tasks]]\nname = \"alpha\"\n\n[[tasks]]\nname = \"beta\"\n",
+        "[[tasks]]\nname = \"alpha\"\nadmission = \"open\"\n\n[[tasks]]\nname = \"beta\"\nadmission = \"open\"\n",
     );
     let tb = tmp.path().join("tb");
     let mut cmd = starling();
@@ -190,9 +190,18 @@ fn serve_writes_an_event_file_per_task() {
         .env_remove("PORT")
         .env_remove("STARLING_PORT")
         .env_remove("STARLING_TENSORBOARD_DIR");
+    cmd.env("STARLING_ADMIN_TOKEN", "tensorboard-admin-token-01");
     let server = ServeProcess::start_with(cmd, &config, &tmp.path().join("data"), "info");
+    // A task created at run time is followed too.
+    let created = crate::common::http()
+        .post(format!("{}/v1/admin/tasks", server.url))
+        .header("x-starling-admin-token", "tensorboard-admin-token-01")
+        .body("name = \"gamma\"\nadmission = \"open\"\n")
+        .send()
+        .unwrap();
+    assert_eq!(created.status(), 201);
     let log = server.terminate();
-    for task in ["alpha", "beta"] {
+    for task in ["alpha", "beta", "gamma"] {
         let files: Vec<_> = std::fs::read_dir(tb.join(task)).unwrap().collect();
         assert_eq!(files.len(), 1, "{task}: {log}");
         assert!(tensorboard_reads(&tb.join(task)).is_empty());
