@@ -5,15 +5,19 @@
 //!
 //! - [`transport`]: the protocol as a trait, and its HTTP implementation.
 //! - [`device`]: the device loop, its retries and its give-up deadline.
+//! - [`session`]: a resumable device: one contribution as explicit steps, saved between them,
+//!   with the device policy (the host's conditions against the task's requirements).
 //! - [`data`]: loading local data files.
 
 pub mod data;
 pub mod device;
+pub mod session;
 pub mod transport;
 
 use std::time::Duration;
 
 pub use device::{Device, DeviceEvent, DeviceOptions, DeviceReport};
+pub use session::{Outcome, Session, Step};
 pub use starling_core::wire::protocol::ErrorCode;
 pub use transport::{CheckInAnswer, HttpTransport, Transport};
 
@@ -49,6 +53,9 @@ pub enum ClientError {
     /// Local data is unusable.
     #[error("local data: {0}")]
     Data(String),
+    /// A session's saved state is unusable, or a step was asked for out of order.
+    #[error("session: {0}")]
+    State(String),
     /// Local training failed.
     #[error(transparent)]
     Train(#[from] starling_core::trainer::train::TrainError),

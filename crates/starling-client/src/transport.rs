@@ -50,6 +50,12 @@ pub trait Transport: Send + Sync {
         task: &str,
         device: &str,
     ) -> impl std::future::Future<Output = Result<CheckInAnswer, ClientError>> + Send;
+    /// The task's current plan (what an assignment would ask, and the device conditions it
+    /// requires), read without checking in.
+    fn plan(
+        &self,
+        task: &str,
+    ) -> impl std::future::Future<Output = Result<starling_core::Plan, ClientError>> + Send;
     /// Downloads the current checkpoint; `None` when it is still `cached_version`.
     fn download(
         &self,
@@ -375,6 +381,24 @@ impl Transport for HttpTransport {
             return Err(refusal(resp).await);
         }
         answer(resp, "check-in answer").await
+    }
+
+    async fn plan(&self, task: &str) -> Result<starling_core::Plan, ClientError> {
+        let resp = self
+            .client
+            .get(self.url(&format!("/v1/tasks/{task}")))
+            .send()
+            .await
+            .map_err(unreachable)?;
+        if !resp.status().is_success() {
+            return Err(refusal(resp).await);
+        }
+        #[derive(serde::Deserialize)]
+        struct TaskPlan {
+            plan: starling_core::Plan,
+        }
+        let t: TaskPlan = answer(resp, "task").await?;
+        Ok(t.plan)
     }
 
     async fn download(

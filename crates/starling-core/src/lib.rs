@@ -27,6 +27,6 @@ pub use data::Dataset;
 pub use tensor::Tensor;
 pub use trainer::model::Model;
 pub use trainer::spec::ModelSpec;
-pub use trainer::train::{Plan, TrainReport};
+pub use trainer::train::{Conditions, Plan, Requirements, TrainReport};
 pub use wire::params::{Layout, Parameters};
 pub use wire::update::{CheckedUpdate, UpdateMeta, UpdateView};

@@ -48,6 +48,87 @@ pub struct Plan {
     /// consistent; with plain FedAvg partial updates pull the average towards what the
     /// devices that stopped early saw, so no partial work is the safer default.
     pub partial_work: bool,
+    /// The conditions a device must be in before it checks in (the eligibility Google's
+    /// production client applies): charging, idle, on an unmetered network, a battery level.
+    /// The host reports its conditions and the client library checks in only when they hold
+    /// ([`Requirements::unmet`]). None by default.
+    #[serde(skip_serializing_if = "Requirements::is_none")]
+    pub requires: Requirements,
+}
+
+/// What a task asks of a device's conditions before it takes part (see [`Plan::requires`]).
+/// A condition the host does not report counts as unmet when required.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Requirements {
+    /// The device must be charging.
+    pub charging: bool,
+    /// The device must be idle (not in use).
+    pub idle: bool,
+    /// The device must be on an unmetered network (Wi-Fi, not mobile data).
+    pub unmetered: bool,
+    /// The battery must be at least this full, from 0 to 1 (0: any level).
+    pub min_battery: f32,
+}
+
+/// A device's conditions, as its host reports them; `None`: unknown.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Conditions {
+    /// Charging.
+    pub charging: Option<bool>,
+    /// Idle.
+    pub idle: Option<bool>,
+    /// On an unmetered network.
+    pub unmetered: Option<bool>,
+    /// Battery level, from 0 to 1.
+    pub battery: Option<f32>,
+}
+
+impl Requirements {
+    /// Whether nothing is required.
+    pub fn is_none(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The first requirement `conditions` do not meet, in words; `None` when all hold.
+    pub fn unmet(&self, conditions: &Conditions) -> Option<String> {
+        let need = |required: bool, state: Option<bool>, what: &str| {
+            (required && state != Some(true)).then(|| {
+                format!(
+                    "the task requires the device to be {what}, and it {}",
+                    if state.is_none() {
+                        "does not say"
+                    } else {
+                        "is not"
+                    }
+                )
+            })
+        };
+        need(self.charging, conditions.charging, "charging")
+            .or_else(|| need(self.idle, conditions.idle, "idle"))
+            .or_else(|| {
+                need(
+                    self.unmetered,
+                    conditions.unmetered,
+                    "on an unmetered network",
+                )
+            })
+            .or_else(|| {
+                (self.min_battery > 0.0
+                    && conditions.battery.is_none_or(|b| !(b >= self.min_battery)))
+                .then(|| {
+                    format!(
+                        "the task requires a battery at least {:.0}% full, and it {}",
+                        self.min_battery * 100.0,
+                        match conditions.battery {
+                            None => "does not say".to_string(),
+                            Some(b) => format!("is {:.0}%", b * 100.0),
+                        }
+                    )
+                })
+            })
+    }
 }
 
 impl Default for Plan {
@@ -61,6 +142,7 @@ impl Default for Plan {
             seed: 0,
             mu: 0.0,
             partial_work: false,
+            requires: Requirements::default(),
         }
     }
 }
@@ -98,6 +180,12 @@ impl Plan {
         }
         if !(self.mu.is_finite() && self.mu >= 0.0) {
             return Err(TrainError::Plan("mu must be a finite number >= 0".into()));
+        }
+        let b = self.requires.min_battery;
+        if !(b.is_finite() && (0.0..=1.0).contains(&b)) {
+            return Err(TrainError::Plan(
+                "requires.min_battery must be in [0, 1]".into(),
+            ));
         }
         Ok(())
     }

@@ -805,6 +805,7 @@ async fn same_numbers() -> Result<()> {
                 seed: 11,
                 mu: 0.0,
                 partial_work: false,
+                requires: Default::default(),
             },
         ),
         (
@@ -832,6 +833,7 @@ async fn same_numbers() -> Result<()> {
                 seed: 5,
                 mu: 0.3,
                 partial_work: false,
+                requires: Default::default(),
             },
         ),
     ];
