@@ -116,7 +116,9 @@ impl Requirements {
             })
             .or_else(|| {
                 (self.min_battery > 0.0
-                    && conditions.battery.is_none_or(|b| !(b >= self.min_battery)))
+                    && conditions
+                        .battery
+                        .is_none_or(|b| b.is_nan() || b < self.min_battery))
                 .then(|| {
                     format!(
                         "the task requires a battery at least {:.0}% full, and it {}",
