@@ -76,6 +76,11 @@ pub fn parse_admin_settings(text: &str) -> Result<(TaskSettings, TaskDefinition)
     settings
         .require_admission()
         .map_err(RegistryError::Invalid)?;
+    if settings.initial_model.is_some() {
+        return Err(RegistryError::Invalid(
+            "initial_model names a file on the server, which the admin API does not read".into(),
+        ));
+    }
     if settings.spec_file.is_some() {
         return Err(RegistryError::Invalid(
             "spec_file names a file on the server, which the admin API does not read; use a \

@@ -8,6 +8,7 @@ use starling_core::aggregate::StrategyConfig;
 use starling_core::trainer::builtin;
 use starling_core::trainer::spec::ModelSpec;
 use starling_core::trainer::train::Plan;
+use starling_core::Parameters;
 
 /// Errors in loading settings.
 #[derive(Debug, thiserror::Error)]
@@ -173,10 +174,15 @@ impl ServerSettings {
 pub struct TaskSettings {
     /// The task's name, used in URLs.
     pub name: String,
-    /// A built-in model (`linear`, `logistic`, `mlp`, `cnn`) — or set `spec_file`.
+    /// A built-in model (`linear`, `logistic`, `mlp`, `cnn`) — or set `spec_file` — or
+    /// `external`: a model brought from outside, defined by `initial_model` alone and trained
+    /// by devices through an SDK.
     pub model: String,
     /// A JSON model spec file, instead of a built-in model.
     pub spec_file: Option<PathBuf>,
+    /// With `model = "external"`: a safetensors file whose F32 tensors (names, shapes,
+    /// values) are the model and its version 0.
+    pub initial_model: Option<PathBuf>,
     /// Input features of a built-in model.
     pub inputs: usize,
     /// Outputs (classes for `logistic`) of a built-in model.
@@ -489,6 +495,7 @@ impl Default for TaskSettings {
             name: "linear".into(),
             model: "linear".into(),
             spec_file: None,
+            initial_model: None,
             inputs: 1,
             outputs: 1,
             init_seed: 0,
@@ -557,6 +564,9 @@ pub struct TaskDefinition {
     pub rounds: RoundPolicy,
     /// Seed of the initial parameters.
     pub init_seed: u64,
+    /// The initial parameters of an external model (from `initial_model`); otherwise the
+    /// spec's initialisers with `init_seed` make them.
+    pub initial_params: Option<Parameters>,
     /// L2 bound on updates and on a commit's step.
     pub max_update_norm: f64,
     /// Cap on one update's weight.
@@ -615,6 +625,7 @@ impl TaskSettings {
                 "a task name uses only letters, digits, `-` and `_`".into(),
             ));
         }
+        let mut initial_params = None;
         let spec = match &self.spec_file {
             Some(path) => {
                 let json = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
@@ -622,6 +633,41 @@ impl TaskSettings {
                     source,
                 })?;
                 ModelSpec::from_json(&json).map_err(|e| invalid(e.to_string()))?
+            }
+            None if self.model == starling_core::trainer::spec::EXTERNAL => {
+                let path = self.initial_model.as_ref().ok_or_else(|| {
+                    invalid(
+                        "model = \"external\" needs initial_model: a safetensors file of the \
+                         model's tensors"
+                            .into(),
+                    )
+                })?;
+                let bytes = std::fs::read(path).map_err(|source| SettingsError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                let (params, _) = Parameters::from_safetensors(&bytes)
+                    .map_err(|e| invalid(format!("initial_model {}: {e}", path.display())))?;
+                if let Some((name, _)) = params
+                    .iter()
+                    .find(|(_, t)| t.data().iter().any(|v| !v.is_finite()))
+                {
+                    return Err(invalid(format!(
+                        "initial_model {}: tensor `{name}` holds NaN or an infinity",
+                        path.display()
+                    )));
+                }
+                let spec = ModelSpec::external(
+                    params
+                        .iter()
+                        .map(|(name, t)| starling_core::trainer::spec::TensorSpec {
+                            name: name.to_string(),
+                            shape: t.shape().to_vec(),
+                        })
+                        .collect(),
+                );
+                initial_params = Some(params);
+                spec
             }
             None => builtin::by_name(&self.model, self.inputs, self.outputs).ok_or_else(|| {
                 if builtin::NAMES.contains(&self.model.as_str()) {
@@ -632,7 +678,8 @@ impl TaskSettings {
                     ))
                 } else {
                     invalid(format!(
-                        "unknown model `{}` (built-in models: {})",
+                        "unknown model `{}` (built-in models: {}; or `external` with \
+                         initial_model)",
                         self.model,
                         builtin::NAMES.join(", ")
                     ))
@@ -762,6 +809,7 @@ impl TaskSettings {
             plan,
             rounds: r.clone(),
             init_seed: self.init_seed,
+            initial_params,
             max_update_norm: self.max_update_norm,
             max_examples_per_update: self.max_examples_per_update,
             weighting: self.weighting,
@@ -831,6 +879,9 @@ impl Settings {
         for task in &mut settings.tasks {
             if let Some(spec) = task.spec_file.as_mut().filter(|p| p.is_relative()) {
                 *spec = dir.join(&*spec);
+            }
+            if let Some(m) = task.initial_model.as_mut().filter(|p| p.is_relative()) {
+                *m = dir.join(&*m);
             }
         }
         Ok(settings)

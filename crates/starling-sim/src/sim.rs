@@ -499,6 +499,7 @@ pub async fn run(
             retry_secs: 1.0,
         },
         init_seed: config.seed,
+        initial_params: None,
         // A simulation's updates are the researcher's own: no bound beyond finiteness (the
         // bound also caps a commit's step, so it must be finite), weights as claimed, and
         // rounds of any size.

@@ -283,3 +283,67 @@ async fn an_update_for_a_round_that_moved_on_is_dropped_and_the_session_goes_idl
         other => panic!("{other:?}"),
     }
 }
+
+/// Bring your own model: a task defined only by a safetensors checkpoint (`model =
+/// "external"`, `initial_model`). The server serves and averages it; the built-in trainer
+/// says it cannot train it; weights from the host's own training commit.
+#[tokio::test]
+async fn an_external_model_is_trained_with_the_hosts_weights() {
+    use starling_core::{Parameters, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let initial = Parameters::new(vec![
+        (
+            "encoder.weight".into(),
+            Tensor::new(vec![2, 3], vec![0.1, 0.2, 0.3, 0.4, 0.5, 0.6]).unwrap(),
+        ),
+        (
+            "head.bias".into(),
+            Tensor::new(vec![1], vec![-1.0]).unwrap(),
+        ),
+    ])
+    .unwrap();
+    let file = dir.path().join("initial.safetensors");
+    std::fs::write(&file, initial.to_safetensors(None)).unwrap();
+    let mut s = Settings::default();
+    s.server.data_dir = dir.path().join("data");
+    s.tasks = vec![TaskSettings {
+        model: "external".into(),
+        initial_model: Some(file),
+        rounds: RoundPolicy {
+            goal: 1,
+            min: 1,
+            deadline_secs: 60.0,
+            overcommit: 1.0,
+            retry_secs: 0.1,
+        },
+        min_cohort: 1,
+        max_assignments_per_address: 100,
+        ..TaskSettings::default()
+    }];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = starling_server::spawn(s, listener).await.unwrap();
+    let mut session = open(&running.url(), state.path());
+    session.check_in(&READY).await.unwrap();
+    session.download().await.unwrap();
+    let model = session.model().unwrap();
+    assert!(model.spec.is_external());
+    assert_eq!(model.params, initial, "version 0 is the checkpoint");
+
+    // The built-in trainer refuses, saying what to do instead.
+    let data = synthetic_line(2.0, 1.0, (-1.0, 1.0), 10, 0.1, 3);
+    match session.train(&data) {
+        Err(e) => assert!(e.to_string().contains("SDK"), "{e}"),
+        Ok(o) => panic!("{o:?}"),
+    }
+    let mut trained = initial.clone();
+    trained.get_mut("head.bias").unwrap().data_mut()[0] = 0.5;
+    session.submit_params(&trained, 20, Some(0.1)).unwrap();
+    assert!(matches!(
+        session.upload().await.unwrap(),
+        Outcome::Delivered { .. }
+    ));
+    let mut rx = running.tasks[0].subscribe();
+    rx.wait_for(|st| st.model.version == 1).await.unwrap();
+    assert_eq!(running.tasks[0].status().model.params.as_ref(), &trained);
+}

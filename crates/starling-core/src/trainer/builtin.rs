@@ -27,6 +27,7 @@ pub fn linear(inputs: usize, outputs: usize) -> ModelSpec {
             bias_init: Init::Constant { value: 3.0 },
         }],
         loss: LossSpec::Mse,
+        external: None,
     }
 }
 
@@ -45,6 +46,7 @@ pub fn logistic(inputs: usize, classes: usize) -> ModelSpec {
             bias_init: Init::Zeros,
         }],
         loss: LossSpec::SoftmaxCrossEntropy,
+        external: None,
     }
 }
 
@@ -74,6 +76,7 @@ pub fn mlp(inputs: usize, classes: usize) -> ModelSpec {
             dense(classes),
         ],
         loss: LossSpec::SoftmaxCrossEntropy,
+        external: None,
     }
 }
 
@@ -114,6 +117,7 @@ pub fn cnn(input_shape: [usize; 3], classes: usize) -> ModelSpec {
             dense(classes),
         ],
         loss: LossSpec::SoftmaxCrossEntropy,
+        external: None,
     }
 }
 

@@ -102,6 +102,14 @@ impl Model {
     /// Compiles a spec.
     pub fn new(spec: ModelSpec) -> Result<Self, SpecError> {
         spec.validate()?;
+        if spec.is_external() {
+            return Err(SpecError::Invalid(
+                "this task's model was brought from outside Starling (an external model): the \
+                 built-in trainer cannot train it; train it with your own framework through \
+                 an SDK (Python, Java/JNI or C) and submit the weights"
+                    .into(),
+            ));
+        }
         let layout = spec.layout();
         let (resolved, result) = spec.resolve();
         result?;

@@ -162,6 +162,72 @@ pub struct ModelSpec {
     pub layers: Vec<LayerSpec>,
     /// The loss.
     pub loss: LossSpec,
+    /// A model brought from outside ("bring your own model"): only its tensors' names and
+    /// shapes, in this order, taken from an initial checkpoint; no layers (`layers` is empty)
+    /// and no built-in trainer. Devices train it with their own framework through an SDK
+    /// (Python, JNI, C) and submit weights; the server averages it like any other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external: Option<Vec<TensorSpec>>,
+}
+
+/// One tensor of an external model: its name and shape (F32).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    /// The tensor's name, as in the checkpoint (`dense1.weight`, `fc.bias`...).
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+}
+
+/// The name of the spec of a model brought from outside.
+pub const EXTERNAL: &str = "external";
+
+impl ModelSpec {
+    /// The spec of a model brought from outside: these tensors, no layers, no built-in
+    /// trainer.
+    pub fn external(tensors: Vec<TensorSpec>) -> Self {
+        Self {
+            name: EXTERNAL.into(),
+            inputs: 1,
+            input_shape: None,
+            layers: Vec::new(),
+            loss: LossSpec::Mse,
+            external: Some(tensors),
+        }
+    }
+
+    /// Whether the model is brought from outside (trained only through an SDK).
+    pub fn is_external(&self) -> bool {
+        self.external.is_some()
+    }
+
+    fn validate_external(tensors: &[TensorSpec], layers: usize) -> Result<(), SpecError> {
+        if layers > 0 {
+            return Err(SpecError::Invalid(
+                "an external model has tensors, not layers".into(),
+            ));
+        }
+        if tensors.is_empty() {
+            return Err(SpecError::Invalid(
+                "an external model needs at least one tensor".into(),
+            ));
+        }
+        for (i, t) in tensors.iter().enumerate() {
+            if t.name.is_empty() || t.shape.contains(&0) {
+                return Err(SpecError::Invalid(format!(
+                    "external tensor {i} (`{}`, shape {:?}) needs a name and no empty dimension",
+                    t.name, t.shape
+                )));
+            }
+            if tensors[..i].iter().any(|o| o.name == t.name) {
+                return Err(SpecError::Invalid(format!(
+                    "parameter name `{}` is used twice",
+                    t.name
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A parameter tensor of a layer, resolved against the shape of the layer's input.
@@ -355,6 +421,9 @@ impl ModelSpec {
 
     /// Checks shapes, widths and names.
     pub fn validate(&self) -> Result<(), SpecError> {
+        if let Some(tensors) = &self.external {
+            return Self::validate_external(tensors, self.layers.len());
+        }
         if self.inputs == 0 {
             return Err(SpecError::Invalid("inputs must be at least 1".into()));
         }
@@ -439,6 +508,14 @@ impl ModelSpec {
     /// The parameter layout this spec defines: layer by layer, each layer's weight then its
     /// bias.
     pub fn layout(&self) -> Layout {
+        if let Some(tensors) = &self.external {
+            return Layout::new(
+                tensors
+                    .iter()
+                    .map(|t| (t.name.clone(), t.shape.clone()))
+                    .collect(),
+            );
+        }
         Layout::new(
             self.param_entries()
                 .into_iter()
@@ -447,8 +524,18 @@ impl ModelSpec {
         )
     }
 
-    /// Fresh parameters from the spec's initialisers, seeded.
+    /// Fresh parameters from the spec's initialisers, seeded (zeros for an external model,
+    /// whose initial values come from its checkpoint).
     pub fn init_params(&self, seed: u64) -> Parameters {
+        if let Some(tensors) = &self.external {
+            return Parameters::new(
+                tensors
+                    .iter()
+                    .map(|t| (t.name.clone(), Tensor::zeros(t.shape.clone())))
+                    .collect(),
+            )
+            .expect("validated specs have unique names");
+        }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut tensors = Vec::new();
         for p in self.param_entries() {

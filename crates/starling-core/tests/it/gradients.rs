@@ -110,6 +110,7 @@ fn image_model(name: &str, shape: [usize; 3], layers: Vec<LayerSpec>, loss: Loss
         input_shape: Some(shape.to_vec()),
         layers,
         loss,
+        external: None,
     }
 }
 
@@ -138,6 +139,7 @@ fn hidden_layers_with_each_activation() {
                 input_shape: None,
                 layers: vec![dense(4), act.clone(), dense(3)],
                 loss: LossSpec::SoftmaxCrossEntropy,
+                external: None,
             },
             classes(3),
         );
@@ -148,6 +150,7 @@ fn hidden_layers_with_each_activation() {
                 input_shape: None,
                 layers: vec![dense(3), act, dense(1)],
                 loss: LossSpec::Mse,
+                external: None,
             },
             |r| r.random_range(-1.0..1.0),
         );

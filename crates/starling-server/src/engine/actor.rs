@@ -99,7 +99,11 @@ pub async fn spawn(
     clock: Arc<dyn Clock>,
 ) -> Result<TaskHandle, EngineError> {
     let (stored, next_round) = store
-        .ensure_task(&def.name, &def.spec, || def.spec.init_params(def.init_seed))
+        .ensure_task(&def.name, &def.spec, || {
+            def.initial_params
+                .clone()
+                .unwrap_or_else(|| def.spec.init_params(def.init_seed))
+        })
         .await?;
     let layout = def.spec.layout();
     let mut strategy: Box<dyn Strategy> = def.strategy.build(&layout);
