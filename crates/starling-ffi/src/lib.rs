@@ -578,3 +578,90 @@ pub unsafe extern "C" fn starling_session_step(s: *mut StarlingSession) -> *cons
         _ => std::ptr::null(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn last_error() -> (String, String) {
+        // SAFETY: both are NUL-terminated strings owned by this thread's LAST_ERROR, read
+        // before the next call.
+        let read = |p| unsafe { CStr::from_ptr(p) }.to_str().unwrap().to_string();
+        (
+            read(starling_last_error_message()),
+            read(starling_last_error_code()),
+        )
+    }
+
+    #[test]
+    fn a_panic_is_a_status_and_a_message_not_an_unwind() {
+        let status = call(|| panic!("on purpose"));
+        assert_eq!(status, STARLING_ERR_PANIC);
+        let (message, code) = last_error();
+        assert!(message.contains("on purpose"), "{message}");
+        assert_eq!(code, "");
+        // The next call clears it.
+        assert_eq!(call(|| Ok(())), STARLING_OK);
+        assert_eq!(last_error(), (String::new(), String::new()));
+    }
+
+    #[test]
+    fn a_refusal_keeps_the_servers_code_name() {
+        let status = call(|| {
+            Err(starling_client::ClientError::Refused {
+                status: 401,
+                code: None,
+                code_name: "missing_credential".into(),
+                message: "no credential".into(),
+                retry_after: None,
+            }
+            .into())
+        });
+        assert_eq!(status, STARLING_ERR_REFUSED);
+        assert_eq!(last_error().1, "missing_credential");
+    }
+
+    #[test]
+    fn a_long_reason_is_cut_at_a_character_boundary_and_terminated() {
+        let reason = "é".repeat(STARLING_REASON_LEN);
+        let out = StarlingOutcome::from(Record {
+            kind: Kind::Dropped,
+            round: 0,
+            evaluation: false,
+            version: 0,
+            examples: 0,
+            loss: f64::NAN,
+            updates_in_round: -1,
+            wait_secs: 0.0,
+            reason,
+        });
+        let bytes: Vec<u8> = out.reason.iter().map(|&c| c as u8).collect();
+        let text = CStr::from_bytes_until_nul(&bytes)
+            .unwrap()
+            .to_str()
+            .unwrap();
+        assert_eq!(text, "é".repeat((STARLING_REASON_LEN - 1) / 2));
+    }
+
+    #[test]
+    fn a_condition_flag_other_than_1_0_or_unknown_is_an_invalid_argument() {
+        let c = StarlingConditions {
+            charging: 2,
+            idle: STARLING_UNKNOWN,
+            unmetered: 1,
+            battery: f32::NAN,
+        };
+        let e = conditions(&c).unwrap_err();
+        assert_eq!(e.status, Status::InvalidArgument);
+        let ok = StarlingConditions { charging: 0, ..c };
+        assert_eq!(
+            conditions(&ok).unwrap(),
+            Conditions {
+                charging: Some(false),
+                idle: None,
+                unmetered: Some(true),
+                battery: None,
+            }
+        );
+    }
+}
