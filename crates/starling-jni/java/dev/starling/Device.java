@@ -5,6 +5,8 @@ package dev.starling;
  * in, download, train, upload) that can stop after any step and go on later, in another
  * process, from the folder. Each call blocks until its step is done (run it off the UI
  * thread); calls on one device are serialised. Every failure is a {@link StarlingException}.
+ * Close a device (try-with-resources): one left to the garbage collector keeps its native
+ * session (a runtime and an HTTP client) until the process ends.
  *
  * <pre>{@code
  * try (Device d = Device.open("https://fl.example.org", "keyboard", dir, credential)) {
