@@ -1,8 +1,8 @@
 //! The Java API through JNI on this machine's JVM: `javac` compiles `java/` and
 //! `tests/java/dev/starling/DeviceTest.java`, and `java -Djava.library.path=...` runs it
 //! against a real server in this process: two rounds (resuming from the folder after a
-//! download), and a refusal, bad arguments and a Rust panic arriving as
-//! `StarlingException`s.
+//! download), and, against an enrolled task, a refusal, bad arguments and a Rust panic
+//! arriving as `StarlingException`s, and an enrolled device's credential that works.
 //!
 //! Finding the library: cargo compiles the library target with all of its crate types also
 //! when it builds it for this test, so `libstarling_jni.so` is beside this test's binary
@@ -16,6 +16,8 @@ use std::process::Command;
 use starling_core::Plan;
 use starling_server::settings::{plan_table, Admission, RoundPolicy, Secret, TaskSettings};
 use starling_server::{Running, Settings};
+
+const SECRET: &str = "sixteen-chars-or-more-secret";
 
 /// A server whose `linear` task commits every update (rounds of one device).
 async fn server(dir: &Path, enrolled: bool) -> Running {
@@ -44,7 +46,7 @@ async fn server(dir: &Path, enrolled: bool) -> Running {
         } else {
             Admission::Open
         }),
-        enrollment_secret: enrolled.then(|| Secret::new("sixteen-chars-or-more-secret")),
+        enrollment_secret: enrolled.then(|| Secret::new(SECRET)),
         ..TaskSettings::default()
     }];
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -159,7 +161,7 @@ async fn a_java_device_delivers_two_rounds_through_jni() {
 }
 
 #[tokio::test]
-async fn refusals_bad_arguments_and_panics_arrive_as_starling_exceptions() {
+async fn refusals_bad_arguments_and_panics_arrive_as_starling_exceptions_and_enrolling_works() {
     let (dir, work) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let running = server(dir.path(), true).await;
     let state = work.path().join("state");
@@ -167,6 +169,7 @@ async fn refusals_bad_arguments_and_panics_arrive_as_starling_exceptions() {
         "errors".into(),
         running.url(),
         state.display().to_string(),
+        SECRET.into(),
     ])
     .await;
     for line in [
@@ -175,6 +178,8 @@ async fn refusals_bad_arguments_and_panics_arrive_as_starling_exceptions() {
         "ok a missing CSV is a data error",
         "ok a null path is an invalid argument",
         "ok a panic is an exception",
+        "code: enrollment_refused status: 2",
+        "ok an enrolled device is assigned",
     ] {
         assert!(stdout.contains(line), "no `{line}` in:\n{stdout}");
     }

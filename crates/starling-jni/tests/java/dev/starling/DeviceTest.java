@@ -6,8 +6,9 @@ package dev.starling;
  *   DeviceTest rounds <server> <stateDir> <csv>: two contributions through JNI, the first
  *     with advance() (closing the device after the download and reopening it from its
  *     folder), the second with the host's own weights (model() sent back by submitParams).
- *   DeviceTest errors <server> <stateDir>: a refusal, bad arguments and a panic arrive as
- *     StarlingException.
+ *   DeviceTest errors <server> <stateDir> <secret>: against an enrolled task, a refusal, bad
+ *     arguments and a panic arrive as StarlingException; enrolling gives a credential that
+ *     works.
  *
  * Prints one line per check; exits 0 when all passed.
  */
@@ -62,7 +63,7 @@ public final class DeviceTest {
         }
     }
 
-    static void errors(String server, String dir) throws StarlingException {
+    static void errors(String server, String dir, String secret) throws StarlingException {
         try (Device d = Device.open(server, "linear", dir, null)) {
             try {
                 d.checkIn(Conditions.UNKNOWN);
@@ -89,6 +90,18 @@ public final class DeviceTest {
             }
         }
         try {
+            Device.enroll(server, "linear", "not the secret at all", null, null);
+            check(false, "a wrong secret is refused");
+        } catch (StarlingException e) {
+            System.out.println("code: " + e.getCode() + " status: " + e.getStatus());
+            check(e.getStatus() == StarlingException.REFUSED, "a wrong secret is refused");
+        }
+        String credential = Device.enroll(server, "linear", secret, "java-test", null);
+        try (Device d = Device.open(server, "linear", dir, credential)) {
+            check(d.checkIn(Conditions.UNKNOWN).kind == Outcome.Kind.ASSIGNED,
+                    "an enrolled device is assigned");
+        }
+        try {
             Device.panicForTests();
             check(false, "a panic is an exception");
         } catch (StarlingException e) {
@@ -101,7 +114,7 @@ public final class DeviceTest {
         if (args[0].equals("rounds")) {
             rounds(args[1], args[2], args[3]);
         } else {
-            errors(args[1], args[2]);
+            errors(args[1], args[2], args[3]);
         }
         System.exit(failures == 0 ? 0 : 1);
     }
