@@ -44,7 +44,8 @@ fi
 # Build and install the package from this source (quiet unless it fails).
 log="$target/py-build.log"
 if ! VIRTUAL_ENV="$venv" PATH="$venv/bin:$PATH" CARGO_TARGET_DIR="$target/py-build" \
-    "$venv/bin/maturin" develop --manifest-path crates/starling-py/Cargo.toml >"$log" 2>&1; then
+    "$venv/bin/maturin" develop --locked --manifest-path crates/starling-py/Cargo.toml \
+    >"$log" 2>&1; then
     cat "$log" >&2
     echo "error: building the Python package failed (log above, also in $log)" >&2
     exit 1
