@@ -470,24 +470,31 @@ impl Device {
     #[pyo3(signature = (weights = None, delta = None, *, examples, loss = None))]
     fn submit(
         &mut self,
+        py: Python<'_>,
         weights: Option<&Bound<'_, PyDict>>,
         delta: Option<&Bound<'_, PyDict>>,
         examples: u64,
         loss: Option<f32>,
     ) -> PyResult<Outcome> {
         let model = guarded(|| Ok(self.session.model()?))?;
+        let (arrays, is_delta) = match (weights, delta) {
+            (Some(w), None) => (w, false),
+            (None, Some(d)) => (d, true),
+            _ => return Err(data_error("give exactly one of `weights` and `delta`".into()).into()),
+        };
+        let what = if is_delta { "delta" } else { "weights" };
+        let params = parameters(arrays, &model.params, what)?;
+        drop(model);
+        // Encoding and checking the update is the model's size in work: without the GIL.
         let session = &mut self.session;
-        match (weights, delta) {
-            (Some(w), None) => {
-                let params = parameters(w, &model.params, "weights")?;
-                Ok(guarded(|| Ok(session.submit_params(&params, examples, loss)?))?.into())
-            }
-            (None, Some(d)) => {
-                let params = parameters(d, &model.params, "delta")?;
-                Ok(guarded(|| Ok(session.submit_delta(&params, examples, loss)?))?.into())
-            }
-            _ => Err(data_error("give exactly one of `weights` and `delta`".into()).into()),
-        }
+        detached(py, || {
+            let outcome = if is_delta {
+                session.submit_delta(&params, examples, loss)?
+            } else {
+                session.submit_params(&params, examples, loss)?
+            };
+            Ok(outcome.into())
+        })
     }
 
     /// An evaluation round's score: `examples` scored, their mean `loss` and (classifiers)
