@@ -39,6 +39,20 @@ else
     exit 1
 fi
 
+# starling-ffi's tests compile a C program (cc); starling-jni's compile and run Java (a JDK:
+# javac and java, 17 or newer).
+if command -v cc >/dev/null 2>&1 && { [ -n "${JAVA_HOME:-}" ] || command -v javac >/dev/null 2>&1; }; then
+    echo "cc and a JDK: installed"
+elif command -v apt-get >/dev/null 2>&1; then
+    sudo=""
+    if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq gcc default-jdk-headless
+else
+    echo "error: install a C compiler (cc) and a JDK (javac, java), or set JAVA_HOME" >&2
+    exit 1
+fi
+
 # The TensorBoard tests read Starling's event files with TensorBoard's own reader: a pinned
 # tensorboard in a virtual environment under target/.
 bash scripts/tensorboard-venv.sh

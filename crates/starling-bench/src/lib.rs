@@ -7,6 +7,8 @@
 //! - [`server`]: a `starling serve` child process to measure from outside.
 //! - [`ingest`]: N devices uploading valid updates over HTTP; throughput, latency, memory.
 //! - [`checkin`]: thousands of concurrent check-ins against a small goal.
+//! - [`secagg`]: whole SecAgg+ rounds in process: communication expansion, device and server
+//!   CPU time.
 //! - [`soak`]: honest devices, aborted and malformed uploads and slow clients at once for a
 //!   fixed time; rounds committed and stuck, refusals by reason, server memory over time.
 
@@ -14,6 +16,7 @@ pub mod aggregate;
 pub mod checkin;
 pub mod ingest;
 pub mod machine;
+pub mod secagg;
 pub mod server;
 pub mod soak;
 

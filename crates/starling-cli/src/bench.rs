@@ -51,6 +51,28 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Whole secure-aggregation (SecAgg+) rounds in process: the bytes a device sends over
+    /// its plain f32 update, and device and server CPU time.
+    Secagg {
+        /// Devices per round; several values run one after the other.
+        #[arg(long, value_delimiter = ',', value_parser = count, default_value = "100,500,1000")]
+        devices: Vec<usize>,
+        /// Parameters per update; several values run one after the other.
+        #[arg(long, value_delimiter = ',', value_parser = count, default_value = "1e4")]
+        params: Vec<usize>,
+        /// Share of devices that drop out (a third after each of the first three steps).
+        #[arg(long, default_value_t = 0.1)]
+        dropout: f64,
+        /// Bits of one input value in the ring.
+        #[arg(long, default_value_t = 16)]
+        input_bits: u32,
+        /// Seed of the devices' inputs and secrets.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Thousands of devices check in at once against a small goal.
     Checkin {
         /// Devices checking in at once.
@@ -165,6 +187,58 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 pub(crate) fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     let m = machine::machine();
     match cmd {
+        Command::Secagg {
+            devices,
+            params,
+            dropout,
+            input_bits,
+            seed,
+            json,
+        } => {
+            let mut rows = Vec::new();
+            if !json {
+                println!(
+                    "SecAgg+ rounds in process ({input_bits}-bit inputs, {:.0}% dropping out)",
+                    dropout * 100.0
+                );
+                println!("machine: {m}");
+                println!(
+                    "{:>7} {:>9} {:>7} {:>6} {:>10} {:>10} {:>10} {:>12} {:>12}",
+                    "devices",
+                    "params",
+                    "degree",
+                    "ring",
+                    "survivors",
+                    "sent KB",
+                    "expansion",
+                    "device ms",
+                    "server ms"
+                );
+            }
+            for &p in &params {
+                for &n in &devices {
+                    let r = starling_bench::secagg::run(n, p, dropout, input_bits, seed)?;
+                    if !json {
+                        println!(
+                            "{:>7} {:>9} {:>7} {:>6} {:>10} {:>10.1} {:>10.3} {:>12.1} {:>12.1}",
+                            r.devices,
+                            r.params,
+                            r.degree,
+                            r.ring_bits,
+                            r.survivors,
+                            r.device_bytes / 1e3,
+                            r.expansion,
+                            r.device_cpu_ms,
+                            r.server_cpu_ms
+                        );
+                    }
+                    rows.push(r);
+                }
+            }
+            if json {
+                println!("{}", json!({"machine": m, "secagg": rows}));
+            }
+        }
         Command::Aggregate {
             params,
             seconds,

@@ -35,6 +35,26 @@ pub(crate) struct Args {
     /// A label for the operator's device list when the device enrolls.
     #[arg(long, value_name = "TEXT")]
     label: Option<String>,
+    /// Keep the device's state in this folder between steps (check in, download, train,
+    /// upload), so that a stopped device resumes where it stopped, in another process.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// With --state-dir: run exactly one step, print its outcome as JSON, and exit.
+    #[arg(long, requires = "state_dir")]
+    step: bool,
+    /// The device's conditions, for a task whose plan requires some (with --state-dir):
+    /// charging or not.
+    #[arg(long, value_name = "BOOL")]
+    charging: Option<bool>,
+    /// Idle (not in use) or not.
+    #[arg(long, value_name = "BOOL")]
+    idle: Option<bool>,
+    /// On an unmetered network or not.
+    #[arg(long, value_name = "BOOL")]
+    unmetered: Option<bool>,
+    /// Battery level, 0 to 1.
+    #[arg(long, value_name = "LEVEL")]
+    battery: Option<f32>,
     /// Local data: a CSV file of numbers (a header row is allowed).
     #[arg(long)]
     data: PathBuf,
@@ -133,6 +153,23 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
         secret.as_deref(),
         args.label.as_deref(),
     ))?;
+    if let Some(dir) = &args.state_dir {
+        let conditions = starling_core::Conditions {
+            charging: args.charging,
+            idle: args.idle,
+            unmetered: args.unmetered,
+            battery: args.battery,
+        };
+        return rt.block_on(run_session(
+            transport,
+            &options.task,
+            dir,
+            &data,
+            &conditions,
+            args.step,
+            options.rounds,
+        ));
+    }
     tracing::info!(server = %args.server, examples = data.len(), "device starting");
     let mut device = Device::new(transport, data, options);
     let report = rt.block_on(async move {
@@ -196,6 +233,73 @@ async fn with_credential(
             .with_context(|| format!("cannot write --credential-file {}", path.display()))?;
     }
     Ok(transport.with_credential(&answer.credential))
+}
+
+/// The outcome of a session step, as printed by `--step`.
+fn outcome_json(o: &starling_client::Outcome) -> serde_json::Value {
+    use serde_json::json;
+    use starling_client::Outcome as O;
+    match o {
+        O::NotEligible { reason } => json!({"outcome": "not_eligible", "reason": reason}),
+        O::Wait { secs, reason } => json!({"outcome": "wait", "secs": secs, "reason": reason}),
+        O::Assigned { round, kind } => {
+            json!({"outcome": "assigned", "round": round, "kind": kind.as_str()})
+        }
+        O::Downloaded { version } => json!({"outcome": "downloaded", "version": version}),
+        O::Trained { examples, loss } => {
+            json!({"outcome": "trained", "examples": examples, "loss": loss})
+        }
+        O::Scored { report } => json!({"outcome": "scored", "report": report}),
+        O::Delivered {
+            round,
+            updates_in_round,
+        } => json!({"outcome": "delivered", "round": round, "updates_in_round": updates_in_round}),
+        O::Dropped { reason } => json!({"outcome": "dropped", "reason": reason}),
+    }
+}
+
+/// `--state-dir`: the device as a resumable session. With `step`, one step; otherwise steps
+/// until `rounds` contributions were delivered (waiting as the server or the device's
+/// conditions say).
+async fn run_session(
+    transport: HttpTransport,
+    task: &str,
+    dir: &std::path::Path,
+    data: &starling_core::Dataset,
+    conditions: &starling_core::Conditions,
+    step: bool,
+    rounds: Option<u64>,
+) -> anyhow::Result<ExitCode> {
+    use starling_client::Outcome;
+    let mut session = starling_client::Session::open(transport, task, dir)
+        .with_context(|| format!("--state-dir {}", dir.display()))?;
+    if step {
+        let outcome = session.advance(data, conditions).await?;
+        println!("{}", outcome_json(&outcome));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut delivered = 0u64;
+    while rounds.is_none_or(|r| delivered < r) {
+        let outcome = match session.advance(data, conditions).await {
+            Ok(o) => o,
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, "step failed; trying again in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        tracing::info!(step = session.step().name(), "{}", outcome_json(&outcome));
+        match outcome {
+            Outcome::Delivered { .. } => delivered += 1,
+            Outcome::Wait { secs, .. } => {
+                tokio::time::sleep(Duration::from_secs_f64(secs.clamp(0.0, 60.0))).await;
+            }
+            Outcome::NotEligible { .. } => tokio::time::sleep(Duration::from_secs(30)).await,
+            _ => {}
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Writes a secret to a new file only its owner can read (mode 0600 on Unix).

@@ -34,7 +34,7 @@ pub(crate) struct Args {
     /// The PEM private key of --tls-cert (overrides the file and STARLING_TLS_KEY).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// Write TensorBoard event files of every task's round history into DIR/<task>/, each
+    /// Write TensorBoard event files of every task's round history into DIR/TASK/, each
     /// round as it closes (overrides the file and STARLING_TENSORBOARD_DIR); view them with
     /// `tensorboard --logdir DIR`.
     #[arg(long, value_name = "DIR")]

@@ -19,7 +19,7 @@
 //! was lost (only this device holds the token), so it counts as delivered.
 //!
 //! Device policy: before it checks in, the session reads the task's plan and compares its
-//! [`Requirements`] with the [`Conditions`] the host reports (charging, idle, unmetered
+//! [`Requirements`](starling_core::Requirements) with the [`Conditions`] the host reports (charging, idle, unmetered
 //! network, battery level); when one does not hold it answers [`Outcome::NotEligible`] and
 //! sends no check-in at all.
 

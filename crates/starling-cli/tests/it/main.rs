@@ -6,6 +6,7 @@ mod data;
 mod demo;
 mod privacy;
 mod processes;
+mod session;
 mod tensorboard;
 mod tls;
 mod train;

@@ -9,4 +9,5 @@ mod models;
 mod partial_work;
 mod partition;
 mod privacy;
+mod secagg;
 mod training;

@@ -279,10 +279,23 @@ fn the_openapi_schemas_match_the_protocol_types() {
         schemas["CheckInRequest"]["properties"]["device"]["maxLength"],
         MAX_DEVICE_ID as u64
     );
+    // A plan with requirements (a plan without any leaves the key out).
+    let requiring = Plan {
+        requires: starling_core::Requirements {
+            charging: true,
+            ..starling_core::Requirements::default()
+        },
+        ..Plan::default()
+    };
     check(
         "Plan",
         &schemas["Plan"],
-        serde_json::to_value(Plan::default()).unwrap(),
+        serde_json::to_value(requiring).unwrap(),
+    );
+    assert!(serde_json::to_value(Plan::default()).unwrap()["requires"].is_null());
+    assert_eq!(
+        keys(&schemas["Plan"]["properties"]["requires"]["properties"]),
+        keys(&serde_json::to_value(starling_core::Requirements::default()).unwrap())
     );
     check(
         "EvaluationReport",
