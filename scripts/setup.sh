@@ -56,3 +56,7 @@ fi
 # The TensorBoard tests read Starling's event files with TensorBoard's own reader: a pinned
 # tensorboard in a virtual environment under target/.
 bash scripts/tensorboard-venv.sh
+
+# The Python SDK (crates/starling-py): a virtual environment under target/ with pinned maturin
+# and NumPy, and the package built from this source and installed into it.
+bash scripts/python-venv.sh
