@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
+use base64::Engine as _;
 use serde_json::Value;
 use starling_core::wire::protocol::{
     ErrorBody, RollbackAnswer, RollbackRequest, ADMIN_TOKEN_HEADER,
@@ -18,6 +19,7 @@ pub(crate) enum Command {
     /// Create a task from a TOML file of its settings (the keys of one `[[tasks]]` entry);
     /// with --model, its initial model comes from a safetensors file (the task is created
     /// paused, the model installed, then the task resumed, so no device trains the seed's).
+    /// A task of your own model (`model = "external"`) needs --model: the file defines it.
     Create {
         #[command(flatten)]
         server: ServerArgs,
@@ -226,6 +228,14 @@ fn read(path: &PathBuf, what: &str) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))
 }
 
+/// Whether task settings (TOML) say `model = "external"`; the server judges the rest.
+fn is_external(settings: &[u8]) -> bool {
+    std::str::from_utf8(settings)
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .is_some_and(|t| t.get("model").and_then(|m| m.as_str()) == Some("external"))
+}
+
 fn task_line(t: &Value) -> String {
     format!(
         "task `{}`: {}, version {}, admission {}",
@@ -267,6 +277,25 @@ async fn run_async(command: Command, token: &str) -> anyhow::Result<()> {
             let admin = Admin::new(&server, token)?;
             let text = read(&settings, "--settings")?;
             let model = model.map(|m| read(&m, "--model")).transpose()?;
+            if is_external(&text) {
+                // Your own model: it defines the task, so it travels with the settings.
+                let model = model.context(
+                    "model = \"external\" is defined by its initial model: pass --model FILE \
+                     (a safetensors file of its F32 tensors)",
+                )?;
+                let body = serde_json::json!({
+                    "settings": String::from_utf8_lossy(&text),
+                    "initial_model": base64::engine::general_purpose::STANDARD.encode(model),
+                });
+                let answer = admin
+                    .call(
+                        Method::POST,
+                        &format!("/v1/admin/tasks?paused={paused}"),
+                        Some(("application/json", serde_json::to_vec(&body)?)),
+                    )
+                    .await?;
+                return admin.print(&answer, |t| format!("created {}", task_line(t)));
+            }
             let hold = paused || model.is_some();
             let created = admin
                 .call(

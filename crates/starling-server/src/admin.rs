@@ -5,7 +5,8 @@
 //!
 //! - `POST /v1/admin/tasks` (TOML task settings; `?paused=true` to create it paused) and
 //!   `PUT /v1/admin/tasks/{task}` (new settings) and `DELETE /v1/admin/tasks/{task}`: tasks at
-//!   run time ([`crate::registry`]).
+//!   run time ([`crate::registry`]). A task of your own model (`model = "external"`) is
+//!   created with a JSON body, `{"settings": TOML, "initial_model": base64 safetensors}`.
 //! - `POST /v1/admin/tasks/{task}/pause` and `/resume`.
 //! - `PUT /v1/admin/tasks/{task}/model`: a safetensors file of the task's tensors becomes its
 //!   next version (an initial model of the operator's own).
@@ -96,6 +97,74 @@ struct CreateQuery {
     paused: bool,
 }
 
+/// The largest body of a task created with its initial model (base64 in JSON): 256 MiB. Only
+/// an operator holding the admin token gets to send one.
+const MAX_ADMIN_MODEL_BODY: usize = 256 << 20;
+
+/// The JSON body of `POST /v1/admin/tasks` for a task of an external model.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateWithModel {
+    /// The task settings, as TOML.
+    settings: String,
+    /// The initial model: a safetensors file, base64 (standard alphabet, padded).
+    initial_model: String,
+}
+
+/// The settings and initial model of `POST /v1/admin/tasks`: TOML text, or the JSON form
+/// that carries an external model's initial model.
+async fn create_body(
+    s: &AppState,
+    request: Request,
+) -> Result<(String, Option<Vec<u8>>), ApiError> {
+    let json = request
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !json {
+        return Ok((settings_text(s, request).await?, None));
+    }
+    let body = read_body(
+        request.into_body(),
+        MAX_ADMIN_MODEL_BODY,
+        s.limits.body_timeout,
+    )
+    .await
+    .map_err(|e| match e {
+        BodyError::TooLarge => ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("a task with its initial model has at most {MAX_ADMIN_MODEL_BODY} bytes"),
+        ),
+        BodyError::TimedOut => ApiError::new(
+            ErrorCode::RequestTimeout,
+            "the task settings did not arrive in time",
+        ),
+        BodyError::Disconnected | BodyError::Malformed(_) => {
+            ApiError::new(ErrorCode::BadRequest, "the task settings could not be read")
+        }
+    })?;
+    let form: CreateWithModel = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidSettings,
+            format!(
+                "a JSON task is {{\"settings\": TOML text, \"initial_model\": base64 \
+                 safetensors}}: {e}"
+            ),
+        )
+    })?;
+    use base64::Engine as _;
+    let model = base64::engine::general_purpose::STANDARD
+        .decode(form.initial_model.trim())
+        .map_err(|e| {
+            ApiError::new(
+                ErrorCode::InvalidSettings,
+                format!("initial_model is not base64 (standard alphabet, padded): {e}"),
+            )
+        })?;
+    Ok((form.settings, Some(model)))
+}
+
 async fn settings_text(s: &AppState, request: Request) -> Result<String, ApiError> {
     let body = read_control_body(
         s,
@@ -112,15 +181,16 @@ async fn settings_text(s: &AppState, request: Request) -> Result<String, ApiErro
     })
 }
 
-/// `POST /v1/admin/tasks`: a new task from TOML settings (the keys of one `[[tasks]]` entry).
+/// `POST /v1/admin/tasks`: a new task from TOML settings (the keys of one `[[tasks]]` entry),
+/// or from JSON with an external model's initial model.
 async fn create_task(
     State(s): State<AppState>,
     Query(q): Query<CreateQuery>,
     request: Request,
 ) -> Result<Response, ApiError> {
     check_admin(&s, request.headers())?;
-    let text = settings_text(&s, request).await?;
-    let t = s.tasks.create(&text, q.paused).await?;
+    let (text, model) = create_body(&s, request).await?;
+    let t = s.tasks.create(&text, model.as_deref(), q.paused).await?;
     Ok((StatusCode::CREATED, Json(task_json(&t))).into_response())
 }
 

@@ -69,8 +69,13 @@ pub struct Tasks {
 }
 
 /// Parses an admin call's task settings: the keys of one `[[tasks]]` entry of a settings file,
-/// as TOML. Admission must be stated, and `spec_file` (a path on the server) is refused.
-pub fn parse_admin_settings(text: &str) -> Result<(TaskSettings, TaskDefinition), RegistryError> {
+/// as TOML, and, for `model = "external"`, the initial model the call sent (safetensors
+/// bytes). Admission must be stated; `spec_file` and `initial_model` (paths on the server)
+/// are refused.
+pub fn parse_admin_settings(
+    text: &str,
+    initial_model: Option<&[u8]>,
+) -> Result<(TaskSettings, TaskDefinition), RegistryError> {
     let settings: TaskSettings = toml::from_str(text)
         .map_err(|e| RegistryError::Invalid(format!("task settings (TOML): {}", e.message())))?;
     settings
@@ -78,8 +83,32 @@ pub fn parse_admin_settings(text: &str) -> Result<(TaskSettings, TaskDefinition)
         .map_err(RegistryError::Invalid)?;
     if settings.initial_model.is_some() {
         return Err(RegistryError::Invalid(
-            "initial_model names a file on the server, which the admin API does not read".into(),
+            "initial_model names a file on the server, which the admin API does not read; \
+             send the model with the settings instead (a JSON body {\"settings\": TOML, \
+             \"initial_model\": base64 safetensors}, or `starling admin create --initial-model \
+             FILE`)"
+                .into(),
         ));
+    }
+    let external = settings.model == starling_core::trainer::spec::EXTERNAL;
+    match (external, initial_model.is_some()) {
+        (true, false) => {
+            return Err(RegistryError::Invalid(
+                "model = \"external\" needs its initial model: send a JSON body \
+                 {\"settings\": TOML, \"initial_model\": base64 safetensors} (or `starling \
+                 admin create --initial-model FILE`)"
+                    .into(),
+            ))
+        }
+        (false, true) => {
+            return Err(RegistryError::Invalid(format!(
+                "an initial model is for model = \"external\"; the built-in model `{}` makes \
+                 its own (install another as the next version with PUT \
+                 /v1/admin/tasks/{{task}}/model)",
+                settings.model
+            )))
+        }
+        _ => {}
     }
     if settings.spec_file.is_some() {
         return Err(RegistryError::Invalid(
@@ -89,7 +118,7 @@ pub fn parse_admin_settings(text: &str) -> Result<(TaskSettings, TaskDefinition)
         ));
     }
     let def = settings
-        .resolve()
+        .resolve_with(initial_model)
         .map_err(|e| RegistryError::Invalid(e.to_string()))?;
     Ok((settings, def))
 }
@@ -123,7 +152,7 @@ impl Tasks {
         }
         let mut list =
             engine::start_tasks(defs, store.clone(), metrics.clone(), clock.clone()).await?;
-        for (name, text) in store.admin_tasks().await? {
+        for (name, text, model) in store.admin_tasks().await? {
             if configured.contains(&name) {
                 tracing::warn!(
                     task = %name,
@@ -132,7 +161,7 @@ impl Tasks {
                 );
                 continue;
             }
-            let started = match parse_admin_settings(&text) {
+            let started = match parse_admin_settings(&text, model.as_deref()) {
                 Ok((_, def)) => {
                     warn_if_open(&def);
                     engine::spawn(def, store.clone(), metrics.clone(), clock.clone())
@@ -204,8 +233,14 @@ impl Tasks {
 
     /// Creates a task from an admin call's settings (`text`, TOML) and starts it, paused when
     /// `paused` (so that an operator can install a model before devices train).
-    pub async fn create(&self, text: &str, paused: bool) -> Result<TaskHandle, RegistryError> {
-        let (_, def) = parse_admin_settings(text)?;
+    /// An external model's task comes with its initial model (`initial_model`, safetensors).
+    pub async fn create(
+        &self,
+        text: &str,
+        initial_model: Option<&[u8]>,
+        paused: bool,
+    ) -> Result<TaskHandle, RegistryError> {
+        let (_, def) = parse_admin_settings(text, initial_model)?;
         let _change = self.changes.lock().await;
         if self.get(&def.name).is_some() {
             return Err(RegistryError::Conflict(format!(
@@ -214,7 +249,9 @@ impl Tasks {
             )));
         }
         let name = def.name.clone();
-        self.store.put_admin_task(&name, text).await?;
+        self.store
+            .put_admin_task(&name, text, initial_model)
+            .await?;
         warn_if_open(&def);
         let handle = self.spawn(def).await?;
         // Not yet in the list, so no request reaches it before the pause.
@@ -230,8 +267,13 @@ impl Tasks {
     /// Replaces a task's settings (its plan, round policy, admission...) with an admin call's:
     /// its engine stops (the open round ends unrecorded) and starts again from its latest
     /// version with the new settings. The model must stay the same.
+    /// An external model keeps the initial model it was created with.
     pub async fn replace(&self, name: &str, text: &str) -> Result<TaskHandle, RegistryError> {
-        let (_, def) = parse_admin_settings(text)?;
+        let stored = match self.get(name) {
+            Some(t) if t.spec().is_external() => self.store.admin_task_model(name).await?,
+            _ => None,
+        };
+        let (_, def) = parse_admin_settings(text, stored.as_deref())?;
         if def.name != name {
             return Err(RegistryError::Invalid(format!(
                 "the settings name task `{}`, the URL task `{name}`; a task cannot be renamed",
@@ -246,7 +288,7 @@ impl Tasks {
             )));
         }
         old.stop().await;
-        self.store.put_admin_task(name, text).await?;
+        self.store.put_admin_task(name, text, None).await?;
         warn_if_open(&def);
         let handle = match self.spawn(def).await {
             Ok(h) => h,

@@ -612,8 +612,18 @@ impl TaskSettings {
         Ok(())
     }
 
-    /// Resolves the model and plan, reading `spec_file` if set.
+    /// Resolves the model and plan, reading `spec_file` or `initial_model` if set.
     pub fn resolve(&self) -> Result<TaskDefinition, SettingsError> {
+        self.resolve_with(None)
+    }
+
+    /// Resolves the model and plan; an external model's initial parameters are `initial_model`
+    /// (a safetensors file's bytes, as an admin call sends them) when given, else read from
+    /// the `initial_model` path.
+    pub fn resolve_with(
+        &self,
+        initial_model: Option<&[u8]>,
+    ) -> Result<TaskDefinition, SettingsError> {
         let invalid = |m: String| SettingsError::Invalid(format!("task `{}`: {m}", self.name));
         if self.name.is_empty()
             || !self
@@ -635,26 +645,31 @@ impl TaskSettings {
                 ModelSpec::from_json(&json).map_err(|e| invalid(e.to_string()))?
             }
             None if self.model == starling_core::trainer::spec::EXTERNAL => {
-                let path = self.initial_model.as_ref().ok_or_else(|| {
-                    invalid(
-                        "model = \"external\" needs initial_model: a safetensors file of the \
-                         model's tensors"
-                            .into(),
-                    )
-                })?;
-                let bytes = std::fs::read(path).map_err(|source| SettingsError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
+                let (bytes, source) = match (initial_model, &self.initial_model) {
+                    (Some(bytes), _) => (bytes.to_vec(), "the initial model".to_string()),
+                    (None, Some(path)) => (
+                        std::fs::read(path).map_err(|source| SettingsError::Read {
+                            path: path.clone(),
+                            source,
+                        })?,
+                        format!("initial_model {}", path.display()),
+                    ),
+                    (None, None) => {
+                        return Err(invalid(
+                            "model = \"external\" needs initial_model: a safetensors file of \
+                             the model's tensors"
+                                .into(),
+                        ))
+                    }
+                };
                 let (params, _) = Parameters::from_safetensors(&bytes)
-                    .map_err(|e| invalid(format!("initial_model {}: {e}", path.display())))?;
+                    .map_err(|e| invalid(format!("{source}: {e}")))?;
                 if let Some((name, _)) = params
                     .iter()
                     .find(|(_, t)| t.data().iter().any(|v| !v.is_finite()))
                 {
                     return Err(invalid(format!(
-                        "initial_model {}: tensor `{name}` holds NaN or an infinity",
-                        path.display()
+                        "{source}: tensor `{name}` holds NaN or an infinity"
                     )));
                 }
                 let spec = ModelSpec::external(

@@ -226,15 +226,20 @@ CREATE TABLE IF NOT EXISTS admin_tasks (
 );
 ";
 
+/// A task created through the admin API: its name, its settings (TOML) and, for an external
+/// model, its initial model (safetensors).
+pub type AdminTask = (String, String, Option<Vec<u8>>);
+
 /// Columns added since the first schema: `(table, column, definition)`, added to databases
 /// created before them.
-const ADDED_COLUMNS: [(&str, &str, &str); 6] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 7] = [
     ("checkpoints", "strategy_state", "BLOB NOT NULL DEFAULT x''"),
     ("rounds", "reason", "TEXT"),
     ("rounds", "kind", "TEXT NOT NULL DEFAULT 'training'"),
     ("checkpoints", "privacy_state", "BLOB NOT NULL DEFAULT x''"),
     ("rounds", "privacy", "TEXT"),
     ("tasks", "paused", "INTEGER NOT NULL DEFAULT 0"),
+    ("admin_tasks", "initial_model", "BLOB"),
 ];
 
 async fn migrate(pool: &SqlitePool) -> Result<(), StoreError> {
@@ -622,28 +627,48 @@ impl Store {
     }
 
     /// Stores (or replaces) the settings of a task created through the admin API, as the TOML
-    /// the operator sent, so that a restart serves it again.
-    pub async fn put_admin_task(&self, name: &str, settings: &str) -> Result<(), StoreError> {
+    /// the operator sent, and an external model's initial model (safetensors), so that a
+    /// restart serves it again. New settings without a model keep the stored one.
+    pub async fn put_admin_task(
+        &self,
+        name: &str,
+        settings: &str,
+        initial_model: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO admin_tasks (name, settings, updated_at) VALUES (?, ?, ?) \
+            "INSERT INTO admin_tasks (name, settings, updated_at, initial_model) \
+             VALUES (?, ?, ?, ?) \
              ON CONFLICT(name) DO UPDATE SET settings = excluded.settings, \
-             updated_at = excluded.updated_at",
+             updated_at = excluded.updated_at, \
+             initial_model = COALESCE(excluded.initial_model, admin_tasks.initial_model)",
         )
         .bind(name)
         .bind(settings)
         .bind(now_ms())
+        .bind(initial_model)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    /// The tasks created through the admin API: `(name, settings TOML)`, oldest first.
-    pub async fn admin_tasks(&self) -> Result<Vec<(String, String)>, StoreError> {
-        Ok(
-            sqlx::query_as("SELECT name, settings FROM admin_tasks ORDER BY updated_at, name")
-                .fetch_all(&self.pool)
-                .await?,
+    /// The tasks created through the admin API: `(name, settings TOML, initial model)`, oldest
+    /// first.
+    pub async fn admin_tasks(&self) -> Result<Vec<AdminTask>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT name, settings, initial_model FROM admin_tasks ORDER BY updated_at, name",
         )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The initial model stored with an admin task, if it has one.
+    pub async fn admin_task_model(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let row: Option<(Option<Vec<u8>>,)> =
+            sqlx::query_as("SELECT initial_model FROM admin_tasks WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.and_then(|(m,)| m))
     }
 
     /// Deletes a task and everything stored of it: versions, round history, credentials and

@@ -203,3 +203,73 @@ fn an_operator_creates_an_enrolled_task_from_a_model_file_and_rolls_it_back() {
         assert!(!err.contains(secret), "a secret is in the device's logs");
     }
 }
+
+/// A task of the operator's own model through `starling admin create`: the safetensors file
+/// defines it (its tensors are the layout, its values version 0); without the file the CLI
+/// says what is missing and nothing is created.
+#[test]
+fn an_operator_creates_a_task_of_their_own_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let mut cmd = starling();
+    cmd.args(["serve", "--port", "0"])
+        .env_remove("PORT")
+        .env_remove("STARLING_PORT")
+        .env("STARLING_ADMIN_TOKEN", ADMIN);
+    let server = ServeProcess::start_with(cmd, &config, &dir.path().join("data"), "info");
+    let url = server.url.clone();
+
+    let settings = dir.path().join("own.toml");
+    std::fs::write(
+        &settings,
+        "name = \"own\"\nmodel = \"external\"\nadmission = \"enrolled\"\n\
+         enrollment_secret = \"lab-devices-enroll-9b41\"\n",
+    )
+    .unwrap();
+    let without = admin(&url, &["create", "--settings", settings.to_str().unwrap()]);
+    assert!(!without.status.success());
+    let message = String::from_utf8_lossy(&without.stderr);
+    assert!(message.contains("--model"), "{message}");
+    assert!(crate::common::http()
+        .get(format!("{url}/v1/tasks/own"))
+        .send()
+        .unwrap()
+        .status()
+        .is_client_error());
+
+    let own = Parameters::new(vec![
+        ("head.b".into(), Tensor::new(vec![4], vec![0.5; 4]).unwrap()),
+        (
+            "head.w".into(),
+            Tensor::new(vec![8, 4], vec![0.25; 32]).unwrap(),
+        ),
+    ])
+    .unwrap();
+    let model = dir.path().join("own.safetensors");
+    std::fs::write(&model, own.to_safetensors(None)).unwrap();
+    let out = ok(&admin(
+        &url,
+        &[
+            "create",
+            "--settings",
+            settings.to_str().unwrap(),
+            "--model",
+            model.to_str().unwrap(),
+        ],
+    ));
+    assert!(
+        out.contains("created task `own`: training, version 0"),
+        "{out}"
+    );
+    let task = crate::common::get_json(&format!("{url}/v1/tasks/own"));
+    assert_eq!(task["spec"]["name"], "external", "{task}");
+    assert_eq!(task["parameter_count"], 36, "{task}");
+    let served = crate::common::http()
+        .get(format!("{url}/v1/tasks/own/model"))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    assert_eq!(Parameters::from_safetensors(&served).unwrap().0, own);
+    server.terminate();
+}

@@ -277,3 +277,173 @@ async fn bad_admin_calls_are_refused_with_their_code_and_change_nothing() {
     let tasks = h.get_json("/v1/tasks").await;
     assert_eq!(tasks.as_array().unwrap().len(), 1, "{tasks}");
 }
+
+/// Settings of a task of the operator's own model (`model = "external"`).
+const BYOM: &str = r#"
+name = "byom"
+model = "external"
+admission = "open"
+min_cohort = 1
+max_assignments_per_address = 100
+[rounds]
+goal = 1
+min = 1
+"#;
+
+/// A model no built-in spec describes: two tensors of the operator's choosing.
+fn own_model(value: f32) -> Parameters {
+    // In the order a safetensors file lists them: by name.
+    Parameters::new(vec![
+        (
+            "encoder.bias".into(),
+            Tensor::new(vec![2], vec![value; 2]).unwrap(),
+        ),
+        (
+            "encoder.weight".into(),
+            Tensor::new(vec![2, 3], vec![value; 6]).unwrap(),
+        ),
+    ])
+    .unwrap()
+}
+
+/// The JSON body that creates a task with its initial model.
+fn with_model(settings: &str, model: &[u8]) -> Vec<u8> {
+    use base64::Engine as _;
+    serde_json::to_vec(&serde_json::json!({
+        "settings": settings,
+        "initial_model": base64::engine::general_purpose::STANDARD.encode(model),
+    }))
+    .unwrap()
+}
+
+/// An admin call with a JSON body.
+async fn call_json(h: &Harness, path: &str, body: Vec<u8>) -> (StatusCode, Value) {
+    let r = h
+        .post(path)
+        .header(ADMIN_TOKEN_HEADER, ADMIN)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status(), r.json().await.unwrap_or(Value::Null))
+}
+
+async fn byom_model(h: &Harness) -> Parameters {
+    let r = h.get("/v1/tasks/byom/model").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    Parameters::from_safetensors(&r.bytes().await.unwrap())
+        .unwrap()
+        .0
+}
+
+#[tokio::test]
+async fn an_operator_creates_a_task_of_their_own_model_through_the_admin_api() {
+    use reqwest::Method;
+    let dir = tempfile::tempdir().unwrap();
+    let h = server_in(dir.path()).await;
+    let model = own_model(0.5);
+    let file = model.to_safetensors(None);
+
+    // Bad calls first: each refused with its code, and no task made.
+    let mut nan = own_model(0.5);
+    nan.get_mut("encoder.bias").unwrap().data_mut()[1] = f32::NAN;
+    for (body, expect) in [
+        // TOML alone cannot define an external model.
+        (None, "initial model"),
+        (Some(with_model(DIGITS, &file)), "external"),
+        (Some(with_model(BYOM, b"not safetensors")), "initial model"),
+        (Some(with_model(BYOM, &nan.to_safetensors(None))), "nan"),
+        (
+            Some(with_model(
+                &BYOM.replace("[rounds]", "initial_model = \"/etc/passwd\"\n[rounds]"),
+                &file,
+            )),
+            "initial_model",
+        ),
+        (Some(b"{\"settings\": 3}".to_vec()), "settings"),
+        (
+            Some(
+                serde_json::to_vec(&serde_json::json!({"settings": BYOM, "initial_model": "***"}))
+                    .unwrap(),
+            ),
+            "base64",
+        ),
+    ] {
+        let (status, v) = match body {
+            None => call(&h, Method::POST, "/v1/admin/tasks", Some(BYOM.into())).await,
+            Some(b) => call_json(&h, "/v1/admin/tasks", b).await,
+        };
+        assert_eq!(
+            (status, code(&v)),
+            (StatusCode::BAD_REQUEST, "invalid_settings"),
+            "{v}"
+        );
+        let message = v["error"]["message"].as_str().unwrap().to_lowercase();
+        assert!(message.contains(expect), "{expect}: {message}");
+    }
+    assert_eq!(h.get_json("/v1/tasks").await.as_array().unwrap().len(), 1);
+
+    // Created with its model: the tensors define the task, and version 0 is the model.
+    let (status, t) = call_json(&h, "/v1/admin/tasks", with_model(BYOM, &file)).await;
+    assert_eq!(status, StatusCode::CREATED, "{t}");
+    assert_eq!(byom_model(&h).await, model);
+    let spec = &h.get_json("/v1/tasks/byom").await["spec"];
+    assert_eq!(spec["name"], "external", "{spec}");
+
+    // A device of its own framework trains it: its delta makes version 1.
+    let v: Value = h
+        .post("/v1/tasks/byom/checkin")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let answer: starling_core::wire::protocol::CheckInAnswer = serde_json::from_value(v).unwrap();
+    let a = crate::harness::Assigned::try_from(answer).unwrap();
+    let step = own_model(0.25);
+    let (status, v) = h
+        .post_update(&a.upload_url, &a.token, a.body(&step, 10))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+    // The commit follows the upload's answer: wait for it (bounded).
+    let mut version = 0;
+    for _ in 0..400 {
+        version = h.get_json("/v1/tasks/byom").await["version"]
+            .as_u64()
+            .unwrap();
+        if version == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(version, 1, "the round never committed");
+    let trained = byom_model(&h).await;
+    assert_eq!(trained, own_model(0.75));
+
+    // New settings keep the model it was created with.
+    let changed = BYOM.replace("goal = 1", "goal = 3");
+    let (status, t) = call(
+        &h,
+        Method::PUT,
+        "/v1/admin/tasks/byom",
+        Some(changed.into()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{t}");
+    assert_eq!(
+        (t["round"]["goal"].as_u64(), t["version"].as_u64()),
+        (Some(3), Some(1))
+    );
+
+    // Restarted: served again, with its layout and its trained version.
+    h.server.stop().await.unwrap();
+    let h = server_in(dir.path()).await;
+    let t = h.get_json("/v1/tasks/byom").await;
+    assert_eq!(
+        (t["round"]["goal"].as_u64(), t["version"].as_u64()),
+        (Some(3), Some(1))
+    );
+    assert_eq!(byom_model(&h).await, own_model(0.75));
+}

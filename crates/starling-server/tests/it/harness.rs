@@ -180,7 +180,12 @@ impl Harness {
             .unwrap_or_else(|other| panic!("expected an assignment, got {other:?}"))
     }
 
-    async fn post_update(&self, path: &str, token: &str, body: Vec<u8>) -> (StatusCode, Value) {
+    pub(crate) async fn post_update(
+        &self,
+        path: &str,
+        token: &str,
+        body: Vec<u8>,
+    ) -> (StatusCode, Value) {
         let r = self
             .post(path)
             .header(TOKEN_HEADER, token)
