@@ -39,6 +39,12 @@ pub(crate) struct Args {
     /// upload), so that a stopped device resumes where it stopped, in another process.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// With --state-dir: keep the device's examples in the folder under this many bytes of
+    /// storage. A --data file's examples join them as the newest, once (the same file given
+    /// again, as every --step process does, is not added twice); the oldest beyond the
+    /// budget are dropped; training uses what is kept.
+    #[arg(long, value_name = "BYTES", requires = "state_dir")]
+    storage_budget: Option<u64>,
     /// With --state-dir: run exactly one step, print its outcome as JSON, and exit.
     #[arg(long, requires = "state_dir")]
     step: bool,
@@ -103,7 +109,34 @@ pub(crate) fn target_column(arg: Option<&str>) -> TargetColumn {
 }
 
 pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let data = load_csv(&args.data, &target_column(args.target_column.as_deref()))?;
+    let mut data = load_csv(&args.data, &target_column(args.target_column.as_deref()))?;
+    if let (Some(budget), Some(dir)) = (args.storage_budget, &args.state_dir) {
+        let mut store = starling_client::examples::ExampleStore::open(dir, budget)?;
+        // The digest of the file last added, so a file is added once.
+        let marker = dir.join("examples.added");
+        let digest = {
+            use sha2::Digest;
+            let bytes = std::fs::read(&args.data)
+                .with_context(|| format!("cannot read {}", args.data.display()))?;
+            format!("{:x}", sha2::Sha256::digest(bytes))
+        };
+        if std::fs::read_to_string(&marker).ok().as_deref() != Some(digest.as_str()) {
+            let added = store.add(&data)?;
+            std::fs::write(&marker, &digest)
+                .with_context(|| format!("cannot write {}", marker.display()))?;
+            tracing::info!(
+                kept = added.kept,
+                dropped = added.dropped,
+                stored = added.stored,
+                bytes = store.bytes(),
+                budget,
+                "local examples stored within the storage budget"
+            );
+        }
+        if let Some(kept) = store.dataset() {
+            data = kept.clone();
+        }
+    }
     let local_dp = match (args.local_dp_clip, args.local_dp_noise) {
         (Some(clip), Some(noise_multiplier)) => {
             let ldp = LocalDp {

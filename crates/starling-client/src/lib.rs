@@ -8,9 +8,11 @@
 //! - [`session`]: a resumable device: one contribution as explicit steps, saved between them,
 //!   with the device policy (the host's conditions against the task's requirements).
 //! - [`data`]: loading local data files.
+//! - [`examples`]: the device's local examples under a storage budget, newest kept.
 
 pub mod data;
 pub mod device;
+pub mod examples;
 pub mod session;
 pub mod transport;
 

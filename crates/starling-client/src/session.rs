@@ -9,7 +9,8 @@
 //! the model) and `update.safetensors` (the encoded update, waiting to be uploaded). Each is
 //! written to a temporary file, synced and renamed into place, so a crash leaves the old
 //! state or the new one, never half of one. Only the update and the device's own state are
-//! kept; the local data is the host's, and never written here.
+//! kept; the local data is the host's, and written here only when the host keeps it in an
+//! [`ExampleStore`](crate::examples::ExampleStore) under a storage budget.
 //!
 //! Every step is one attempt. A step that fails in a way worth repeating
 //! ([`ClientError::is_retryable`]) leaves the state as it was: the host runs it again later.
@@ -208,7 +209,7 @@ fn io_error(what: &str, path: &Path, e: std::io::Error) -> ClientError {
 }
 
 /// Writes `bytes` to `path` through a synced temporary file and a rename.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ClientError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ClientError> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let write = || -> std::io::Result<()> {

@@ -131,3 +131,76 @@ fn a_device_that_is_not_charging_does_not_check_in_to_a_task_that_requires_it() 
     let out = step(&server.url, &csv, &state, &["--charging", "true"]);
     assert_eq!(out["outcome"], "assigned", "{out}");
 }
+
+/// The examples each committed round was trained on, oldest round first.
+fn round_examples(url: &str) -> Vec<u64> {
+    let rounds = get_json(&format!("{url}/v1/tasks/linear/rounds"));
+    let mut list: Vec<(u64, u64)> = rounds["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["status"] == "committed")
+        .map(|r| {
+            (
+                r["round"].as_u64().unwrap(),
+                r["examples"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    list.sort_unstable();
+    list.into_iter().map(|(_, e)| e).collect()
+}
+
+#[test]
+fn a_storage_budget_keeps_the_newest_examples_and_training_uses_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = serve(&tmp.path().join("server"), TASK);
+    let state = tmp.path().join("state");
+    // The linear task's examples are 1 feature and 1 target: 8 bytes each, after a 16-byte
+    // header. Room for 40.
+    let budget = (16 + 8 * 40).to_string();
+    let first = tmp.path().join("first.csv");
+    std::fs::write(
+        &first,
+        to_csv(&synthetic_line(2.0, 1.0, (-1.0, 1.0), 30, 0.1, 5)),
+    )
+    .unwrap();
+    // One process per step, each given the same file: it is stored once.
+    let outcomes: Vec<String> = (0..4)
+        .map(|_| {
+            step(&server.url, &first, &state, &["--storage-budget", &budget])["outcome"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(outcomes, ["assigned", "downloaded", "trained", "delivered"]);
+    wait_version(&server.url, "linear", 1);
+    assert_eq!(round_examples(&server.url), [30]);
+
+    // Twenty new examples: the ten oldest make room, and the next update counts forty.
+    let second = tmp.path().join("second.csv");
+    std::fs::write(
+        &second,
+        to_csv(&synthetic_line(2.0, 1.0, (1.0, 2.0), 20, 0.1, 6)),
+    )
+    .unwrap();
+    let status = device(&server.url, &second, &state)
+        .args(["--rounds", "1", "--storage-budget", &budget])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_version(&server.url, "linear", 2);
+    assert_eq!(round_examples(&server.url), [30, 40]);
+    let stored = std::fs::metadata(state.join("examples.bin")).unwrap().len();
+    assert_eq!(stored, 16 + 8 * 40);
+
+    // A budget too small for one example is refused with a message.
+    let out = device(&server.url, &second, &tmp.path().join("tiny"))
+        .args(["--step", "--storage-budget", "20"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(message.contains("cannot hold one example"), "{message}");
+}
