@@ -5,6 +5,8 @@
 //! - [`conv`]: two-dimensional convolution as im2col + GEMM.
 //! - [`pool`]: max pooling.
 //! - [`activation`]: element-wise ReLU, sigmoid and tanh.
+//! - [`lstm`]: the LSTM layer and the embedding before it, time-major, with backpropagation
+//!   through time (the FedAvg paper's character model; not yet a spec layer).
 //!
 //! Flattening needs no layer code: the row-major layout of `[C, H, W]` already is the flat
 //! vector.
@@ -13,4 +15,5 @@ pub mod activation;
 pub mod conv;
 pub mod dense;
 pub mod gemm;
+pub mod lstm;
 pub mod pool;
