@@ -880,6 +880,8 @@ async fn enroll(
         ));
     }
     limit_address(&s, &request)?;
+    let address = client_address(&s, &request);
+    s.rate_limits.enrollment.check(&s.metrics, address)?;
     let body = read_control_body(
         &s,
         request.into_body(),
@@ -904,7 +906,10 @@ async fn enroll(
         ));
     }
     if !t.enrollment_secret_matches(&request.secret) {
-        tracing::warn!(task = t.name(), "enrollment refused: wrong secret");
+        if s.rate_limits.enrollment.failed(address) {
+            // The first of its minute from this address: a flood is not logged line by line.
+            tracing::warn!(task = t.name(), "enrollment refused: wrong secret");
+        }
         return Err(ApiError::new(
             ErrorCode::EnrollmentRefused,
             format!("wrong enrollment secret for task `{}`", t.name()),

@@ -120,6 +120,7 @@ impl Server {
             rate_limits: Arc::new(ratelimit::RateLimits::new(
                 sv.rate_limit_per_address,
                 sv.rate_limit_per_credential,
+                sv.enrollment_failures_per_address,
             )),
             client_address_header: sv
                 .client_address_header

@@ -30,6 +30,7 @@ pub struct Metrics {
     connections_refused: AtomicU64,
     rate_limited_address: AtomicU64,
     rate_limited_credential: AtomicU64,
+    rate_limited_enrollment: AtomicU64,
 }
 
 /// Holds one unit of a gauge (an upload in flight, an open connection) until dropped.
@@ -96,6 +97,7 @@ impl Metrics {
         match scope {
             crate::ratelimit::Scope::Address => &self.rate_limited_address,
             crate::ratelimit::Scope::Credential => &self.rate_limited_credential,
+            crate::ratelimit::Scope::Enrollment => &self.rate_limited_enrollment,
         }
         .fetch_add(1, Ordering::Relaxed);
     }
@@ -232,6 +234,7 @@ impl Metrics {
         for (scope, n) in [
             ("address", &self.rate_limited_address),
             ("credential", &self.rate_limited_credential),
+            ("enrollment", &self.rate_limited_enrollment),
         ] {
             let _ = writeln!(
                 out,

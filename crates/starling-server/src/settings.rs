@@ -105,6 +105,10 @@ pub struct ServerSettings {
     pub rate_limit_per_address: u32,
     /// The same per device credential (enrolled tasks); 0: no limit.
     pub rate_limit_per_credential: u32,
+    /// Wrong enrollment secrets a minute one client address may send; past them its
+    /// enrollments get 429 `rate_limited` until the minute is over, the secret not even
+    /// compared. Devices that enroll correctly never count. 0: no limit.
+    pub enrollment_failures_per_address: u32,
     /// A folder for TensorBoard event files of every task's round history
     /// (`<dir>/<task>/events.out.tfevents.*`, see `tensorboard.rs`); unset, none are written.
     pub tensorboard_dir: Option<PathBuf>,
@@ -154,6 +158,7 @@ impl Default for ServerSettings {
             tls_key: None,
             rate_limit_per_address: 0,
             rate_limit_per_credential: 120,
+            enrollment_failures_per_address: 10,
             tensorboard_dir: None,
         }
     }

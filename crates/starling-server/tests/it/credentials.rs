@@ -380,3 +380,75 @@ async fn a_flooding_address_or_credential_is_told_when_to_come_back() {
         1
     );
 }
+
+/// Enrolls with `secret` from `address` (named in the proxy's header); the status, the
+/// `Retry-After` and the answer.
+async fn enroll_from(h: &Harness, address: &str, secret: &str) -> (StatusCode, Option<u64>, Value) {
+    let r = h
+        .post("/v1/tasks/linear/enroll")
+        .header("x-real-ip", address)
+        .json(&json!({"secret": secret}))
+        .send()
+        .await
+        .unwrap();
+    let wait = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().parse().unwrap());
+    (r.status(), wait, r.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn an_address_guessing_the_enrollment_secret_is_stopped_before_the_secret_is_compared() {
+    let h = start(enrolled_task(), |s| {
+        s.enrollment_failures_per_address = 3;
+        s.client_address_header = Some("x-real-ip".into());
+        s.admin_token = Some(Secret::new(ADMIN));
+    })
+    .await;
+    let guesser = "203.0.113.7";
+    for guess in ["guess-one-000000", "guess-two-000000", "guess-three-0000"] {
+        let (status, _, v) = enroll_from(&h, guesser, guess).await;
+        assert_eq!(
+            (status, code(&v)),
+            (StatusCode::FORBIDDEN, "enrollment_refused")
+        );
+    }
+    // Past its failures, even the right secret is refused: nothing is compared this minute.
+    let (status, wait, v) = enroll_from(&h, guesser, SECRET).await;
+    assert_eq!(
+        (status, code(&v)),
+        (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+        "{v}"
+    );
+    assert!(wait.is_some_and(|w| (1..=60).contains(&w)), "{wait:?}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("wrong enrollment secrets"));
+    // Another address (a phone behind the same carrier, say) enrolls as usual, and correct
+    // enrollments never count against an address.
+    for _ in 0..5 {
+        let (status, _, v) = enroll_from(&h, "198.51.100.2", SECRET).await;
+        assert_eq!(status, StatusCode::CREATED, "{v}");
+    }
+    assert_eq!(
+        h.metric("starling_rate_limited_total{scope=\"enrollment\"}")
+            .await,
+        1
+    );
+    let devices: Value = h
+        .get("/v1/admin/tasks/linear/devices")
+        .header(ADMIN_TOKEN_HEADER, ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        devices["devices"].as_array().map(Vec::len),
+        Some(5),
+        "{devices}"
+    );
+}
