@@ -101,6 +101,32 @@ struct CreateQuery {
 /// an operator holding the admin token gets to send one.
 const MAX_ADMIN_MODEL_BODY: usize = 256 << 20;
 
+/// A body that carries a model, read under `limit` bytes; `what` names it in the messages,
+/// and a body that breaks off is refused with `unreadable`.
+async fn read_model_body(
+    s: &AppState,
+    request: Request,
+    limit: usize,
+    what: &str,
+    unreadable: ErrorCode,
+) -> Result<Vec<u8>, ApiError> {
+    read_body(request.into_body(), limit, s.limits.body_timeout)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge => ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("{what} has at most {limit} bytes"),
+            ),
+            BodyError::TimedOut => ApiError::new(
+                ErrorCode::RequestTimeout,
+                format!("{what} did not arrive in time"),
+            ),
+            BodyError::Disconnected | BodyError::Malformed(_) => {
+                ApiError::new(unreadable, format!("{what} could not be read"))
+            }
+        })
+}
+
 /// The JSON body of `POST /v1/admin/tasks` for a task of an external model.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -125,25 +151,14 @@ async fn create_body(
     if !json {
         return Ok((settings_text(s, request).await?, None));
     }
-    let body = read_body(
-        request.into_body(),
+    let body = read_model_body(
+        s,
+        request,
         MAX_ADMIN_MODEL_BODY,
-        s.limits.body_timeout,
+        "a task with its initial model",
+        ErrorCode::BadRequest,
     )
-    .await
-    .map_err(|e| match e {
-        BodyError::TooLarge => ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            format!("a task with its initial model has at most {MAX_ADMIN_MODEL_BODY} bytes"),
-        ),
-        BodyError::TimedOut => ApiError::new(
-            ErrorCode::RequestTimeout,
-            "the task settings did not arrive in time",
-        ),
-        BodyError::Disconnected | BodyError::Malformed(_) => {
-            ApiError::new(ErrorCode::BadRequest, "the task settings could not be read")
-        }
-    })?;
+    .await?;
     let form: CreateWithModel = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             ErrorCode::InvalidSettings,
@@ -255,21 +270,14 @@ async fn install_model(
     check_admin(&s, request.headers())?;
     let t = s.task(&task)?;
     let limit = t.max_upload_bytes();
-    let body = read_body(request.into_body(), limit, s.limits.body_timeout)
-        .await
-        .map_err(|e| match e {
-            BodyError::TooLarge => ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                format!("a model of this task has at most {limit} bytes"),
-            ),
-            BodyError::TimedOut => ApiError::new(
-                ErrorCode::RequestTimeout,
-                "the model did not arrive in time",
-            ),
-            BodyError::Disconnected | BodyError::Malformed(_) => {
-                ApiError::new(ErrorCode::InvalidModel, "the model could not be read")
-            }
-        })?;
+    let body = read_model_body(
+        &s,
+        request,
+        limit,
+        "a model of this task",
+        ErrorCode::InvalidModel,
+    )
+    .await?;
     let layout = t.spec().layout();
     let (params, _) = Parameters::from_safetensors_with_layout(&body, &layout).map_err(|e| {
         ApiError::new(
