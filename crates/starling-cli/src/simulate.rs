@@ -30,7 +30,8 @@ pub(crate) struct Args {
     /// Test CSV (with --dataset csv).
     #[arg(long)]
     test: Option<PathBuf>,
-    /// Model: `logistic`, `mlp` (the FedAvg paper's 2NN), `cnn` (the paper's CNN).
+    /// Model: `logistic`, `mlp` (the FedAvg paper's 2NN), `cnn` (the paper's CNN), `lstm`
+    /// (the paper's character LSTM, with --dataset shakespeare).
     #[arg(long, default_value = "mlp")]
     model: String,
     /// Virtual devices.
@@ -197,7 +198,9 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
         "cnn" => builtin::cnn(builtin::MNIST_SHAPE, classes),
         "mlp" => builtin::mlp(inputs, classes),
         "logistic" => builtin::logistic(inputs, classes),
-        other => bail!("unknown model `{other}` for simulation (logistic, mlp, cnn)"),
+        "lstm" if a.dataset == "shakespeare" => builtin::lstm(classes, inputs),
+        "lstm" => bail!("the model `lstm` reads characters: use it with --dataset shakespeare"),
+        other => bail!("unknown model `{other}` for simulation (logistic, mlp, cnn, lstm)"),
     };
     if spec.inputs != inputs {
         bail!(

@@ -1,13 +1,14 @@
 //! Built-in models. `linear` is the original demo's model: `y = x W + b` with `W` and `b`
 //! starting at 5 and 3, mean squared error, learning rate 0.01. `mlp` and `cnn` are the two
 //! MNIST models of the FedAvg paper (McMahan et al., 2017, "Communication-Efficient Learning
-//! of Deep Networks from Decentralized Data"): the "2NN" and the "CNN".
+//! of Deep Networks from Decentralized Data"): the "2NN" and the "CNN". `lstm` is the same
+//! paper's character model for Shakespeare.
 
 use crate::trainer::spec::{Init, LayerSpec, LossSpec, ModelSpec, Padding};
 use crate::trainer::train::Plan;
 
 /// The names of the built-in models.
-pub const NAMES: &[&str] = &["linear", "logistic", "mlp", "cnn"];
+pub const NAMES: &[&str] = &["linear", "logistic", "mlp", "cnn", "lstm"];
 
 /// The shape of an MNIST or Fashion-MNIST image: one channel of 28 x 28 pixels.
 pub const MNIST_SHAPE: [usize; 3] = [1, 28, 28];
@@ -121,6 +122,41 @@ pub fn cnn(input_shape: [usize; 3], classes: usize) -> ModelSpec {
     }
 }
 
+/// The FedAvg paper's character model over sequences of `steps` characters of a vocabulary
+/// of `vocab`: an 8-dimensional embedding, two LSTM layers of 256 units, dense `vocab`,
+/// softmax cross-entropy over the next character (818,137 parameters for LEAF's 81
+/// characters; the paper, with its own vocabulary, reports 866,578). Parameters
+/// `embedding0.weight`, `lstm1.*`, `lstm2.*`, `dense3.*`.
+pub fn lstm(vocab: usize, steps: usize) -> ModelSpec {
+    let layer = |return_sequences| LayerSpec::Lstm {
+        units: 256,
+        return_sequences,
+        weight: None,
+        recurrent: None,
+        bias: None,
+        weight_init: Init::GlorotUniform,
+        bias_init: Init::Zeros,
+    };
+    ModelSpec {
+        name: "lstm".into(),
+        inputs: steps,
+        input_shape: None,
+        layers: vec![
+            LayerSpec::Embedding {
+                vocab,
+                width: 8,
+                table: None,
+                table_init: Init::GlorotUniform,
+            },
+            layer(true),
+            layer(false),
+            dense(vocab),
+        ],
+        loss: LossSpec::SoftmaxCrossEntropy,
+        external: None,
+    }
+}
+
 /// The default plan of a built-in model: the demo's learning rate 0.01 for `linear`,
 /// 0.1 for `logistic`; for `mlp` and `cnn` the FedAvg paper's local batch size 10 and one
 /// epoch, learning rate 0.05.
@@ -132,6 +168,13 @@ pub fn default_plan(name: &str) -> Plan {
         },
         "mlp" | "cnn" => Plan {
             learning_rate: 0.05,
+            batch_size: 10,
+            epochs: 1,
+            ..Plan::default()
+        },
+        // The paper's best FedAvg learning rate for Shakespeare.
+        "lstm" => Plan {
+            learning_rate: 1.47,
             batch_size: 10,
             epochs: 1,
             ..Plan::default()
@@ -151,7 +194,8 @@ fn square_side(inputs: usize) -> Option<usize> {
 }
 
 /// A built-in model by name, sized for `inputs` features and `outputs` outputs (classes for
-/// `logistic`, `mlp` and `cnn`). `cnn` reads the `inputs` features as a square
+/// `logistic`, `mlp` and `cnn`; for `lstm`, `inputs` characters and a vocabulary of
+/// `outputs`). `cnn` reads the `inputs` features as a square
 /// single-channel image (784 → [`MNIST_SHAPE`]) and is `None` when `inputs` is not the
 /// square of a side of at least 4; use [`cnn`] for other shapes. `None` for unknown names.
 pub fn by_name(name: &str, inputs: usize, outputs: usize) -> Option<ModelSpec> {
@@ -160,6 +204,7 @@ pub fn by_name(name: &str, inputs: usize, outputs: usize) -> Option<ModelSpec> {
         "logistic" => Some(logistic(inputs, outputs)),
         "mlp" => Some(mlp(inputs, outputs)),
         "cnn" => square_side(inputs).map(|s| cnn([1, s, s], outputs)),
+        "lstm" => Some(lstm(outputs, inputs)),
         _ => None,
     }
 }
@@ -203,6 +248,33 @@ mod tests {
             ]
         );
         assert_eq!(cnn.layout().entries()[2].1, vec![64, 32, 5, 5]);
+        let lstm = lstm(81, 80);
+        lstm.validate().unwrap();
+        assert_eq!(
+            lstm.layout().numel(),
+            81 * 8 + 4 * 256 * (8 + 256 + 1) + 4 * 256 * (256 + 256 + 1) + 256 * 81 + 81
+        );
+        assert_eq!(lstm.layout().numel(), 818_137);
+        let names: Vec<String> = lstm
+            .layout()
+            .entries()
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "embedding0.weight",
+                "lstm1.weight",
+                "lstm1.recurrent",
+                "lstm1.bias",
+                "lstm2.weight",
+                "lstm2.recurrent",
+                "lstm2.bias",
+                "dense3.weight",
+                "dense3.bias"
+            ]
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::tensor::numel;
 use crate::trainer::layers::activation::Activation;
 use crate::trainer::layers::conv::Conv2d;
 use crate::trainer::layers::dense;
+use crate::trainer::layers::lstm::{Embedding, Lstm, LstmCache};
 use crate::trainer::layers::pool::MaxPool;
 use crate::trainer::loss;
 use crate::trainer::spec::{LayerSpec, LossSpec, ModelSpec, SpecError};
@@ -34,6 +35,22 @@ enum Op {
     MaxPool(MaxPool),
     Act(Activation),
     Flatten,
+    /// Tokens to a step-by-step sequence (time-major: step `t` of the batch together).
+    Embedding {
+        table: usize,
+        emb: Embedding,
+        steps: usize,
+    },
+    /// An LSTM over a time-major sequence; its output is every step's hidden state
+    /// (`sequences`) or the last step's.
+    Lstm {
+        weight: usize,
+        recurrent: usize,
+        bias: usize,
+        lstm: Lstm,
+        steps: usize,
+        sequences: bool,
+    },
 }
 
 /// Values per activation buffer the evaluation chunk size aims at (4 MiB of f32): a CNN's
@@ -72,6 +89,8 @@ struct Workspace {
     acts: Vec<Vec<f32>>,
     /// Per operation: the winners of a max-pooling layer's windows.
     argmax: Vec<Vec<u32>>,
+    /// Per operation: an LSTM's gates and states, for its backward pass.
+    lstm: Vec<LstmCache>,
     col: Vec<f32>,
     dcol: Vec<f32>,
     /// Gradient buffers of the backward pass (swapped layer by layer).
@@ -117,6 +136,7 @@ impl Model {
         let mut widest = spec.inputs;
         let mut ops = Vec::with_capacity(spec.layers.len());
         for (layer, r) in spec.layers.iter().zip(&resolved) {
+            // A layer's parameters are in order: weight (or table), then the others.
             let (weight, bias) = (next_param, next_param + 1);
             next_param += r.params.len();
             widest = widest.max(numel(&r.output));
@@ -144,6 +164,29 @@ impl Model {
                         .expect("validated pooling"),
                 ),
                 LayerSpec::Flatten => Op::Flatten,
+                LayerSpec::Embedding { vocab, width, .. } => Op::Embedding {
+                    table: weight,
+                    emb: Embedding {
+                        vocab: *vocab,
+                        width: *width,
+                    },
+                    steps: r.input[0],
+                },
+                LayerSpec::Lstm {
+                    units,
+                    return_sequences,
+                    ..
+                } => Op::Lstm {
+                    weight,
+                    recurrent: weight + 1,
+                    bias: weight + 2,
+                    lstm: Lstm {
+                        inputs: r.input[1],
+                        units: *units,
+                    },
+                    steps: r.input[0],
+                    sequences: *return_sequences,
+                },
                 LayerSpec::Relu => Op::Act(Activation::Relu),
                 LayerSpec::Sigmoid => Op::Act(Activation::Sigmoid),
                 LayerSpec::Tanh => Op::Act(Activation::Tanh),
@@ -223,7 +266,7 @@ impl Model {
                     continue;
                 }
                 Op::Flatten => continue,
-                op => Self::forward_op(op, params, cur, n, next, col, None),
+                op => Self::forward_op(op, params, cur, n, next, col, None, None),
             }
             std::mem::swap(&mut cur, &mut next);
         }
@@ -236,13 +279,18 @@ impl Model {
     fn forward_train(&self, params: &Parameters, x: &[f32], n: usize, ws: &mut Workspace) {
         assert_eq!(x.len(), n * self.spec.inputs, "input length");
         let Workspace {
-            acts, argmax, col, ..
+            acts,
+            argmax,
+            lstm,
+            col,
+            ..
         } = ws;
         let slots = self.slots.last().map_or(1, |s| s.1 + 1);
         if acts.len() < slots {
             acts.resize_with(slots, Vec::new);
         }
         argmax.resize_with(self.ops.len(), Vec::new);
+        lstm.resize_with(self.ops.len(), LstmCache::default);
         acts[0].clear();
         acts[0].extend_from_slice(x);
         for (i, (op, &(a, b))) in self.ops.iter().zip(&self.slots).enumerate() {
@@ -261,14 +309,25 @@ impl Model {
                     out.extend_from_slice(input);
                     act.forward(out);
                 }
-                op => Self::forward_op(op, params, input, n, out, col, Some(&mut argmax[i])),
+                op => Self::forward_op(
+                    op,
+                    params,
+                    input,
+                    n,
+                    out,
+                    col,
+                    Some(&mut argmax[i]),
+                    Some(&mut lstm[i]),
+                ),
             }
         }
     }
 
-    /// The forward pass of one layer that writes a new buffer (dense, convolution, pooling):
-    /// shared by evaluation and training, which differ only in what they keep. Pooling records
-    /// where each maximum came from when `argmax` is given (training).
+    /// The forward pass of one layer that writes a new buffer (dense, convolution, pooling,
+    /// embedding, LSTM): shared by evaluation and training, which differ only in what they
+    /// keep. Pooling records where each maximum came from when `argmax` is given, and an LSTM
+    /// its gates and states in `cache` (training).
+    #[allow(clippy::too_many_arguments)]
     fn forward_op(
         op: &Op,
         params: &Parameters,
@@ -277,6 +336,7 @@ impl Model {
         out: &mut Vec<f32>,
         col: &mut Vec<f32>,
         argmax: Option<&mut Vec<u32>>,
+        cache: Option<&mut LstmCache>,
     ) {
         match op {
             Op::Dense {
@@ -307,6 +367,36 @@ impl Model {
             Op::MaxPool(pool) => {
                 out.resize(n * pool.output_len(), 0.0);
                 pool.forward(input, n, out, argmax);
+            }
+            Op::Embedding { table, emb, steps } => {
+                emb.forward(input, n, *steps, params.at(*table).data(), out);
+            }
+            Op::Lstm {
+                weight,
+                recurrent,
+                bias,
+                lstm,
+                steps,
+                sequences,
+            } => {
+                let mut local = LstmCache::default();
+                let cache = cache.unwrap_or(&mut local);
+                lstm.forward(
+                    input,
+                    n,
+                    *steps,
+                    params.at(*weight).data(),
+                    params.at(*recurrent).data(),
+                    params.at(*bias).data(),
+                    cache,
+                );
+                let hidden = cache.hidden();
+                out.clear();
+                if *sequences {
+                    out.extend_from_slice(hidden);
+                } else {
+                    out.extend_from_slice(&hidden[(steps - 1) * n * lstm.units..]);
+                }
             }
             Op::Act(_) | Op::Flatten => unreachable!("activations and flatten work in place"),
         }
@@ -356,6 +446,7 @@ impl Model {
             let Workspace {
                 acts,
                 argmax,
+                lstm: lstm_caches,
                 col,
                 dcol,
                 grad,
@@ -423,6 +514,53 @@ impl Model {
                             dx.resize(n * pool.input_len(), 0.0);
                             pool.backward(dy, n, &argmax[i], dx);
                         }
+                    }
+                    Op::Embedding { table, emb, steps } => {
+                        let mut de = std::mem::take(grads.at_mut(*table).data_mut_vec());
+                        emb.backward(&acts[self.slots[i].0], n, *steps, dy, &mut de);
+                        *grads.at_mut(*table).data_mut_vec() = de;
+                    }
+                    Op::Lstm {
+                        weight,
+                        recurrent,
+                        bias,
+                        lstm,
+                        steps,
+                        sequences,
+                    } => {
+                        let mut dw = std::mem::take(grads.at_mut(*weight).data_mut_vec());
+                        let mut du = std::mem::take(grads.at_mut(*recurrent).data_mut_vec());
+                        let mut db = std::mem::take(grads.at_mut(*bias).data_mut_vec());
+                        // Only the last step's output is used without `sequences`: the
+                        // others get no gradient from above.
+                        let h = lstm.units;
+                        let mut dh_all;
+                        let dh: &[f32] = if *sequences {
+                            dy
+                        } else {
+                            dh_all = vec![0.0; steps * n * h];
+                            dh_all[(steps - 1) * n * h..].copy_from_slice(dy);
+                            &dh_all
+                        };
+                        if need_dx {
+                            dx.resize(steps * n * lstm.inputs, 0.0);
+                        }
+                        lstm.backward(
+                            &acts[self.slots[i].0],
+                            n,
+                            *steps,
+                            params.at(*weight).data(),
+                            params.at(*recurrent).data(),
+                            &lstm_caches[i],
+                            dh,
+                            &mut dw,
+                            &mut du,
+                            &mut db,
+                            need_dx.then_some(&mut dx[..]),
+                        );
+                        *grads.at_mut(*weight).data_mut_vec() = dw;
+                        *grads.at_mut(*recurrent).data_mut_vec() = du;
+                        *grads.at_mut(*bias).data_mut_vec() = db;
                     }
                 }
                 if !need_dx {

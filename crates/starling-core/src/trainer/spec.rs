@@ -120,6 +120,48 @@ pub enum LayerSpec {
     Sigmoid,
     /// Element-wise hyperbolic tangent.
     Tanh,
+    /// Tokens to vectors: each of the example's `steps` features is a token index in
+    /// `0..vocab` and becomes a row of the table (shape `[vocab, width]`); the output is the
+    /// sequence `[steps, width]`. Only as the first layer.
+    Embedding {
+        /// Number of tokens.
+        vocab: usize,
+        /// Values per token.
+        width: usize,
+        /// Name of the table (default `embedding{i}.weight`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        table: Option<String>,
+        /// Initialiser of the table.
+        #[serde(default = "default_weight_init")]
+        table_init: Init,
+    },
+    /// A long short-term memory layer over a sequence `[steps, inputs]` (from an embedding
+    /// or an LSTM that returns sequences): weight `[inputs, 4 units]`, recurrent weight
+    /// `[units, 4 units]`, bias `[4 units]`, gates in the order input, forget, cell, output.
+    /// The output is every step's hidden state, `[steps, units]`, with `return_sequences`,
+    /// else the last step's, `[units]`.
+    Lstm {
+        /// Hidden units.
+        units: usize,
+        /// Output every step's hidden state (to feed another LSTM) rather than the last.
+        #[serde(default)]
+        return_sequences: bool,
+        /// Name of the input weight (default `lstm{i}.weight`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        weight: Option<String>,
+        /// Name of the recurrent weight (default `lstm{i}.recurrent`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        recurrent: Option<String>,
+        /// Name of the bias (default `lstm{i}.bias`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bias: Option<String>,
+        /// Initialiser of both weights.
+        #[serde(default = "default_weight_init")]
+        weight_init: Init,
+        /// Initialiser of the bias.
+        #[serde(default = "default_bias_init")]
+        bias_init: Init,
+    },
 }
 
 fn default_stride() -> usize {
@@ -305,7 +347,21 @@ impl ModelSpec {
     pub(crate) fn resolve(&self) -> (Vec<Resolved>, Result<(), SpecError>) {
         let mut out = Vec::with_capacity(self.layers.len());
         let mut shape = self.input_dims();
+        // Whether the data is a sequence stored step by step (after an embedding or an LSTM
+        // that returns sequences): only LSTMs and element-wise layers take it.
+        let mut sequence = false;
         for (i, layer) in self.layers.iter().enumerate() {
+            if let Err(e) = Self::check_sequence(i, layer, sequence) {
+                return (out, Err(e));
+            }
+            sequence = match layer {
+                LayerSpec::Embedding { .. } => true,
+                LayerSpec::Lstm {
+                    return_sequences, ..
+                } => *return_sequences,
+                LayerSpec::Relu | LayerSpec::Sigmoid | LayerSpec::Tanh => sequence,
+                _ => false,
+            };
             match Self::resolve_layer(i, layer, &shape) {
                 Ok((output, params)) => {
                     out.push(Resolved {
@@ -317,7 +373,42 @@ impl ModelSpec {
                 Err(e) => return (out, Err(e)),
             }
         }
+        if sequence {
+            return (
+                out,
+                Err(SpecError::Invalid(
+                    "the model ends in a whole sequence; end it with an lstm without \
+                     return_sequences (its last step), then dense"
+                        .into(),
+                )),
+            );
+        }
         (out, Ok(()))
+    }
+
+    /// Refuses a layer that cannot take (or needs) a step-by-step sequence.
+    fn check_sequence(i: usize, layer: &LayerSpec, sequence: bool) -> Result<(), SpecError> {
+        match layer {
+            LayerSpec::Embedding { .. } if i > 0 => Err(SpecError::Invalid(format!(
+                "layer {i} (embedding): an embedding takes the tokens, so it is the first layer"
+            ))),
+            LayerSpec::Lstm { .. } if !sequence => Err(SpecError::Invalid(format!(
+                "layer {i} (lstm) needs a sequence: put an embedding, or an lstm with \
+                 return_sequences, before it"
+            ))),
+            LayerSpec::Dense { .. }
+            | LayerSpec::Conv2d { .. }
+            | LayerSpec::MaxPool { .. }
+            | LayerSpec::Flatten
+                if sequence =>
+            {
+                Err(SpecError::Invalid(format!(
+                    "layer {i} gets a whole sequence; end the recurrent layers with an lstm \
+                     without return_sequences (its last step) first"
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn resolve_layer(
@@ -414,6 +505,71 @@ impl ModelSpec {
                 let ow = pool::output_size(w, *size, stride).ok_or_else(too_small)?;
                 (vec![c, oh, ow], Vec::new())
             }
+            LayerSpec::Embedding {
+                vocab,
+                width,
+                table,
+                table_init,
+            } => {
+                at_least_one(i, "embedding", "vocab", *vocab)?;
+                at_least_one(i, "embedding", "width", *width)?;
+                let &[steps] = shape else {
+                    return Err(SpecError::Invalid(format!(
+                        "layer {i} (embedding) takes one token per feature, got an input of \
+                         shape {shape:?}"
+                    )));
+                };
+                let params = vec![ParamEntry {
+                    name: named(table, format!("embedding{i}.weight")),
+                    shape: vec![*vocab, *width],
+                    init: table_init.clone(),
+                    fans: (*vocab, *width),
+                }];
+                (vec![steps, *width], params)
+            }
+            LayerSpec::Lstm {
+                units,
+                return_sequences,
+                weight,
+                recurrent,
+                bias,
+                weight_init,
+                bias_init,
+            } => {
+                at_least_one(i, "lstm", "units", *units)?;
+                let &[steps, inputs] = shape else {
+                    return Err(SpecError::Invalid(format!(
+                        "layer {i} (lstm) needs a sequence [steps, width], got {shape:?}"
+                    )));
+                };
+                let gates = 4 * units;
+                let params = vec![
+                    ParamEntry {
+                        name: named(weight, format!("lstm{i}.weight")),
+                        shape: vec![inputs, gates],
+                        init: weight_init.clone(),
+                        fans: (inputs, gates),
+                    },
+                    ParamEntry {
+                        name: named(recurrent, format!("lstm{i}.recurrent")),
+                        shape: vec![*units, gates],
+                        init: weight_init.clone(),
+                        fans: (*units, gates),
+                    },
+                    ParamEntry {
+                        name: named(bias, format!("lstm{i}.bias")),
+                        shape: vec![gates],
+                        init: bias_init.clone(),
+                        fans: (inputs, gates),
+                    },
+                ];
+                let output = if *return_sequences {
+                    vec![steps, *units]
+                } else {
+                    vec![*units]
+                };
+                (output, params)
+            }
             LayerSpec::Flatten => (vec![numel(shape)], Vec::new()),
             LayerSpec::Relu | LayerSpec::Sigmoid | LayerSpec::Tanh => (shape.to_vec(), Vec::new()),
         })
@@ -480,7 +636,7 @@ impl ModelSpec {
             .iter()
             .rev()
             .find_map(|l| match l {
-                LayerSpec::Dense { units, .. } => Some(*units),
+                LayerSpec::Dense { units, .. } | LayerSpec::Lstm { units, .. } => Some(*units),
                 _ => None,
             })
             .unwrap_or(self.inputs)

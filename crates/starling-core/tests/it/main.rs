@@ -4,6 +4,7 @@ mod datasets;
 mod fedprox;
 mod fuzz_update;
 mod gradients;
+mod lstm;
 mod mnist;
 mod models;
 mod partial_work;
