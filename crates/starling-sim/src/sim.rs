@@ -522,6 +522,7 @@ pub async fn run(
         privacy: privacy.clone(),
         // The simulation is a function of its seed, its noise included.
         privacy_noise_seed: Some(config.seed),
+        secure_aggregation: None,
         // The simulator's devices are in-process callers of the engine, not HTTP clients.
         admission: starling_server::settings::Admission::Open,
         enrollment_secret: None,

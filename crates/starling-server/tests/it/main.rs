@@ -13,4 +13,5 @@ mod hardening;
 mod harness;
 mod privacy;
 mod protocol;
+mod secagg;
 mod tensorboard;
