@@ -7,10 +7,12 @@
 //! - [`device`]: the device loop, its retries and its give-up deadline.
 //! - [`session`]: a resumable device: one contribution as explicit steps, saved between them,
 //!   with the device policy (the host's conditions against the task's requirements).
+//! - [`secure`]: the device's side of a secure round (SecAgg+ over the transport).
 //! - [`data`]: loading local data files.
 
 pub mod data;
 pub mod device;
+pub mod secure;
 pub mod session;
 pub mod transport;
 
