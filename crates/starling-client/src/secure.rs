@@ -80,6 +80,37 @@ pub fn round_params(
     ))
 }
 
+/// Tries of one call that fails in a way worth repeating (unreachable, 5xx, 429).
+const TRIES: u32 = 20;
+
+/// One call, repeated after a pause while it fails in a way worth repeating (the server's
+/// `Retry-After`, or a second). A message the server answers `duplicate_message` to on a
+/// repeat was taken by an earlier try (only this device holds the token).
+async fn send<T: Transport>(
+    transport: &T,
+    url: &str,
+    token: &str,
+    call: SecureCall,
+) -> Result<SecureReply, ClientError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match transport.secure(url, token, call.clone()).await {
+            Err(e) if e.is_retryable() && tries < TRIES => {
+                let wait = e
+                    .retry_after()
+                    .unwrap_or(std::time::Duration::from_secs(1))
+                    .min(std::time::Duration::from_secs(30));
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) if tries > 1 && e.code() == Some(crate::ErrorCode::DuplicateMessage) => {
+                return Ok(SecureReply::Accepted)
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Asks until the answer is ready, waiting as the server says.
 async fn poll<T: Transport>(
     transport: &T,
@@ -88,7 +119,7 @@ async fn poll<T: Transport>(
     call: SecureCall,
 ) -> Result<SecureReply, ClientError> {
     loop {
-        match transport.secure(url, token, call.clone()).await? {
+        match send(transport, url, token, call.clone()).await? {
             SecureReply::Wait(after) => tokio::time::sleep(after).await,
             reply => return Ok(reply),
         }
@@ -125,16 +156,16 @@ pub async fn contribute<T: Transport>(
 
     // Step 1: advertise keys.
     let (mut client, keys) = Client::new(index, params, &mut rng);
-    transport
-        .secure(
-            url,
-            token,
-            SecureCall::PostKeys(SecureKeys {
-                encryption: to_hex(&keys.encryption),
-                masking: to_hex(&keys.masking),
-            }),
-        )
-        .await?;
+    send(
+        transport,
+        url,
+        token,
+        SecureCall::PostKeys(SecureKeys {
+            encryption: to_hex(&keys.encryption),
+            masking: to_hex(&keys.masking),
+        }),
+    )
+    .await?;
 
     // Step 2: share keys with the neighbours that advertised.
     let SecureReply::Keys(neighbours) = poll(transport, url, token, SecureCall::GetKeys).await?
@@ -152,22 +183,22 @@ pub async fn contribute<T: Transport>(
         );
     }
     let envelopes = client.share_keys(&peers, &mut rng).map_err(secagg)?;
-    transport
-        .secure(
-            url,
-            token,
-            SecureCall::PostShares(SecureEnvelopes {
-                envelopes: envelopes
-                    .into_iter()
-                    .map(|e| SecureEnvelope {
-                        from: e.from as u64,
-                        to: e.to as u64,
-                        ciphertext: to_hex(&e.ciphertext),
-                    })
-                    .collect(),
-            }),
-        )
-        .await?;
+    send(
+        transport,
+        url,
+        token,
+        SecureCall::PostShares(SecureEnvelopes {
+            envelopes: envelopes
+                .into_iter()
+                .map(|e| SecureEnvelope {
+                    from: e.from as u64,
+                    to: e.to as u64,
+                    ciphertext: to_hex(&e.ciphertext),
+                })
+                .collect(),
+        }),
+    )
+    .await?;
 
     // Step 3: the masked input.
     let SecureReply::Envelopes(mine) = poll(transport, url, token, SecureCall::GetShares).await?
@@ -188,9 +219,13 @@ pub async fn contribute<T: Transport>(
         .collect::<Result<Vec<_>, ClientError>>()?;
     let y = client.masked_input(&mine, &x).map_err(secagg)?;
     let body: Vec<u8> = y.iter().flat_map(|v| v.to_le_bytes()).collect();
-    transport
-        .secure(url, token, SecureCall::PostInput(Bytes::from(body)))
-        .await?;
+    send(
+        transport,
+        url,
+        token,
+        SecureCall::PostInput(Bytes::from(body)),
+    )
+    .await?;
 
     // Step 4: unmask.
     let SecureReply::Survivors(survivors) =
@@ -204,15 +239,15 @@ pub async fn contribute<T: Transport>(
         .map(|i| usize::try_from(i).map_err(protocol))
         .collect::<Result<_, _>>()?;
     let u = client.unmask(&survivors).map_err(secagg)?;
-    transport
-        .secure(
-            url,
-            token,
-            SecureCall::PostUnmask(SecureUnmasking {
-                seeds: u.seeds.iter().map(|(o, s)| share(*o, s)).collect(),
-                keys: u.keys.iter().map(|(o, s)| share(*o, s)).collect(),
-            }),
-        )
-        .await?;
+    send(
+        transport,
+        url,
+        token,
+        SecureCall::PostUnmask(SecureUnmasking {
+            seeds: u.seeds.iter().map(|(o, s)| share(*o, s)).collect(),
+            keys: u.keys.iter().map(|(o, s)| share(*o, s)).collect(),
+        }),
+    )
+    .await?;
     Ok(())
 }

@@ -14,4 +14,5 @@ mod harness;
 mod privacy;
 mod protocol;
 mod secagg;
+mod secagg_http;
 mod tensorboard;
