@@ -7,6 +7,7 @@
 //! and every misuse is refused with a stable code, leaving the round as it was.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
@@ -21,7 +22,7 @@ use starling_server::engine::{Caller, CheckIn, EngineError, TaskHandle, VirtualC
 use starling_server::settings::{RoundPolicy, SecureAggregationPolicy, TaskSettings};
 use starling_server::store::{RoundRecord, RoundStatus};
 
-use crate::harness::{spawn_clocked, STUCK};
+use crate::harness::{spawn_clocked, spawn_on, STUCK};
 
 const INPUTS: usize = 64;
 const OUTPUTS: usize = 4;
@@ -461,7 +462,13 @@ fn chi_square_high_bits(words: &[u32], bits: u32) -> f64 {
 #[tokio::test]
 async fn the_server_receives_only_masked_inputs_and_no_per_device_metadata() {
     const N: usize = 16;
-    let (task, clock) = spawn_clocked(task(N as u32, 8)).await;
+    // A store on disk, searched after the round.
+    let dir = tempfile::tempdir().unwrap();
+    let store = starling_server::store::Store::open(&dir.path().join("starling.db"))
+        .await
+        .unwrap();
+    let clock = VirtualClock::new();
+    let task = spawn_on(task(N as u32, 8), store, Arc::new(clock.clone())).await;
     let base = task.status().model.params.clone();
     let numel: usize = base.iter().map(|(_, t)| t.data().len()).sum();
     let locals = locals(N, numel, 7);
@@ -498,6 +505,22 @@ async fn the_server_receives_only_masked_inputs_and_no_per_device_metadata() {
             !json.contains(&format!("{}", l.loss)),
             "a device's loss is published"
         );
+    }
+    // Nothing a device sent or computed is in the store's files: neither its masked input,
+    // nor its encoded input, nor its update's values.
+    task.stop().await;
+    let mut stored = Vec::new();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        stored.extend(std::fs::read(entry.unwrap().path()).unwrap());
+    }
+    assert!(stored.len() > 1000, "the store wrote its files");
+    let le32 = |v: &[u32]| -> Vec<u8> { v[..16].iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let contains = |needle: &[u8]| stored.windows(needle.len()).any(|w| w == needle);
+    for ((masked, plain), l) in received.masked.iter().zip(&received.plain).zip(&locals) {
+        assert!(!contains(&le32(masked)), "a masked input is stored");
+        assert!(!contains(&le32(plain)), "an encoded input is stored");
+        let delta: Vec<u8> = l.delta[..8].iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert!(!contains(&delta), "an update's values are stored");
     }
 }
 
