@@ -457,8 +457,9 @@ fn chi_square_high_bits(words: &[u32], bits: u32) -> f64 {
 /// received of each device (its masked input, here captured as it was handed to the engine)
 /// passes a chi-square test of uniformity on its words' high bits, while the same test
 /// rejects the unmasked inputs by a wide margin; the coordinates that carry the weight, loss
-/// and accuracy are masked like the rest; and what the server publishes and stores about
-/// the round are aggregates only.
+/// and accuracy are masked like the rest; what the server publishes about the round are
+/// aggregates only; and its store's files (SQLite on disk) hold no device's masked input,
+/// encoded input or update values.
 #[tokio::test]
 async fn the_server_receives_only_masked_inputs_and_no_per_device_metadata() {
     const N: usize = 16;
