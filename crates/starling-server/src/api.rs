@@ -323,6 +323,7 @@ pub(crate) fn task_json(t: &TaskHandle) -> Value {
         "parameter_count": t.spec().layout().numel(),
         "mode": if t.buffered().is_some() { "buffered" } else { "rounds" },
         "buffered": t.buffered(),
+        "secure_aggregation": t.secure_aggregation(),
         "status": if st.stopped.is_some() {
             "stopped"
         } else if st.paused {

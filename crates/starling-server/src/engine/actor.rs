@@ -235,6 +235,7 @@ pub async fn spawn(
             secure_input_len: secure
                 .as_ref()
                 .map(|_| starling_core::secagg::input::input_len(layout.numel())),
+            secure_aggregation: def.secure_aggregation.clone(),
             tx,
             status: status_rx,
             metrics: metrics.clone(),

@@ -35,7 +35,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::Metrics;
 use crate::settings::{
-    Admission, BufferedPolicy, PrivacyPolicy, RoundPolicy, Secret, TaskDefinition,
+    Admission, BufferedPolicy, PrivacyPolicy, RoundPolicy, Secret, SecureAggregationPolicy,
+    TaskDefinition,
 };
 use crate::store::{Store, StoreError};
 
@@ -405,6 +406,8 @@ struct HandleInner {
     max_upload_bytes: usize,
     /// Values in a secure round's masked input, for a task with secure aggregation.
     secure_input_len: Option<usize>,
+    /// The task's secure-aggregation settings, if it has them.
+    secure_aggregation: Option<SecureAggregationPolicy>,
     tx: mpsc::Sender<Command>,
     status: watch::Receiver<TaskStatus>,
     metrics: Arc<Metrics>,
@@ -458,6 +461,11 @@ impl TaskHandle {
     /// allowance. Larger uploads are refused before they are read.
     pub fn max_upload_bytes(&self) -> usize {
         self.inner.max_upload_bytes
+    }
+
+    /// The secure-aggregation settings, if the task's rounds are secure.
+    pub fn secure_aggregation(&self) -> Option<&SecureAggregationPolicy> {
+        self.inner.secure_aggregation.as_ref()
     }
 
     /// Values in a masked input, for a task with `[tasks.secure_aggregation]` (`None`: the

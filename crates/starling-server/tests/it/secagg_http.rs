@@ -88,6 +88,9 @@ async fn secure_calls_refuse_misuse_with_stable_codes_before_reading_bodies() {
     assert_eq!(s0.input_len, 2 + 4, "W, b and the four extra values");
     assert_eq!((s0.index, s1.index, s2.index), (0, 1, 2));
     assert_eq!(s0.devices, 3);
+    // The task says its rounds are secure.
+    let t = h.task().await;
+    assert_eq!(t["secure_aggregation"]["input_bits"], 16, "{t}");
     let url = |step: &str| format!("{}/{step}", s0.secure_url);
     let input_bytes = 4 * s0.input_len as usize;
 
@@ -268,6 +271,7 @@ async fn secure_calls_refuse_misuse_with_stable_codes_before_reading_bodies() {
 
     // A task without secure aggregation refuses the calls.
     let plain = harness::start(harness::small_task(harness::policy(2, 1, 60.0)), |_| {}).await;
+    assert!(plain.task().await["secure_aggregation"].is_null());
     let a = plain.assigned().await;
     let r = plain
         .post(&format!("/v1/tasks/linear/rounds/{}/secagg/keys", a.round))
