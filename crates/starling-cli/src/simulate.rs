@@ -125,6 +125,17 @@ pub(crate) struct Args {
     /// With --dp-clip: the privacy budget's δ (at most 1 / devices).
     #[arg(long, value_name = "D", default_value_t = 1e-5)]
     delta: f64,
+    /// Secure aggregation (SecAgg+): every round goes through the engine's four steps and the
+    /// server sees only masked inputs; drop-outs leave after advertising keys, after sharing,
+    /// or after sending their masked inputs. Not with --buffer or --dp-clip.
+    #[arg(long, conflicts_with_all = ["buffer", "dp_clip"])]
+    secagg: bool,
+    /// With --secagg: bits per value of one device's input.
+    #[arg(long, requires = "secagg", default_value_t = 20, value_name = "BITS")]
+    secagg_bits: u32,
+    /// With --secagg: the L2 bound devices clip their updates to.
+    #[arg(long, requires = "secagg", default_value_t = 10.0, value_name = "S")]
+    secagg_clip: f64,
     /// Evaluate the test set every N rounds (with --buffer: steps) and after the last.
     #[arg(long, default_value_t = 1, value_name = "N")]
     eval_every: u32,
@@ -223,6 +234,10 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
     config.deadline_secs = a.deadline_secs;
     config.buffered = buffered;
     config.eval_every = a.eval_every;
+    config.secagg = a.secagg.then_some(starling_sim::secagg::SimSecAgg {
+        input_bits: a.secagg_bits,
+        clip: a.secagg_clip,
+    });
     config.privacy = match (a.dp_clip, a.noise_multiplier, a.epsilon) {
         (Some(clip), Some(noise_multiplier), Some(epsilon)) => Some(SimPrivacy {
             clip,
@@ -248,6 +263,13 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
             Some(p) => format!(
                 "{mode}, DP (clip {}, noise multiplier {}, budget ε {} at δ {})",
                 p.clip, p.noise_multiplier, p.epsilon, p.delta
+            ),
+            None => mode,
+        };
+        let mode = match &config.secagg {
+            Some(s) => format!(
+                "{mode}, secure aggregation (SecAgg+, {}-bit inputs, clip {})",
+                s.input_bits, s.clip
             ),
             None => mode,
         };
@@ -346,6 +368,7 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
                 "strategy": config.strategy,
                 "mu": config.plan.mu,
                 "privacy": config.privacy,
+                "secure_aggregation": config.secagg,
                 "epsilon": report.rounds.last().and_then(|r| r.epsilon),
                 "stopped": report.stopped,
                 "peak_rss_mib": peak,
@@ -365,6 +388,14 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
         );
         if let Some(e) = report.rounds.last().and_then(|r| r.epsilon) {
             println!("privacy: ε = {e:.4} spent at δ = {}", a.delta);
+        }
+        if config.secagg.is_some() {
+            let committed = report.rounds.iter().filter(|r| r.committed).count();
+            println!(
+                "secure aggregation: every round was secure (the server saw only masked \
+                 inputs); {committed} of {} rounds committed",
+                report.rounds.len()
+            );
         }
         if let Some(reason) = &report.stopped {
             println!("training stopped: {reason}");

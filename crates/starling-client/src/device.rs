@@ -459,7 +459,7 @@ impl<T: Transport> Device<T> {
             )
             .await?;
             let checked_in = Instant::now();
-            let (round, kind, base_version, token, deadline_secs, plan) = match answer {
+            let (round, kind, base_version, token, deadline_secs, plan, secure) = match answer {
                 CheckInAnswer::Retry {
                     retry_after_secs,
                     reason,
@@ -480,8 +480,17 @@ impl<T: Transport> Device<T> {
                     token,
                     deadline_secs,
                     plan,
+                    secure,
                     ..
-                } => (round, kind, base_version, token, deadline_secs, plan),
+                } => (
+                    round,
+                    kind,
+                    base_version,
+                    token,
+                    deadline_secs,
+                    plan,
+                    secure,
+                ),
             };
             // The round's deadline as this device sees it, no earlier than the server's
             // (`None`: too far away to matter).
@@ -595,6 +604,59 @@ impl<T: Transport> Device<T> {
                     examples = tr.examples,
                     "partial work: stopped training to meet the round's deadline"
                 );
+            }
+            if let Some(secure) = &secure {
+                // Secure aggregation: the update goes out only masked, through the round's
+                // steps; a round that moves on without this device (or closes) skips it.
+                let layout = self
+                    .cached
+                    .as_ref()
+                    .expect("ensure_model filled the cache")
+                    .params
+                    .layout();
+                let result = crate::secure::contribute(
+                    &self.transport,
+                    round,
+                    &token,
+                    secure,
+                    &layout,
+                    &body,
+                )
+                .await;
+                match result {
+                    Ok(()) => {
+                        report.contributions += 1;
+                        report.last_loss = Some(tr.after.loss);
+                        on_event(&DeviceEvent::Contributed {
+                            round,
+                            examples: tr.examples,
+                            steps: tr.steps,
+                            planned_steps: tr.planned_steps,
+                            loss_before: tr.before.loss,
+                            loss_after: tr.after.loss,
+                        });
+                    }
+                    Err(ClientError::Refused {
+                        code:
+                            Some(
+                                ErrorCode::RoundClosed
+                                | ErrorCode::NotInCohort
+                                | ErrorCode::WrongPhase
+                                | ErrorCode::InvalidToken
+                                | ErrorCode::UnknownRound,
+                            ),
+                        message,
+                        ..
+                    }) => {
+                        report.skipped += 1;
+                        on_event(&DeviceEvent::Skipped {
+                            round,
+                            reason: format!("secure round went on without this device: {message}"),
+                        });
+                    }
+                    Err(e) => return Err(e),
+                }
+                continue;
             }
             // Kept until the round takes it or no longer can: every try sends these bytes.
             let body = Bytes::from(body);

@@ -7,12 +7,14 @@
 //! - [`device`]: the device loop, its retries and its give-up deadline.
 //! - [`session`]: a resumable device: one contribution as explicit steps, saved between them,
 //!   with the device policy (the host's conditions against the task's requirements).
+//! - [`secure`]: the device's side of a secure round (SecAgg+ over the transport).
 //! - [`data`]: loading local data files.
 //! - [`examples`]: the device's local examples under a storage budget, newest kept.
 
 pub mod data;
 pub mod device;
 pub mod examples;
+pub mod secure;
 pub mod session;
 pub mod transport;
 

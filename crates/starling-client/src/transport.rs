@@ -21,7 +21,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, RootCertStore};
 use starling_core::wire::protocol::{
-    CheckInRequest, EnrollAnswer, EnrollRequest, ErrorBody, EvaluationReport, CREDENTIAL_SCHEME,
+    CheckInRequest, EnrollAnswer, EnrollRequest, ErrorBody, EvaluationReport, NeighbourKeys,
+    SecureEnvelopes, SecureKeys, SecureUnmasking, SecureWait, Survivors, CREDENTIAL_SCHEME,
     TOKEN_HEADER,
 };
 
@@ -37,6 +38,43 @@ pub struct ModelDownload {
     /// The safetensors body (spec and version in its metadata).
     pub body: Bytes,
 }
+
+/// One call of a secure round's steps (under the assignment's `secure_url`).
+#[derive(Debug, Clone)]
+pub enum SecureCall {
+    /// `POST keys`.
+    PostKeys(SecureKeys),
+    /// `GET keys`.
+    GetKeys,
+    /// `POST shares`.
+    PostShares(SecureEnvelopes),
+    /// `GET shares`.
+    GetShares,
+    /// `POST input`: the masked input, u32 little-endian.
+    PostInput(Bytes),
+    /// `GET survivors`.
+    GetSurvivors,
+    /// `POST unmask`.
+    PostUnmask(SecureUnmasking),
+}
+
+/// The server's answer to a [`SecureCall`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum SecureReply {
+    /// The message was taken.
+    Accepted,
+    /// Not ready yet: ask again after this long.
+    Wait(Duration),
+    /// The neighbours' keys.
+    Keys(NeighbourKeys),
+    /// The envelopes for this device.
+    Envelopes(SecureEnvelopes),
+    /// The survivors.
+    Survivors(Survivors),
+}
+
+/// Reads a secure call's ready answer.
+type ReadyParser = fn(&[u8]) -> Result<SecureReply, String>;
 
 /// The protocol, as the device sees it.
 pub trait Transport: Send + Sync {
@@ -80,6 +118,14 @@ pub trait Transport: Send + Sync {
         token: &str,
         report: &EvaluationReport,
     ) -> impl std::future::Future<Output = Result<UploadReceipt, ClientError>> + Send;
+    /// One call of a secure round's steps, at `secure_url` (the assignment's), with the
+    /// assignment's token.
+    fn secure(
+        &self,
+        secure_url: &str,
+        token: &str,
+        call: SecureCall,
+    ) -> impl std::future::Future<Output = Result<SecureReply, ClientError>> + Send;
 }
 
 /// The connect timeout of [`HttpTransport::new`].
@@ -468,5 +514,70 @@ impl Transport for HttpTransport {
             return Err(refusal(resp).await);
         }
         answer(resp, "evaluation receipt").await
+    }
+
+    async fn secure(
+        &self,
+        secure_url: &str,
+        token: &str,
+        call: SecureCall,
+    ) -> Result<SecureReply, ClientError> {
+        let get = |step: &str| {
+            let req = self.client.get(self.url(&format!("{secure_url}/{step}")));
+            match &self.authorization {
+                Some(a) => req.header(reqwest::header::AUTHORIZATION, &**a),
+                None => req,
+            }
+        };
+        let post = |step: &str| self.post(&format!("{secure_url}/{step}"));
+        let (req, ready): (reqwest::RequestBuilder, ReadyParser) = match call {
+            SecureCall::PostKeys(k) => (post("keys").json(&k), |_| Ok(SecureReply::Accepted)),
+            SecureCall::GetKeys => (get("keys"), |b| {
+                serde_json::from_slice(b)
+                    .map(SecureReply::Keys)
+                    .map_err(|e| e.to_string())
+            }),
+            SecureCall::PostShares(e) => (post("shares").json(&e), |_| Ok(SecureReply::Accepted)),
+            SecureCall::GetShares => (get("shares"), |b| {
+                serde_json::from_slice(b)
+                    .map(SecureReply::Envelopes)
+                    .map_err(|e| e.to_string())
+            }),
+            SecureCall::PostInput(body) => (
+                post("input")
+                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                    .body(body),
+                |_| Ok(SecureReply::Accepted),
+            ),
+            SecureCall::GetSurvivors => (get("survivors"), |b| {
+                serde_json::from_slice(b)
+                    .map(SecureReply::Survivors)
+                    .map_err(|e| e.to_string())
+            }),
+            SecureCall::PostUnmask(u) => (post("unmask").json(&u), |_| Ok(SecureReply::Accepted)),
+        };
+        let resp = req
+            .header(TOKEN_HEADER, token)
+            .send()
+            .await
+            .map_err(unreachable)?;
+        let status = resp.status();
+        if !status.is_success() {
+            return Err(refusal(resp).await);
+        }
+        let body = resp.bytes().await.map_err(unreachable)?;
+        if status == reqwest::StatusCode::ACCEPTED {
+            if let Ok(w) = serde_json::from_slice::<SecureWait>(&body) {
+                if w.status == "wait" {
+                    let secs = if w.retry_after_secs.is_finite() {
+                        w.retry_after_secs.clamp(0.0, 60.0)
+                    } else {
+                        1.0
+                    };
+                    return Ok(SecureReply::Wait(Duration::from_secs_f64(secs)));
+                }
+            }
+        }
+        ready(&body).map_err(|e| ClientError::Protocol(format!("secure step answer: {e}")))
     }
 }

@@ -36,9 +36,9 @@ use axum::{Json, Router};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use starling_core::wire::protocol::{
-    parse_canonical_u64, CheckInAnswer, CheckInRequest, EnrollAnswer, EnrollRequest, ErrorBody,
-    ErrorCode, EvaluationReport, RoundKind, UploadReceipt, CREDENTIAL_SCHEME, MAX_DEVICE_ID,
-    TOKEN_HEADER, VERSION_HEADER,
+    parse_canonical_u64, to_hex, CheckInAnswer, CheckInRequest, EnrollAnswer, EnrollRequest,
+    ErrorBody, ErrorCode, EvaluationReport, RoundKind, SecureAssignment, UploadReceipt,
+    CREDENTIAL_SCHEME, MAX_DEVICE_ID, TOKEN_HEADER, VERSION_HEADER,
 };
 use tokio::sync::Semaphore;
 
@@ -209,6 +209,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/tasks/{task}/rounds/{round}/evaluations",
             post(evaluation),
         )
+        .merge(crate::secure_api::router())
         .merge(crate::admin::router())
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -322,6 +323,7 @@ pub(crate) fn task_json(t: &TaskHandle) -> Value {
         "parameter_count": t.spec().layout().numel(),
         "mode": if t.buffered().is_some() { "buffered" } else { "rounds" },
         "buffered": t.buffered(),
+        "secure_aggregation": t.secure_aggregation(),
         "status": if st.stopped.is_some() {
             "stopped"
         } else if st.paused {
@@ -441,6 +443,18 @@ async fn check_in(
                     format!("/v1/tasks/{name}/rounds/{}/evaluations", a.round)
                 }
             },
+            secure: a.secure.map(|seat| SecureAssignment {
+                index: seat.index as u64,
+                devices: seat.params.devices as u64,
+                min_survivors: seat.params.min_survivors as u64,
+                input_bits: seat.params.fixed_point.input_bits,
+                graph_seed: to_hex(&seat.params.graph_seed),
+                input_len: seat.params.len as u64,
+                clip: seat.spec.clip,
+                loss_bound: seat.spec.loss_bound,
+                weight_cap: seat.spec.weight_cap,
+                secure_url: format!("/v1/tasks/{name}/rounds/{}/secagg", a.round),
+            }),
         })
         .into_response(),
         CheckIn::Retry { after, reason } => (
@@ -755,7 +769,7 @@ impl BodyError {
 /// once from `Content-Length` when there is one. (The `starling` binary's allocator zeroes
 /// every buffer this frees, the HTTP library's included.)
 /// The assignment's token from the `X-Starling-Token` header.
-fn token_header(headers: &HeaderMap) -> Result<String, ApiError> {
+pub(crate) fn token_header(headers: &HeaderMap) -> Result<String, ApiError> {
     match headers.get(TOKEN_HEADER).map(HeaderValue::to_str) {
         None => Err(ApiError::new(
             ErrorCode::MissingToken,
@@ -835,7 +849,7 @@ async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
 /// The device an enrolled task's request comes from, by its credential
 /// (`Authorization: Bearer <credential>`); `None` for an open task, whose devices carry none.
 /// A check-in (`check_in`) is counted in the device's activity.
-fn authenticate(
+pub(crate) fn authenticate(
     s: &AppState,
     t: &TaskHandle,
     headers: &HeaderMap,
@@ -857,7 +871,7 @@ fn authenticate(
 }
 
 /// Counts a device's request against its address's rate limit.
-fn limit_address(s: &AppState, request: &Request) -> Result<(), ApiError> {
+pub(crate) fn limit_address(s: &AppState, request: &Request) -> Result<(), ApiError> {
     s.rate_limits
         .check_address(&s.metrics, client_address(s, request))
 }
@@ -934,7 +948,7 @@ async fn enroll(
 
 /// The client's address: the last entry of the proxy's header when the settings name one (the
 /// entry the nearest proxy added; earlier ones are the client's to forge), else the peer.
-fn client_address(s: &AppState, request: &Request) -> Option<std::net::IpAddr> {
+pub(crate) fn client_address(s: &AppState, request: &Request) -> Option<std::net::IpAddr> {
     let forwarded = s.client_address_header.as_ref().and_then(|name| {
         request
             .headers()

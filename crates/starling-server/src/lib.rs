@@ -5,6 +5,7 @@
 //! - [`store`]: the SQLite store of tasks, checkpoints and round records.
 //! - [`engine`]: the round engine (one task owns each task's round state).
 //! - [`api`]: the HTTP API (axum) for devices and readers; `admin`: the admin API.
+//! - `secure_api`: the HTTP calls of secure aggregation's steps.
 //! - [`registry`]: the hosted tasks, which the admin API creates, changes and deletes.
 //! - [`ratelimit`]: rate limits per client address and per device credential.
 //! - [`credentials`]: device credentials of enrolled tasks (enrollment, digests, revocation).
@@ -26,6 +27,7 @@ pub mod metrics;
 mod net;
 pub mod ratelimit;
 pub mod registry;
+mod secure_api;
 pub mod settings;
 pub mod store;
 pub mod tensorboard;

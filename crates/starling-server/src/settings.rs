@@ -226,6 +226,9 @@ pub struct TaskSettings {
     /// Differential privacy (DP-FedAvg) with a budget the server enforces
     /// (`[tasks.privacy]`; absent: none).
     pub privacy: Option<PrivacyPolicy>,
+    /// Secure aggregation, SecAgg+ (`[tasks.secure_aggregation]`; absent: plain uploads):
+    /// the server sees only the sum of each round's updates.
+    pub secure_aggregation: Option<SecureAggregationPolicy>,
     /// Who may check in: `"enrolled"` devices only (each presents `enrollment_secret` once
     /// and gets a credential of its own), or `"open"`: anyone, under any number of ids (for
     /// demos; the server warns). A settings file must say which ([`Settings::from_toml_file`]
@@ -450,6 +453,97 @@ impl BufferedPolicy {
     }
 }
 
+/// Secure aggregation (SecAgg+, Bonawitz et al. 2017 and Bell et al. 2020) for a task: each
+/// round goes through four steps (advertise keys, share keys, masked input, unmask), each
+/// closing at its goal or its deadline, and the server learns only the sum of the devices'
+/// inputs. A device weighs its own update (its example count capped at
+/// `max_examples_per_update`, over the cap; or 1 with uniform weighting), clips it to `clip`,
+/// and encodes it with its loss and accuracy in fixed point (`input_bits` per value, with
+/// stochastic rounding). The degree of the neighbourhood graph and the threshold follow the
+/// core's `secagg::protocol::Params::new` (about 6 log2(n) neighbours; a third plus one).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecureAggregationPolicy {
+    /// Bits of one device's input per value (2 to 24); the ring adds room for the sum.
+    pub input_bits: u32,
+    /// The L2 bound a device clips its update to (at most `max_update_norm`); values are
+    /// scaled by it, so a bound far above real updates' norms costs precision.
+    pub clip: f64,
+    /// Local losses are clamped to [0, loss_bound] before they are summed.
+    pub loss_bound: f64,
+    /// Seconds for devices to check in, train and advertise their keys (the step also
+    /// closes when `rounds.goal` devices have): `starling device` trains before it
+    /// advertises, so that the later steps are quick.
+    pub advertise_secs: f64,
+    /// Seconds for the devices that advertised to send their encrypted shares.
+    pub share_secs: f64,
+    /// Seconds for the devices that shared to send their masked inputs.
+    pub masked_input_secs: f64,
+    /// Seconds for the survivors to send their unmasking shares.
+    pub unmask_secs: f64,
+}
+
+impl Default for SecureAggregationPolicy {
+    fn default() -> Self {
+        Self {
+            input_bits: 16,
+            clip: 10.0,
+            loss_bound: 100.0,
+            advertise_secs: 120.0,
+            share_secs: 30.0,
+            masked_input_secs: 30.0,
+            unmask_secs: 30.0,
+        }
+    }
+}
+
+impl SecureAggregationPolicy {
+    /// Places in a round: assignments handed out, `ceil(goal * overcommit)`.
+    pub fn places(rounds: &RoundPolicy) -> usize {
+        (f64::from(rounds.goal) * rounds.overcommit).ceil().max(1.0) as usize
+    }
+
+    fn validate(&self, rounds: &RoundPolicy, max_update_norm: f64) -> Result<(), String> {
+        if let Err(e) =
+            starling_core::secagg::encode::FixedPoint::new(self.input_bits, Self::places(rounds))
+        {
+            return Err(format!(
+                "secure_aggregation.input_bits ({}) with {} places a round                  (rounds.goal * rounds.overcommit): {e}",
+                self.input_bits,
+                Self::places(rounds)
+            ));
+        }
+        if !(self.clip.is_finite() && self.clip > 0.0 && self.clip <= max_update_norm) {
+            return Err(format!(
+                "secure_aggregation.clip must be positive and at most max_update_norm                  ({max_update_norm}), not {}",
+                self.clip
+            ));
+        }
+        if !(self.loss_bound.is_finite() && self.loss_bound > 0.0) {
+            return Err("secure_aggregation.loss_bound must be positive and finite".into());
+        }
+        for (key, secs) in [
+            ("advertise_secs", self.advertise_secs),
+            ("share_secs", self.share_secs),
+            ("masked_input_secs", self.masked_input_secs),
+            ("unmask_secs", self.unmask_secs),
+        ] {
+            if !(secs.is_finite() && secs > 0.0) {
+                return Err(format!(
+                    "secure_aggregation.{key} must be positive, not {secs}"
+                ));
+            }
+        }
+        if rounds.min < 2 {
+            return Err(
+                "secure aggregation needs rounds.min of at least 2: the sum of one device's                  input is that input"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// The smallest `min_cohort` a task gets without saying so: rounds of fewer devices let the
 /// difference of two versions reveal a device's update.
 pub const MIN_COHORT: u32 = 10;
@@ -516,6 +610,7 @@ impl Default for TaskSettings {
             buffered: None,
             evaluate_every: 0,
             privacy: None,
+            secure_aggregation: None,
             admission: None,
             enrollment_secret: None,
         }
@@ -596,6 +691,8 @@ pub struct TaskDefinition {
     /// Seeds the privacy noise so that a run can be repeated (the simulator); `None`, as a
     /// server's settings always give, draws it from the operating system's entropy.
     pub privacy_noise_seed: Option<u64>,
+    /// Secure aggregation, if the task uses it.
+    pub secure_aggregation: Option<SecureAggregationPolicy>,
     /// Who may check in.
     pub admission: Admission,
     /// The enrollment secret of an enrolled task.
@@ -800,6 +897,34 @@ impl TaskSettings {
                 ));
             }
         }
+        if let Some(sa) = &self.secure_aggregation {
+            sa.validate(r, self.max_update_norm).map_err(invalid)?;
+            if self.buffered.is_some() {
+                return Err(invalid(
+                    "[tasks.secure_aggregation] needs synchronous rounds: its cohort goes \
+                     through four steps together, and buffered mode (where staleness \
+                     discounts would have to be applied on the device) is not built for it"
+                        .into(),
+                ));
+            }
+            if self.privacy.is_some() {
+                return Err(invalid(
+                    "[tasks.secure_aggregation] cannot be combined with [tasks.privacy]: \
+                     central DP clips each update and counts clipped updates on the server, \
+                     which cannot see updates under secure aggregation (distributed noise \
+                     added by the devices is not built)"
+                        .into(),
+                ));
+            }
+            if self.evaluate_every > 0 {
+                return Err(invalid(
+                    "[tasks.secure_aggregation] cannot be combined with evaluate_every: an \
+                     evaluation report is one device's loss and accuracy in the clear, which \
+                     secure aggregation exists to hide"
+                        .into(),
+                ));
+            }
+        }
         let admission = self.admission.unwrap_or(Admission::Open);
         match (admission, &self.enrollment_secret) {
             (Admission::Enrolled, None) => {
@@ -841,6 +966,7 @@ impl TaskSettings {
             evaluate_every: self.evaluate_every,
             privacy: self.privacy.clone(),
             privacy_noise_seed: None,
+            secure_aggregation: self.secure_aggregation.clone(),
             admission,
             enrollment_secret: self.enrollment_secret.clone(),
         })

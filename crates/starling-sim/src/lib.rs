@@ -9,6 +9,8 @@
 //!   stragglers on a virtual clock, uploads through the engine, evaluation.
 //! - [`buffered`]: buffered asynchronous mode (FedBuff): C devices always training, events in
 //!   virtual-time order, a server step every K updates.
+//! - [`secagg`]: `--secagg`: secure rounds through the engine's four steps, every device
+//!   running the core's SecAgg+ client, with drop-outs after each step.
 //! - [`latency`]: training-time distributions on the virtual clock (`--latency`).
 //! - [`report`]: per-round metrics and the results files (JSON, CSV, SVG plot).
 
@@ -17,6 +19,7 @@ pub mod data;
 pub mod federation;
 pub mod latency;
 pub mod report;
+pub mod secagg;
 pub mod sim;
 
 pub use federation::Federation;

@@ -131,6 +131,8 @@ pub struct SimConfig {
     /// Central differential privacy (DP-FedAvg with the server's accountant and budget); the
     /// population is the federation's devices. Synchronous rounds only.
     pub privacy: Option<SimPrivacy>,
+    /// Secure aggregation (SecAgg+) through the engine's four steps ([`crate::secagg`]).
+    pub secagg: Option<crate::secagg::SimSecAgg>,
 }
 
 /// A simulation's `[tasks.privacy]`, without the population (the federation's size).
@@ -175,6 +177,7 @@ impl SimConfig {
             buffered: None,
             eval_every: 1,
             privacy: None,
+            secagg: None,
         }
     }
 
@@ -522,10 +525,12 @@ pub async fn run(
         privacy: privacy.clone(),
         // The simulation is a function of its seed, its noise included.
         privacy_noise_seed: Some(config.seed),
+        secure_aggregation: None,
         // The simulator's devices are in-process callers of the engine, not HTTP clients.
         admission: starling_server::settings::Admission::Open,
         enrollment_secret: None,
     };
+    let def = crate::secagg::configure(def, config, federation, k)?;
     let store = Store::open_memory().await?;
     let clock = VirtualClock::new();
     let task = engine::spawn(
@@ -548,6 +553,9 @@ pub async fn run(
         deadline,
     };
     let rounds = match &config.buffered {
+        None if config.secagg.is_some() => {
+            crate::secagg::run(config, federation, &setup, k, &mut on_round).await?
+        }
         None => run_rounds(config, federation, &setup, k, &mut on_round).await?,
         Some(b) => crate::buffered::run(config, *b, federation, &setup, &mut on_round).await?,
     };

@@ -694,3 +694,45 @@ fn differential_privacy_spends_the_budget_round_by_round_and_stops_reproducibly(
         .to_string();
     assert!(e.contains("synchronous rounds"), "{e}");
 }
+
+/// `--secagg`: secure rounds through the engine's four steps learn like plain FedAvg (the
+/// sum is FedAvg's within the quantisation error), with drop-outs leaving after each step;
+/// the same seed gives the same numbers; and combinations the engine cannot run are refused.
+#[test]
+fn secure_aggregation_rounds_learn_like_plain_fedavg_and_survive_dropouts() {
+    let fed = federation(Partition::Iid, 50);
+    let mut plain = config(6);
+    plain.sample = Sample::Count(10);
+    let mut secure = plain.clone();
+    secure.secagg = Some(starling_sim::secagg::SimSecAgg::default());
+    let p = run(&plain, &fed);
+    let s = run(&secure, &fed);
+    assert!(s.rounds.iter().all(|r| r.committed));
+    for (a, b) in p.rounds.iter().zip(&s.rounds) {
+        let (x, y) = (a.test_accuracy.unwrap(), b.test_accuracy.unwrap());
+        assert!(
+            (x - y).abs() < 0.02,
+            "round {}: plain {x}, secure {y}",
+            a.round
+        );
+        assert!((a.test_loss.unwrap() - b.test_loss.unwrap()).abs() < 0.01);
+    }
+    assert!(s.final_accuracy.unwrap() > 0.8);
+
+    // 30% of devices drop out (a third after each of the first three steps).
+    secure.dropout = 0.3;
+    let d1 = run(&secure, &fed);
+    let d2 = run(&secure, &fed);
+    assert_eq!(deterministic(&d1.rounds), deterministic(&d2.rounds));
+    assert!(d1.rounds.iter().any(|r| r.reported < r.sampled));
+    assert!(d1.rounds.iter().filter(|r| r.committed).count() >= 4);
+    assert!(d1.final_accuracy.unwrap() > 0.7);
+
+    let mut bad = secure.clone();
+    bad.buffered = Some(Buffered::new(5, 10));
+    let e = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(starling_sim::run(&bad, &fed, |_| {}))
+        .unwrap_err();
+    assert!(e.to_string().contains("--buffer"), "{e}");
+}

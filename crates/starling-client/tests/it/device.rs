@@ -539,6 +539,7 @@ fn assigned(round: u64, token: &str, deadline_secs: f64) -> Reply {
             plan: builtin::default_plan("linear"),
             model_url: "/v1/tasks/linear/model".into(),
             upload_url: format!("/v1/tasks/linear/rounds/{round}/updates"),
+            secure: None,
         },
     )
 }

@@ -2,4 +2,5 @@
 //! resumable session (`session`), against real servers on 127.0.0.1 and a scripted one.
 
 mod device;
+mod secure;
 mod session;

@@ -39,6 +39,25 @@ pub enum AggregateError {
     State(String),
 }
 
+/// The totals of an aggregate besides its weighted sums ([`WeightedSum::from_totals`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Totals {
+    /// Total weight.
+    pub weight: f64,
+    /// Updates summed.
+    pub updates: u64,
+    /// Examples they claim.
+    pub examples: u64,
+    /// Weighted sum of local losses.
+    pub loss_sum: f64,
+    /// Weight of the losses.
+    pub loss_weight: f64,
+    /// Weighted sum of local accuracies.
+    pub accuracy_sum: f64,
+    /// Weight of the accuracies.
+    pub accuracy_weight: f64,
+}
+
 /// The running, weighted sum of the updates of one round (or one buffer).
 #[derive(Debug, Clone)]
 pub struct WeightedSum {
@@ -68,6 +87,25 @@ impl WeightedSum {
             loss_weight: 0.0,
             accuracy_sum: 0.0,
             accuracy_weight: 0.0,
+        }
+    }
+
+    /// An aggregate from totals computed elsewhere: secure aggregation's decoded sum
+    /// ([`crate::secagg::input::InputSpec::decode_sum`]), whose parts the server never saw
+    /// one by one. `sums` must have the layout's length.
+    pub fn from_totals(layout: &Layout, sums: Vec<f64>, totals: Totals) -> Self {
+        assert_eq!(sums.len(), layout.numel(), "sums of the layout's length");
+        Self {
+            layout: layout.clone(),
+            sums,
+            weight: totals.weight,
+            updates: totals.updates,
+            clipped: 0,
+            examples: totals.examples,
+            loss_sum: totals.loss_sum,
+            loss_weight: totals.loss_weight,
+            accuracy_sum: totals.accuracy_sum,
+            accuracy_weight: totals.accuracy_weight,
         }
     }
 

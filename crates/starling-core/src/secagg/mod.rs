@@ -9,11 +9,14 @@
 //!   rounding.
 //! - [`shamir`]: Shamir t-of-k shares of 32-byte secrets over GF(2^8).
 //! - [`graph`]: SecAgg+'s random Harary graph of O(log n) neighbours per device.
+//! - [`input`]: a device's update, weight, loss and accuracy as one ring vector, and the
+//!   server's decoding of the sum into a `WeightedSum`.
 //! - [`protocol`]: the device ([`protocol::Client`]) and the server
 //!   ([`protocol::Aggregator`]): advertise keys (X25519), share keys (ChaCha20-Poly1305 under
 //!   HKDF-SHA256 keys), masked input (ChaCha20 expansions of the agreed seeds), unmask.
 
 pub mod encode;
 pub mod graph;
+pub mod input;
 pub mod protocol;
 pub mod shamir;

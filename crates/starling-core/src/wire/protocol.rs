@@ -100,13 +100,24 @@ pub enum ErrorCode {
     UnknownVersion,
     /// The task's engine is shutting down.
     Unavailable,
+    /// Secure aggregation: a message for another step of the round than the one it is in.
+    WrongPhase,
+    /// Secure aggregation: this device already sent this step's message.
+    DuplicateMessage,
+    /// Secure aggregation: a masked input of another length than the round's.
+    WrongLength,
+    /// Secure aggregation: the device did not take part in the steps this one builds on.
+    NotInCohort,
+    /// Secure aggregation: encrypted shares or unmasking shares that are not one per
+    /// neighbour, or name a device that is not the sender's neighbour.
+    InvalidShares,
     /// The server failed (storage); details are in its log, not in the answer.
     Internal,
 }
 
 impl ErrorCode {
     /// Every code, in the order of the documentation.
-    pub const ALL: [ErrorCode; 35] = [
+    pub const ALL: [ErrorCode; 40] = [
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::BadRequest,
@@ -132,6 +143,11 @@ impl ErrorCode {
         ErrorCode::TaskStopped,
         ErrorCode::TooStale,
         ErrorCode::DuplicateUpdate,
+        ErrorCode::WrongPhase,
+        ErrorCode::DuplicateMessage,
+        ErrorCode::WrongLength,
+        ErrorCode::NotInCohort,
+        ErrorCode::InvalidShares,
         ErrorCode::Conflict,
         ErrorCode::InvalidSettings,
         ErrorCode::InvalidModel,
@@ -166,6 +182,11 @@ impl ErrorCode {
             ErrorCode::WrongRoundKind => "wrong_round_kind",
             ErrorCode::TaskStopped => "task_stopped",
             ErrorCode::DuplicateUpdate => "duplicate_update",
+            ErrorCode::WrongPhase => "wrong_phase",
+            ErrorCode::DuplicateMessage => "duplicate_message",
+            ErrorCode::WrongLength => "wrong_length",
+            ErrorCode::NotInCohort => "not_in_cohort",
+            ErrorCode::InvalidShares => "invalid_shares",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UriTooLong => "uri_too_long",
             ErrorCode::RequestTimeout => "request_timeout",
@@ -196,14 +217,17 @@ impl ErrorCode {
             ErrorCode::BadRequest
             | ErrorCode::MalformedUpdate
             | ErrorCode::InvalidMetadata
-            | ErrorCode::InvalidSettings => 400,
+            | ErrorCode::InvalidSettings
+            | ErrorCode::WrongLength
+            | ErrorCode::InvalidShares => 400,
             ErrorCode::MissingToken
             | ErrorCode::Unauthorized
             | ErrorCode::MissingCredential
             | ErrorCode::InvalidCredential => 401,
             ErrorCode::InvalidToken
             | ErrorCode::RevokedCredential
-            | ErrorCode::EnrollmentRefused => 403,
+            | ErrorCode::EnrollmentRefused
+            | ErrorCode::NotInCohort => 403,
             ErrorCode::NotFound
             | ErrorCode::UnknownTask
             | ErrorCode::UnknownRound
@@ -216,6 +240,8 @@ impl ErrorCode {
             | ErrorCode::WrongRoundKind
             | ErrorCode::TaskStopped
             | ErrorCode::DuplicateUpdate
+            | ErrorCode::WrongPhase
+            | ErrorCode::DuplicateMessage
             | ErrorCode::Conflict => 409,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::UriTooLong => 414,
@@ -293,6 +319,27 @@ impl ErrorCode {
                  behind the current model; check in again for a fresh assignment"
             }
             ErrorCode::DuplicateUpdate => "this assignment already delivered its update",
+            ErrorCode::WrongPhase => {
+                "secure aggregation: the round is in another step than this message's (the \
+                 message names it), or the task or round is not secure; a plain upload to a \
+                 secure round"
+            }
+            ErrorCode::DuplicateMessage => {
+                "secure aggregation: this assignment already sent this step's message (keys, \
+                 shares, masked input or unmasking)"
+            }
+            ErrorCode::WrongLength => {
+                "secure aggregation: a masked input or a key of another length than the round's"
+            }
+            ErrorCode::NotInCohort => {
+                "secure aggregation: the device missed an earlier step of the round (it did \
+                 not advertise keys, share them, or send its masked input in time)"
+            }
+            ErrorCode::InvalidShares => {
+                "secure aggregation: encrypted shares not exactly one per neighbour that \
+                 advertised keys, or unmasking shares of devices that are not the sender's \
+                 neighbours or not called for by the survivors"
+            }
             ErrorCode::PayloadTooLarge => {
                 "the body exceeds the limit: for an upload, the task's model size plus a \
                  header allowance; otherwise `max_body_bytes`"
@@ -471,6 +518,9 @@ impl EvaluationReport {
 }
 
 /// The answer to a check-in.
+// An assignment is larger than a retry (more so in a secure round); answers are made and
+// read once per check-in, so boxing it would only cost an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum CheckInAnswer {
@@ -494,6 +544,10 @@ pub enum CheckInAnswer {
         /// Where to upload the update (for an evaluation round: where to post the
         /// [`EvaluationReport`]).
         upload_url: String,
+        /// A secure round's parameters: the device takes part in secure aggregation's
+        /// steps instead of uploading its update.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        secure: Option<SecureAssignment>,
     },
     /// Come back later (pace steering); also sent as a `Retry-After` header.
     Retry {
@@ -502,6 +556,127 @@ pub enum CheckInAnswer {
         /// Why.
         reason: String,
     },
+}
+
+/// What an assignment to a secure round (`[tasks.secure_aggregation]`) tells the device:
+/// its place in the round and everything it needs to build the round's public
+/// `secagg::protocol::Params` itself (`Params::new(round, devices, min_survivors,
+/// FixedPoint::new(input_bits, devices), input_len, graph_seed)`, so the server does not
+/// choose the degree or the threshold) and to encode its input (`secagg::input::InputSpec`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecureAssignment {
+    /// The device's index in the round (0..devices).
+    pub index: u64,
+    /// Places in the round: the neighbourhood graph's size.
+    pub devices: u64,
+    /// Masked inputs the round needs.
+    pub min_survivors: u64,
+    /// Bits of one device's input.
+    pub input_bits: u32,
+    /// The neighbourhood graph's public seed, 64 hex digits.
+    pub graph_seed: String,
+    /// Values in the input: the model's parameters plus 4 (weight, loss, accuracy, and the
+    /// accuracy's weight).
+    pub input_len: u64,
+    /// The L2 bound a device clips its update to.
+    pub clip: f64,
+    /// Local losses are clamped to [0, loss_bound].
+    pub loss_bound: f64,
+    /// The example count that weighs 1; absent: every device weighs 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_cap: Option<u64>,
+    /// Where the round's steps live: `POST {secure_url}/keys`, `GET {secure_url}/keys`,
+    /// `POST {secure_url}/shares`, `GET {secure_url}/shares`, `POST {secure_url}/input`,
+    /// `GET {secure_url}/survivors`, `POST {secure_url}/unmask`.
+    pub secure_url: String,
+}
+
+/// A device's two X25519 public keys, 64 hex digits each (`POST .../secagg/keys`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureKeys {
+    /// For encrypting shares to this device.
+    pub encryption: String,
+    /// For agreeing pairwise mask seeds.
+    pub masking: String,
+}
+
+/// The neighbours' keys (`GET .../secagg/keys`), once the advertise step has closed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NeighbourKeys {
+    /// `(index, keys)` of each neighbour that advertised.
+    pub keys: Vec<(u64, SecureKeys)>,
+}
+
+/// One encrypted share envelope, between two devices' indices; the ciphertext in hex.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureEnvelope {
+    /// The device whose secrets these are.
+    pub from: u64,
+    /// The neighbour it is for.
+    pub to: u64,
+    /// ChaCha20-Poly1305 ciphertext, hex.
+    pub ciphertext: String,
+}
+
+/// A device's envelopes (`POST .../secagg/shares`), or those addressed to it (`GET`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureEnvelopes {
+    /// The envelopes.
+    pub envelopes: Vec<SecureEnvelope>,
+}
+
+/// The devices whose masked inputs are in the sum (`GET .../secagg/survivors`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Survivors {
+    /// Their indices, ascending.
+    pub survivors: Vec<u64>,
+}
+
+/// One Shamir share of a neighbour's secret: `(owner, x, y in hex)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureShare {
+    /// The device whose secret it is.
+    pub owner: u64,
+    /// The share's point.
+    pub x: u8,
+    /// The share's value, 64 hex digits.
+    pub y: String,
+}
+
+/// What a survivor reveals (`POST .../secagg/unmask`): shares of the survivors' self-mask
+/// seeds and of the dropped devices' mask keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureUnmasking {
+    /// Shares of self-mask seeds.
+    pub seeds: Vec<SecureShare>,
+    /// Shares of mask keys.
+    pub keys: Vec<SecureShare>,
+}
+
+/// The answer to a secure step's message or poll that is not ready yet (HTTP 202 for a
+/// poll): come back later.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecureWait {
+    /// Always `"wait"`.
+    pub status: String,
+    /// The step the round is in.
+    pub phase: String,
+    /// Seconds to wait before asking again.
+    pub retry_after_secs: f64,
+}
+
+/// The answer to a secure step's accepted message (HTTP 202).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecureReceipt {
+    /// Always `"accepted"`.
+    pub status: String,
+    /// The step it was taken in.
+    pub phase: String,
 }
 
 /// The answer to an accepted upload (HTTP 202).
@@ -575,6 +750,29 @@ impl std::fmt::Debug for EnrollAnswer {
             .field("credential", &"<redacted>")
             .finish()
     }
+}
+
+/// Bytes as lowercase hex.
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    out
+}
+
+/// Hex (either case) as bytes; `None` for an odd length or a non-hex digit.
+pub fn from_hex(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    if !b.len().is_multiple_of(2) {
+        return None;
+    }
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    b.chunks(2)
+        .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
+        .collect()
 }
 
 /// Parses a decimal number as the protocol writes it: ASCII digits only, no sign, no leading

@@ -22,6 +22,7 @@ use super::privacy::Privacy;
 use super::round::{
     AbandonReason, ClosedRound, NoRoom, OpenRound, Phase, RoundLimits, RoundSummary,
 };
+use super::secagg::{Advance, SecureRound, SecureSetup};
 use super::{
     Assignment, Caller, CheckIn, Command, EngineError, HandleInner, ModelState, Receipt, RoundInfo,
     TaskHandle, TaskStatus,
@@ -31,10 +32,13 @@ use crate::settings::{TaskDefinition, Weighting};
 use crate::store::{RoundRecord, RoundStatus, Store, StoredVersion};
 
 /// The task's mode: synchronous rounds, or buffered asynchronous training.
+// One per task, moved between phases: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Mode {
     Rounds(Phase),
     Buffered(Buffered),
+    Secure(SecureRound),
 }
 
 impl Mode {
@@ -42,6 +46,7 @@ impl Mode {
         match self {
             Mode::Rounds(p) => p.info(),
             Mode::Buffered(b) => b.info(),
+            Mode::Secure(r) => r.info(),
         }
     }
 
@@ -49,6 +54,7 @@ impl Mode {
         match self {
             Mode::Rounds(p) => p.summary(),
             Mode::Buffered(b) => b.summary(),
+            Mode::Secure(r) => r.summary(),
         }
     }
 }
@@ -73,6 +79,8 @@ struct Actor {
     clip: Arc<std::sync::atomic::AtomicU64>,
     /// An operator paused the task: check-ins are told to come back later.
     paused: bool,
+    /// What a secure round needs, for a task with `[tasks.secure_aggregation]`.
+    secure: Option<SecureSetup>,
 }
 
 /// The served form of a checkpoint: safetensors with the task, version and spec as metadata.
@@ -137,7 +145,29 @@ pub async fn spawn(
     ));
     let partial_sums = std::thread::available_parallelism().map_or(2, |n| n.get());
     let model = model_state(&def, stored.version, stored.params);
+    let secure = def.secure_aggregation.as_ref().map(|policy| SecureSetup {
+        policy: policy.clone(),
+        rounds: def.rounds.clone(),
+        min_cohort: def.min_cohort,
+        max_per_address: def.max_assignments_per_address,
+        spec: starling_core::secagg::input::InputSpec {
+            clip: policy.clip,
+            loss_bound: policy.loss_bound,
+            weight_cap: match def.weighting {
+                Weighting::Examples => Some(def.max_examples_per_update),
+                Weighting::Uniform => None,
+            },
+        },
+        layout: layout.clone(),
+    });
     let mode = match &def.buffered {
+        None if secure.is_some() => Mode::Secure(SecureRound::open(
+            secure.as_ref().expect("matched"),
+            next_round,
+            model.version,
+            clock.now(),
+            clock.unix_ms(),
+        )),
         None => Mode::Rounds(Phase::Open(open_round(
             &def,
             &layout,
@@ -160,7 +190,7 @@ pub async fn spawn(
     tracing::info!(
         task = %def.name, version = model.version, round = next_round,
         strategy = strategy.name(),
-        mode = if def.buffered.is_some() { "buffered" } else { "rounds" },
+        mode = if def.buffered.is_some() { "buffered" } else if secure.is_some() { "secure" } else { "rounds" },
         "task ready"
     );
     let (status_tx, status_rx) = watch::channel(TaskStatus {
@@ -202,6 +232,10 @@ pub async fn spawn(
                 clip: def.privacy.as_ref().map(|p| p.clip),
             },
             max_upload_bytes: starling_core::wire::update::max_encoded_len(&layout),
+            secure_input_len: secure
+                .as_ref()
+                .map(|_| starling_core::secagg::input::input_len(layout.numel())),
+            secure_aggregation: def.secure_aggregation.clone(),
             tx,
             status: status_rx,
             metrics: metrics.clone(),
@@ -222,6 +256,7 @@ pub async fn spawn(
         stopped,
         clip,
         paused,
+        secure,
     };
     tokio::spawn(actor.run(mode, rx));
     Ok(handle)
@@ -260,6 +295,7 @@ impl Actor {
         loop {
             let deadline = match &mode {
                 Mode::Rounds(Phase::Open(r)) => Some(self.clock.sleep_until(r.deadline())),
+                Mode::Secure(r) => Some(self.clock.sleep_until(r.deadline())),
                 _ => None,
             };
             let deadline_passed = tokio::select! {
@@ -274,7 +310,7 @@ impl Actor {
                     }
                     None => break,
                 },
-                () = async { deadline.expect("armed only for open rounds").await }, if deadline.is_some() => true,
+                () = async { deadline.expect("armed only for open and secure rounds").await }, if deadline.is_some() => true,
             };
             mode = match mode {
                 Mode::Rounds(phase) => Mode::Rounds(self.advance(phase, deadline_passed).await),
@@ -288,6 +324,7 @@ impl Actor {
                     }
                     Mode::Buffered(b)
                 }
+                Mode::Secure(r) => Mode::Secure(self.advance_secure(r, deadline_passed).await),
             };
             let info = mode.info();
             self.status.send_if_modified(|s| {
@@ -325,6 +362,73 @@ impl Actor {
         phase
     }
 
+    /// Moves a secure round through its steps; when it closes (abandoned, or unmasked and
+    /// decoded off the reactor), finishes it like any round and opens the next.
+    async fn advance_secure(&mut self, round: SecureRound, deadline_passed: bool) -> SecureRound {
+        let (summary, closed) =
+            match round.advance(deadline_passed, self.clock.now(), self.clock.unix_ms()) {
+                Advance::Continue(r) => return r,
+                Advance::Abandon(summary, reason) => (
+                    summary,
+                    ClosedRound::Abandon {
+                        updates: summary.updates,
+                        reason,
+                    },
+                ),
+                Advance::Unmasked(summary, unmasked) => {
+                    let closed = match tokio::task::spawn_blocking(move || unmasked.finish()).await
+                    {
+                        Ok(Ok(sum)) => ClosedRound::Commit { sum },
+                        Ok(Err(reason)) => ClosedRound::Abandon {
+                            updates: summary.updates,
+                            reason,
+                        },
+                        Err(_) => ClosedRound::Abandon {
+                            updates: summary.updates,
+                            reason: AbandonReason::UnmaskFailed,
+                        },
+                    };
+                    (summary, closed)
+                }
+            };
+        let record = self.finish(summary, closed).await;
+        self.open_next_secure(record).await
+    }
+
+    /// Opens the secure round after `record`'s and publishes it with the model and record.
+    async fn open_next_secure(&mut self, record: RoundRecord) -> SecureRound {
+        let setup = self.secure.as_ref().expect("a secure task");
+        let next = SecureRound::open(
+            setup,
+            record.round + 1,
+            self.model.version,
+            self.clock.now(),
+            self.clock.unix_ms(),
+        );
+        self.publish(record, next.info()).await;
+        next
+    }
+
+    /// One device's check-in to a secure round: a place while it advertises keys.
+    fn check_in_secure(&self, round: &mut SecureRound, caller: Caller) -> CheckIn {
+        let token = new_token();
+        match round.assign(&token, caller.device.as_deref(), caller.address) {
+            Ok(seat) => CheckIn::Assigned(Assignment {
+                round: round.number(),
+                kind: RoundKind::Training,
+                base_version: round.base_version(),
+                token,
+                deadline_in: round.time_to_masked_input(self.clock.now()),
+                plan: self.def.plan.clone(),
+                secure: Some(seat),
+            }),
+            Err(no) => CheckIn::Retry {
+                after: self.retry_after(),
+                reason: no.reason(),
+            },
+        }
+    }
+
     /// The policy's retry time plus up to 50% jitter, so that devices do not come back
     /// together.
     fn retry_after(&self) -> Duration {
@@ -353,6 +457,7 @@ impl Actor {
                     Phase::Draining(_) => Duration::ZERO,
                 },
                 plan: self.def.plan.clone(),
+                secure: None,
             }),
             Err(no) => CheckIn::Retry {
                 after: self.retry_after(),
@@ -379,6 +484,7 @@ impl Actor {
                 token,
                 deadline_in: b.lifetime(),
                 plan: self.def.plan.clone(),
+                secure: None,
             }),
             Err(no) => CheckIn::Retry {
                 after: self.retry_after(),
@@ -458,9 +564,19 @@ impl Actor {
                 let _ = reply.send(result);
                 next
             }
+            Command::Secure { reply, .. } if !matches!(mode, Mode::Secure(_)) => {
+                let info = mode.info();
+                let _ = reply.send(Err(EngineError::WrongPhase {
+                    round: info.round,
+                    phase: "plain",
+                    hint: "this task does not use secure aggregation",
+                }));
+                mode
+            }
             cmd => match mode {
                 Mode::Rounds(phase) => self.handle_rounds(phase, cmd).await,
                 Mode::Buffered(b) => self.handle_buffered(b, cmd).await,
+                Mode::Secure(r) => self.handle_secure(r, cmd).await,
             },
         }
     }
@@ -519,7 +635,10 @@ impl Actor {
             }
             Command::Folded { .. } | Command::Released { .. } => {}
             // Handled for every mode in `handle` and `run`.
-            Command::Pause { .. } | Command::Install { .. } | Command::Stop { .. } => {}
+            Command::Pause { .. }
+            | Command::Install { .. }
+            | Command::Stop { .. }
+            | Command::Secure { .. } => {}
             Command::Evaluate {
                 round,
                 token,
@@ -544,6 +663,79 @@ impl Actor {
             }
         }
         Mode::Rounds(phase)
+    }
+
+    async fn handle_secure(&mut self, mut round: SecureRound, cmd: Command) -> Mode {
+        let number = round.number();
+        let same = |n: u64| {
+            if n == number {
+                Ok(())
+            } else if n >= 1 && n < number {
+                Err(EngineError::RoundClosed(n))
+            } else {
+                Err(EngineError::UnknownRound(n))
+            }
+        };
+        let plain_upload = || EngineError::WrongPhase {
+            round: number,
+            phase: round.step().as_str(),
+            hint: "this round is secure: send a masked input, not an update",
+        };
+        match cmd {
+            Command::CheckIn { callers, reply } => {
+                let answers =
+                    self.answer(callers, |a, caller| a.check_in_secure(&mut round, caller));
+                let _ = reply.send(Ok(answers));
+            }
+            Command::Admit {
+                round: n, reply, ..
+            } => {
+                let _ = reply.send(same(n).and_then(|()| Err(plain_upload())));
+            }
+            Command::Reserve {
+                round: n,
+                updates,
+                reply,
+            } => {
+                let results = updates
+                    .iter()
+                    .map(|_| same(n).and_then(|()| Err(plain_upload())))
+                    .collect();
+                let _ = reply.send(results);
+            }
+            Command::Evaluate {
+                round: n, reply, ..
+            } => {
+                let _ = reply.send(same(n).and_then(|()| {
+                    Err(EngineError::WrongRoundKind {
+                        round: n,
+                        kind: RoundKind::Training,
+                    })
+                }));
+            }
+            Command::Secure {
+                round: n,
+                token,
+                device,
+                request,
+                reply,
+            } => {
+                let now = self.clock.now();
+                let result =
+                    same(n).and_then(|()| round.handle(&token, device.as_deref(), request, now));
+                let _ = reply.send(result);
+            }
+            Command::Rollback { version, reply } => {
+                let (result, next) = self.rollback(Mode::Secure(round), version).await;
+                let _ = reply.send(result);
+                return next;
+            }
+            // Nothing is reserved in a secure round.
+            Command::Folded { .. } | Command::Released { .. } => {}
+            // Handled for every mode in `handle` and `run`.
+            Command::Pause { .. } | Command::Install { .. } | Command::Stop { .. } => {}
+        }
+        Mode::Secure(round)
     }
 
     async fn handle_buffered(&mut self, mut b: Buffered, cmd: Command) -> Mode {
@@ -604,7 +796,10 @@ impl Actor {
                 return next;
             }
             // Handled for every mode in `handle` and `run`.
-            Command::Pause { .. } | Command::Install { .. } | Command::Stop { .. } => {}
+            Command::Pause { .. }
+            | Command::Install { .. }
+            | Command::Stop { .. }
+            | Command::Secure { .. } => {}
         }
         Mode::Buffered(b)
     }
@@ -706,6 +901,7 @@ impl Actor {
         self.metrics.count_round(false);
         let next = match mode {
             Mode::Rounds(_) => Mode::Rounds(Phase::Open(self.open_next(record).await)),
+            Mode::Secure(_) => Mode::Secure(self.open_next_secure(record).await),
             Mode::Buffered(mut b) => {
                 // Outstanding assignments stay; their updates count as stale against the new
                 // version, and updates in flight into the abandoned buffer are dropped.

@@ -7,6 +7,8 @@
 //!   abandoned).
 //! - [`buffer`]: buffered asynchronous mode (FedBuff): outstanding assignments and the
 //!   buffer that steps the model every K updates, each discounted by its staleness.
+//! - [`secagg`]: secure aggregation's round (SecAgg+): advertise keys, share keys, masked
+//!   input, unmask, each step closing at its goal or deadline; the sum is decoded at commit.
 //! - [`partial`]: per-core partial sums, so uploads fold in parallel without a global lock.
 //! - [`clock`]: real and virtual time.
 //! - [`privacy`]: differential privacy's noise on a round's sum, and its budget.
@@ -18,6 +20,7 @@ pub mod clock;
 pub mod partial;
 pub mod privacy;
 pub mod round;
+pub mod secagg;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -32,7 +35,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::Metrics;
 use crate::settings::{
-    Admission, BufferedPolicy, PrivacyPolicy, RoundPolicy, Secret, TaskDefinition,
+    Admission, BufferedPolicy, PrivacyPolicy, RoundPolicy, Secret, SecureAggregationPolicy,
+    TaskDefinition,
 };
 use crate::store::{Store, StoreError};
 
@@ -109,6 +113,37 @@ pub enum EngineError {
     /// No stored version with this number (never committed, or not retained).
     #[error("task has no stored version {0}")]
     UnknownVersion(u64),
+    /// Secure aggregation: a message for another step than the round's, a secure message to
+    /// a task or round that is not secure, or a plain upload to a secure round.
+    #[error("round {round} is in its {phase} step: {hint}")]
+    WrongPhase {
+        /// The round.
+        round: u64,
+        /// The step it is in.
+        phase: &'static str,
+        /// What the sender got wrong.
+        hint: &'static str,
+    },
+    /// Secure aggregation: the assignment already sent this step's message.
+    #[error("this assignment already sent its {0}")]
+    DuplicateMessage(&'static str),
+    /// Secure aggregation: a masked input of the wrong length, or with values outside the
+    /// round's ring.
+    #[error(
+        "a masked input must be {expected} ring elements below the ring's size; got {got} values"
+    )]
+    WrongLength {
+        /// Values sent.
+        got: usize,
+        /// Values the round takes.
+        expected: usize,
+    },
+    /// Secure aggregation: the device missed a step this one builds on.
+    #[error("the device is not in this step's cohort: {0}")]
+    NotInCohort(&'static str),
+    /// Secure aggregation: shares that are not one per neighbour, or name non-neighbours.
+    #[error("shares refused: {0}")]
+    InvalidShares(String),
     /// The engine is shutting down.
     #[error("the task is shutting down")]
     Unavailable,
@@ -149,6 +184,11 @@ impl EngineError {
             EngineError::Report(ReportError::Examples(_)) => ErrorCode::InvalidExamples,
             EngineError::Report(_) => ErrorCode::InvalidMetadata,
             EngineError::Duplicate => ErrorCode::DuplicateUpdate,
+            EngineError::WrongPhase { .. } => ErrorCode::WrongPhase,
+            EngineError::DuplicateMessage(_) => ErrorCode::DuplicateMessage,
+            EngineError::WrongLength { .. } => ErrorCode::WrongLength,
+            EngineError::NotInCohort(_) => ErrorCode::NotInCohort,
+            EngineError::InvalidShares(_) => ErrorCode::InvalidShares,
             EngineError::Unavailable => ErrorCode::Unavailable,
             EngineError::Store(_) => ErrorCode::Internal,
         }
@@ -191,6 +231,9 @@ impl From<Vec<u8>> for Upload {
 }
 
 /// The answer to a check-in.
+// An assignment (with a secure round's parameters) is larger than a retry; answers are made
+// once per check-in and consumed at once.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum CheckIn {
     /// Work for this round.
@@ -219,6 +262,9 @@ pub struct Assignment {
     pub deadline_in: Duration,
     /// What to do.
     pub plan: Plan,
+    /// In a secure round: the device's place and the round's public parameters (it takes
+    /// part in the secure steps instead of uploading its update).
+    pub secure: Option<secagg::SecureSeat>,
 }
 
 /// An accepted update.
@@ -328,6 +374,13 @@ pub(crate) enum Command {
     Stop {
         reply: oneshot::Sender<()>,
     },
+    Secure {
+        round: u64,
+        token: String,
+        device: Option<String>,
+        request: secagg::SecureRequest,
+        reply: oneshot::Sender<Result<secagg::SecureAnswer, EngineError>>,
+    },
 }
 
 /// A cheap, cloneable handle to one task's engine.
@@ -351,6 +404,10 @@ struct HandleInner {
     /// clipping moves it between rounds, and every check reads the round's.
     clip: Arc<std::sync::atomic::AtomicU64>,
     max_upload_bytes: usize,
+    /// Values in a secure round's masked input, for a task with secure aggregation.
+    secure_input_len: Option<usize>,
+    /// The task's secure-aggregation settings, if it has them.
+    secure_aggregation: Option<SecureAggregationPolicy>,
     tx: mpsc::Sender<Command>,
     status: watch::Receiver<TaskStatus>,
     metrics: Arc<Metrics>,
@@ -404,6 +461,41 @@ impl TaskHandle {
     /// allowance. Larger uploads are refused before they are read.
     pub fn max_upload_bytes(&self) -> usize {
         self.inner.max_upload_bytes
+    }
+
+    /// The secure-aggregation settings, if the task's rounds are secure.
+    pub fn secure_aggregation(&self) -> Option<&SecureAggregationPolicy> {
+        self.inner.secure_aggregation.as_ref()
+    }
+
+    /// Values in a masked input, for a task with `[tasks.secure_aggregation]` (`None`: the
+    /// task takes plain uploads). A masked input's body is 4 bytes per value.
+    pub fn secure_input_len(&self) -> Option<usize> {
+        self.inner.secure_input_len
+    }
+
+    /// One step of a secure round for the assignment `token` (with `device`, an enrolled
+    /// task's credential, which must be the one the assignment was handed to): a message
+    /// (keys, shares, masked input, unmasking) or a question (neighbours' keys, envelopes,
+    /// survivors). Everything is checked before it touches the round; a masked input is
+    /// added into the running sum at once and not kept.
+    pub async fn secure(
+        &self,
+        round: u64,
+        token: &str,
+        device: Option<&str>,
+        request: secagg::SecureRequest,
+    ) -> Result<secagg::SecureAnswer, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Secure {
+            round,
+            token: token.to_string(),
+            device: device.map(str::to_string),
+            request,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| EngineError::Unavailable)?
     }
 
     /// The current status (model and open round).

@@ -13,8 +13,9 @@
 //! and waits for the uploads already reserved to fold or be released; [`DrainingRound::close`]
 //! turns it into a [`ClosedRound`]: a commit with the merged sum, or an abandonment with its
 //! [`AbandonReason`] (the one failure outcome, from which the engine recovers by opening the
-//! next round). Secure aggregation's phases (advertise keys, share keys, masked input,
-//! unmask) slot in as further phase types between `Open` and `Draining`.
+//! next round). Secure aggregation's rounds, with their four steps (advertise keys, share
+//! keys, masked input, unmask), are [`super::secagg`]'s `SecureRound`, which closes into the
+//! same `finish` path.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -61,6 +62,11 @@ pub enum AbandonReason {
     ModelReplaced,
     /// Releasing the round would have taken the task past its privacy budget.
     PrivacyBudget,
+    /// Secure aggregation: fewer devices than the round's minimum completed a step.
+    TooFewSurvivors,
+    /// Secure aggregation: a secret could not be rebuilt from the shares that came back,
+    /// so the masks could not be removed.
+    UnmaskFailed,
 }
 
 impl AbandonReason {
@@ -75,6 +81,8 @@ impl AbandonReason {
             AbandonReason::RolledBack => "rolled_back",
             AbandonReason::ModelReplaced => "model_replaced",
             AbandonReason::PrivacyBudget => "privacy_budget",
+            AbandonReason::TooFewSurvivors => "too_few_survivors",
+            AbandonReason::UnmaskFailed => "unmask_failed",
         }
     }
 
@@ -89,6 +97,8 @@ impl AbandonReason {
             AbandonReason::RolledBack,
             AbandonReason::ModelReplaced,
             AbandonReason::PrivacyBudget,
+            AbandonReason::TooFewSurvivors,
+            AbandonReason::UnmaskFailed,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)

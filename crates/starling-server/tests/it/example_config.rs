@@ -95,3 +95,26 @@ fn the_documented_buffered_table_parses_to_the_defaults() {
     let parsed: starling_server::settings::BufferedPolicy = toml::from_str(&table).unwrap();
     assert_eq!(parsed, Default::default());
 }
+
+/// The `[tasks.secure_aggregation]` table the file shows in a comment is a real one, with the
+/// defaults, and a task with it resolves.
+#[test]
+fn the_documented_secure_aggregation_table_parses_to_the_defaults() {
+    let text = std::fs::read_to_string(example_path()).unwrap();
+    let table: String = text
+        .lines()
+        .skip_while(|l| *l != "#   [tasks.secure_aggregation]")
+        .skip(1)
+        .map_while(|l| l.strip_prefix("#   "))
+        .map(|l| format!("{}\n", l.split('#').next().unwrap()))
+        .collect();
+    assert!(table.contains("input_bits = 16"), "{table}");
+    let parsed: starling_server::settings::SecureAggregationPolicy =
+        toml::from_str(&table).unwrap();
+    assert_eq!(parsed, Default::default());
+    let task = TaskSettings {
+        secure_aggregation: Some(parsed),
+        ..TaskSettings::default()
+    };
+    assert!(task.resolve().unwrap().secure_aggregation.is_some());
+}

@@ -13,4 +13,6 @@ mod hardening;
 mod harness;
 mod privacy;
 mod protocol;
+mod secagg;
+mod secagg_http;
 mod tensorboard;

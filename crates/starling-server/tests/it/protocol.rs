@@ -7,8 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 use starling_core::wire::protocol::{
-    CheckInAnswer, CheckInRequest, ErrorBody, ErrorCode, EvaluationReport, RoundKind,
-    UploadReceipt, MAX_DEVICE_ID,
+    CheckInAnswer, CheckInRequest, ErrorBody, ErrorCode, EvaluationReport, NeighbourKeys,
+    RoundKind, SecureAssignment, SecureEnvelope, SecureEnvelopes, SecureKeys, SecureReceipt,
+    SecureShare, SecureUnmasking, SecureWait, Survivors, UploadReceipt, MAX_DEVICE_ID,
 };
 use starling_core::Plan;
 
@@ -233,6 +234,7 @@ fn the_openapi_schemas_match_the_protocol_types() {
         plan: Plan::default(),
         model_url: "/m".into(),
         upload_url: "/u".into(),
+        secure: Some(secure_assignment()),
     })
     .unwrap();
     let retry = serde_json::to_value(CheckInAnswer::Retry {
@@ -308,6 +310,103 @@ fn the_openapi_schemas_match_the_protocol_types() {
         })
         .unwrap(),
     );
+}
+
+fn secure_assignment() -> SecureAssignment {
+    SecureAssignment {
+        index: 0,
+        devices: 10,
+        min_survivors: 8,
+        input_bits: 16,
+        graph_seed: "00".repeat(32),
+        input_len: 6,
+        clip: 1.0,
+        loss_bound: 10.0,
+        weight_cap: Some(100),
+        secure_url: "/s".into(),
+    }
+}
+
+/// Secure aggregation's wire types have exactly the fields their schemas name.
+#[test]
+fn the_openapi_schemas_match_the_secure_aggregation_types() {
+    let doc = openapi();
+    let schemas = &doc["components"]["schemas"];
+    let check = |name: &str, value: Value| {
+        let (props, required) = fields(&schemas[name]);
+        let sent = keys(&value);
+        assert_eq!(props, sent, "{name}: the schema's fields are the type's");
+        assert!(
+            required.is_subset(&sent),
+            "{name}: required fields are sent"
+        );
+    };
+    let to = |v: &dyn erased::Ser| v.value();
+    let keys_value = SecureKeys {
+        encryption: "00".repeat(32),
+        masking: "00".repeat(32),
+    };
+    check("SecureAssignment", to(&secure_assignment()));
+    check("SecureKeys", to(&keys_value));
+    check(
+        "NeighbourKeys",
+        to(&NeighbourKeys {
+            keys: vec![(1, keys_value.clone())],
+        }),
+    );
+    let envelope = SecureEnvelope {
+        from: 0,
+        to: 1,
+        ciphertext: "ab".into(),
+    };
+    check("SecureEnvelope", to(&envelope));
+    check(
+        "SecureEnvelopes",
+        to(&SecureEnvelopes {
+            envelopes: vec![envelope],
+        }),
+    );
+    check("Survivors", to(&Survivors { survivors: vec![0] }));
+    let share = SecureShare {
+        owner: 1,
+        x: 2,
+        y: "00".repeat(32),
+    };
+    check("SecureShare", to(&share));
+    check(
+        "SecureUnmasking",
+        to(&SecureUnmasking {
+            seeds: vec![share.clone()],
+            keys: vec![share],
+        }),
+    );
+    check(
+        "SecureWait",
+        to(&SecureWait {
+            status: "wait".into(),
+            phase: "share_keys".into(),
+            retry_after_secs: 0.5,
+        }),
+    );
+    check(
+        "SecureReceipt",
+        to(&SecureReceipt {
+            status: "accepted".into(),
+            phase: "unmask".into(),
+        }),
+    );
+}
+
+/// Values of any serializable type, for the schema checks.
+mod erased {
+    pub(super) trait Ser {
+        fn value(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn value(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap()
+        }
+    }
 }
 
 #[test]

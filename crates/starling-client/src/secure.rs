@@ -1,0 +1,253 @@
+//! The device's side of a secure round (`[tasks.secure_aggregation]`): the core's SecAgg+
+//! [`Client`] over the [`Transport`]. After training, the device advertises its keys, sends
+//! its neighbours encrypted shares of its secrets, sends its update (weighted by its capped
+//! example count, clipped, with its loss and accuracy as extra values, in fixed point)
+//! masked, and helps unmask the survivors' sum. The update itself never leaves the device;
+//! every secret comes from an operating-system-seeded CSPRNG and lives only for the round.
+//!
+//! The device builds the round's public parameters itself from the assignment
+//! (`Params::new`), so the server chooses neither the neighbourhood degree nor the threshold.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use rand::SeedableRng;
+use starling_core::secagg::encode::FixedPoint;
+use starling_core::secagg::input::{input_len, InputSpec};
+use starling_core::secagg::protocol::{AdvertiseKeys, Client, Envelope, Params, SecAggError};
+use starling_core::secagg::shamir::Share;
+use starling_core::wire::params::Layout;
+use starling_core::wire::protocol::{
+    from_hex, to_hex, SecureAssignment, SecureEnvelope, SecureEnvelopes, SecureKeys, SecureShare,
+    SecureUnmasking,
+};
+use starling_core::wire::update;
+
+use crate::transport::{SecureCall, SecureReply, Transport};
+use crate::ClientError;
+
+fn protocol(what: impl std::fmt::Display) -> ClientError {
+    ClientError::Protocol(format!("secure round: {what}"))
+}
+
+fn secagg(e: SecAggError) -> ClientError {
+    protocol(e)
+}
+
+fn bytes32(hex: &str, what: &str) -> Result<[u8; 32], ClientError> {
+    from_hex(hex)
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| protocol(format!("{what} is not 64 hex digits")))
+}
+
+/// The round's public parameters and the input encoding, from the assignment.
+pub fn round_params(
+    round: u64,
+    a: &SecureAssignment,
+    layout: &Layout,
+) -> Result<(Params, InputSpec), ClientError> {
+    let devices = usize::try_from(a.devices).map_err(protocol)?;
+    let len = input_len(layout.numel());
+    if a.input_len != len as u64 {
+        return Err(protocol(format!(
+            "the round's input has {} values; this model needs {len}",
+            a.input_len
+        )));
+    }
+    if a.index >= a.devices || a.min_survivors < 2 {
+        return Err(protocol("the assignment's place or minimum is unusable"));
+    }
+    let fixed_point = FixedPoint::new(a.input_bits, devices).map_err(protocol)?;
+    let seed = bytes32(&a.graph_seed, "graph_seed")?;
+    let params = Params::new(
+        round,
+        devices,
+        usize::try_from(a.min_survivors).map_err(protocol)?,
+        fixed_point,
+        len,
+        seed,
+    );
+    if !(a.clip.is_finite() && a.clip > 0.0 && a.loss_bound.is_finite() && a.loss_bound > 0.0) {
+        return Err(protocol("the round's clip or loss bound is unusable"));
+    }
+    Ok((
+        params,
+        InputSpec {
+            clip: a.clip,
+            loss_bound: a.loss_bound,
+            weight_cap: a.weight_cap,
+        },
+    ))
+}
+
+/// Tries of one call that fails in a way worth repeating (unreachable, 5xx, 429).
+const TRIES: u32 = 20;
+
+/// One call, repeated after a pause while it fails in a way worth repeating (the server's
+/// `Retry-After`, or a second). A message the server answers `duplicate_message` to on a
+/// repeat was taken by an earlier try (only this device holds the token).
+async fn send<T: Transport>(
+    transport: &T,
+    url: &str,
+    token: &str,
+    call: SecureCall,
+) -> Result<SecureReply, ClientError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match transport.secure(url, token, call.clone()).await {
+            Err(e) if e.is_retryable() && tries < TRIES => {
+                let wait = e
+                    .retry_after()
+                    .unwrap_or(std::time::Duration::from_secs(1))
+                    .min(std::time::Duration::from_secs(30));
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) if tries > 1 && e.code() == Some(crate::ErrorCode::DuplicateMessage) => {
+                return Ok(SecureReply::Accepted)
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Asks until the answer is ready, waiting as the server says.
+async fn poll<T: Transport>(
+    transport: &T,
+    url: &str,
+    token: &str,
+    call: SecureCall,
+) -> Result<SecureReply, ClientError> {
+    loop {
+        match send(transport, url, token, call.clone()).await? {
+            SecureReply::Wait(after) => tokio::time::sleep(after).await,
+            reply => return Ok(reply),
+        }
+    }
+}
+
+fn share(owner: usize, s: &Share) -> SecureShare {
+    SecureShare {
+        owner: owner as u64,
+        x: s.x,
+        y: to_hex(&s.y),
+    }
+}
+
+/// Takes part in a secure round with an encoded update (`train::local_update`'s output)
+/// through its four steps. `Ok` once the device's unmasking shares are in; a refusal (the
+/// round closed, or moved on without this device) is the transport's error.
+pub async fn contribute<T: Transport>(
+    transport: &T,
+    round: u64,
+    token: &str,
+    assignment: &SecureAssignment,
+    layout: &Layout,
+    update_body: &[u8],
+) -> Result<(), ClientError> {
+    let (params, spec) = round_params(round, assignment, layout)?;
+    let url = assignment.secure_url.as_str();
+    let index = usize::try_from(assignment.index).map_err(protocol)?;
+    let mut rng = rand::rngs::StdRng::from_os_rng();
+    // The input first, so that nothing fails after the keys are out.
+    let view = update::decode(update_body, layout, None).map_err(protocol)?;
+    let x = spec.encode_update(&params.fixed_point, &view, &mut rng);
+    drop(view);
+
+    // Step 1: advertise keys.
+    let (mut client, keys) = Client::new(index, params, &mut rng);
+    send(
+        transport,
+        url,
+        token,
+        SecureCall::PostKeys(SecureKeys {
+            encryption: to_hex(&keys.encryption),
+            masking: to_hex(&keys.masking),
+        }),
+    )
+    .await?;
+
+    // Step 2: share keys with the neighbours that advertised.
+    let SecureReply::Keys(neighbours) = poll(transport, url, token, SecureCall::GetKeys).await?
+    else {
+        return Err(protocol("expected the neighbours' keys"));
+    };
+    let mut peers = BTreeMap::new();
+    for (i, k) in neighbours.keys {
+        peers.insert(
+            usize::try_from(i).map_err(protocol)?,
+            AdvertiseKeys {
+                encryption: bytes32(&k.encryption, "a neighbour's key")?,
+                masking: bytes32(&k.masking, "a neighbour's key")?,
+            },
+        );
+    }
+    let envelopes = client.share_keys(&peers, &mut rng).map_err(secagg)?;
+    send(
+        transport,
+        url,
+        token,
+        SecureCall::PostShares(SecureEnvelopes {
+            envelopes: envelopes
+                .into_iter()
+                .map(|e| SecureEnvelope {
+                    from: e.from as u64,
+                    to: e.to as u64,
+                    ciphertext: to_hex(&e.ciphertext),
+                })
+                .collect(),
+        }),
+    )
+    .await?;
+
+    // Step 3: the masked input.
+    let SecureReply::Envelopes(mine) = poll(transport, url, token, SecureCall::GetShares).await?
+    else {
+        return Err(protocol("expected the envelopes"));
+    };
+    let mine = mine
+        .envelopes
+        .into_iter()
+        .map(|e| {
+            Ok(Envelope {
+                from: usize::try_from(e.from).map_err(protocol)?,
+                to: usize::try_from(e.to).map_err(protocol)?,
+                ciphertext: from_hex(&e.ciphertext)
+                    .ok_or_else(|| protocol("a ciphertext is not hex"))?,
+            })
+        })
+        .collect::<Result<Vec<_>, ClientError>>()?;
+    let y = client.masked_input(&mine, &x).map_err(secagg)?;
+    let body: Vec<u8> = y.iter().flat_map(|v| v.to_le_bytes()).collect();
+    send(
+        transport,
+        url,
+        token,
+        SecureCall::PostInput(Bytes::from(body)),
+    )
+    .await?;
+
+    // Step 4: unmask.
+    let SecureReply::Survivors(survivors) =
+        poll(transport, url, token, SecureCall::GetSurvivors).await?
+    else {
+        return Err(protocol("expected the survivors"));
+    };
+    let survivors: BTreeSet<usize> = survivors
+        .survivors
+        .into_iter()
+        .map(|i| usize::try_from(i).map_err(protocol))
+        .collect::<Result<_, _>>()?;
+    let u = client.unmask(&survivors).map_err(secagg)?;
+    send(
+        transport,
+        url,
+        token,
+        SecureCall::PostUnmask(SecureUnmasking {
+            seeds: u.seeds.iter().map(|(o, s)| share(*o, s)).collect(),
+            keys: u.keys.iter().map(|(o, s)| share(*o, s)).collect(),
+        }),
+    )
+    .await?;
+    Ok(())
+}

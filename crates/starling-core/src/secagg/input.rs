@@ -1,0 +1,216 @@
+//! A device's contribution to a secure round as one vector of the ring, and the server's
+//! decoding of the sum back into a [`WeightedSum`]. Only the sum of many devices' vectors is
+//! ever decoded, so no per-device number (weight, loss, accuracy) travels in the clear:
+//!
+//! - coordinates `0..numel`: the update's values, clipped to L2 norm `clip`, multiplied by
+//!   the device's weight and divided by `clip` (so each lies in [-1, 1]);
+//! - `numel`: the weight w in (0, 1]: the example count capped at `weight_cap`, over the cap
+//!   (1 for every device with uniform weighting);
+//! - `numel + 1`: w times the local loss (clamped to [0, `loss_bound`]) over `loss_bound`;
+//! - `numel + 2`: w times the local accuracy (0 without one);
+//! - `numel + 3`: w again when the device reports an accuracy (0 otherwise).
+//!
+//! The decoded mean update is then `Σ wᵢ·δᵢ / Σ wᵢ`, plain FedAvg's weighted mean with the
+//! same capped weights, within the quantisation error of [`FixedPoint`]. A coarse ring
+//! (few `input_bits`) or a cap far above the devices' example counts (small weights) makes
+//! that error larger: choose the cap near the counts devices really have.
+
+use rand::Rng;
+
+use super::encode::FixedPoint;
+use crate::aggregate::{AggregateError, WeightedSum};
+use crate::wire::params::{f32s_from_le, Layout};
+use crate::wire::update::UpdateView;
+
+/// Extra coordinates after the update's values: weight, loss, accuracy, accuracy weight.
+pub const EXTRA: usize = 4;
+
+/// The values in one device's input for a model of `numel` parameters.
+pub fn input_len(numel: usize) -> usize {
+    numel + EXTRA
+}
+
+/// How a task scales its devices' inputs into [-1, 1]; the server and every device use the
+/// same.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InputSpec {
+    /// An update's L2 norm is clipped to this on the device.
+    pub clip: f64,
+    /// Local losses are clamped to [0, loss_bound].
+    pub loss_bound: f64,
+    /// The example count that weighs 1 (counts above it weigh 1 too); `None`: every device
+    /// weighs 1 (uniform weighting).
+    pub weight_cap: Option<u64>,
+}
+
+impl InputSpec {
+    /// A device's weight in (0, 1].
+    pub fn weight(&self, examples: u64) -> f64 {
+        match self.weight_cap {
+            Some(cap) if cap > 0 => examples.clamp(1, cap) as f64 / cap as f64,
+            _ => 1.0,
+        }
+    }
+
+    /// The input's values scaled into [-1, 1], before encoding (see the module docs).
+    pub fn scaled(
+        &self,
+        delta: &[f32],
+        examples: u64,
+        loss: Option<f32>,
+        accuracy: Option<f32>,
+    ) -> Vec<f64> {
+        let norm = delta
+            .iter()
+            .map(|&d| f64::from(d) * f64::from(d))
+            .sum::<f64>()
+            .sqrt();
+        let clip_factor = if norm > self.clip {
+            self.clip / norm
+        } else {
+            1.0
+        };
+        let w = self.weight(examples);
+        let factor = w * clip_factor / self.clip;
+        let mut out = Vec::with_capacity(input_len(delta.len()));
+        out.extend(delta.iter().map(|&d| f64::from(d) * factor));
+        out.push(w);
+        let loss = loss.map_or(0.0, |l| {
+            if l.is_finite() {
+                f64::from(l).clamp(0.0, self.loss_bound)
+            } else {
+                self.loss_bound
+            }
+        });
+        out.push(w * loss / self.loss_bound);
+        match accuracy {
+            Some(a) if a.is_finite() => {
+                out.push(w * f64::from(a).clamp(0.0, 1.0));
+                out.push(w);
+            }
+            _ => {
+                out.push(0.0);
+                out.push(0.0);
+            }
+        }
+        out
+    }
+
+    /// A decoded update (the device's own, from `train::local_update`) as its input in the
+    /// ring, with stochastic rounding from `rng`.
+    pub fn encode_update(
+        &self,
+        fixed_point: &FixedPoint,
+        update: &UpdateView<'_>,
+        rng: &mut impl Rng,
+    ) -> Vec<u32> {
+        let delta: Vec<f32> = update
+            .tensors
+            .iter()
+            .flat_map(|t| f32s_from_le(t))
+            .collect();
+        let meta = &update.meta;
+        let scaled = self.scaled(&delta, meta.examples, meta.loss, meta.accuracy);
+        fixed_point.encode(&scaled, rng)
+    }
+
+    /// The server's side: the ring sum of `survivors` inputs as the round's [`WeightedSum`]
+    /// (weighted sums of the values, total weight, weighted loss and accuracy sums; the
+    /// example count is the total weight times the cap, rounded). Refuses a sum of the wrong
+    /// length or with no weight.
+    pub fn decode_sum(
+        &self,
+        fixed_point: &FixedPoint,
+        sum: &[u32],
+        layout: &Layout,
+        survivors: usize,
+    ) -> Result<WeightedSum, AggregateError> {
+        let n = layout.numel();
+        if sum.len() != input_len(n) {
+            return Err(AggregateError::LayoutMismatch);
+        }
+        let values = fixed_point.decode(sum);
+        let weight = values[n];
+        if weight.is_nan() || weight <= 0.0 {
+            return Err(AggregateError::Empty);
+        }
+        let sums: Vec<f64> = values[..n].iter().map(|v| v * self.clip).collect();
+        let examples = match self.weight_cap {
+            Some(cap) => (weight * cap as f64).round().max(0.0) as u64,
+            None => survivors as u64,
+        };
+        Ok(WeightedSum::from_totals(
+            layout,
+            sums,
+            crate::aggregate::Totals {
+                weight,
+                updates: survivors as u64,
+                examples,
+                loss_sum: values[n + 1] * self.loss_bound,
+                loss_weight: weight,
+                accuracy_sum: values[n + 2],
+                accuracy_weight: values[n + 3].max(0.0),
+            },
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secagg::encode::add_into;
+    use rand::SeedableRng;
+
+    #[test]
+    fn the_decoded_sum_is_the_weighted_mean_within_a_level() {
+        let layout = Layout::new(vec![("w".into(), vec![3])]);
+        let spec = InputSpec {
+            clip: 2.0,
+            loss_bound: 10.0,
+            weight_cap: Some(100),
+        };
+        let fp = FixedPoint::new(20, 3).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let devices: [(&[f32], u64, f32, f32); 3] = [
+            (&[0.5, -0.25, 1.0], 50, 1.0, 0.5),
+            (&[0.1, 0.2, -0.3], 100, 2.0, 0.75),
+            (&[-1.0, 0.0, 0.5], 500, 3.0, 1.0),
+        ];
+        let mut sum = vec![0u32; input_len(3)];
+        for (d, e, l, a) in devices {
+            let y = fp.encode(&spec.scaled(d, e, Some(l), Some(a)), &mut rng);
+            add_into(&mut sum, &y, fp.ring_mask());
+        }
+        let ws = spec.decode_sum(&fp, &sum, &layout, 3).unwrap();
+        // Weights 0.5, 1, 1 (500 capped at 100).
+        let w = [0.5, 1.0, 1.0];
+        let tw: f64 = w.iter().sum();
+        let mean = ws.mean().unwrap();
+        for (k, m) in mean.iter().enumerate() {
+            let want: f64 = devices
+                .iter()
+                .zip(w)
+                .map(|((d, ..), w)| w * f64::from(d[k]))
+                .sum::<f64>()
+                / tw;
+            assert!((m - want).abs() < 1e-4, "{k}: {m} vs {want}");
+        }
+        assert!((ws.weight() - tw).abs() < 1e-4);
+        assert!((ws.mean_loss().unwrap() - (0.5 + 2.0 + 3.0) / 2.5).abs() < 1e-3);
+        assert!((ws.mean_accuracy().unwrap() - (0.25 + 0.75 + 1.0) / 2.5).abs() < 1e-4);
+        assert_eq!(ws.examples(), 250);
+        assert_eq!(ws.updates(), 3);
+    }
+
+    #[test]
+    fn updates_beyond_the_clip_are_scaled_down() {
+        let spec = InputSpec {
+            clip: 1.0,
+            loss_bound: 1.0,
+            weight_cap: None,
+        };
+        let s = spec.scaled(&[3.0, 4.0], 7, None, None);
+        assert!((s[0] - 0.6).abs() < 1e-12 && (s[1] - 0.8).abs() < 1e-12);
+        assert_eq!(&s[2..], &[1.0, 0.0, 0.0, 0.0]);
+    }
+}
