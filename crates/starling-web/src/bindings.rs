@@ -49,7 +49,11 @@ fn version_from_js(v: f64) -> Result<u64, JsError> {
     if v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v <= 9_007_199_254_740_992.0 {
         Ok(v as u64)
     } else {
-        Err(JsError::new(&format!("`{v}` is not a model version")))
+        // The number stays out of the message: formatting an f64 would link float
+        // formatting for f64 into the module for a message only a page bug can cause.
+        Err(JsError::new(
+            "the base version is not a model version (a whole number from 0 to 2^53)",
+        ))
     }
 }
 

@@ -197,9 +197,12 @@ pub fn stop_training_at(plan: &Plan, checked_in_ms: f64, deadline_secs: f64) -> 
         .map(|budget| checked_in_ms + budget * 1000.0)
 }
 
-/// Reads a plan as the server sends it (`plan` in the task and check-in JSON).
+/// Reads a plan as the server sends it (`plan` in the task and check-in JSON), with the
+/// core's lean reader (`wire::decode::plan`: the plan `serde_json` reads, at a fraction of
+/// the module's size).
 pub fn parse_plan(json: &str) -> Result<Plan, WebError> {
-    let plan: Plan = serde_json::from_str(json).map_err(|e| WebError::Plan(e.to_string()))?;
+    let plan =
+        starling_core::wire::decode::plan(json).map_err(|e| WebError::Plan(e.to_string()))?;
     plan.validate()?;
     Ok(plan)
 }

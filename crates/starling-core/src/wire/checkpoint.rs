@@ -45,7 +45,7 @@ pub fn encode(task: &str, version: u64, spec: &ModelSpec, params: &Parameters) -
 /// Decodes a checkpoint, checking its tensors against its spec.
 pub fn decode(bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
     let (_, meta) = Parameters::from_safetensors(bytes)?;
-    let spec = ModelSpec::from_json(meta.get("spec").ok_or(CheckpointError::Metadata("spec"))?)?;
+    let spec = spec_from_json(meta.get("spec").ok_or(CheckpointError::Metadata("spec"))?)?;
     let version = meta
         .get("version")
         .and_then(|v| v.parse().ok())
@@ -58,6 +58,21 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, CheckpointError> {
         spec,
         params,
     })
+}
+
+/// [`ModelSpec::from_json`]; in the browser through the lean [`crate::wire::decode`]
+/// reader (held to the same answers by its tests), where `serde_json` and serde's derives
+/// were most of the module.
+fn spec_from_json(json: &str) -> Result<ModelSpec, SpecError> {
+    #[cfg(not(target_arch = "wasm32"))]
+    return ModelSpec::from_json(json);
+    #[cfg(target_arch = "wasm32")]
+    {
+        let spec =
+            crate::wire::decode::model_spec(json).map_err(|e| SpecError::Json(e.to_string()))?;
+        spec.validate()?;
+        Ok(spec)
+    }
 }
 
 #[cfg(test)]

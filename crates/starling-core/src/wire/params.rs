@@ -1,9 +1,11 @@
 //! Ordered sets of named f32 tensors ([`Parameters`]), their [`Layout`] (names and shapes),
 //! and the safetensors codec used on the wire and on disk.
 
+#[cfg(not(target_arch = "wasm32"))]
 use std::borrow::Cow;
 use std::collections::HashMap;
 
+#[cfg(not(target_arch = "wasm32"))]
 use safetensors::tensor::{Dtype, SafeTensors, View};
 
 use crate::tensor::{numel, Tensor};
@@ -78,8 +80,10 @@ pub struct Parameters {
 }
 
 /// A borrowed view of an f32 tensor for the safetensors serializer.
+#[cfg(not(target_arch = "wasm32"))]
 struct F32View<'a>(&'a Tensor);
 
+#[cfg(not(target_arch = "wasm32"))]
 impl View for F32View<'_> {
     fn dtype(&self) -> Dtype {
         Dtype::F32
@@ -218,11 +222,21 @@ impl Parameters {
 
     /// Encodes as safetensors with optional string metadata (`__metadata__`).
     pub fn to_safetensors(&self, metadata: Option<HashMap<String, String>>) -> Vec<u8> {
-        safetensors::serialize(
+        #[cfg(not(target_arch = "wasm32"))]
+        return safetensors::serialize(
             self.tensors.iter().map(|(n, t)| (n.as_str(), F32View(t))),
             metadata,
         )
-        .expect("f32 tensors with consistent shapes always serialize")
+        .expect("f32 tensors with consistent shapes always serialize");
+        // The browser's lean codec writes the tensors in layout order (the crate sorts
+        // them by name; the format keeps no order).
+        #[cfg(target_arch = "wasm32")]
+        return super::header::write(
+            self.tensors
+                .iter()
+                .map(|(n, t)| (n.as_str(), t.shape(), t.data())),
+            metadata.as_ref(),
+        );
     }
 
     /// Decodes a safetensors body into parameters in the order of `layout`, returning the
@@ -248,30 +262,72 @@ impl Parameters {
     pub fn from_safetensors(
         bytes: &[u8],
     ) -> Result<(Parameters, HashMap<String, String>), ParamsError> {
-        let st =
-            SafeTensors::deserialize(bytes).map_err(|e| ParamsError::Malformed(e.to_string()))?;
-        let metadata = read_metadata(bytes)?;
-        let mut tensors = Vec::with_capacity(st.len());
-        for (name, view) in st.tensors() {
-            if view.dtype() != Dtype::F32 {
+        let (raw, metadata) = read_body(bytes)?;
+        let mut tensors = Vec::with_capacity(raw.len());
+        // By name (see `read_body`), so that of several wrong dtypes the same is named.
+        for t in raw {
+            if let Some(dtype) = t.wrong_dtype {
                 return Err(ParamsError::WrongDtype {
-                    name,
-                    dtype: format!("{:?}", view.dtype()),
+                    name: t.name,
+                    dtype,
                 });
             }
-            let t = Tensor::new(view.shape().to_vec(), f32s_from_le(view.data()).collect())
+            let name = t.name;
+            let t = Tensor::new(t.shape, f32s_from_le(t.data).collect())
                 .ok_or_else(|| ParamsError::Malformed(format!("tensor `{name}` size")))?;
             tensors.push((name, t));
         }
-        tensors.sort_by(|a, b| a.0.cmp(&b.0));
         Ok((Parameters { tensors }, metadata))
     }
 }
 
-fn read_metadata(bytes: &[u8]) -> Result<HashMap<String, String>, ParamsError> {
-    let (_, meta) =
-        SafeTensors::read_metadata(bytes).map_err(|e| ParamsError::Malformed(e.to_string()))?;
-    Ok(meta.metadata().clone().unwrap_or_default())
+/// One tensor of a safetensors body, its bytes borrowed.
+struct RawTensor<'a> {
+    name: String,
+    /// The dtype's name when it is not F32.
+    wrong_dtype: Option<String>,
+    shape: Vec<usize>,
+    data: &'a [u8],
+}
+
+/// A safetensors body's tensors, sorted by name (safetensors itself keeps no order), and its
+/// string metadata: through the `safetensors` crate natively, through the lean
+/// [`super::header`] codec in the browser, where `serde_json` would double the module.
+fn read_body(bytes: &[u8]) -> Result<(Vec<RawTensor<'_>>, HashMap<String, String>), ParamsError> {
+    #[cfg(not(target_arch = "wasm32"))]
+    let (tensors, metadata) = {
+        let malformed = |e: safetensors::SafeTensorError| ParamsError::Malformed(e.to_string());
+        let st = SafeTensors::deserialize(bytes).map_err(malformed)?;
+        let (_, meta) = SafeTensors::read_metadata(bytes).map_err(malformed)?;
+        let mut tensors: Vec<RawTensor<'_>> = st
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| RawTensor {
+                name,
+                wrong_dtype: (view.dtype() != Dtype::F32).then(|| format!("{:?}", view.dtype())),
+                shape: view.shape().to_vec(),
+                data: view.data(),
+            })
+            .collect();
+        tensors.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        (tensors, meta.metadata().clone().unwrap_or_default())
+    };
+    #[cfg(target_arch = "wasm32")]
+    let (tensors, metadata) = {
+        let (entries, metadata) = super::header::read(bytes).map_err(ParamsError::Malformed)?;
+        let mut tensors: Vec<RawTensor<'_>> = entries
+            .into_iter()
+            .map(|e| RawTensor {
+                name: e.name,
+                wrong_dtype: (e.dtype != "F32").then_some(e.dtype),
+                shape: e.shape,
+                data: e.data,
+            })
+            .collect();
+        super::header::insertion_sort(&mut tensors, |a, b| a.name < b.name);
+        (tensors, metadata)
+    };
+    Ok((tensors, metadata))
 }
 
 /// Checks `(name, shape)` pairs against a layout; returns, for each layout entry, the
@@ -311,25 +367,22 @@ pub type RawTensors<'a> = (Vec<&'a [u8]>, HashMap<String, String>);
 /// Parses a safetensors body without copying tensor data: returns each layout entry's raw
 /// little-endian bytes, in layout order, and the string metadata.
 pub fn decode_views<'a>(bytes: &'a [u8], layout: &Layout) -> Result<RawTensors<'a>, ParamsError> {
-    let st = SafeTensors::deserialize(bytes).map_err(|e| ParamsError::Malformed(e.to_string()))?;
-    let mut views: Vec<(String, safetensors::tensor::TensorView<'a>)> = st.tensors();
     // By name, so that a body with several faults always names the same one (safetensors
     // hands the tensors over in hash order).
-    views.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, view) in &views {
-        if view.dtype() != Dtype::F32 {
+    let (views, metadata) = read_body(bytes)?;
+    for view in &views {
+        if let Some(dtype) = &view.wrong_dtype {
             return Err(ParamsError::WrongDtype {
-                name: name.clone(),
-                dtype: format!("{:?}", view.dtype()),
+                name: view.name.clone(),
+                dtype: dtype.clone(),
             });
         }
     }
-    let order = check_names_and_shapes(views.iter().map(|(n, v)| (n.as_str(), v.shape())), layout)?;
-    let metadata = read_metadata(bytes)?;
-    Ok((
-        order.into_iter().map(|i| views[i].1.data()).collect(),
-        metadata,
-    ))
+    let order = check_names_and_shapes(
+        views.iter().map(|v| (v.name.as_str(), v.shape.as_slice())),
+        layout,
+    )?;
+    Ok((order.into_iter().map(|i| views[i].data).collect(), metadata))
 }
 
 #[cfg(test)]
