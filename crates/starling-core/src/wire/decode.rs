@@ -215,6 +215,21 @@ fn layer(v: Json) -> Result<LayerSpec, JsonError> {
         "relu" => LayerSpec::Relu,
         "sigmoid" => LayerSpec::Sigmoid,
         "tanh" => LayerSpec::Tanh,
+        "embedding" => LayerSpec::Embedding {
+            vocab: f.req("vocab", uint)?,
+            width: f.req("width", uint)?,
+            table: f.nullable("table", string)?,
+            table_init: init_or(&mut f, "table_init", Init::GlorotUniform)?,
+        },
+        "lstm" => LayerSpec::Lstm {
+            units: f.req("units", uint)?,
+            return_sequences: f.opt("return_sequences", boolean)?.unwrap_or(false),
+            weight: f.nullable("weight", string)?,
+            recurrent: f.nullable("recurrent", string)?,
+            bias: f.nullable("bias", string)?,
+            weight_init: init_or(&mut f, "weight_init", Init::GlorotUniform)?,
+            bias_init: init_or(&mut f, "bias_init", Init::Zeros)?,
+        },
         other => return Err(error(format!("unknown layer type `{other}`"))),
     })
 }
@@ -291,6 +306,21 @@ mod tests {
             LayerSpec::Relu,
             LayerSpec::Sigmoid,
             LayerSpec::Tanh,
+            LayerSpec::Embedding {
+                vocab: 1,
+                width: 1,
+                table: None,
+                table_init: Init::Zeros,
+            },
+            LayerSpec::Lstm {
+                units: 1,
+                return_sequences: false,
+                weight: None,
+                recurrent: None,
+                bias: None,
+                weight_init: Init::Zeros,
+                bias_init: Init::Zeros,
+            },
         ];
         all.iter()
             .map(|l| match l {
@@ -301,6 +331,8 @@ mod tests {
                 LayerSpec::Relu => "relu",
                 LayerSpec::Sigmoid => "sigmoid",
                 LayerSpec::Tanh => "tanh",
+                LayerSpec::Embedding { .. } => "embedding",
+                LayerSpec::Lstm { .. } => "lstm",
             })
             .collect()
     }
@@ -336,7 +368,8 @@ mod tests {
                 .map(|t| {
                     serde_json::from_str(&format!(
                         r#"{{"type":"{t}","units":2,"filters":2,"kernel":1,"size":1,
-                             "padding":"valid","stride":1}}"#
+                             "padding":"valid","stride":1,"vocab":3,"width":2,
+                             "return_sequences":true,"recurrent":"r"}}"#
                     ))
                     .unwrap()
                 })
