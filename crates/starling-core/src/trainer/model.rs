@@ -13,7 +13,9 @@ use crate::tensor::numel;
 use crate::trainer::layers::activation::Activation;
 use crate::trainer::layers::conv::Conv2d;
 use crate::trainer::layers::dense;
-use crate::trainer::layers::lstm::{Embedding, Lstm, LstmCache};
+use crate::trainer::layers::lstm::LstmCache;
+#[cfg(not(target_arch = "wasm32"))]
+use crate::trainer::layers::lstm::{Embedding, Lstm};
 use crate::trainer::layers::pool::MaxPool;
 use crate::trainer::loss;
 use crate::trainer::spec::{LayerSpec, LossSpec, ModelSpec, SpecError};
@@ -36,6 +38,8 @@ enum Op {
     Act(Activation),
     Flatten,
     /// Tokens to a step-by-step sequence (time-major: step `t` of the batch together).
+    /// Not in the browser's device app, which stays under its size budget without them.
+    #[cfg(not(target_arch = "wasm32"))]
     Embedding {
         table: usize,
         emb: Embedding,
@@ -43,6 +47,7 @@ enum Op {
     },
     /// An LSTM over a time-major sequence; its output is every step's hidden state
     /// (`sequences`) or the last step's.
+    #[cfg(not(target_arch = "wasm32"))]
     Lstm {
         weight: usize,
         recurrent: usize,
@@ -164,6 +169,16 @@ impl Model {
                         .expect("validated pooling"),
                 ),
                 LayerSpec::Flatten => Op::Flatten,
+                #[cfg(target_arch = "wasm32")]
+                LayerSpec::Embedding { .. } | LayerSpec::Lstm { .. } => {
+                    return Err(SpecError::Invalid(
+                        "this device app does not carry the recurrent layers (embedding, \
+                         lstm), to stay small: train this model with `starling device` or an \
+                         SDK"
+                        .into(),
+                    ))
+                }
+                #[cfg(not(target_arch = "wasm32"))]
                 LayerSpec::Embedding { vocab, width, .. } => Op::Embedding {
                     table: weight,
                     emb: Embedding {
@@ -172,6 +187,7 @@ impl Model {
                     },
                     steps: r.input[0],
                 },
+                #[cfg(not(target_arch = "wasm32"))]
                 LayerSpec::Lstm {
                     units,
                     return_sequences,
@@ -328,6 +344,7 @@ impl Model {
     /// keep. Pooling records where each maximum came from when `argmax` is given, and an LSTM
     /// its gates and states in `cache` (training).
     #[allow(clippy::too_many_arguments)]
+    #[cfg_attr(target_arch = "wasm32", allow(unused_variables))]
     fn forward_op(
         op: &Op,
         params: &Parameters,
@@ -368,9 +385,11 @@ impl Model {
                 out.resize(n * pool.output_len(), 0.0);
                 pool.forward(input, n, out, argmax);
             }
+            #[cfg(not(target_arch = "wasm32"))]
             Op::Embedding { table, emb, steps } => {
                 emb.forward(input, n, *steps, params.at(*table).data(), out);
             }
+            #[cfg(not(target_arch = "wasm32"))]
             Op::Lstm {
                 weight,
                 recurrent,
@@ -452,6 +471,8 @@ impl Model {
                 grad,
                 spare,
             } = ws;
+            #[cfg(target_arch = "wasm32")]
+            let _ = lstm_caches;
             let output = self.slots.last().map_or(0, |s| s.1);
             let l = self.loss(&acts[output], target, grad);
             let (mut dy, mut dx) = (grad, spare);
@@ -515,11 +536,13 @@ impl Model {
                             pool.backward(dy, n, &argmax[i], dx);
                         }
                     }
+                    #[cfg(not(target_arch = "wasm32"))]
                     Op::Embedding { table, emb, steps } => {
                         let mut de = std::mem::take(grads.at_mut(*table).data_mut_vec());
                         emb.backward(&acts[self.slots[i].0], n, *steps, dy, &mut de);
                         *grads.at_mut(*table).data_mut_vec() = de;
                     }
+                    #[cfg(not(target_arch = "wasm32"))]
                     Op::Lstm {
                         weight,
                         recurrent,
