@@ -11,8 +11,10 @@
 //!   virtual-time order, a server step every K updates.
 //! - [`latency`]: training-time distributions on the virtual clock (`--latency`).
 //! - [`report`]: per-round metrics and the results files (JSON, CSV, SVG plot).
+//! - [`cpu`]: the process's CPU time, for the cores a run keeps busy.
 
 pub mod buffered;
+pub mod cpu;
 pub mod data;
 pub mod federation;
 pub mod latency;
