@@ -372,6 +372,8 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
                 "epsilon": report.rounds.last().and_then(|r| r.epsilon),
                 "stopped": report.stopped,
                 "peak_rss_mib": peak,
+                "cpu_secs": report.cpu_secs,
+                "cores_busy": report.cores_busy,
                 "machine": starling_bench::machine::machine(),
             })
         );
@@ -386,6 +388,14 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
             report.final_loss.unwrap_or(f32::NAN),
             peak.map_or("-".into(), |m| format!("{m:.0}"))
         );
+        if let Some(busy) = report.cores_busy {
+            println!(
+                "cores busy: {busy:.2} of {} ({:.1} CPU s over {:.1} wall s)",
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+                report.cpu_secs.unwrap_or_default(),
+                report.wall_secs
+            );
+        }
         if let Some(e) = report.rounds.last().and_then(|r| r.epsilon) {
             println!("privacy: ε = {e:.4} spent at δ = {}", a.delta);
         }

@@ -80,8 +80,12 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
             .unwrap_or(builtin::default_plan(&spec.name).learning_rate),
         shuffle: !args.no_shuffle,
         seed: args.seed,
+        // Training on one's own machine is where a whole-data evaluation before and after is
+        // wanted (and cheap enough): what the command prints.
+        evaluate_after_training: true,
         ..Plan::default()
     };
+    let before = model.evaluate(&params, data.features(), data.targets(), data.len());
     let bar = if args.json {
         ProgressBar::hidden()
     } else {
@@ -130,11 +134,8 @@ pub(crate) fn run(args: Args) -> anyhow::Result<ExitCode> {
                 println!("  {name}: shape {:?}", t.shape());
             }
         }
-        println!(
-            "  loss {:.6} -> {:.6}",
-            report.before.loss, report.after.loss
-        );
-        if let (Some(b), Some(a)) = (report.before.accuracy, report.after.accuracy) {
+        println!("  loss {:.6} -> {:.6}", before.loss, report.after.loss);
+        if let (Some(b), Some(a)) = (before.accuracy, report.after.accuracy) {
             println!("  accuracy {:.4} -> {:.4}", b, a);
         }
     }

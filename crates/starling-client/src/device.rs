@@ -137,9 +137,12 @@ pub enum DeviceEvent {
         /// Optimiser steps the plan asked for: more than `steps` for partial work, when
         /// training stopped early to meet the round's deadline.
         planned_steps: usize,
-        /// Local loss before training.
+        /// Local loss as training started: the training pass's over the first epoch
+        /// (`TrainReport::before`).
         loss_before: f32,
-        /// Local loss after training.
+        /// Local loss the update reported: the training pass's over the last epoch, or the
+        /// whole local data's after training when the plan asks for it
+        /// (`TrainReport::after`).
         loss_after: f32,
     },
     /// An evaluation round's report was accepted: the model's score on the local data.

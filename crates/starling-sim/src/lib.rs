@@ -13,8 +13,10 @@
 //!   running the core's SecAgg+ client, with drop-outs after each step.
 //! - [`latency`]: training-time distributions on the virtual clock (`--latency`).
 //! - [`report`]: per-round metrics and the results files (JSON, CSV, SVG plot).
+//! - [`cpu`]: the process's CPU time, for the cores a run keeps busy.
 
 pub mod buffered;
+pub mod cpu;
 pub mod data;
 pub mod federation;
 pub mod latency;

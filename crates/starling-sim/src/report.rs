@@ -119,6 +119,12 @@ pub struct SimReport {
     pub final_loss: Option<f32>,
     /// Why training stopped before the rounds ran out (a spent privacy budget), if it did.
     pub stopped: Option<String>,
+    /// CPU seconds (user and system, every thread) the process used during the run; none where
+    /// the platform does not say ([`crate::cpu`]).
+    pub cpu_secs: Option<f64>,
+    /// Cores kept busy: `cpu_secs` over `wall_secs`, at most the machine's cores (2.0 is two
+    /// cores busy all the time).
+    pub cores_busy: Option<f64>,
 }
 
 impl SimReport {
@@ -138,9 +144,17 @@ impl SimReport {
             final_loss: last.and_then(|r| r.test_loss),
             rounds_per_sec: rounds.len() as f64 / wall_secs.max(1e-9),
             stopped: None,
+            cpu_secs: None,
+            cores_busy: None,
             rounds,
             wall_secs,
         }
+    }
+
+    /// Records the CPU seconds the run used, and so the cores it kept busy.
+    pub(crate) fn set_cpu_secs(&mut self, cpu_secs: Option<f64>) {
+        self.cpu_secs = cpu_secs;
+        self.cores_busy = cpu_secs.map(|c| c / self.wall_secs.max(1e-9));
     }
 
     /// The first round whose test accuracy reached `target`.

@@ -1,8 +1,11 @@
 //! The simulation loop. In synchronous rounds (the default), each round: sample devices
 //! (seeded), let them check in with the real round engine, train the sampled devices on every
 //! core, upload their updates through the engine in device order (so results do not depend
-//! on thread timing), let the virtual clock close the round if drop-outs or stragglers kept it
-//! below its goal, and evaluate the new global model on the held-out test set.
+//! on thread timing) as they come out of training, let the virtual clock close the round if
+//! drop-outs or stragglers kept it below its goal, and evaluate the new global model on the
+//! held-out test set. That evaluation runs on the pool beside the next round's training
+//! (both need only the new model), unless the run stops at a target accuracy and so must
+//! know it first; a round is reported once its evaluation is in.
 //!
 //! With [`SimConfig::buffered`] the task runs the engine's buffered asynchronous mode
 //! (FedBuff) instead, driven event by event on the virtual clock by [`crate::buffered`].
@@ -355,7 +358,9 @@ fn partial_data(data: &Dataset, share: f64, seed: u64) -> Dataset {
 pub fn evaluate(model: &Model, params: &Parameters, data: &Dataset) -> Evaluation {
     let n = data.len();
     let (fw, tw) = (data.feature_dim(), data.target_dim());
-    let chunk = n.div_ceil(rayon::current_num_threads().max(1)).max(1);
+    // A few chunks per thread, so that an evaluation running beside training (the next
+    // round's) fills whichever thread comes free.
+    let chunk = n.div_ceil(4 * rayon::current_num_threads().max(1)).max(1);
     let parts: Vec<(usize, Evaluation)> = (0..n)
         .step_by(chunk)
         .collect::<Vec<_>>()
@@ -429,6 +434,17 @@ impl Setup {
         tokio::task::spawn_blocking(move || pool.install(|| evaluate(&model, &params, &test)))
             .await
             .map_err(|e| SimError::Config(format!("evaluation thread: {e}")))
+    }
+
+    /// [`Setup::evaluate`] started on the pool, to be awaited later: the caller goes on
+    /// (with the next round's training) meanwhile.
+    pub(crate) fn spawn_evaluation(
+        &self,
+        params: Arc<Parameters>,
+        test: &Arc<Dataset>,
+    ) -> tokio::task::JoinHandle<Evaluation> {
+        let (model, test, pool) = (self.model.clone(), test.clone(), self.pool.clone());
+        tokio::task::spawn_blocking(move || pool.install(|| evaluate(&model, &params, &test)))
     }
 
     /// Whether round (step) `i` of at most `last` is evaluated.
@@ -544,6 +560,8 @@ pub async fn run(
         .num_threads(config.threads)
         .build()
         .map_err(|e| SimError::Config(e.to_string()))?;
+    // The run's CPU time and wall time start together.
+    let cpu_at_start = crate::cpu::process_cpu_secs();
     let setup = Setup {
         model: Arc::new(model),
         task,
@@ -566,6 +584,11 @@ pub async fn run(
         setup.started.elapsed().as_secs_f64(),
     );
     report.stopped = setup.task.status().stopped;
+    report.set_cpu_secs(
+        crate::cpu::process_cpu_secs()
+            .zip(cpu_at_start)
+            .map(|(end, start)| end - start),
+    );
     Ok(report)
 }
 
@@ -591,6 +614,7 @@ async fn run_rounds(
     let mut virtual_secs = 0.0;
     let mut rounds = Vec::new();
     let mut status_rx = task.subscribe();
+    let mut pending: Option<PendingRound> = None;
     for i in 1..=config.rounds {
         let status = task.status();
         let round = status.round.round;
@@ -674,51 +698,38 @@ async fn run_rounds(
         let mut jobs = jobs.into_iter().peekable();
         while jobs.peek().is_some() {
             let batch: Vec<(usize, String, f64, f64)> = jobs.by_ref().take(wave).collect();
-            let (pool2, model2, base2) = (pool.clone(), model.clone(), base.clone());
-            let plan = config.plan.clone();
-            let seed = config.seed;
-            let devices = devices.clone();
-            let trained: Vec<Result<(Vec<u8>, f64), SimError>> =
-                tokio::task::spawn_blocking(move || {
-                    pool2.install(|| {
-                        batch
-                            .into_par_iter()
-                            .map(|(d, token, t, share)| {
-                                let mut plan = plan.clone();
-                                plan.seed = mix(seed, round, d);
-                                let partial;
-                                let data = if share < 1.0 {
-                                    partial = partial_data(&devices[d], share, plan.seed);
-                                    &partial
-                                } else {
-                                    &devices[d]
-                                };
-                                let (body, _) = local_update(
-                                    &model2,
-                                    &base2,
-                                    data,
-                                    &plan,
-                                    base_version,
-                                    token,
-                                    |_| {},
-                                )?;
-                                Ok((body, t))
-                            })
-                            .collect()
-                    })
-                })
-                .await
-                .map_err(|e| SimError::Config(format!("training thread: {e}")))?;
-            let mut bodies = Vec::with_capacity(trained.len());
-            for r in trained {
-                let (body, _) = r?;
-                bytes_up += body.len() as u64;
-                bodies.push(Upload::from(body));
+            let mut results = train_in_order(
+                pool.clone(),
+                model.clone(),
+                base.clone(),
+                devices.clone(),
+                config.plan.clone(),
+                config.seed,
+                round,
+                base_version,
+                batch,
+            );
+            // Upload in device order as the updates arrive: the engine checks and folds the
+            // first devices' updates while the pool trains the others.
+            while let Some(bodies) = results.next_in_order().await {
+                let mut uploads = Vec::with_capacity(bodies.len());
+                for body in bodies {
+                    let body = body?;
+                    bytes_up += body.len() as u64;
+                    uploads.push(Upload::from(body));
+                }
+                for r in task.upload_many(round, uploads).await {
+                    r?;
+                    reported += 1;
+                }
             }
-            for r in task.upload_many(round, bodies).await {
-                r?;
-                reported += 1;
-            }
+            results.finish().await?;
+        }
+        // The previous round's evaluation ran beside this round's training: report it.
+        if let Some(p) = pending.take() {
+            let m = p.finish().await?;
+            on_round(&m);
+            rounds.push(m);
         }
         let round_virtual = if reported < k {
             // Not everyone reported: the round ends at its deadline, on the virtual clock.
@@ -734,16 +745,8 @@ async fn run_rounds(
             .map_err(|_| SimError::Config("the round engine stopped".into()))?
             .clone();
         let record = st.last_round.expect("waited for it");
-        let eval = if Setup::evaluates(config, i, config.rounds) {
-            Some(
-                setup
-                    .evaluate(st.model.params.clone(), &federation.test)
-                    .await?,
-            )
-        } else {
-            None
-        };
-        let m = RoundMetrics {
+        let evaluates = Setup::evaluates(config, i, config.rounds);
+        let mut m = RoundMetrics {
             round,
             version: st.model.version,
             committed: record.status == RoundStatus::Committed,
@@ -758,13 +761,29 @@ async fn run_rounds(
             examples: record.examples,
             train_loss: record.mean_loss,
             train_accuracy: record.mean_accuracy,
-            test_loss: eval.as_ref().map(|e| e.loss),
-            test_accuracy: eval.and_then(|e| e.accuracy),
+            test_loss: None,
+            test_accuracy: None,
             bytes_up,
             bytes_down,
             virtual_secs,
             wall_secs: started.elapsed().as_secs_f64(),
         };
+        if !evaluates {
+            on_round(&m);
+            rounds.push(m);
+            continue;
+        }
+        let eval = setup.spawn_evaluation(st.model.params.clone(), &federation.test);
+        if config.stop_at_accuracy.is_none() && i < config.rounds {
+            // The next round trains the same model that is evaluated here: evaluate it on
+            // the pool beside that training, and report this round once it is done.
+            pending = Some(PendingRound { metrics: m, eval });
+            continue;
+        }
+        // Whether to go on depends on this evaluation: wait for it.
+        let eval = join_evaluation(eval).await?;
+        m.test_loss = Some(eval.loss);
+        m.test_accuracy = eval.accuracy;
         on_round(&m);
         let done = reached(config, &m);
         rounds.push(m);
@@ -772,7 +791,134 @@ async fn run_rounds(
             break;
         }
     }
+    // A round that stopped the loop early (a spent privacy budget) leaves the previous
+    // round's evaluation behind.
+    if let Some(p) = pending.take() {
+        let m = p.finish().await?;
+        on_round(&m);
+        rounds.push(m);
+    }
     Ok(rounds)
+}
+
+/// A round whose metrics wait for its evaluation on the test set.
+struct PendingRound {
+    metrics: RoundMetrics,
+    eval: tokio::task::JoinHandle<Evaluation>,
+}
+
+impl PendingRound {
+    /// The round's metrics with its test loss and accuracy.
+    async fn finish(self) -> Result<RoundMetrics, SimError> {
+        let mut m = self.metrics;
+        let eval = join_evaluation(self.eval).await?;
+        m.test_loss = Some(eval.loss);
+        m.test_accuracy = eval.accuracy;
+        Ok(m)
+    }
+}
+
+async fn join_evaluation(
+    eval: tokio::task::JoinHandle<Evaluation>,
+) -> Result<Evaluation, SimError> {
+    eval.await
+        .map_err(|e| SimError::Config(format!("evaluation thread: {e}")))
+}
+
+/// The updates of a wave of devices, trained on the pool, handed out in device order.
+struct TrainedInOrder {
+    rx: tokio::sync::mpsc::UnboundedReceiver<(usize, Result<Vec<u8>, SimError>)>,
+    ready: Vec<Option<Result<Vec<u8>, SimError>>>,
+    next: usize,
+    training: tokio::task::JoinHandle<()>,
+}
+
+impl TrainedInOrder {
+    /// The next updates in device order that are ready (at least one), waiting for them;
+    /// `None` once every update has been handed out.
+    async fn next_in_order(&mut self) -> Option<Vec<Result<Vec<u8>, SimError>>> {
+        loop {
+            let mut out = Vec::new();
+            while let Some(r) = self.ready.get_mut(self.next).and_then(Option::take) {
+                out.push(r);
+                self.next += 1;
+            }
+            if !out.is_empty() {
+                return Some(out);
+            }
+            if self.next == self.ready.len() {
+                return None;
+            }
+            let (j, r) = self.rx.recv().await?;
+            self.ready[j] = Some(r);
+        }
+    }
+
+    /// Waits for the training task itself (it has sent everything by now).
+    async fn finish(self) -> Result<(), SimError> {
+        self.training
+            .await
+            .map_err(|e| SimError::Config(format!("training thread: {e}")))
+    }
+}
+
+/// Trains `jobs` (device, token, virtual seconds, share of its data) on the pool, off the
+/// async reactor. The pool's threads take the devices in order, one at a time, so updates
+/// come out roughly in device order and the uploads that must follow it wait little.
+#[allow(clippy::too_many_arguments)]
+fn train_in_order(
+    pool: Arc<rayon::ThreadPool>,
+    model: Arc<Model>,
+    base: Arc<Parameters>,
+    devices: Arc<Vec<Dataset>>,
+    plan: Plan,
+    seed: u64,
+    round: u64,
+    base_version: u64,
+    jobs: Vec<(usize, String, f64, f64)>,
+) -> TrainedInOrder {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let n = jobs.len();
+    let training = tokio::task::spawn_blocking(move || {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let threads = pool.current_num_threads().min(n);
+        pool.install(|| {
+            (0..threads).into_par_iter().for_each(|_| loop {
+                let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((d, token, _, share)) = jobs.get(j) else {
+                    break;
+                };
+                let mut plan = plan.clone();
+                plan.seed = mix(seed, round, *d);
+                let partial;
+                let data = if *share < 1.0 {
+                    partial = partial_data(&devices[*d], *share, plan.seed);
+                    &partial
+                } else {
+                    &devices[*d]
+                };
+                let body = local_update(
+                    &model,
+                    &base,
+                    data,
+                    &plan,
+                    base_version,
+                    token.clone(),
+                    |_| {},
+                )
+                .map(|(body, _)| body)
+                .map_err(SimError::from);
+                // The receiver is gone only when the round failed already.
+                let _ = tx.send((j, body));
+            })
+        });
+    });
+    TrainedInOrder {
+        rx,
+        ready: (0..n).map(|_| None).collect(),
+        next: 0,
+        training,
+    }
 }
 
 /// Whether `m` reached the configured target accuracy.

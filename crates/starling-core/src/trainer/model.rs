@@ -87,6 +87,15 @@ pub struct Evaluation {
     pub accuracy: Option<f32>,
 }
 
+/// What a training step's forward pass measured on its batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchStats {
+    /// The batch's mean loss.
+    pub loss: f32,
+    /// Examples whose largest output is the label (classifiers only).
+    pub correct: Option<usize>,
+}
+
 /// Reusable buffers of the forward and backward passes.
 #[derive(Debug, Default)]
 struct Workspace {
@@ -460,6 +469,19 @@ impl Model {
         n: usize,
         grads: &mut Parameters,
     ) -> f32 {
+        self.train_batch(params, x, target, n, grads).loss
+    }
+
+    /// [`Model::loss_and_grad`], also counting the examples a classifier got right: the
+    /// training loop's figures come from here, at no extra forward pass.
+    pub fn train_batch(
+        &self,
+        params: &Parameters,
+        x: &[f32],
+        target: &[f32],
+        n: usize,
+        grads: &mut Parameters,
+    ) -> BatchStats {
         with_workspace(|ws| {
             self.forward_train(params, x, n, ws);
             let Workspace {
@@ -475,6 +497,7 @@ impl Model {
             let _ = lstm_caches;
             let output = self.slots.last().map_or(0, |s| s.1);
             let l = self.loss(&acts[output], target, grad);
+            let correct = self.correct(&acts[output], target);
             let (mut dy, mut dx) = (grad, spare);
             for (i, op) in self.ops.iter().enumerate().rev() {
                 // The first layer's input gradient is never needed.
@@ -591,7 +614,17 @@ impl Model {
                 }
                 std::mem::swap(&mut dy, &mut dx);
             }
-            l
+            BatchStats { loss: l, correct }
+        })
+    }
+
+    /// For a classifier, the rows of `output` whose largest logit is the row's label.
+    fn correct(&self, output: &[f32], target: &[f32]) -> Option<usize> {
+        (self.spec.loss == LossSpec::SoftmaxCrossEntropy).then(|| {
+            loss::argmax_rows(output, self.spec.outputs())
+                .zip(target)
+                .filter(|(p, &label)| *p == label as usize)
+                .count()
         })
     }
 
@@ -609,12 +642,7 @@ impl Model {
                 let t = &target[start * tw..(start + m) * tw];
                 let l = self.loss(out, t, &mut ws.grad);
                 loss_sum += f64::from(l) * m as f64;
-                if self.spec.loss == LossSpec::SoftmaxCrossEntropy {
-                    correct += loss::argmax_rows(out, self.spec.outputs())
-                        .zip(t)
-                        .filter(|(p, &label)| *p == label as usize)
-                        .count();
-                }
+                correct += self.correct(out, t).unwrap_or(0);
                 start += m;
             }
         });

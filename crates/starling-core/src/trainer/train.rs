@@ -5,6 +5,10 @@
 //! [`ControlFlow`]); that is FedProx's partial work, which a device does only when the plan
 //! allows it ([`Plan::partial_work`], [`Plan::training_budget_secs`]). The core keeps no
 //! clock: the caller measures time and decides.
+//!
+//! The loss and accuracy a device reports come from the training pass (each batch's forward
+//! pass already computes them); evaluating the whole local data after training is one more
+//! pass that a plan asks for ([`Plan::evaluate_after_training`]).
 
 use std::ops::ControlFlow;
 
@@ -13,7 +17,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{DataError, Dataset};
-use crate::trainer::model::{Evaluation, Model};
+use crate::trainer::model::{BatchStats, Evaluation, Model};
 use crate::trainer::optim::Sgd;
 use crate::trainer::spec::LossSpec;
 use crate::wire::params::{Parameters, ParamsError};
@@ -48,6 +52,14 @@ pub struct Plan {
     /// consistent; with plain FedAvg partial updates pull the average towards what the
     /// devices that stopped early saw, so no partial work is the safer default.
     pub partial_work: bool,
+    /// Evaluate the whole local data set after training (one more forward pass over it) and
+    /// report that loss and accuracy with the update. Off (the default, and when a plan leaves
+    /// the key out), the update reports the training pass's own figures: the mean loss and
+    /// accuracy of the last epoch's batches, each measured as the step on it was computed, so
+    /// training costs no extra pass over the data ([`TrainReport::after`]). A plan sends the
+    /// key only when it is on, so devices that predate it read every plan that leaves it off.
+    #[serde(skip_serializing_if = "is_false")]
+    pub evaluate_after_training: bool,
     /// The conditions a device must be in before it checks in (the eligibility Google's
     /// production client applies): charging, idle, on an unmetered network, a battery level.
     /// The host reports its conditions and the client library checks in only when they hold
@@ -144,9 +156,14 @@ impl Default for Plan {
             seed: 0,
             mu: 0.0,
             partial_work: false,
+            evaluate_after_training: false,
             requires: Requirements::default(),
         }
     }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Errors that stop local training before it starts.
@@ -227,10 +244,19 @@ pub struct TrainReport {
     /// Optimiser steps the plan asks for (batches per epoch times epochs): more than `steps`
     /// when training stopped early.
     pub planned_steps: usize,
-    /// Loss and accuracy over the whole local data before training.
+    /// The training pass's loss and accuracy over the first epoch's batches (weighted by
+    /// their sizes): each batch is measured by the forward pass of its own step, so before
+    /// that step changes the model, and the figure is the model as training found it,
+    /// improving through the epoch. With one epoch it equals `after` unless the plan
+    /// evaluates after training.
     pub before: Evaluation,
-    /// Loss and accuracy over the whole local data after training.
+    /// What the update reports. With [`Plan::evaluate_after_training`], the loss and accuracy
+    /// over the whole local data after training; otherwise the training pass's over the last
+    /// epoch's batches (those that ran, when training stopped early), measured like
+    /// `before`.
     pub after: Evaluation,
+    /// Whether `after` is an evaluation of the whole local data after training.
+    pub evaluated_after: bool,
 }
 
 impl TrainReport {
@@ -311,6 +337,31 @@ pub fn check_data(model: &Model, data: &Dataset) -> Result<(), DataError> {
     Ok(())
 }
 
+/// The loss and accuracy of the batches of one epoch, summed as training goes (the
+/// forward pass of each step already computed them).
+#[derive(Debug, Clone, Copy, Default)]
+struct RunningMean {
+    examples: usize,
+    loss_sum: f64,
+    correct: Option<usize>,
+}
+
+impl RunningMean {
+    fn add(&mut self, examples: usize, stats: BatchStats) {
+        self.examples += examples;
+        self.loss_sum += f64::from(stats.loss) * examples as f64;
+        self.correct = stats.correct.map(|c| c + self.correct.unwrap_or(0));
+    }
+
+    fn mean(&self) -> Evaluation {
+        let n = self.examples.max(1) as f64;
+        Evaluation {
+            loss: (self.loss_sum / n) as f32,
+            accuracy: self.correct.map(|c| (c as f64 / n) as f32),
+        }
+    }
+}
+
 /// Trains `params` in place on `data` following `plan`, calling `progress` after each step.
 ///
 /// `progress` may stop training early by answering `ControlFlow::Break(())` (see
@@ -318,8 +369,11 @@ pub fn check_data(model: &Model, data: &Dataset) -> Result<(), DataError> {
 /// steps, after at least one, and leaves `params` as they were after that step: the steps
 /// that ran are exactly the first steps of the whole run (the same batches, the same
 /// optimiser state). The report then says how many steps ran and which examples count
-/// ([`TrainReport::examples`]). The evaluation after training covers the whole local data
-/// either way.
+/// ([`TrainReport::examples`]).
+///
+/// The loss and accuracy reported come from the training pass itself; only a plan with
+/// [`Plan::evaluate_after_training`] pays for one more forward pass over the whole local
+/// data (the whole of it, even when training stopped early).
 pub fn train<C: StepControl>(
     model: &Model,
     params: &mut Parameters,
@@ -331,7 +385,6 @@ pub fn train<C: StepControl>(
     params.check_layout(model.layout())?;
     check_data(model, data)?;
     let n = data.len();
-    let before = model.evaluate(params, data.features(), data.targets(), n);
     let mut rng = rand::rngs::StdRng::seed_from_u64(plan.seed);
     let mut order: Vec<usize> = (0..n).collect();
     let mut grads = Parameters::zeros(model.layout());
@@ -347,35 +400,45 @@ pub fn train<C: StepControl>(
     // Distinct examples trained on: those of the first epoch's batches so far; after the
     // first epoch, all of them.
     let mut seen = 0;
+    // The first epoch's figures and those of the epoch under way.
+    let (mut first, mut current) = (RunningMean::default(), RunningMean::default());
     'epochs: for epoch in 0..plan.epochs {
         if plan.shuffle {
             order.shuffle(&mut rng);
         }
+        current = RunningMean::default();
         for batch in order.chunks(plan.batch_size) {
             data.gather(batch, &mut x, &mut y);
-            let batch_loss = model.loss_and_grad(params, &x, &y, batch.len(), &mut grads);
+            let stats = model.train_batch(params, &x, &y, batch.len(), &mut grads);
             opt.step(params, &grads);
             step += 1;
+            current.add(batch.len(), stats);
             if epoch == 0 {
                 seen += batch.len();
+                first = current;
             }
             let answer = progress(Progress {
                 step,
                 total_steps,
-                batch_loss,
+                batch_loss: stats.loss,
             });
             if answer.stops() {
                 break 'epochs;
             }
         }
     }
-    let after = model.evaluate(params, data.features(), data.targets(), n);
+    let after = if plan.evaluate_after_training {
+        model.evaluate(params, data.features(), data.targets(), n)
+    } else {
+        current.mean()
+    };
     Ok(TrainReport {
         examples: seen,
         steps: step,
         planned_steps: total_steps,
-        before,
+        before: first.mean(),
         after,
+        evaluated_after: plan.evaluate_after_training,
     })
 }
 

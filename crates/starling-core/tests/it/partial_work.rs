@@ -37,6 +37,7 @@ fn plan(epochs: u32, shuffle: bool) -> Plan {
         seed: 7,
         mu: 0.2,
         partial_work: true,
+        evaluate_after_training: false,
         requires: Default::default(),
     }
 }

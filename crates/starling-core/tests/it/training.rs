@@ -106,9 +106,102 @@ fn logistic_regression_learns_a_separable_problem() {
         learning_rate: 0.5,
         ..Plan::default()
     };
+    let start = model.evaluate(&p, data.features(), data.targets(), data.len());
+    assert!(start.accuracy.unwrap() < 0.8, "{start:?}");
     let r = train(&model, &mut p, &data, &plan, |_| {}).unwrap();
-    assert_eq!(r.before.accuracy.map(|a| a < 0.8), Some(true));
+    // The last epoch's batches, as the training pass measured them.
     assert!(r.after.accuracy.unwrap() > 0.95, "{:?}", r.after);
+    assert!(r.before.accuracy < r.after.accuracy, "{r:?}");
+    let end = model.evaluate(&p, data.features(), data.targets(), data.len());
+    assert!(end.accuracy.unwrap() > 0.95, "{end:?}");
+}
+
+/// Logistic regression on 23 examples of two noisy classes in two features.
+fn noisy_two_classes() -> Dataset {
+    let csv: String = (0..23)
+        .map(|i| {
+            let x = (i as f32 / 23.0) * 4.0 - 2.0;
+            let y = (i as f32 * 0.91).sin();
+            format!("{x},{y},{}\n", u8::from(x + y > 0.3))
+        })
+        .collect();
+    Dataset::from_csv(csv.as_bytes(), &TargetColumn::Last).unwrap()
+}
+
+#[test]
+fn the_reported_loss_is_the_training_pass_unless_the_plan_evaluates_after_training() {
+    let data = noisy_two_classes();
+    let spec = builtin::logistic(2, 2);
+    let model = Model::new(spec.clone()).unwrap();
+    let plan = Plan {
+        epochs: 3,
+        batch_size: 5,
+        learning_rate: 0.5,
+        momentum: 0.3,
+        shuffle: false,
+        ..Plan::default()
+    };
+    // The same run by hand: each batch measured on the parameters its step starts from.
+    let mut reference = spec.init_params(3);
+    let mut opt = starling_core::trainer::optim::Sgd::new(plan.learning_rate, plan.momentum);
+    let mut grads = starling_core::Parameters::zeros(model.layout());
+    let mut epochs = Vec::new();
+    for _ in 0..plan.epochs {
+        let (mut loss, mut correct) = (0.0f64, 0.0f64);
+        for rows in (0..data.len()).collect::<Vec<_>>().chunks(plan.batch_size) {
+            let (mut x, mut y) = (Vec::new(), Vec::new());
+            data.gather(rows, &mut x, &mut y);
+            let e = model.evaluate(&reference, &x, &y, rows.len());
+            loss += f64::from(e.loss) * rows.len() as f64;
+            correct += f64::from(e.accuracy.unwrap()) * rows.len() as f64;
+            model.loss_and_grad(&reference, &x, &y, rows.len(), &mut grads);
+            opt.step(&mut reference, &grads);
+        }
+        let n = data.len() as f64;
+        epochs.push(((loss / n) as f32, (correct / n) as f32));
+    }
+    let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * b.abs().max(1.0);
+
+    let mut p = spec.init_params(3);
+    let r = train(&model, &mut p, &data, &plan, |_| {}).unwrap();
+    assert_eq!(p, reference);
+    assert!(!r.evaluated_after);
+    let (first, last) = (epochs[0], epochs[2]);
+    assert!(close(r.before.loss, first.0), "{r:?} vs {epochs:?}");
+    assert!(close(r.before.accuracy.unwrap(), first.1), "{r:?}");
+    assert!(close(r.after.loss, last.0), "{r:?} vs {epochs:?}");
+    assert!(close(r.after.accuracy.unwrap(), last.1), "{r:?}");
+    // The last epoch's figures, not the whole data's after training (they differ here).
+    let whole = model.evaluate(&p, data.features(), data.targets(), data.len());
+    assert_ne!(r.after, whole);
+
+    // Asked for, the figures are the whole data's after training; training is the same.
+    let evaluating = Plan {
+        evaluate_after_training: true,
+        ..plan.clone()
+    };
+    let mut q = spec.init_params(3);
+    let e = train(&model, &mut q, &data, &evaluating, |_| {}).unwrap();
+    assert_eq!(q, p);
+    assert!(e.evaluated_after);
+    assert_eq!(e.after, whole);
+    assert_eq!(e.before, r.before);
+}
+
+#[test]
+fn plans_evaluate_after_training_only_when_they_say_so() {
+    // Older plans, and plans that leave it off, do not carry the key.
+    let plan: Plan = serde_json::from_str(r#"{"epochs": 2}"#).unwrap();
+    assert!(!plan.evaluate_after_training);
+    let json = serde_json::to_value(Plan::default()).unwrap();
+    assert!(json.get("evaluate_after_training").is_none(), "{json}");
+    let on = Plan {
+        evaluate_after_training: true,
+        ..Plan::default()
+    };
+    let json = serde_json::to_value(&on).unwrap();
+    assert_eq!(json["evaluate_after_training"], serde_json::json!(true));
+    assert_eq!(serde_json::from_value::<Plan>(json).unwrap(), on);
 }
 
 #[test]

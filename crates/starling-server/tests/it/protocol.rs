@@ -281,12 +281,14 @@ fn the_openapi_schemas_match_the_protocol_types() {
         schemas["CheckInRequest"]["properties"]["device"]["maxLength"],
         MAX_DEVICE_ID as u64
     );
-    // A plan with requirements (a plan without any leaves the key out).
+    // A plan with requirements and a post-training evaluation (a plan without them leaves
+    // those keys out).
     let requiring = Plan {
         requires: starling_core::Requirements {
             charging: true,
             ..starling_core::Requirements::default()
         },
+        evaluate_after_training: true,
         ..Plan::default()
     };
     check(
@@ -295,6 +297,7 @@ fn the_openapi_schemas_match_the_protocol_types() {
         serde_json::to_value(requiring).unwrap(),
     );
     assert!(serde_json::to_value(Plan::default()).unwrap()["requires"].is_null());
+    assert!(serde_json::to_value(Plan::default()).unwrap()["evaluate_after_training"].is_null());
     assert_eq!(
         keys(&schemas["Plan"]["properties"]["requires"]["properties"]),
         keys(&serde_json::to_value(starling_core::Requirements::default()).unwrap())
