@@ -199,6 +199,15 @@ fn derive(shared: &[u8; 32], label: &[u8], round: u64, a: usize, b: usize) -> [u
     out
 }
 
+/// Whether an X25519 public key can agree a secret at all: a key of low order gives every
+/// secret key the all-zero result (`x25519-dalek`'s `was_contributory` is false for it, as
+/// RFC 7748 section 6.1 recommends checking), so one fixed scalar tells.
+pub fn usable_key(public: &[u8; 32]) -> bool {
+    StaticSecret::from([0x5a; 32])
+        .diffie_hellman(&PublicKey::from(*public))
+        .was_contributory()
+}
+
 fn agree(secret: &StaticSecret, public: &[u8; 32], peer: usize) -> Result<[u8; 32], SecAggError> {
     let shared = secret.diffie_hellman(&PublicKey::from(*public));
     if !shared.was_contributory() {
@@ -484,6 +493,11 @@ impl Aggregator {
         if id >= self.params.devices || self.keys.contains_key(&id) {
             return Err(Self::unexpected(id, "no place for its keys"));
         }
+        // A key of low order would make every neighbour's agreement with it fail, so one
+        // device could make its neighbours drop out: refused here, before anyone sees it.
+        if !usable_key(&keys.encryption) || !usable_key(&keys.masking) {
+            return Err(SecAggError::BadKey(id));
+        }
         self.keys.insert(id, keys);
         Ok(())
     }
@@ -626,5 +640,53 @@ impl Aggregator {
             }
         }
         Ok((self.sum, self.masked.len()))
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    /// RFC 7748's low-order points (u = 0, 1, and the order-8 points of section 6.1's
+    /// check; p - 1 and p, p + 1 as non-canonical encodings) give no shared secret; a key
+    /// drawn from a secret key always does.
+    #[test]
+    fn low_order_keys_are_unusable_and_drawn_keys_usable() {
+        let from_hex = |h: &str| -> [u8; 32] {
+            let mut k = [0u8; 32];
+            for (i, b) in k.iter_mut().enumerate() {
+                *b = u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap();
+            }
+            k
+        };
+        let low_order = [
+            "0000000000000000000000000000000000000000000000000000000000000000",
+            "0100000000000000000000000000000000000000000000000000000000000000",
+            "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+            "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+            "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+            "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+            "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        ];
+        for h in low_order {
+            assert!(!usable_key(&from_hex(h)), "{h}");
+        }
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+        for _ in 0..20 {
+            let mut secret = [0u8; 32];
+            rng.fill_bytes(&mut secret);
+            let public = PublicKey::from(&StaticSecret::from(secret));
+            assert!(usable_key(public.as_bytes()));
+        }
+        // The aggregator refuses such a key and keeps the device's place for a good one.
+        let params = Params::new(1, 4, 3, FixedPoint::new(16, 4).unwrap(), 8, [7; 32]);
+        let mut agg = Aggregator::new(params);
+        let (_, good) = Client::new(0, params, &mut rng);
+        let bad = AdvertiseKeys {
+            masking: [0; 32],
+            ..good
+        };
+        assert_eq!(agg.advertise(0, bad), Err(SecAggError::BadKey(0)));
+        agg.advertise(0, good).unwrap();
     }
 }

@@ -111,13 +111,16 @@ pub enum ErrorCode {
     /// Secure aggregation: encrypted shares or unmasking shares that are not one per
     /// neighbour, or name a device that is not the sender's neighbour.
     InvalidShares,
+    /// Secure aggregation: an advertised public key of low order, with which no device
+    /// could agree a secret.
+    InvalidKey,
     /// The server failed (storage); details are in its log, not in the answer.
     Internal,
 }
 
 impl ErrorCode {
     /// Every code, in the order of the documentation.
-    pub const ALL: [ErrorCode; 40] = [
+    pub const ALL: [ErrorCode; 41] = [
         ErrorCode::NotFound,
         ErrorCode::MethodNotAllowed,
         ErrorCode::BadRequest,
@@ -148,6 +151,7 @@ impl ErrorCode {
         ErrorCode::WrongLength,
         ErrorCode::NotInCohort,
         ErrorCode::InvalidShares,
+        ErrorCode::InvalidKey,
         ErrorCode::Conflict,
         ErrorCode::InvalidSettings,
         ErrorCode::InvalidModel,
@@ -187,6 +191,7 @@ impl ErrorCode {
             ErrorCode::WrongLength => "wrong_length",
             ErrorCode::NotInCohort => "not_in_cohort",
             ErrorCode::InvalidShares => "invalid_shares",
+            ErrorCode::InvalidKey => "invalid_key",
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::UriTooLong => "uri_too_long",
             ErrorCode::RequestTimeout => "request_timeout",
@@ -219,7 +224,8 @@ impl ErrorCode {
             | ErrorCode::InvalidMetadata
             | ErrorCode::InvalidSettings
             | ErrorCode::WrongLength
-            | ErrorCode::InvalidShares => 400,
+            | ErrorCode::InvalidShares
+            | ErrorCode::InvalidKey => 400,
             ErrorCode::MissingToken
             | ErrorCode::Unauthorized
             | ErrorCode::MissingCredential
@@ -339,6 +345,10 @@ impl ErrorCode {
                 "secure aggregation: encrypted shares not exactly one per neighbour that \
                  advertised keys, or unmasking shares of devices that are not the sender's \
                  neighbours or not called for by the survivors"
+            }
+            ErrorCode::InvalidKey => {
+                "secure aggregation: an advertised public key of low order, with which no \
+                 device could agree a secret"
             }
             ErrorCode::PayloadTooLarge => {
                 "the body exceeds the limit: for an upload, the task's model size plus a \

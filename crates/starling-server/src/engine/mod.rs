@@ -144,6 +144,9 @@ pub enum EngineError {
     /// Secure aggregation: shares that are not one per neighbour, or name non-neighbours.
     #[error("shares refused: {0}")]
     InvalidShares(String),
+    /// Secure aggregation: an advertised public key of low order.
+    #[error("keys refused: {0}")]
+    InvalidKey(String),
     /// The engine is shutting down.
     #[error("the task is shutting down")]
     Unavailable,
@@ -189,6 +192,7 @@ impl EngineError {
             EngineError::WrongLength { .. } => ErrorCode::WrongLength,
             EngineError::NotInCohort(_) => ErrorCode::NotInCohort,
             EngineError::InvalidShares(_) => ErrorCode::InvalidShares,
+            EngineError::InvalidKey(_) => ErrorCode::InvalidKey,
             EngineError::Unavailable => ErrorCode::Unavailable,
             EngineError::Store(_) => ErrorCode::Internal,
         }

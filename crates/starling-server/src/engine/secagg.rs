@@ -24,7 +24,9 @@ use std::time::Duration;
 use rand::RngCore;
 use starling_core::secagg::encode::FixedPoint;
 use starling_core::secagg::input::{input_len, InputSpec};
-use starling_core::secagg::protocol::{AdvertiseKeys, Aggregator, Envelope, Params, Unmasking};
+use starling_core::secagg::protocol::{
+    AdvertiseKeys, Aggregator, Envelope, Params, SecAggError, Unmasking,
+};
 use starling_core::wire::params::Layout;
 use starling_core::wire::protocol::RoundKind;
 use starling_core::WeightedSum;
@@ -399,7 +401,13 @@ impl SecureRound {
                 }
                 self.aggregator
                     .advertise(index, keys)
-                    .map_err(|e| EngineError::InvalidShares(e.to_string()))?;
+                    .map_err(|e| match e {
+                        SecAggError::BadKey(_) => EngineError::InvalidKey(
+                            "a public key of low order: no device could agree a secret with it"
+                                .into(),
+                        ),
+                        e => EngineError::InvalidShares(e.to_string()),
+                    })?;
                 self.member(token).advertised = true;
                 self.advertised += 1;
                 Ok(SecureAnswer::Accepted)

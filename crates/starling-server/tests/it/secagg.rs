@@ -13,7 +13,7 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use starling_core::secagg::encode::FixedPoint;
 use starling_core::secagg::input::InputSpec;
-use starling_core::secagg::protocol::{Client, Envelope, Params};
+use starling_core::secagg::protocol::{AdvertiseKeys, Client, Envelope, Params};
 use starling_core::wire::protocol::ErrorCode;
 use starling_core::Parameters;
 use starling_server::engine::round::AbandonReason;
@@ -588,6 +588,30 @@ async fn misuse_is_refused_with_stable_codes_and_the_round_goes_on() {
     // A plain upload to a secure round.
     let plain = task.admit_upload(round, &t0, None).await.unwrap_err();
     assert_eq!(plain.code(), ErrorCode::WrongPhase);
+    // Keys of low order (u = 0 and u = 1, RFC 7748's points of order 2 and 4): no neighbour
+    // could agree a secret, so they are refused and the device may still send good ones.
+    let mut one = [0u8; 32];
+    one[0] = 1;
+    for bad in [[0u8; 32], one] {
+        for keys in [
+            AdvertiseKeys {
+                encryption: bad,
+                ..keys_of[0]
+            },
+            AdvertiseKeys {
+                masking: bad,
+                ..keys_of[0]
+            },
+        ] {
+            assert_eq!(
+                code(
+                    task.secure(round, &t0, None, SecureRequest::AdvertiseKeys(keys))
+                        .await
+                ),
+                ErrorCode::InvalidKey
+            );
+        }
+    }
     // Keys twice: the second is refused and the first stands.
     task.secure(round, &t0, None, SecureRequest::AdvertiseKeys(keys_of[0]))
         .await
