@@ -577,17 +577,6 @@ impl Model {
                         let mut dw = std::mem::take(grads.at_mut(*weight).data_mut_vec());
                         let mut du = std::mem::take(grads.at_mut(*recurrent).data_mut_vec());
                         let mut db = std::mem::take(grads.at_mut(*bias).data_mut_vec());
-                        // Only the last step's output is used without `sequences`: the
-                        // others get no gradient from above.
-                        let h = lstm.units;
-                        let mut dh_all;
-                        let dh: &[f32] = if *sequences {
-                            dy
-                        } else {
-                            dh_all = vec![0.0; steps * n * h];
-                            dh_all[(steps - 1) * n * h..].copy_from_slice(dy);
-                            &dh_all
-                        };
                         if need_dx {
                             dx.resize(steps * n * lstm.inputs, 0.0);
                         }
@@ -597,8 +586,9 @@ impl Model {
                             *steps,
                             params.at(*weight).data(),
                             params.at(*recurrent).data(),
-                            &lstm_caches[i],
-                            dh,
+                            &mut lstm_caches[i],
+                            dy,
+                            *sequences,
                             &mut dw,
                             &mut du,
                             &mut db,

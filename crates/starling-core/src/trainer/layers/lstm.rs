@@ -42,6 +42,11 @@ pub struct LstmCache {
     cells: Vec<f32>,
     /// `steps x n x units`: the hidden states (the layer's output).
     hidden: Vec<f32>,
+    /// Scratch of the backward pass, kept so that a warm training step allocates nothing:
+    /// the gradients flowing back from step t + 1 into h_t and c_t, and the gates' gradient.
+    dh_next: Vec<f32>,
+    dc_next: Vec<f32>,
+    dz: Vec<f32>,
 }
 
 impl LstmCache {
@@ -112,9 +117,10 @@ impl Lstm {
         }
     }
 
-    /// Backward pass: given `dh` (`steps x n x units`, the loss's gradient with respect to
-    /// every step's hidden state; zero where the output is not used), writes `dw`, `du`,
-    /// `db` (overwritten) and, when given a buffer, `dx` (`steps x n x inputs`).
+    /// Backward pass: given `dh`, the loss's gradient with respect to the layer's output
+    /// (every step's hidden state, `steps x n x units`, with `sequences`; else the last
+    /// step's, `n x units`), writes `dw`, `du`, `db` (overwritten) and, when given a buffer,
+    /// `dx` (`steps x n x inputs`). `cache` is the forward pass's; its scratch is reused.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -123,8 +129,9 @@ impl Lstm {
         steps: usize,
         w: &[f32],
         u: &[f32],
-        cache: &LstmCache,
+        cache: &mut LstmCache,
         dh: &[f32],
+        sequences: bool,
         dw: &mut [f32],
         du: &mut [f32],
         db: &mut [f32],
@@ -132,25 +139,42 @@ impl Lstm {
     ) {
         let (d, h) = (self.inputs, self.units);
         let g4 = 4 * h;
-        assert_eq!(dh.len(), steps * n * h, "LSTM output gradient length");
+        let from_above = if sequences { steps * n * h } else { n * h };
+        assert_eq!(dh.len(), from_above, "LSTM output gradient length");
         dw.fill(0.0);
         du.fill(0.0);
         db.fill(0.0);
-        // The gradients flowing back from step t + 1: into h_t and into c_t.
-        let mut dh_next = vec![0.0f32; n * h];
-        let mut dc_next = vec![0.0f32; n * h];
-        let mut dz = vec![0.0f32; n * g4];
+        let LstmCache {
+            gates,
+            cells,
+            hidden,
+            dh_next,
+            dc_next,
+            dz,
+        } = cache;
+        for buf in [&mut *dh_next, &mut *dc_next] {
+            buf.clear();
+            buf.resize(n * h, 0.0);
+        }
+        dz.resize(n * g4, 0.0);
         for t in (0..steps).rev() {
+            // The gradient from above at this step: every step's with `sequences`, else only
+            // the last step's.
+            let above = if sequences {
+                Some(&dh[t * n * h..(t + 1) * n * h])
+            } else {
+                (t + 1 == steps).then_some(dh)
+            };
             for r in 0..n {
-                let gate = &cache.gates[(t * n + r) * g4..(t * n + r + 1) * g4];
+                let gate = &gates[(t * n + r) * g4..(t * n + r + 1) * g4];
                 let dzr = &mut dz[r * g4..(r + 1) * g4];
                 for k in 0..h {
                     let at = (t * n + r) * h + k;
                     let (i, f, g, o) = (gate[k], gate[h + k], gate[2 * h + k], gate[3 * h + k]);
-                    let c = cache.cells[at];
-                    let c_prev = if t > 0 { cache.cells[at - n * h] } else { 0.0 };
+                    let c = cells[at];
+                    let c_prev = if t > 0 { cells[at - n * h] } else { 0.0 };
                     let tc = c.tanh();
-                    let dht = dh[at] + dh_next[r * h + k];
+                    let dht = above.map_or(0.0, |a| a[r * h + k]) + dh_next[r * h + k];
                     let dc = dht * o * (1.0 - tc * tc) + dc_next[r * h + k];
                     dzr[k] = dc * g * i * (1.0 - i);
                     dzr[h + k] = dc * c_prev * f * (1.0 - f);
@@ -160,7 +184,7 @@ impl Lstm {
                 }
             }
             let xt = &x[t * n * d..(t + 1) * n * d];
-            sgemm(1.0, Mat::new(xt, n, d).t(), Mat::new(&dz, n, g4), 1.0, dw);
+            sgemm(1.0, Mat::new(xt, n, d).t(), Mat::new(dz, n, g4), 1.0, dw);
             for row in dz.chunks_exact(g4) {
                 for (acc, v) in db.iter_mut().zip(row) {
                     *acc += v;
@@ -168,17 +192,17 @@ impl Lstm {
             }
             if let Some(dx) = dx.as_deref_mut() {
                 let dxt = &mut dx[t * n * d..(t + 1) * n * d];
-                sgemm(1.0, Mat::new(&dz, n, g4), Mat::new(w, d, g4).t(), 0.0, dxt);
+                sgemm(1.0, Mat::new(dz, n, g4), Mat::new(w, d, g4).t(), 0.0, dxt);
             }
             if t > 0 {
-                let prev = &cache.hidden[(t - 1) * n * h..t * n * h];
-                sgemm(1.0, Mat::new(prev, n, h).t(), Mat::new(&dz, n, g4), 1.0, du);
+                let prev = &hidden[(t - 1) * n * h..t * n * h];
+                sgemm(1.0, Mat::new(prev, n, h).t(), Mat::new(dz, n, g4), 1.0, du);
                 sgemm(
                     1.0,
-                    Mat::new(&dz, n, g4),
+                    Mat::new(dz, n, g4),
                     Mat::new(u, h, g4).t(),
                     0.0,
-                    &mut dh_next,
+                    dh_next,
                 );
             }
         }
@@ -283,8 +307,9 @@ mod tests {
             steps,
             &w,
             &u,
-            &cache,
+            &mut cache,
             &proj,
+            true,
             &mut dw,
             &mut du,
             &mut db,
