@@ -12,8 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use rand::SeedableRng;
-use starling_core::secagg::encode::FixedPoint;
-use starling_core::secagg::input::{input_len, InputSpec};
+use starling_core::secagg::input::InputSpec;
 use starling_core::secagg::protocol::{AdvertiseKeys, Client, Envelope, Params, SecAggError};
 use starling_core::secagg::shamir::Share;
 use starling_core::wire::params::Layout;
@@ -40,44 +39,14 @@ fn bytes32(hex: &str, what: &str) -> Result<[u8; 32], ClientError> {
         .ok_or_else(|| protocol(format!("{what} is not 64 hex digits")))
 }
 
-/// The round's public parameters and the input encoding, from the assignment.
+/// The round's public parameters and the input encoding, from the assignment (the core's
+/// [`round_params`](starling_core::secagg::input::round_params)).
 pub fn round_params(
     round: u64,
     a: &SecureAssignment,
     layout: &Layout,
 ) -> Result<(Params, InputSpec), ClientError> {
-    let devices = usize::try_from(a.devices).map_err(protocol)?;
-    let len = input_len(layout.numel());
-    if a.input_len != len as u64 {
-        return Err(protocol(format!(
-            "the round's input has {} values; this model needs {len}",
-            a.input_len
-        )));
-    }
-    if a.index >= a.devices || a.min_survivors < 2 {
-        return Err(protocol("the assignment's place or minimum is unusable"));
-    }
-    let fixed_point = FixedPoint::new(a.input_bits, devices).map_err(protocol)?;
-    let seed = bytes32(&a.graph_seed, "graph_seed")?;
-    let params = Params::new(
-        round,
-        devices,
-        usize::try_from(a.min_survivors).map_err(protocol)?,
-        fixed_point,
-        len,
-        seed,
-    );
-    if !(a.clip.is_finite() && a.clip > 0.0 && a.loss_bound.is_finite() && a.loss_bound > 0.0) {
-        return Err(protocol("the round's clip or loss bound is unusable"));
-    }
-    Ok((
-        params,
-        InputSpec {
-            clip: a.clip,
-            loss_bound: a.loss_bound,
-            weight_cap: a.weight_cap,
-        },
-    ))
+    starling_core::secagg::input::round_params(round, a, layout.numel()).map_err(protocol)
 }
 
 /// Tries of one call that fails in a way worth repeating (unreachable, 5xx, 429).

@@ -18,8 +18,10 @@
 use rand::Rng;
 
 use super::encode::FixedPoint;
+use super::protocol::Params;
 use crate::aggregate::{AggregateError, WeightedSum};
 use crate::wire::params::{f32s_from_le, Layout};
+use crate::wire::protocol::{from_hex, SecureAssignment};
 use crate::wire::update::UpdateView;
 
 /// Extra coordinates after the update's values: weight, loss, accuracy, accuracy weight.
@@ -28,6 +30,51 @@ pub const EXTRA: usize = 4;
 /// The values in one device's input for a model of `numel` parameters.
 pub fn input_len(numel: usize) -> usize {
     numel + EXTRA
+}
+
+/// The round's public parameters and the input encoding, built by the device itself from
+/// its assignment (so the server chooses neither the neighbourhood degree nor the
+/// threshold), for a model of `numel` parameters. Every device (native, browser, simulated)
+/// builds its round here. `Err` says what in the assignment is unusable.
+pub fn round_params(
+    round: u64,
+    a: &SecureAssignment,
+    numel: usize,
+) -> Result<(Params, InputSpec), String> {
+    let devices = usize::try_from(a.devices).map_err(|e| e.to_string())?;
+    let len = input_len(numel);
+    if a.input_len != len as u64 {
+        return Err(format!(
+            "the round's input has {} values; this model needs {len}",
+            a.input_len
+        ));
+    }
+    if a.index >= a.devices || a.min_survivors < 2 {
+        return Err("the assignment's place or minimum is unusable".into());
+    }
+    let fixed_point = FixedPoint::new(a.input_bits, devices).map_err(|e| e.to_string())?;
+    let seed = from_hex(&a.graph_seed)
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or("graph_seed is not 64 hex digits")?;
+    let params = Params::new(
+        round,
+        devices,
+        usize::try_from(a.min_survivors).map_err(|e| e.to_string())?,
+        fixed_point,
+        len,
+        seed,
+    );
+    if !(a.clip.is_finite() && a.clip > 0.0 && a.loss_bound.is_finite() && a.loss_bound > 0.0) {
+        return Err("the round's clip or loss bound is unusable".into());
+    }
+    Ok((
+        params,
+        InputSpec {
+            clip: a.clip,
+            loss_bound: a.loss_bound,
+            weight_cap: a.weight_cap,
+        },
+    ))
 }
 
 /// How a task scales its devices' inputs into [-1, 1]; the server and every device use the
