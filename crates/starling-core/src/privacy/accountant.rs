@@ -127,6 +127,28 @@ impl RdpAccountant {
         Ok(())
     }
 
+    /// Adds one step of any mechanism whose RDP at [`RdpAccountant::orders`] is `step` (e.g.
+    /// [`DistributedSkellam::rdp`](super::DistributedSkellam::rdp)). On an error nothing is
+    /// added.
+    pub fn compose_rdp(&mut self, step: &[f64]) -> Result<(), PrivacyError> {
+        if step.len() != self.rdp.len() {
+            return Err(PrivacyError::State(format!(
+                "{} RDP values for {} orders",
+                step.len(),
+                self.rdp.len()
+            )));
+        }
+        if let Some(r) = step.iter().find(|r| r.is_nan() || **r < 0.0) {
+            return Err(PrivacyError::State(format!(
+                "RDP value {r} is negative or not a number"
+            )));
+        }
+        for (total, one) in self.rdp.iter_mut().zip(step) {
+            *total += one;
+        }
+        Ok(())
+    }
+
     /// The ε spent so far at `delta` (in (0, 1)): the smallest over the orders.
     pub fn epsilon(&self, delta: f64) -> Result<f64, PrivacyError> {
         Ok(self.epsilon_and_order(delta)?.0)
@@ -397,7 +419,7 @@ fn rdp_one_order(q: f64, z: f64, alpha: f64) -> f64 {
 }
 
 /// log(exp(x) + exp(y)) (`_log_add`).
-fn log_add(x: f64, y: f64) -> f64 {
+pub(super) fn log_add(x: f64, y: f64) -> f64 {
     let (a, b) = (x.min(y), x.max(y));
     if a == f64::NEG_INFINITY {
         return b;
@@ -407,7 +429,7 @@ fn log_add(x: f64, y: f64) -> f64 {
 
 /// The log of the (generalised) binomial coefficient's absolute value (`_log_comb`, with
 /// log|Γ| as scipy's `gammaln`).
-fn log_comb(n: f64, k: f64) -> f64 {
+pub(super) fn log_comb(n: f64, k: f64) -> f64 {
     libm::lgamma(n + 1.0) - libm::lgamma(k + 1.0) - libm::lgamma(n - k + 1.0)
 }
 

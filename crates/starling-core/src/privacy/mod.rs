@@ -5,6 +5,10 @@
 //!   Gaussian mechanism (Mironov, Talwar and Zhang 2019), composed over steps and converted
 //!   to (ε, δ) as Google's `dp-accounting` package does it; [`epsilon`] for a whole run at
 //!   once and [`noise_multiplier_for`], the bisection that plans the noise for a budget.
+//! - `skellam.rs`: [`DistributedSkellam`], distributed DP under secure aggregation: the
+//!   Skellam noise each device adds in the ring and its accounting (Agarwal, Kairouz and Liu
+//!   2021; Poisson subsampling by Zhu and Wang 2019's general bound), as the paper's reference
+//!   code computes it.
 //! - `local.rs`: [`LocalDp`], local differential privacy on the device: clip and noise the
 //!   update before it leaves, and the device's own ε over its uploads.
 //!
@@ -15,9 +19,11 @@
 
 mod accountant;
 mod local;
+pub mod skellam;
 
 pub use accountant::{
     default_orders, epsilon, epsilon_from_rdp, noise_multiplier_for, subsampled_gaussian_rdp,
     PrivacyError, RdpAccountant, NOISE_MULTIPLIER_TOLERANCE,
 };
 pub use local::LocalDp;
+pub use skellam::DistributedSkellam;

@@ -323,3 +323,127 @@ fn the_state_round_trips_through_json() {
     let one: RdpAccountant = serde_json::from_str(r#"{"orders": [2.0], "rdp": ["inf"]}"#).unwrap();
     assert_eq!(one.rdp(), &[f64::INFINITY]);
 }
+
+/// `tests/fixtures/skellam_reference.json`, made by `scripts/skellam-reference.py`.
+#[derive(Deserialize)]
+struct SkellamReference {
+    divergences: Vec<Divergence>,
+    subsampled_gaussian: Vec<SubsampledGaussian>,
+}
+
+#[derive(Deserialize)]
+struct Divergence {
+    mu: f64,
+    shift: Vec<f64>,
+    order: f64,
+    divergence: f64,
+}
+
+#[derive(Deserialize)]
+struct SubsampledGaussian {
+    q: f64,
+    z: f64,
+    order: u64,
+    rdp: f64,
+}
+
+fn skellam_reference() -> SkellamReference {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/skellam_reference.json");
+    let text = std::fs::read_to_string(&path).expect("the committed Skellam reference");
+    serde_json::from_str(&text).expect("the Skellam reference parses")
+}
+
+/// The Skellam mechanism's RDP bound holds over the exact Rényi divergence of shifted Skellam
+/// distributions (computed from the pmf by scipy), and where the noise dwarfs the shift (the
+/// Gaussian regime, where the bound is meant to be tight) it is within 5% of it.
+#[test]
+fn the_skellam_bound_covers_the_exact_divergence_and_is_tight_in_the_gaussian_regime() {
+    use starling_core::privacy::skellam::skellam_rdp;
+    let reference = skellam_reference();
+    assert!(reference.divergences.len() >= 100);
+    let mut tight = 0;
+    for c in &reference.divergences {
+        let l2 = c.shift.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let l1 = c.shift.iter().map(|x| x.abs()).sum::<f64>();
+        let variance = 2.0 * c.mu;
+        let bound = skellam_rdp(c.order, l1, l2, variance);
+        assert!(
+            bound >= c.divergence * (1.0 - 1e-9),
+            "μ {} shift {:?} α {}: bound {bound} below the exact {}",
+            c.mu,
+            c.shift,
+            c.order,
+            c.divergence
+        );
+        let gaussian = c.order * l2 * l2 / (2.0 * variance);
+        if c.mu >= 200.0 && c.divergence >= 0.97 * gaussian {
+            tight += 1;
+            assert!(
+                bound <= 1.05 * c.divergence,
+                "μ {} shift {:?} α {}: bound {bound} far above the exact {}",
+                c.mu,
+                c.shift,
+                c.order,
+                c.divergence
+            );
+        }
+    }
+    assert!(tight >= 50, "only {tight} cases in the Gaussian regime");
+}
+
+/// Zhu and Wang's Poisson-subsampling sum with factors 1 is exact for the Gaussian mechanism:
+/// over the Gaussian's RDP α / (2z²) it gives dp-accounting's numbers; the general bound
+/// (factors 3) that the Skellam accounting uses lies above them.
+#[test]
+fn the_subsampling_bound_matches_dp_accounting_on_the_gaussian() {
+    use starling_core::privacy::skellam::poisson_subsampled_rdp;
+    let reference = skellam_reference();
+    assert!(reference.subsampled_gaussian.len() >= 100);
+    for c in &reference.subsampled_gaussian {
+        let gaussian = |a: f64| a / (2.0 * c.z * c.z);
+        let exact = poisson_subsampled_rdp(c.q, c.order, gaussian, true);
+        assert!(
+            (exact - c.rdp).abs() <= 1e-6 * c.rdp.abs().max(1e-12),
+            "q {} z {} α {}: {exact:e} vs dp-accounting {:e}",
+            c.q,
+            c.z,
+            c.order,
+            c.rdp
+        );
+        let general = poisson_subsampled_rdp(c.q, c.order, gaussian, false);
+        assert!(
+            general >= c.rdp * (1.0 - 1e-6),
+            "q {} z {} α {}",
+            c.q,
+            c.z,
+            c.order
+        );
+    }
+}
+
+/// A run of distributed Skellam rounds spends more than the Gaussian of the same noise
+/// multiplier (its bound has the extra term and a looser subsampling bound) but not much
+/// more, and adding rounds to an accountant spends more.
+#[test]
+fn distributed_skellam_rounds_compose_in_the_accountant() {
+    use starling_core::privacy::DistributedSkellam;
+    let noise = DistributedSkellam::new(32767.0, 100_000, 1.0, 10);
+    let mut accountant = RdpAccountant::new();
+    let step = noise.rdp(0.01, 10, accountant.orders()).unwrap();
+    for _ in 0..100 {
+        accountant.compose_rdp(&step).unwrap();
+    }
+    let skellam = accountant.epsilon(1e-5).unwrap();
+    let gaussian = epsilon(0.01, 1.0, 100, 1e-5).unwrap();
+    assert!(
+        skellam > gaussian && skellam < 1.6 * gaussian,
+        "Skellam ε {skellam} vs Gaussian ε {gaussian}"
+    );
+    accountant.compose_rdp(&step).unwrap();
+    assert!(accountant.epsilon(1e-5).unwrap() > skellam);
+    // More devices surviving means more noise and less spent.
+    let more = noise.rdp(0.01, 20, accountant.orders()).unwrap();
+    assert!(more.iter().zip(&step).all(|(m, s)| m <= s));
+    assert!(accountant.compose_rdp(&step[1..]).is_err());
+}
