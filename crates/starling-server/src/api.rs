@@ -453,6 +453,7 @@ async fn check_in(
                 clip: seat.spec.clip,
                 loss_bound: seat.spec.loss_bound,
                 weight_cap: seat.spec.weight_cap,
+                skellam_mu: seat.spec.noise_mu,
                 secure_url: format!("/v1/tasks/{name}/rounds/{}/secagg", a.round),
             }),
         })

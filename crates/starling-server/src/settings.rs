@@ -503,6 +503,35 @@ impl SecureAggregationPolicy {
         (f64::from(rounds.goal) * rounds.overcommit).ceil().max(1.0) as usize
     }
 
+    /// The ring of a round's inputs, before any room for noise.
+    pub fn fixed_point(
+        &self,
+        rounds: &RoundPolicy,
+    ) -> Result<starling_core::secagg::encode::FixedPoint, starling_core::secagg::encode::EncodeError>
+    {
+        starling_core::secagg::encode::FixedPoint::new(self.input_bits, Self::places(rounds))
+    }
+
+    /// Distributed differential privacy (`[tasks.privacy]` with secure aggregation): the
+    /// Skellam noise each device adds so that the fewest survivors a round commits with
+    /// (`max(rounds.min, min_cohort)`) reach the policy's noise multiplier on a model of
+    /// `numel` parameters.
+    pub fn distributed_noise(
+        &self,
+        privacy: &PrivacyPolicy,
+        rounds: &RoundPolicy,
+        min_cohort: u32,
+        numel: usize,
+    ) -> starling_core::privacy::DistributedSkellam {
+        let levels = self.fixed_point(rounds).map_or(1.0, |f| f.levels());
+        starling_core::privacy::DistributedSkellam::new(
+            levels,
+            numel,
+            privacy.noise_multiplier,
+            rounds.min.max(min_cohort) as usize,
+        )
+    }
+
     fn validate(&self, rounds: &RoundPolicy, max_update_norm: f64) -> Result<(), String> {
         if let Err(e) =
             starling_core::secagg::encode::FixedPoint::new(self.input_bits, Self::places(rounds))
@@ -907,14 +936,35 @@ impl TaskSettings {
                         .into(),
                 ));
             }
-            if self.privacy.is_some() {
-                return Err(invalid(
-                    "[tasks.secure_aggregation] cannot be combined with [tasks.privacy]: \
-                     central DP clips each update and counts clipped updates on the server, \
-                     which cannot see updates under secure aggregation (distributed noise \
-                     added by the devices is not built)"
-                        .into(),
-                ));
+            if let Some(p) = &self.privacy {
+                if p.target_quantile.is_some() {
+                    return Err(invalid(
+                        "privacy.target_quantile with [tasks.secure_aggregation]: adaptive \
+                         clipping counts the clipped updates on the server, which cannot see \
+                         updates under secure aggregation; drop privacy.target_quantile"
+                            .into(),
+                    ));
+                }
+                if p.clip != sa.clip {
+                    return Err(invalid(format!(
+                        "privacy.clip ({}) and secure_aggregation.clip ({}) must be equal: \
+                         devices clip their updates to it and the noise they add is \
+                         calibrated to it",
+                        p.clip, sa.clip
+                    )));
+                }
+                let noise = sa.distributed_noise(p, r, self.min_cohort, spec.layout().numel());
+                let places = SecureAggregationPolicy::places(r);
+                if let Err(e) = sa
+                    .fixed_point(r)
+                    .and_then(|f| f.with_noise(places, noise.mu))
+                {
+                    return Err(invalid(format!(
+                        "secure_aggregation.input_bits ({}) leave no room in the ring for the \
+                         devices' noise (noise_multiplier {}, {places} places): {e}",
+                        sa.input_bits, p.noise_multiplier
+                    )));
+                }
             }
             if self.evaluate_every > 0 {
                 return Err(invalid(

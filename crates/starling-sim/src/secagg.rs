@@ -65,11 +65,17 @@ pub(crate) fn configure(
     let Some(s) = config.secagg else {
         return Ok(def);
     };
-    if config.buffered.is_some() || config.privacy.is_some() {
+    if config.buffered.is_some() {
         return Err(SimError::Config(
-            "--secagg needs plain synchronous rounds: not with --buffer (each cohort goes \
-             through four steps together) nor with --dp-clip (central DP clips and counts \
-             updates the server cannot see)"
+            "--secagg needs synchronous rounds, not --buffer: each cohort goes through four \
+             steps together"
+                .into(),
+        ));
+    }
+    if config.privacy.is_some_and(|p| p.target_quantile.is_some()) {
+        return Err(SimError::Config(
+            "--secagg with --dp-target-quantile: adaptive clipping counts clipped updates on \
+             the server, which cannot see them under secure aggregation"
                 .into(),
         ));
     }
@@ -94,13 +100,26 @@ pub(crate) fn configure(
     def.min_cohort = def.rounds.min;
     def.secure_aggregation = Some(SecureAggregationPolicy {
         input_bits: s.input_bits,
-        clip: s.clip,
+        // With differential privacy (distributed: the devices add Skellam noise) the devices
+        // clip to the privacy clip, which the noise is calibrated to.
+        clip: config.privacy.map_or(s.clip, |p| p.clip),
         loss_bound: 100.0,
         advertise_secs: def.rounds.deadline_secs,
         share_secs: STEP_SECS,
         masked_input_secs: STEP_SECS,
         unmask_secs: STEP_SECS,
     });
+    if let (Some(sa), Some(p)) = (&def.secure_aggregation, &def.privacy) {
+        let noise = sa.distributed_noise(p, &def.rounds, def.min_cohort, def.spec.layout().numel());
+        FixedPoint::new(s.input_bits, k)
+            .and_then(|f| f.with_noise(k, noise.mu))
+            .map_err(|e| {
+                SimError::Config(format!(
+                    "--secagg-bits {} leave no room in the ring for the devices' noise: {e}",
+                    s.input_bits
+                ))
+            })?;
+    }
     Ok(def)
 }
 
@@ -185,14 +204,19 @@ pub(crate) async fn run(
             .iter()
             .map(|_| Fate::draw(&mut rng, config))
             .collect();
-        let answers = task
+        // A task whose privacy budget is spent stops the simulation (the report says why).
+        let answers = match task
             .check_in_many(
                 sampled
                     .iter()
                     .map(|d| Caller::device(format!("device-{d}")))
                     .collect(),
             )
-            .await?;
+            .await
+        {
+            Err(starling_server::engine::EngineError::TaskStopped(_)) => break,
+            other => other?,
+        };
         let mut members = Vec::with_capacity(k);
         for ((&d, answer), &fate) in sampled.iter().zip(answers).zip(&fates) {
             let CheckIn::Assigned(a) = answer else {
@@ -378,7 +402,7 @@ pub(crate) async fn run(
             refused_stale: 0,
             mean_staleness: (reported > 0).then_some(0.0),
             max_in_flight: k,
-            epsilon: None,
+            epsilon: st.epsilon_spent,
             examples: record.examples,
             train_loss: record.mean_loss,
             train_accuracy: record.mean_accuracy,

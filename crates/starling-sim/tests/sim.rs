@@ -728,6 +728,45 @@ fn secure_aggregation_rounds_learn_like_plain_fedavg_and_survive_dropouts() {
     assert!(d1.rounds.iter().filter(|r| r.committed).count() >= 4);
     assert!(d1.final_accuracy.unwrap() > 0.7);
 
+    // Distributed DP (issue 10 item 5): with --dp-clip the devices add Skellam noise in the
+    // ring; the ledger spends ε round by round (the same seed gives the same numbers), no
+    // un-noised loss is published, the model still learns, and the budget stops the run.
+    let mut private = secure.clone();
+    private.dropout = 0.0;
+    private.rounds = 20;
+    private.privacy = Some(starling_sim::SimPrivacy {
+        clip: 1.0,
+        noise_multiplier: 0.5,
+        epsilon: 9.0,
+        delta: 1e-4,
+        target_quantile: None,
+    });
+    let a = run(&private, &fed);
+    let b = run(&private, &fed);
+    assert_eq!(deterministic(&a.rounds), deterministic(&b.rounds));
+    assert!(
+        a.rounds.len() >= 2 && a.rounds.len() < 20,
+        "{} rounds",
+        a.rounds.len()
+    );
+    let spent: Vec<f64> = a.rounds.iter().map(|r| r.epsilon.unwrap()).collect();
+    assert!(spent.windows(2).all(|w| w[1] > w[0]), "{spent:?}");
+    assert!(spent.iter().all(|&e| e <= 9.0));
+    assert!(a
+        .rounds
+        .iter()
+        .all(|r| r.committed && r.train_loss.is_none()));
+    let reason = a.stopped.as_deref().expect("stopped by the budget");
+    assert!(reason.contains("privacy budget is spent"), "{reason}");
+    assert!(a.final_accuracy.unwrap() > 0.5, "{:?}", a.final_accuracy);
+    let mut quantile = private.clone();
+    quantile.privacy.as_mut().unwrap().target_quantile = Some(0.5);
+    let e = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(starling_sim::run(&quantile, &fed, |_| {}))
+        .unwrap_err();
+    assert!(e.to_string().contains("adaptive clipping"), "{e}");
+
     let mut bad = secure.clone();
     bad.buffered = Some(Buffered::new(5, 10));
     let e = tokio::runtime::Runtime::new()

@@ -162,6 +162,12 @@ impl WeightedSum {
         self.weight = denominator;
     }
 
+    /// Fixes the denominator of the mean at `denominator` (differential privacy's fixed
+    /// denominator, when the noise is already in the sums).
+    pub fn set_denominator(&mut self, denominator: f64) {
+        self.weight = denominator;
+    }
+
     /// Merges another partial aggregate of the same round into this one.
     pub fn merge(&mut self, other: &WeightedSum) -> Result<(), AggregateError> {
         if self.layout != other.layout {

@@ -53,6 +53,26 @@ impl FixedPoint {
         Ok(Self { input_bits, bits })
     }
 
+    /// The same inputs in a ring wide enough for distributed noise as well: `devices` devices
+    /// each adding Skellam noise Sk(`mu`) to every value. Bits are added until the sum of the
+    /// inputs and 12 standard deviations of the summed noise (plus 64) fit without wrapping.
+    /// Server and devices derive it from the same public numbers, so they agree on the ring.
+    pub fn with_noise(mut self, devices: usize, mu: f64) -> Result<Self, EncodeError> {
+        let devices_f = devices.max(1) as f64;
+        let bound =
+            devices_f * self.levels() + 12.0 * (2.0 * mu.max(0.0) * devices_f).sqrt() + 64.0;
+        while (1u64 << (self.bits - 1)) as f64 <= bound {
+            if self.bits == 32 {
+                return Err(EncodeError::TooWide {
+                    input_bits: self.input_bits,
+                    devices,
+                });
+            }
+            self.bits += 1;
+        }
+        Ok(self)
+    }
+
     /// The largest integer an input takes: L = 2^(input_bits - 1) - 1.
     pub fn levels(&self) -> f64 {
         f64::from((1u32 << (self.input_bits - 1)) - 1)
@@ -69,7 +89,7 @@ impl FixedPoint {
 
     /// Encodes values already scaled into [-1, 1] (clamped there; NaN counts as 0) with
     /// stochastic rounding.
-    pub fn encode(&self, values: &[f64], rng: &mut impl Rng) -> Vec<u32> {
+    pub fn encode(&self, values: &[f64], rng: &mut (impl Rng + ?Sized)) -> Vec<u32> {
         let levels = self.levels();
         let mask = self.ring_mask();
         values
@@ -138,6 +158,22 @@ mod tests {
         assert_eq!(decoded, vec![1000.0, -1000.0]);
         assert!(FixedPoint::new(24, 1 << 12).is_err());
         assert!(FixedPoint::new(1, 10).is_err());
+    }
+
+    #[test]
+    fn a_ring_for_noise_holds_the_noised_sum() {
+        let fp = FixedPoint::new(16, 10).unwrap();
+        assert_eq!(fp.with_noise(10, 0.0).unwrap(), fp);
+        // Noise of 4 levels' deviation a device needs more room.
+        let mu = (4.0 * fp.levels()).powi(2) / 2.0;
+        let wide = fp.with_noise(10, mu).unwrap();
+        assert!(wide.bits > fp.bits && wide.input_bits == fp.input_bits);
+        let half = (1u64 << (wide.bits - 1)) as f64;
+        assert!(half > 10.0 * fp.levels() + 12.0 * (2.0 * mu * 10.0).sqrt());
+        assert!(FixedPoint::new(24, 100)
+            .unwrap()
+            .with_noise(100, 1e12)
+            .is_err());
     }
 
     #[test]

@@ -595,6 +595,11 @@ pub struct SecureAssignment {
     /// The example count that weighs 1; absent: every device weighs 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weight_cap: Option<u64>,
+    /// Distributed differential privacy: the μ of the Skellam noise Sk(μ) the device adds to
+    /// every update value (in the ring's integer units; the ring then has room for it, see
+    /// `FixedPoint::with_noise`), and it reports no loss or accuracy. Absent: no noise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skellam_mu: Option<f64>,
     /// Where the round's steps live: `POST {secure_url}/keys`, `GET {secure_url}/keys`,
     /// `POST {secure_url}/shares`, `GET {secure_url}/shares`, `POST {secure_url}/input`,
     /// `GET {secure_url}/survivors`, `POST {secure_url}/unmask`.

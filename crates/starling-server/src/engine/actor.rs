@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::buffer::{Buffered, Slot};
 use super::clock::Clock;
-use super::privacy::Privacy;
+use super::privacy::{Distributed, Privacy};
 use super::round::{
     AbandonReason, ClosedRound, NoRoom, OpenRound, Phase, RoundLimits, RoundSummary,
 };
@@ -28,7 +28,7 @@ use super::{
     TaskHandle, TaskStatus,
 };
 use crate::metrics::Metrics;
-use crate::settings::{TaskDefinition, Weighting};
+use crate::settings::{SecureAggregationPolicy, TaskDefinition, Weighting};
 use crate::store::{RoundRecord, RoundStatus, Store, StoredVersion};
 
 /// The task's mode: synchronous rounds, or buffered asynchronous training.
@@ -121,6 +121,16 @@ pub async fn spawn(
             message: e.to_string(),
         })
     })?;
+    // Distributed DP: with secure aggregation the devices add the noise (Skellam, in the
+    // ring), and the server only accounts for it.
+    let distributed = match (&def.privacy, &def.secure_aggregation) {
+        (Some(p), Some(sa)) => Some(Distributed {
+            noise: sa.distributed_noise(p, &def.rounds, def.min_cohort, layout.numel()),
+            min_devices: u64::from(def.rounds.min.max(def.min_cohort)),
+            places: SecureAggregationPolicy::places(&def.rounds) as u64,
+        }),
+        _ => None,
+    };
     let privacy = match &def.privacy {
         Some(policy) => Some(
             Privacy::resume(
@@ -128,6 +138,7 @@ pub async fn spawn(
                 def.rounds.goal,
                 &stored.privacy_state,
                 def.privacy_noise_seed,
+                distributed,
             )
             .map_err(|e| {
                 EngineError::Store(crate::store::StoreError::StrategyState {
@@ -153,10 +164,12 @@ pub async fn spawn(
         spec: starling_core::secagg::input::InputSpec {
             clip: policy.clip,
             loss_bound: policy.loss_bound,
+            // Differential privacy fixes every device's weight.
             weight_cap: match def.weighting {
-                Weighting::Examples => Some(def.max_examples_per_update),
-                Weighting::Uniform => None,
+                Weighting::Examples if def.privacy.is_none() => Some(def.max_examples_per_update),
+                _ => None,
             },
+            noise_mu: distributed.map(|d| d.noise.mu),
         },
         layout: layout.clone(),
     });
@@ -682,6 +695,11 @@ impl Actor {
             hint: "this round is secure: send a masked input, not an update",
         };
         match cmd {
+            // A spent privacy budget stops secure rounds too (distributed DP).
+            Command::CheckIn { reply, .. } if self.stopped.is_some() => {
+                let reason = self.stopped.clone().unwrap_or_default();
+                let _ = reply.send(Err(EngineError::TaskStopped(reason)));
+            }
             Command::CheckIn { callers, reply } => {
                 let answers =
                     self.answer(callers, |a, caller| a.check_in_secure(&mut round, caller));

@@ -1,5 +1,7 @@
 //! A task's differential privacy (`[tasks.privacy]`): DP-FedAvg's release of a round's sum
-//! and the budget the task spends on it. The clipping itself happens when an update is
+//! and the budget the task spends on it. With secure aggregation the devices add the noise
+//! themselves (distributed DP, [`Distributed`]: Skellam noise in the ring, so the server
+//! never sees an un-noised sum) and the release here only accounts for it. The clipping itself happens when an update is
 //! checked ([`starling_core::wire::update::Rules::clip`]); here the round's clipped sum gets
 //! its Gaussian noise, adaptive clipping moves the bound toward a quantile of the update
 //! norms (from a noised count of the unclipped ones), the Rényi-DP accountant composes the
@@ -7,7 +9,7 @@
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
-use starling_core::privacy::{PrivacyError, RdpAccountant};
+use starling_core::privacy::{DistributedSkellam, PrivacyError, RdpAccountant};
 use starling_core::WeightedSum;
 
 use crate::settings::PrivacyPolicy;
@@ -15,6 +17,22 @@ use crate::store::RoundPrivacy;
 
 /// The mechanism's name, as recorded in the ledger.
 pub const MECHANISM: &str = "gaussian";
+
+/// The distributed mechanism's name, as recorded in the ledger.
+pub const DISTRIBUTED_MECHANISM: &str = "skellam";
+
+/// Distributed DP under secure aggregation: the noise every device adds, the fewest devices
+/// a round commits with (whose noise alone must suffice), and the places a round hands out
+/// (at most that many devices are sampled).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Distributed {
+    /// Each device's Skellam noise and the sum's sensitivity.
+    pub noise: DistributedSkellam,
+    /// The fewest devices a secure round commits with.
+    pub min_devices: u64,
+    /// Places a round hands out.
+    pub places: u64,
+}
 
 /// A task's privacy: its policy, the rounds' sampling rate and the accountant's state (the ε
 /// spent by every committed round so far).
@@ -25,6 +43,7 @@ pub struct Privacy {
     sampling_rate: f64,
     state: PrivacyState,
     noise_seed: Option<u64>,
+    distributed: Option<Distributed>,
 }
 
 /// What a version stores of a task's privacy: the accountant, and the clip bound the next
@@ -49,11 +68,14 @@ impl Privacy {
     ///
     /// `noise_seed` makes the noise reproducible (the simulator's runs are functions of their
     /// seed); a server leaves it `None` and draws from the operating system's entropy.
+    /// `distributed`: the devices add the noise (secure aggregation); the sampling rate is
+    /// then the round's places over the population, as up to that many devices take part.
     pub fn resume(
         policy: PrivacyPolicy,
         cohort: u32,
         stored: &[u8],
         noise_seed: Option<u64>,
+        distributed: Option<Distributed>,
     ) -> Result<Self, LedgerError> {
         let state = if stored.is_empty() {
             PrivacyState {
@@ -66,12 +88,17 @@ impl Privacy {
         if !(state.clip.is_finite() && state.clip > 0.0) {
             return Err(LedgerError(format!("clip bound {}", state.clip)));
         }
+        let sampling_rate = match distributed {
+            Some(d) => (d.places as f64 / policy.population as f64).min(1.0),
+            None => policy.sampling_rate(cohort),
+        };
         Ok(Self {
-            sampling_rate: policy.sampling_rate(cohort),
+            sampling_rate,
             policy,
             cohort,
             state,
             noise_seed,
+            distributed,
         })
     }
 
@@ -105,9 +132,26 @@ impl Privacy {
     }
 
     /// The accountant after one more round, and its ε.
+    /// With distributed noise, a round of `devices` survivors (the fewest a round commits
+    /// with, when asking whether one more may run).
     fn with_one_more_round(&self) -> Result<(RdpAccountant, f64), PrivacyError> {
+        let devices = self.distributed.map_or(0, |d| d.min_devices);
+        self.with_one_more_round_of(devices)
+    }
+
+    fn with_one_more_round_of(&self, devices: u64) -> Result<(RdpAccountant, f64), PrivacyError> {
         let mut next = self.state.accountant.clone();
-        next.compose_subsampled_gaussian(self.sampling_rate, self.policy.noise_multiplier, 1)?;
+        match &self.distributed {
+            Some(d) => {
+                let step = d.noise.rdp(self.sampling_rate, devices, next.orders())?;
+                next.compose_rdp(&step)?;
+            }
+            None => next.compose_subsampled_gaussian(
+                self.sampling_rate,
+                self.policy.noise_multiplier,
+                1,
+            )?,
+        }
         let epsilon = next.epsilon(self.policy.delta)?;
         Ok((next, epsilon))
     }
@@ -146,6 +190,9 @@ impl Privacy {
         sum: &mut WeightedSum,
         round: u64,
     ) -> Result<(RoundPrivacy, PrivacyState), String> {
+        if let Some(d) = self.distributed {
+            return self.release_distributed(d, sum);
+        }
         if let Some(reason) = self.exhausted() {
             return Err(reason);
         }
@@ -184,6 +231,50 @@ impl Privacy {
             PrivacyState {
                 accountant: next,
                 clip: next_clip,
+            },
+        ))
+    }
+
+    /// Releases a secure round's decoded sum, which already holds the devices' Skellam noise:
+    /// accounts for the noise of the devices whose inputs are in it (at least the minimum, or
+    /// the round would not have committed) and fixes the denominator at the cohort.
+    fn release_distributed(
+        &self,
+        d: Distributed,
+        sum: &mut WeightedSum,
+    ) -> Result<(RoundPrivacy, PrivacyState), String> {
+        let devices = sum.updates();
+        if devices < d.min_devices {
+            return Err(format!(
+                "{devices} devices' noise is less than the {} the accounting needs",
+                d.min_devices
+            ));
+        }
+        let (next, epsilon) = self
+            .with_one_more_round_of(devices)
+            .map_err(|e| e.to_string())?;
+        if epsilon > self.policy.epsilon {
+            return Err(format!(
+                "the round would take ε to {epsilon:.4}, past the budget ε = {}",
+                self.policy.epsilon
+            ));
+        }
+        sum.set_denominator(f64::from(self.cohort));
+        let entry = RoundPrivacy {
+            mechanism: DISTRIBUTED_MECHANISM.into(),
+            clip: self.state.clip,
+            next_clip: None,
+            noise_multiplier: d.noise.noise_multiplier(devices),
+            cohort: self.cohort,
+            sampling_rate: self.sampling_rate,
+            epsilon,
+            delta: self.policy.delta,
+        };
+        Ok((
+            entry,
+            PrivacyState {
+                accountant: next,
+                clip: self.state.clip,
             },
         ))
     }

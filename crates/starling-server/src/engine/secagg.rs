@@ -218,8 +218,13 @@ impl SecureRound {
         now_ms: i64,
     ) -> Self {
         let places = SecureAggregationPolicy::places(&setup.rounds);
-        let fixed_point = FixedPoint::new(setup.policy.input_bits, places)
+        let mut fixed_point = FixedPoint::new(setup.policy.input_bits, places)
             .expect("settings validation checked the ring");
+        if let Some(mu) = setup.spec.noise_mu {
+            fixed_point = fixed_point
+                .with_noise(places, mu)
+                .expect("settings validation checked the ring's room for noise");
+        }
         let min_survivors = setup.rounds.min.max(setup.min_cohort) as usize;
         let mut graph_seed = [0u8; 32];
         rand::rng().fill_bytes(&mut graph_seed);

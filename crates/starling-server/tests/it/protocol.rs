@@ -326,6 +326,7 @@ fn secure_assignment() -> SecureAssignment {
         clip: 1.0,
         loss_bound: 10.0,
         weight_cap: Some(100),
+        skellam_mu: Some(12.5),
         secure_url: "/s".into(),
     }
 }

@@ -19,7 +19,9 @@ use starling_core::Parameters;
 use starling_server::engine::round::AbandonReason;
 use starling_server::engine::secagg::{SecureAnswer, SecureRequest, SecureSeat, Step};
 use starling_server::engine::{Caller, CheckIn, EngineError, TaskHandle, VirtualClock};
-use starling_server::settings::{RoundPolicy, SecureAggregationPolicy, TaskSettings};
+use starling_server::settings::{
+    PrivacyPolicy, RoundPolicy, SecureAggregationPolicy, TaskSettings,
+};
 use starling_server::store::{RoundRecord, RoundStatus};
 
 use crate::harness::{spawn_clocked, spawn_on, STUCK};
@@ -216,10 +218,12 @@ async fn secure_round(
         };
         let l = &locals[i];
         let fp = d.seat.params.fixed_point;
-        let x = fp.encode(
-            &d.seat
-                .spec
-                .scaled(&l.delta, l.examples, Some(l.loss), Some(l.accuracy)),
+        let x = d.seat.spec.encode(
+            &fp,
+            &l.delta,
+            l.examples,
+            Some(l.loss),
+            Some(l.accuracy),
             &mut rng,
         );
         let y = d.client.masked_input(&envelopes, &x).unwrap();
@@ -882,5 +886,175 @@ fn settings_refuse_unsupported_combinations() {
         clip: 1.0,
         loss_bound: 1.0,
         weight_cap: None,
+        noise_mu: None,
     };
+}
+
+/// Issue 10 item 5, distributed DP: with `[tasks.privacy]` and secure aggregation each device
+/// adds Skellam noise to its input before masking, so every input the server could unmask is
+/// already noised and the sum carries the noise of all survivors: here 20 devices with zero
+/// updates, whose committed model moves by that noise alone. Its standard deviation is the
+/// one the noise multiplier asks of the fewest survivors (10), times √(20/10); the ledger
+/// records the Skellam mechanism and exactly the ε of the core's accountant for 20 devices'
+/// noise; no loss is published; and once the next round would pass the budget the task stops.
+#[tokio::test]
+async fn distributed_dp_noises_every_input_on_the_device_and_spends_the_ledger() {
+    use starling_core::privacy::{DistributedSkellam, RdpAccountant};
+    const N: usize = 20;
+    const MIN: u32 = 10;
+    const INPUTS_DP: usize = 1000;
+    let z = 1.0;
+    let population = 1000;
+    let delta = 1e-5;
+    let numel = (INPUTS_DP + 1) * OUTPUTS;
+    let places = N;
+    let levels = FixedPoint::new(policy().input_bits, places)
+        .unwrap()
+        .levels();
+    let noise = DistributedSkellam::new(levels, numel, z, MIN as usize);
+    let q = places as f64 / population as f64;
+    // ε after rounds whose sums held these many devices' noise.
+    let spent_after = |rounds: &[u64]| {
+        let mut a = RdpAccountant::new();
+        for &devices in rounds {
+            let step = noise.rdp(q, devices, a.orders()).unwrap();
+            a.compose_rdp(&step).unwrap();
+        }
+        a.epsilon(delta).unwrap()
+    };
+    let one = spent_after(&[N as u64]);
+    // A round may open if even the fewest survivors' noise keeps ε within the budget.
+    let (may_open, may_not) = (
+        spent_after(&[u64::from(MIN)]),
+        spent_after(&[N as u64, u64::from(MIN)]),
+    );
+    assert!(may_open < may_not);
+    let settings = TaskSettings {
+        inputs: INPUTS_DP,
+        privacy: Some(PrivacyPolicy {
+            clip: policy().clip,
+            noise_multiplier: z,
+            population,
+            // The first round fits; a second would pass the budget (with the fewest
+            // survivors' noise, which is what the engine asks before it opens one).
+            epsilon: (may_open + may_not) / 2.0,
+            delta,
+            target_quantile: None,
+            clip_learning_rate: 0.2,
+            count_noise: None,
+        }),
+        ..task(N as u32, MIN)
+    };
+    let (task, clock) = spawn_clocked(settings).await;
+    let base = flat(&task.status().model.params);
+    assert_eq!(base.len(), numel);
+    let locals: Vec<Local> = (0..N)
+        .map(|_| Local {
+            delta: vec![0.0; numel],
+            examples: 50,
+            loss: 1.0,
+            accuracy: 0.5,
+        })
+        .collect();
+    let (record, received) = secure_round(&task, &clock, &locals, &Fates::default(), 77).await;
+    assert_eq!(record.status, RoundStatus::Committed, "{:?}", record.reason);
+    let fp = received.fixed_point.unwrap();
+    // The ring every device and the server built has room for the noise.
+    let ring = FixedPoint::new(16, places).unwrap();
+    assert_eq!(fp, ring.with_noise(places, noise.mu).unwrap());
+
+    // Each device's input, before masking, already carries Sk(μ) on every update value.
+    let mu = noise.mu;
+    for x in &received.plain {
+        let values = fp.decode(&x[..numel]);
+        let var = values
+            .iter()
+            .map(|v| (v * fp.levels()).powi(2))
+            .sum::<f64>()
+            / numel as f64;
+        assert!(
+            (var / (2.0 * mu) - 1.0).abs() < 0.1,
+            "an input's noise variance {var}, want {}",
+            2.0 * mu
+        );
+        // No loss or accuracy travels (they would be un-noised).
+        assert_eq!(fp.decode(&x[numel + 1..])[0], 0.0);
+    }
+
+    // The model moved by the summed noise over the fixed denominator (the goal, 20).
+    let got = flat(&task.status().model.params);
+    let moved: Vec<f64> = got.iter().zip(&base).map(|(g, b)| g - b).collect();
+    let mean = moved.iter().sum::<f64>() / numel as f64;
+    let sd = (moved.iter().map(|m| (m - mean).powi(2)).sum::<f64>() / (numel - 1) as f64).sqrt();
+    let want = noise.variance(N as u64).sqrt() / levels * policy().clip / N as f64;
+    assert!(
+        (sd / want - 1.0).abs() < 0.06,
+        "the model's noise deviation {sd}, want {want}"
+    );
+    assert!(
+        mean.abs() < 5.0 * want / (numel as f64).sqrt(),
+        "mean {mean}"
+    );
+    // It is the noise the multiplier asks of 10 devices, times √2 for 20.
+    let central = z * noise.l2 / levels * policy().clip / N as f64;
+    assert!((want / central - 2f64.sqrt()).abs() < 1e-9);
+
+    // The ledger: the Skellam mechanism, the effective multiplier and the core's ε.
+    let entry = record.privacy.expect("a private round has a ledger entry");
+    assert_eq!(entry.mechanism, "skellam");
+    assert!((entry.noise_multiplier - z * 2f64.sqrt()).abs() < 1e-9);
+    assert!((entry.sampling_rate - q).abs() < 1e-12);
+    assert!(
+        (entry.epsilon - one).abs() < 1e-12 * one.max(1.0),
+        "{} vs {one}",
+        entry.epsilon
+    );
+    assert_eq!(record.mean_loss, None);
+    assert_eq!(record.mean_accuracy, None);
+
+    // The next round would pass the budget: the task stops with the reason.
+    let status = task.status();
+    let reason = status.stopped.expect("the budget is spent");
+    assert!(reason.contains("privacy budget"), "{reason}");
+    assert!((status.epsilon_spent.unwrap() - one).abs() < 1e-12 * one.max(1.0));
+    match task.check_in_many(vec![Caller::device("late")]).await {
+        Err(EngineError::TaskStopped(r)) => assert!(r.contains("privacy budget"), "{r}"),
+        other => panic!("a device checked in past the budget: {other:?}"),
+    }
+}
+
+/// Distributed DP's settings refuse what would not be private or would not fit: adaptive
+/// clipping (the server cannot count clipped updates it cannot see), a privacy clip other
+/// than the devices' clip, and a ring with no room for the noise.
+#[tokio::test]
+async fn distributed_dp_settings_refuse_what_cannot_hold() {
+    let private = |t: &mut TaskSettings| {
+        t.privacy = Some(PrivacyPolicy {
+            clip: 1.0,
+            noise_multiplier: 1.0,
+            population: 1000,
+            epsilon: 10.0,
+            delta: 1e-5,
+            target_quantile: None,
+            clip_learning_rate: 0.2,
+            count_noise: None,
+        });
+    };
+    let mut t = task(20, 8);
+    private(&mut t);
+    assert!(t.resolve().is_ok());
+    t.privacy.as_mut().unwrap().target_quantile = Some(0.5);
+    let e = t.resolve().unwrap_err().to_string();
+    assert!(e.contains("target_quantile"), "{e}");
+    let mut t = task(20, 8);
+    private(&mut t);
+    t.privacy.as_mut().unwrap().clip = 2.0;
+    let e = t.resolve().unwrap_err().to_string();
+    assert!(e.contains("must be equal"), "{e}");
+    let mut t = task(20, 8);
+    private(&mut t);
+    t.secure_aggregation.as_mut().unwrap().input_bits = 24;
+    t.privacy.as_mut().unwrap().noise_multiplier = 1e6;
+    let e = t.resolve().unwrap_err().to_string();
+    assert!(e.contains("no room in the ring"), "{e}");
 }
