@@ -47,7 +47,7 @@ use crate::engine::{self, Caller, CheckIn, EngineError, Receipt, TaskHandle, Upl
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimits;
 use crate::registry::Tasks;
-use crate::settings::{Admission, Secret};
+use crate::settings::{Admission, Secret, SecureAggregationPolicy};
 use crate::store::Store;
 
 /// The longest request URI answered; longer ones get 414 `uri_too_long` (hyper's own limit,
@@ -504,11 +504,20 @@ async fn privacy(
     Ok(Json(json!({
         "task": t.name(),
         "enabled": true,
-        "mechanism": engine::privacy::MECHANISM,
+        "mechanism": match t.secure_aggregation() {
+            Some(_) => engine::privacy::DISTRIBUTED_MECHANISM,
+            None => engine::privacy::MECHANISM,
+        },
         "clip": policy.clip,
         "noise_multiplier": policy.noise_multiplier,
         "population": policy.population,
-        "sampling_rate": policy.sampling_rate(t.policy().goal),
+        // Under secure aggregation up to every place of a round may be in its sum.
+        "sampling_rate": match t.secure_aggregation() {
+            Some(_) => (SecureAggregationPolicy::places(t.policy()) as f64
+                / policy.population as f64)
+                .min(1.0),
+            None => policy.sampling_rate(t.policy().goal),
+        },
         "budget": {"epsilon": policy.epsilon, "delta": policy.delta},
         "epsilon_spent": st.epsilon_spent,
         "status": if st.stopped.is_some() { "stopped" } else { "training" },

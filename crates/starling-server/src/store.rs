@@ -112,14 +112,17 @@ pub struct RoundRecord {
 /// One committed round's entry in a task's privacy ledger.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct RoundPrivacy {
-    /// The mechanism: `"gaussian"` (DP-FedAvg's Gaussian noise on the clipped sum).
+    /// The mechanism: `"gaussian"` (DP-FedAvg's Gaussian noise on the clipped sum, added by
+    /// the server) or `"skellam"` (distributed DP: Skellam noise added by the devices under
+    /// secure aggregation).
     pub mechanism: String,
     /// The clip bound S this round used.
     pub clip: f64,
     /// With adaptive clipping, the bound the next round uses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_clip: Option<f64>,
-    /// The noise multiplier z (noise standard deviation z · S on the sum).
+    /// The noise multiplier z (noise standard deviation z · S on the sum; for `"skellam"`, the
+    /// noise of the devices in the sum over the sensitivity of one rounded update).
     pub noise_multiplier: f64,
     /// The cohort the round was sized for (the fixed denominator).
     pub cohort: u32,

@@ -1,6 +1,7 @@
 //! `starling device` in secure rounds (`[tasks.secure_aggregation]`): several real devices
 //! against a real server on 127.0.0.1 go through the four steps over HTTP and the round
-//! commits the model plain FedAvg of their updates makes, within the quantisation error.
+//! commits the model plain FedAvg of their updates makes, within the quantisation error; with
+//! `[tasks.privacy]` too (distributed DP) the devices add the noise and the ledger records it.
 
 use std::ops::ControlFlow;
 use std::time::Duration;
@@ -11,7 +12,9 @@ use starling_core::trainer::builtin;
 use starling_core::trainer::train::{self, Progress};
 use starling_core::wire::update;
 use starling_core::{Model, Parameters};
-use starling_server::settings::{RoundPolicy, SecureAggregationPolicy, TaskSettings};
+use starling_server::settings::{
+    PrivacyPolicy, RoundPolicy, SecureAggregationPolicy, TaskSettings,
+};
 use starling_server::store::RoundStatus;
 use starling_server::Settings;
 use tokio::net::TcpListener;
@@ -144,5 +147,75 @@ async fn devices_commit_a_secure_round_over_http_like_plain_fedavg() {
         (got[0] - 5.0).abs() > 100.0 * level,
         "the model moved: {got:?}"
     );
+    server.stop().await.unwrap();
+}
+
+/// Distributed DP over HTTP: the check-in's assignment carries the Skellam noise, the native
+/// devices add it, the round commits with a model off plain FedAvg by about the noise, and
+/// `GET /v1/tasks/{task}/privacy` reports the Skellam mechanism, its ledger entry and ε.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_add_the_distributed_noise_and_the_ledger_records_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    s.tasks[0].privacy = Some(PrivacyPolicy {
+        clip: 10.0,
+        noise_multiplier: 1.0,
+        population: 100,
+        epsilon: 50.0,
+        delta: 1e-5,
+        target_quantile: None,
+        clip_learning_rate: 0.2,
+        count_noise: None,
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = starling_server::spawn(s, listener).await.unwrap();
+    let url = server.url();
+    let runs: Vec<_> = (0..DEVICES)
+        .map(|i| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut device = Device::new(
+                    HttpTransport::new(&url),
+                    data(i),
+                    DeviceOptions {
+                        rounds: Some(1),
+                        give_up_after: Some(Duration::from_secs(20)),
+                        request_timeout: Duration::from_secs(5),
+                        ..DeviceOptions::default()
+                    },
+                );
+                device.run(|_| {}).await
+            })
+        })
+        .collect();
+    for r in runs {
+        assert_eq!(r.await.unwrap().unwrap().contributions, 1);
+    }
+    let mut st = server.tasks[0].subscribe();
+    let status = tokio::time::timeout(
+        Duration::from_secs(30),
+        st.wait_for(|s| s.model.version == 1),
+    )
+    .await
+    .expect("the secure round committed")
+    .unwrap()
+    .clone();
+    let record = status.last_round.unwrap();
+    assert_eq!(record.status, RoundStatus::Committed);
+    assert_eq!(record.mean_loss, None, "no un-noised loss is published");
+    let name = server.tasks[0].name().to_string();
+    let ledger: serde_json::Value = reqwest::get(format!("{url}/v1/tasks/{name}/privacy"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ledger["mechanism"], "skellam", "{ledger}");
+    let entry = &ledger["ledger"][0];
+    assert_eq!(entry["mechanism"], "skellam", "{ledger}");
+    assert!((entry["noise_multiplier"].as_f64().unwrap() - 1.0).abs() < 1e-9);
+    let spent = ledger["epsilon_spent"].as_f64().unwrap();
+    assert!(spent > 0.0 && spent <= 50.0, "{ledger}");
+    assert!((entry["epsilon"].as_f64().unwrap() - spent).abs() < 1e-12);
     server.stop().await.unwrap();
 }
