@@ -127,8 +127,9 @@ pub(crate) struct Args {
     delta: f64,
     /// Secure aggregation (SecAgg+): every round goes through the engine's four steps and the
     /// server sees only masked inputs; drop-outs leave after advertising keys, after sharing,
-    /// or after sending their masked inputs. Not with --buffer or --dp-clip.
-    #[arg(long, conflicts_with_all = ["buffer", "dp_clip"])]
+    /// or after sending their masked inputs. With --dp-clip the privacy is distributed: the
+    /// devices clip to --dp-clip and add Skellam noise in the ring. Not with --buffer.
+    #[arg(long, conflicts_with = "buffer")]
     secagg: bool,
     /// With --secagg: bits per value of one device's input.
     #[arg(long, requires = "secagg", default_value_t = 20, value_name = "BITS")]
@@ -261,15 +262,24 @@ pub(crate) fn run(a: Args) -> anyhow::Result<ExitCode> {
         };
         let mode = match &config.privacy {
             Some(p) => format!(
-                "{mode}, DP (clip {}, noise multiplier {}, budget ε {} at δ {})",
-                p.clip, p.noise_multiplier, p.epsilon, p.delta
+                "{mode}, {}DP (clip {}, noise multiplier {}, budget ε {} at δ {})",
+                if config.secagg.is_some() {
+                    "distributed (Skellam) "
+                } else {
+                    ""
+                },
+                p.clip,
+                p.noise_multiplier,
+                p.epsilon,
+                p.delta
             ),
             None => mode,
         };
         let mode = match &config.secagg {
             Some(s) => format!(
                 "{mode}, secure aggregation (SecAgg+, {}-bit inputs, clip {})",
-                s.input_bits, s.clip
+                s.input_bits,
+                config.privacy.map_or(s.clip, |p| p.clip)
             ),
             None => mode,
         };

@@ -95,8 +95,15 @@ pub(crate) fn configure(
         .max()
         .unwrap_or(1)
         .max(1);
-    // A round of fewer than 2 survivors would reveal an input.
+    // A round of fewer than 2 survivors would reveal an input. With distributed DP the
+    // devices' noise is calibrated so that the fewest survivors a round commits with reach
+    // the noise multiplier: a round needs 80% of the devices expected to survive the
+    // drop-outs, so that the noise is not calibrated for a handful.
     def.rounds.min = def.rounds.min.max(2);
+    if def.privacy.is_some() {
+        let expected = k as f64 * (1.0 - config.dropout);
+        def.rounds.min = def.rounds.min.max((0.8 * expected).floor() as u32);
+    }
     def.min_cohort = def.rounds.min;
     def.secure_aggregation = Some(SecureAggregationPolicy {
         input_bits: s.input_bits,

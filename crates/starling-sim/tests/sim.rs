@@ -736,8 +736,8 @@ fn secure_aggregation_rounds_learn_like_plain_fedavg_and_survive_dropouts() {
     private.rounds = 20;
     private.privacy = Some(starling_sim::SimPrivacy {
         clip: 1.0,
-        noise_multiplier: 0.5,
-        epsilon: 9.0,
+        noise_multiplier: 1.0,
+        epsilon: 4.0,
         delta: 1e-4,
         target_quantile: None,
     });
@@ -751,7 +751,7 @@ fn secure_aggregation_rounds_learn_like_plain_fedavg_and_survive_dropouts() {
     );
     let spent: Vec<f64> = a.rounds.iter().map(|r| r.epsilon.unwrap()).collect();
     assert!(spent.windows(2).all(|w| w[1] > w[0]), "{spent:?}");
-    assert!(spent.iter().all(|&e| e <= 9.0));
+    assert!(spent.iter().all(|&e| e <= 4.0));
     assert!(a
         .rounds
         .iter()
@@ -761,6 +761,7 @@ fn secure_aggregation_rounds_learn_like_plain_fedavg_and_survive_dropouts() {
     assert!(a.final_accuracy.unwrap() > 0.5, "{:?}", a.final_accuracy);
     let mut quantile = private.clone();
     quantile.privacy.as_mut().unwrap().target_quantile = Some(0.5);
+    quantile.privacy.as_mut().unwrap().noise_multiplier = 0.5;
     let e = tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(starling_sim::run(&quantile, &fed, |_| {}))
