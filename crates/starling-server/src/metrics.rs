@@ -1,6 +1,7 @@
 //! Counters and gauges for `GET /metrics`, in the Prometheus text format.
 //!
-//! The engine counts what it answers (`count_checkin`, `count_update`, `count_round`); the
+//! The engine counts what it answers (`count_checkin`, `count_update`, `count_round`,
+//! `count_secure`); the
 //! HTTP layer counts uploads it refuses before the engine sees them (`count_refusal`), upload
 //! bodies cut off by their client (`count_client_disconnected`) and requests over a rate
 //! limit (`count_rate_limited`), and keeps the gauges of
@@ -31,6 +32,8 @@ pub struct Metrics {
     rate_limited_address: AtomicU64,
     rate_limited_credential: AtomicU64,
     rate_limited_enrollment: AtomicU64,
+    /// Secure-aggregation messages by (step, outcome).
+    secagg_messages: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
 }
 
 /// Holds one unit of a gauge (an upload in flight, an open connection) until dropped.
@@ -90,6 +93,26 @@ impl Metrics {
             &self.rounds_abandoned
         }
         .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A secure round's message (`step`: `keys`, `shares`, `input`, `unmask`, or `poll` for
+    /// the questions between them) and the engine's answer: `accepted`, or the refusal's
+    /// code. Polls are counted only when refused (a device asks many times while it waits).
+    pub(crate) fn count_secure(
+        &self,
+        step: &'static str,
+        result: &Result<crate::engine::secagg::SecureAnswer, EngineError>,
+    ) {
+        let outcome = match result {
+            Ok(_) if step == "poll" => return,
+            Ok(_) => "accepted",
+            Err(e) => e.code().as_str(),
+        };
+        let mut m = self
+            .secagg_messages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *m.entry((step, outcome)).or_default() += 1;
     }
 
     /// A request refused by a rate limit.
@@ -240,6 +263,23 @@ impl Metrics {
                 out,
                 "starling_rate_limited_total{{scope=\"{scope}\"}} {}",
                 get(n)
+            );
+        }
+        family(
+            &mut out,
+            "starling_secagg_messages_total",
+            "counter",
+            "Secure-aggregation messages the engine answered, by step (keys, shares, input, unmask; poll: refused questions only) and outcome (accepted or an error code).",
+        );
+        for ((step, outcome), n) in self
+            .secagg_messages
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "starling_secagg_messages_total{{step=\"{step}\",outcome=\"{outcome}\"}} {n}"
             );
         }
         family(

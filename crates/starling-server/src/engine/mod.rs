@@ -490,6 +490,15 @@ impl TaskHandle {
         device: Option<&str>,
         request: secagg::SecureRequest,
     ) -> Result<secagg::SecureAnswer, EngineError> {
+        let step = match &request {
+            secagg::SecureRequest::AdvertiseKeys(_) => "keys",
+            secagg::SecureRequest::ShareKeys(_) => "shares",
+            secagg::SecureRequest::MaskedInput(_) => "input",
+            secagg::SecureRequest::Unmask(_) => "unmask",
+            secagg::SecureRequest::GetKeys
+            | secagg::SecureRequest::GetEnvelopes
+            | secagg::SecureRequest::GetSurvivors => "poll",
+        };
         let (reply, rx) = oneshot::channel();
         self.send(Command::Secure {
             round,
@@ -499,7 +508,9 @@ impl TaskHandle {
             reply,
         })
         .await?;
-        rx.await.map_err(|_| EngineError::Unavailable)?
+        let result = rx.await.map_err(|_| EngineError::Unavailable)?;
+        self.inner.metrics.count_secure(step, &result);
+        result
     }
 
     /// The current status (model and open round).

@@ -267,6 +267,29 @@ async fn secure_calls_refuse_misuse_with_stable_codes_before_reading_bodies() {
         code(r).await,
         (StatusCode::BAD_REQUEST, "invalid_shares".into())
     );
+    // /metrics counts the secure messages the engine answered, refusals by code.
+    let metrics = h
+        .get("/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let count = |step: &str, outcome: &str| -> u64 {
+        let prefix =
+            format!("starling_secagg_messages_total{{step=\"{step}\",outcome=\"{outcome}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    assert!(count("keys", "accepted") >= 3, "{metrics}");
+    assert!(count("shares", "invalid_shares") >= 1, "{metrics}");
+    assert!(
+        count("keys", "duplicate_message") + count("keys", "wrong_phase") >= 1,
+        "{metrics}"
+    );
     h.server.stop().await.unwrap();
 
     // A task without secure aggregation refuses the calls.
