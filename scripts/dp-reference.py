@@ -33,6 +33,7 @@ from importlib import metadata
 import dp_accounting
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
+from fixture_json import write_or_check
 
 PINNED_VERSION = "0.6.0"
 OUT = (
@@ -126,31 +127,9 @@ def build() -> dict:
     }
 
 
-def render(data: dict) -> str:
-    """JSON with one line per scalar key, per list of numbers and per case."""
-    lines = []
-    for key, value in data.items():
-        if isinstance(value, list) and value and isinstance(value[0], dict):
-            items = ",\n".join("  " + json.dumps(item) for item in value)
-            lines.append(f" {json.dumps(key)}: [\n{items}\n ]")
-        else:
-            lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
-    return "{\n" + ",\n".join(lines) + "\n}\n"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="compare with the committed file")
-    args = parser.parse_args()
-    text = render(build())
-    if args.check:
-        if OUT.read_text() != text:
-            sys.exit(f"{OUT} differs from a fresh run")
-        print(f"{OUT} is up to date")
-        return
-    OUT.write_text(text)
-    data = json.loads(text)
-    print(f"wrote {OUT}: {len(data['cases'])} cases, {len(data['skipped'])} skipped")
+    data = write_or_check(__doc__.splitlines()[0], OUT, build)
+    print(f"{OUT}: {len(data['cases'])} cases, {len(data['skipped'])} skipped")
 
 
 if __name__ == "__main__":

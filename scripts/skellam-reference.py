@@ -35,6 +35,8 @@ from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant
 from scipy import special
 
+from fixture_json import write_or_check
+
 OUT = (
     pathlib.Path(__file__).resolve().parent.parent
     / "crates/starling-core/tests/fixtures/skellam_reference.json"
@@ -105,29 +107,9 @@ def build() -> dict:
     }
 
 
-def render(data: dict) -> str:
-    lines = []
-    for key, value in data.items():
-        if isinstance(value, list):
-            items = ",\n".join("  " + json.dumps(item) for item in value)
-            lines.append(f" {json.dumps(key)}: [\n{items}\n ]")
-        else:
-            lines.append(f" {json.dumps(key)}: {json.dumps(value)}")
-    return "{\n" + ",\n".join(lines) + "\n}\n"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="compare with the committed file")
-    args = parser.parse_args()
-    text = render(build())
-    if args.check:
-        if OUT.read_text() != text:
-            sys.exit(f"{OUT} differs from what this script computes now")
-        print(f"{OUT} is up to date")
-        return
-    OUT.write_text(text)
-    print(f"wrote {OUT}")
+    data = write_or_check(__doc__.splitlines()[0], OUT, build)
+    print(f"{OUT}: {len(data['divergences'])} divergences, {len(data['subsampled_gaussian'])} sampled")
 
 
 if __name__ == "__main__":

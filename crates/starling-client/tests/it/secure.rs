@@ -87,18 +87,15 @@ fn plain_fedavg(base: &Parameters) -> Vec<f64> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn devices_commit_a_secure_round_over_http_like_plain_fedavg() {
-    let dir = tempfile::tempdir().unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = starling_server::spawn(settings(dir.path()), listener)
-        .await
-        .unwrap();
-    let base = server.tasks[0].status().model.params.clone();
-    let url = server.url();
+/// Every device contributes once (as `starling device --rounds 1` does); returns the task's
+/// status once the round has committed version 1.
+async fn one_round(
+    server: &starling_server::Running,
+    url: &str,
+) -> starling_server::engine::TaskStatus {
     let runs: Vec<_> = (0..DEVICES)
         .map(|i| {
-            let url = url.clone();
+            let url = url.to_string();
             tokio::spawn(async move {
                 let mut device = Device::new(
                     HttpTransport::new(&url),
@@ -115,8 +112,7 @@ async fn devices_commit_a_secure_round_over_http_like_plain_fedavg() {
         })
         .collect();
     for r in runs {
-        let report = r.await.unwrap().unwrap();
-        assert_eq!(report.contributions, 1);
+        assert_eq!(r.await.unwrap().unwrap().contributions, 1);
     }
     let mut st = server.tasks[0].subscribe();
     let status = tokio::time::timeout(
@@ -127,6 +123,19 @@ async fn devices_commit_a_secure_round_over_http_like_plain_fedavg() {
     .expect("the secure round committed")
     .unwrap()
     .clone();
+    status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_commit_a_secure_round_over_http_like_plain_fedavg() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = starling_server::spawn(settings(dir.path()), listener)
+        .await
+        .unwrap();
+    let base = server.tasks[0].status().model.params.clone();
+    let url = server.url();
+    let status = one_round(&server, &url).await;
     let record = status.last_round.unwrap();
     assert_eq!(record.status, RoundStatus::Committed);
     assert_eq!(record.participants, DEVICES as u64);
@@ -170,36 +179,7 @@ async fn devices_add_the_distributed_noise_and_the_ledger_records_it() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = starling_server::spawn(s, listener).await.unwrap();
     let url = server.url();
-    let runs: Vec<_> = (0..DEVICES)
-        .map(|i| {
-            let url = url.clone();
-            tokio::spawn(async move {
-                let mut device = Device::new(
-                    HttpTransport::new(&url),
-                    data(i),
-                    DeviceOptions {
-                        rounds: Some(1),
-                        give_up_after: Some(Duration::from_secs(20)),
-                        request_timeout: Duration::from_secs(5),
-                        ..DeviceOptions::default()
-                    },
-                );
-                device.run(|_| {}).await
-            })
-        })
-        .collect();
-    for r in runs {
-        assert_eq!(r.await.unwrap().unwrap().contributions, 1);
-    }
-    let mut st = server.tasks[0].subscribe();
-    let status = tokio::time::timeout(
-        Duration::from_secs(30),
-        st.wait_for(|s| s.model.version == 1),
-    )
-    .await
-    .expect("the secure round committed")
-    .unwrap()
-    .clone();
+    let status = one_round(&server, &url).await;
     let record = status.last_round.unwrap();
     assert_eq!(record.status, RoundStatus::Committed);
     assert_eq!(record.mean_loss, None, "no un-noised loss is published");
