@@ -3,13 +3,16 @@
 # The FedAvg paper's 2NN on IID MNIST over 1,000 devices (60 images each), 100 devices per
 # round (sampling rate q = 0.1), E = 1, B = 10, client lr 0.1, with DP-FedAvg: every update
 # clipped to CLIP, Gaussian noise of z·CLIP on each round's sum, the Rényi-DP accountant at
-# δ = 1e-5. One run per noise multiplier (and one without DP), the same seed for all. Then a
-# run with a small budget, to show the server refusing the round that would pass it.
+# δ = 1e-5. One run per noise multiplier (and one without DP), the same seed for all; then
+# the same with distributed DP (--secagg: every round secure, the devices adding Skellam
+# noise in the ring) for the multipliers in ZS_DISTRIBUTED. Then a run with a small budget, to
+# show the server refusing the round that would pass it.
 #
 # Usage: bench/privacy/mnist.sh [--data DIR]
 #   --data DIR   the MNIST folder (four IDX files, gzip or not); default ../shared/data/mnist where it exists, else the folder `starling data fetch mnist` fills
 # Environment:
 #   ZS="0.5 1 2"     the noise multipliers
+#   ZS_DISTRIBUTED="1"  the noise multipliers of the distributed-DP runs ("" for none)
 #   CLIP=c           the clip bound (default 1)
 #   ROUNDS=N         rounds per run (default 100)
 #   BUDGET=eps       the small budget of the last run (default 1)
@@ -22,6 +25,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 source bench/lib.sh
 mnist_args "$0" "$@"
 ZS="${ZS:-0.5 1 2}"
+ZS_DISTRIBUTED="${ZS_DISTRIBUTED-1}"
 CLIP="${CLIP:-1}"
 ROUNDS="${ROUNDS:-100}"
 BUDGET="${BUDGET:-1}"
@@ -41,6 +45,12 @@ for z in $ZS; do
         --epsilon 1000 --delta 1e-5 --out "$OUT/z$z" --json > "$OUT/z$z.json"
     runs+=("z$z")
 done
+for z in $ZS_DISTRIBUTED; do
+    # Secure rounds with 20-bit inputs: the devices clip to CLIP and add the noise.
+    "$STARLING_BIN" "${common[@]}" --rounds "$ROUNDS" --dp-clip "$CLIP" --noise-multiplier "$z" \
+        --epsilon 1000 --delta 1e-5 --secagg --out "$OUT/d$z" --json > "$OUT/d$z.json"
+    runs+=("d$z")
+done
 python3 - "$OUT" "${runs[@]}" <<'PY'
 import csv, json, sys
 out, runs = sys.argv[1], sys.argv[2:]
@@ -58,7 +68,8 @@ for r in runs:
     for m in marks:
         ok = [a for e, a in pts if e <= m]
         at.append(f"{ok[-1]:.4f}" if ok else "-")
-    name = "no DP" if r == "none" else "z = " + r[1:]
+    name = ("no DP" if r == "none" else "z = " + r[1:] if r[0] == "z"
+            else "z = " + r[1:] + " distributed")
     print(f"{name:<8} {summary['rounds']:>6} {summary['final_accuracy']:>9.4f} "
           f"{('-' if eps is None else f'{eps:.3f}'):>9} " + " ".join(f"{a:>9}" for a in at))
     if pts:
