@@ -37,7 +37,11 @@ const ASSETS: &[Asset] = &[
     asset!("dist", "starling_web.js", "text/javascript; charset=utf-8"),
     asset!("dist", "starling_web_bg.wasm", "application/wasm"),
     // Secure aggregation's module (with www/secure.js): imported only for a secure round.
-    asset!("dist", "starling_web_secure.js", "text/javascript; charset=utf-8"),
+    asset!(
+        "dist",
+        "starling_web_secure.js",
+        "text/javascript; charset=utf-8"
+    ),
     asset!("dist", "starling_web_secure_bg.wasm", "application/wasm"),
     asset!("www", "style.css", "text/css; charset=utf-8"),
     asset!("www", "manifest.webmanifest", "application/manifest+json"),
