@@ -434,11 +434,26 @@ mod tests {
         }
     }
 
-    /// A whole round: `devices` browser devices against the core's `Aggregator` (the
-    /// server's side), through the JSON bodies the page relays; `drop_after_sharing`
-    /// devices share their keys and then vanish. Returns the decoded mean update, mean loss
-    /// and the survivors.
-    fn round(devices: usize, drop_after_sharing: &[usize]) -> (Vec<f64>, f64, usize) {
+    /// A device of an in-process round: the browser's, through this module's JSON, or a
+    /// native one, the core's `Client` driven directly as `starling device` drives it.
+    enum Dev {
+        Web(SecureDevice),
+        Native {
+            client: Client,
+            input: Vec<u32>,
+            rng: ChaCha20Rng,
+        },
+    }
+
+    /// A whole round against the core's `Aggregator` (the server's side): `devices`
+    /// devices, those in `native` native and the rest browser devices; those in
+    /// `drop_after_sharing` share their keys and then vanish. Returns the decoded mean
+    /// update, mean loss and the survivors.
+    fn round(
+        devices: usize,
+        native: &[usize],
+        drop_after_sharing: &[usize],
+    ) -> (Vec<f64>, f64, usize) {
         let (params, spec) = round_params(
             3,
             &serde_json::from_str(&assignment(0, devices, 3)).unwrap(),
@@ -446,36 +461,58 @@ mod tests {
         )
         .unwrap();
         let mut agg = Aggregator::new(params);
-        let mut web: Vec<SecureDevice> = (0..devices)
+        let mut devs: Vec<Dev> = (0..devices)
             .map(|i| {
-                SecureDevice::new(
-                    &assignment(i, devices, 3),
-                    3,
-                    &layout_json(),
-                    &body_of(i),
-                    [i as u8 + 1; 32],
-                )
-                .unwrap()
+                let seed = [i as u8 + 1; 32];
+                if native.contains(&i) {
+                    let mut rng = ChaCha20Rng::from_seed(seed);
+                    let body = body_of(i);
+                    let view = update::decode(&body, &layout(), None).unwrap();
+                    let input = spec.encode_update(&params.fixed_point, &view, &mut rng);
+                    let (client, keys) = Client::new(i, params, &mut rng);
+                    agg.advertise(i, keys).unwrap();
+                    Dev::Native { client, input, rng }
+                } else {
+                    let mut d = SecureDevice::new(
+                        &assignment(i, devices, 3),
+                        3,
+                        &layout_json(),
+                        &body_of(i),
+                        seed,
+                    )
+                    .unwrap();
+                    assert_eq!(d.index(), i);
+                    agg.advertise(i, wire_keys(&d.keys().unwrap())).unwrap();
+                    Dev::Web(d)
+                }
             })
             .collect();
-        for (i, d) in web.iter_mut().enumerate() {
-            assert_eq!(d.index(), i);
-            agg.advertise(i, wire_keys(&d.keys().unwrap())).unwrap();
+        for (i, d) in devs.iter_mut().enumerate() {
+            let envelopes = match d {
+                Dev::Web(d) => from_wire_envelopes(&d.shares(&neighbour_keys(&agg, i)).unwrap()),
+                Dev::Native { client, rng, .. } => {
+                    client.share_keys(&agg.keys_for(i), rng).unwrap()
+                }
+            };
+            agg.share(i, envelopes).unwrap();
         }
-        for (i, d) in web.iter_mut().enumerate() {
-            let shares = d.shares(&neighbour_keys(&agg, i)).unwrap();
-            agg.share(i, from_wire_envelopes(&shares)).unwrap();
-        }
-        for (i, d) in web.iter_mut().enumerate() {
+        for (i, d) in devs.iter_mut().enumerate() {
             if drop_after_sharing.contains(&i) {
                 continue;
             }
-            let bytes = d.masked_input(&envelopes_for(&agg, i)).unwrap();
-            assert_eq!(bytes.len(), 4 * params.len);
-            let y: Vec<u32> = bytes
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
+            let y = match d {
+                Dev::Web(d) => {
+                    let bytes = d.masked_input(&envelopes_for(&agg, i)).unwrap();
+                    assert_eq!(bytes.len(), 4 * params.len);
+                    bytes
+                        .chunks_exact(4)
+                        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+                        .collect()
+                }
+                Dev::Native { client, input, .. } => {
+                    client.masked_input(&agg.envelopes_for(i), input).unwrap()
+                }
+            };
             agg.masked_input(i, &y).unwrap();
         }
         let survivors = agg.survivors().unwrap();
@@ -483,9 +520,15 @@ mod tests {
             survivors: survivors.iter().map(|&i| i as u64).collect(),
         });
         for &i in &survivors {
-            let u = web[i].unmask(&wire).unwrap();
-            assert_eq!(web[i].step(), Step::Done);
-            agg.unmask(from_wire_unmasking(i, &u)).unwrap();
+            let u = match &mut devs[i] {
+                Dev::Web(d) => {
+                    let u = d.unmask(&wire).unwrap();
+                    assert_eq!(d.step(), Step::Done);
+                    from_wire_unmasking(i, &u)
+                }
+                Dev::Native { client, .. } => client.unmask(&survivors).unwrap(),
+            };
+            agg.unmask(u).unwrap();
         }
         let (sum, n) = agg.finish().unwrap();
         let ws = spec
@@ -517,7 +560,7 @@ mod tests {
 
     #[test]
     fn browser_devices_sum_with_the_cores_aggregator_like_plain_fedavg() {
-        let (mean, loss, n) = round(5, &[]);
+        let (mean, loss, n) = round(5, &[], &[]);
         assert_eq!(n, 5);
         let (want, want_loss) = plain(5, &[]);
         for (m, w) in mean.iter().zip(&want) {
@@ -528,12 +571,26 @@ mod tests {
 
     #[test]
     fn a_device_that_drops_after_sharing_is_unmasked_out_of_the_sum() {
-        let (mean, _, n) = round(6, &[2]);
+        let (mean, _, n) = round(6, &[], &[2]);
         assert_eq!(n, 5);
         let (want, _) = plain(6, &[2]);
         for (m, w) in mean.iter().zip(&want) {
             assert!((m - w).abs() < 4.0 * level(), "{m} vs {w}");
         }
+    }
+
+    /// Browser devices and native ones (the core's `Client` as `starling device` runs it)
+    /// in one round, one native device dropping out after sharing: the masks cancel across
+    /// the two kinds.
+    #[test]
+    fn browser_and_native_devices_share_one_round() {
+        let (mean, loss, n) = round(6, &[0, 3, 4], &[4]);
+        assert_eq!(n, 5);
+        let (want, want_loss) = plain(6, &[4]);
+        for (m, w) in mean.iter().zip(&want) {
+            assert!((m - w).abs() < 4.0 * level(), "{m} vs {w}");
+        }
+        assert!((loss - want_loss).abs() < 0.05, "{loss} vs {want_loss}");
     }
 
     /// The browser's input is the native device's: the same encoding of the same body with
