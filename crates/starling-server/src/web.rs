@@ -1,5 +1,6 @@
 //! The device app's pages: the page's own files from `crates/starling-web/www/` and the wasm
-//! module with its JS glue that `scripts/build-web.sh` generates into `crates/starling-web/dist/`,
+//! modules with their JS glue that `scripts/build-web.sh` generates into `crates/starling-web/dist/`
+//! (the main module, and secure aggregation's, which the page imports only for a secure round),
 //! embedded in the binary so that `starling serve` needs no files beside it. The page is served at `/`, `/app` and `/app/`; its assets at `/app/<file>`.
 
 use std::sync::OnceLock;
@@ -14,7 +15,7 @@ use axum::{Json, Router};
 pub(crate) type Asset = (&'static str, &'static str, &'static [u8]);
 
 /// An embedded file of `crates/starling-web/`: `www` (the page's own files) or `dist` (what
-/// `scripts/build-web.sh` generates: the wasm module and its JS glue).
+/// `scripts/build-web.sh` generates: the wasm modules and their JS glue).
 macro_rules! asset {
     ($dir:literal, $name:literal, $type:literal) => {
         (
@@ -32,8 +33,16 @@ const ASSETS: &[Asset] = &[
     asset!("www", "job.js", "text/javascript; charset=utf-8"),
     asset!("www", "worker.js", "text/javascript; charset=utf-8"),
     asset!("www", "sw.js", "text/javascript; charset=utf-8"),
+    asset!("www", "secure.js", "text/javascript; charset=utf-8"),
     asset!("dist", "starling_web.js", "text/javascript; charset=utf-8"),
     asset!("dist", "starling_web_bg.wasm", "application/wasm"),
+    // Secure aggregation's module (with www/secure.js): imported only for a secure round.
+    asset!(
+        "dist",
+        "starling_web_secure.js",
+        "text/javascript; charset=utf-8"
+    ),
+    asset!("dist", "starling_web_secure_bg.wasm", "application/wasm"),
     asset!("www", "style.css", "text/css; charset=utf-8"),
     asset!("www", "manifest.webmanifest", "application/manifest+json"),
     asset!("www", "icon.svg", "image/svg+xml"),

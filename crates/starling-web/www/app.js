@@ -1,7 +1,8 @@
 // Starling's device app: shows the task and its global model, takes the person's data
 // points (typed, pasted or loaded from a file on the device), trains on them here in
 // WebAssembly built from starling-core, and contributes the update to the round. The data
-// points never leave this page; only the encoded update is uploaded.
+// points never leave this page; only the encoded update is uploaded (in a secure round only
+// masked, through secure.js and its own module, loaded for secure rounds only).
 import init, { WebModel } from "./starling_web.js";
 import { runJob } from "./job.js";
 
@@ -639,6 +640,10 @@ async function contribute() {
         : "";
     $("status").dataset.steps = String(result.steps);
     $("status").dataset.plannedSteps = String(result.plannedSteps);
+    if (answer.secure) {
+      await secureContribution(answer, result, partial);
+      return;
+    }
     setStatus(`Sending the update (${result.update.length} bytes, no data points)${partial}…`);
     const receipt = await (
       await api(answer.upload_url, {
@@ -667,6 +672,55 @@ async function contribute() {
   } finally {
     setBusy(false);
   }
+}
+
+// A secure round (the check-in answer carries `secure`): the update goes out only masked,
+// through the round's four steps in secure.js, which brings secure aggregation's own
+// WebAssembly module; both are loaded now, for secure rounds only, so the main module stays
+// small.
+async function secureContribution(answer, result, partial) {
+  const status = $("status");
+  status.dataset.secure = "loading";
+  setStatus("Secure round: loading secure aggregation…");
+  let secure;
+  try {
+    secure = await import("./secure.js");
+  } catch (e) {
+    state.assignment = null;
+    status.dataset.secure = "failed";
+    throw new Error(`secure aggregation could not be loaded (${e.message})`);
+  }
+  const m = state.model;
+  const layout = m.parameterNames().map((name, i) => [name, Array.from(m.parameterShape(i))]);
+  try {
+    await secure.runSecureRound(
+      { answer, headers: authHeaders(state.task), Refused, Unreachable, setOnline },
+      result.update,
+      layout,
+      (step, text) => {
+        status.dataset.secure = step;
+        setStatus(text);
+      },
+    );
+  } catch (e) {
+    // The round's secrets went with the failed step: this assignment cannot go on.
+    state.assignment = null;
+    status.dataset.secure = "failed";
+    if (e instanceof Refused) throw e;
+    // Keys may be out already: "nothing was sent" (explain's word for Unreachable) may be
+    // untrue here.
+    const why = e instanceof Unreachable ? "the server could not be reached" : e.message;
+    throw new Error(`the secure round could not go on (${why}); press Contribute again`);
+  }
+  state.assignment = null;
+  state.waiting = { round: answer.round, baseVersion: answer.base_version };
+  status.dataset.accepted = String(answer.round);
+  setStatus(
+    `✓ Your update went into secure round ${answer.round} masked${partial}: the server ` +
+      "sees only the sum of all devices' updates. Waiting for the round to commit…",
+    "ok",
+  );
+  await refreshInfo();
 }
 
 // An evaluation round: score the round's model on the points and send only the count, the
@@ -730,6 +784,15 @@ function explain(e) {
         return "The assignment expired before the update arrived. Press Contribute again.";
       case "duplicate_update":
         return "This update was already counted.";
+      case "not_in_cohort":
+      case "wrong_phase":
+      case "duplicate_message":
+        state.assignment = null;
+        return (
+          "The secure round went on without this device (it missed a step: " +
+          `${e.message}), so the update was not counted. Press Contribute again for the ` +
+          "next round."
+        );
       case "missing_credential":
         return (
           `${state.task} takes enrolled devices only: open the enrollment link its operator ` +

@@ -247,7 +247,7 @@ impl Server {
             .await?)
     }
 
-    async fn model_bytes(&self) -> Result<Vec<u8>> {
+    pub(crate) async fn model_bytes(&self) -> Result<Vec<u8>> {
         let r = self
             .http
             .get(self.url("/v1/tasks/linear/model"))
@@ -338,7 +338,7 @@ fn server_param(task: &Value, name: &str) -> f32 {
         .unwrap_or_else(|| panic!("no scalar parameter {name} in {task}")) as f32
 }
 
-async fn open_app(c: &Client, server: &Server, path: &str, version: u64) -> Result<()> {
+pub(crate) async fn open_app(c: &Client, server: &Server, path: &str, version: u64) -> Result<()> {
     c.goto(&server.url(path)).await?;
     wait_for(
         c,
@@ -387,7 +387,7 @@ async fn refuses_unusable_data(c: &Client) -> Result<()> {
 }
 
 /// Enters points: three through the point form, two more typed into the CSV box.
-async fn enter_points(c: &Client) -> Result<usize> {
+pub(crate) async fn enter_points(c: &Client) -> Result<usize> {
     for (x, y) in [("-1", "-1.1"), ("0.5", "2.05"), ("1.5", "3.9")] {
         c.find(Locator::Css("#col0")).await?.send_keys(x).await?;
         c.find(Locator::Css("#col1")).await?.send_keys(y).await?;

@@ -56,6 +56,9 @@ async fn the_page_its_files_and_the_manifest_are_served() -> Result<()> {
         ("starling_web.js", "text/javascript; charset=utf-8"),
         ("style.css", "text/css; charset=utf-8"),
         ("sw.js", "text/javascript; charset=utf-8"),
+        ("secure.js", "text/javascript; charset=utf-8"),
+        ("starling_web_secure.js", "text/javascript; charset=utf-8"),
+        ("starling_web_secure_bg.wasm", "application/wasm"),
     ] {
         let r = get(&format!("/app/{file}")).await?;
         assert_eq!(r.status(), StatusCode::OK, "{file}");
