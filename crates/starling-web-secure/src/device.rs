@@ -327,6 +327,7 @@ mod tests {
             clip: CLIP,
             loss_bound: 100.0,
             weight_cap: Some(CAP),
+            skellam_mu: None,
             secure_url: "/v1/tasks/t/rounds/3/secagg".into(),
         })
     }
@@ -613,6 +614,45 @@ mod tests {
         assert_eq!(
             format!("{d:?}"),
             "SecureDevice { index: 1, step: Keys, .. }"
+        );
+    }
+
+    /// Distributed DP: an assignment with `skellam_mu` makes the browser add the core's
+    /// Skellam noise to every update value and report no loss or accuracy, exactly as a
+    /// native device does.
+    #[test]
+    fn under_distributed_dp_the_browser_adds_the_noise() {
+        let mut a: SecureAssignment = serde_json::from_str(&assignment(1, 4, 3)).unwrap();
+        a.weight_cap = None;
+        a.skellam_mu = Some(5_000.0);
+        let json = to_json(&a);
+        let seed = [3u8; 32];
+        let d = SecureDevice::new(&json, 3, &layout_json(), &body_of(1), seed).unwrap();
+        let (params, spec) = round_params(3, &a, 3).unwrap();
+        assert_eq!(spec.noise_mu, Some(5_000.0));
+        let body = body_of(1);
+        let view = update::decode(&body, &layout(), None).unwrap();
+        let noised = spec.encode_update(
+            &params.fixed_point,
+            &view,
+            &mut ChaCha20Rng::from_seed(seed),
+        );
+        assert_eq!(d.input, noised);
+        let plain = InputSpec {
+            noise_mu: None,
+            ..spec
+        }
+        .encode_update(
+            &params.fixed_point,
+            &view,
+            &mut ChaCha20Rng::from_seed(seed),
+        );
+        assert_ne!(d.input[..3], plain[..3], "the update values carry noise");
+        let fp = params.fixed_point;
+        assert_eq!(
+            fp.decode(&d.input[4..]),
+            vec![0.0; 3],
+            "no loss or accuracy"
         );
     }
 
