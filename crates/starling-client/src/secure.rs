@@ -13,12 +13,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use rand::SeedableRng;
 use starling_core::secagg::input::InputSpec;
-use starling_core::secagg::protocol::{AdvertiseKeys, Client, Envelope, Params, SecAggError};
-use starling_core::secagg::shamir::Share;
+use starling_core::secagg::protocol::{Client, Params, SecAggError};
 use starling_core::wire::params::Layout;
 use starling_core::wire::protocol::{
-    from_hex, to_hex, SecureAssignment, SecureEnvelope, SecureEnvelopes, SecureKeys, SecureShare,
-    SecureUnmasking,
+    SecureAssignment, SecureEnvelope, SecureEnvelopes, SecureKeys, SecureShare, SecureUnmasking,
 };
 use starling_core::wire::update;
 
@@ -31,12 +29,6 @@ fn protocol(what: impl std::fmt::Display) -> ClientError {
 
 fn secagg(e: SecAggError) -> ClientError {
     protocol(e)
-}
-
-fn bytes32(hex: &str, what: &str) -> Result<[u8; 32], ClientError> {
-    from_hex(hex)
-        .and_then(|b| <[u8; 32]>::try_from(b).ok())
-        .ok_or_else(|| protocol(format!("{what} is not 64 hex digits")))
 }
 
 /// The round's public parameters and the input encoding, from the assignment (the core's
@@ -95,14 +87,6 @@ async fn poll<T: Transport>(
     }
 }
 
-fn share(owner: usize, s: &Share) -> SecureShare {
-    SecureShare {
-        owner: owner as u64,
-        x: s.x,
-        y: to_hex(&s.y),
-    }
-}
-
 /// Takes part in a secure round with an encoded update (`train::local_update`'s output)
 /// through its four steps. `Ok` once the device's unmasking shares are in; a refusal (the
 /// round closed, or moved on without this device) is the transport's error.
@@ -129,10 +113,7 @@ pub async fn contribute<T: Transport>(
         transport,
         url,
         token,
-        SecureCall::PostKeys(SecureKeys {
-            encryption: to_hex(&keys.encryption),
-            masking: to_hex(&keys.masking),
-        }),
+        SecureCall::PostKeys(SecureKeys::from(&keys)),
     )
     .await?;
 
@@ -145,10 +126,8 @@ pub async fn contribute<T: Transport>(
     for (i, k) in neighbours.keys {
         peers.insert(
             usize::try_from(i).map_err(protocol)?,
-            AdvertiseKeys {
-                encryption: bytes32(&k.encryption, "a neighbour's key")?,
-                masking: bytes32(&k.masking, "a neighbour's key")?,
-            },
+            k.decode()
+                .map_err(|e| protocol(format!("a neighbour's key: {e}")))?,
         );
     }
     let envelopes = client.share_keys(&peers, &mut rng).map_err(secagg)?;
@@ -157,14 +136,7 @@ pub async fn contribute<T: Transport>(
         url,
         token,
         SecureCall::PostShares(SecureEnvelopes {
-            envelopes: envelopes
-                .into_iter()
-                .map(|e| SecureEnvelope {
-                    from: e.from as u64,
-                    to: e.to as u64,
-                    ciphertext: to_hex(&e.ciphertext),
-                })
-                .collect(),
+            envelopes: envelopes.iter().map(SecureEnvelope::from).collect(),
         }),
     )
     .await?;
@@ -176,15 +148,8 @@ pub async fn contribute<T: Transport>(
     };
     let mine = mine
         .envelopes
-        .into_iter()
-        .map(|e| {
-            Ok(Envelope {
-                from: usize::try_from(e.from).map_err(protocol)?,
-                to: usize::try_from(e.to).map_err(protocol)?,
-                ciphertext: from_hex(&e.ciphertext)
-                    .ok_or_else(|| protocol("a ciphertext is not hex"))?,
-            })
-        })
+        .iter()
+        .map(|e| e.decode().map_err(protocol))
         .collect::<Result<Vec<_>, ClientError>>()?;
     let y = client.masked_input(&mine, &x).map_err(secagg)?;
     let body: Vec<u8> = y.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -213,8 +178,16 @@ pub async fn contribute<T: Transport>(
         url,
         token,
         SecureCall::PostUnmask(SecureUnmasking {
-            seeds: u.seeds.iter().map(|(o, s)| share(*o, s)).collect(),
-            keys: u.keys.iter().map(|(o, s)| share(*o, s)).collect(),
+            seeds: u
+                .seeds
+                .iter()
+                .map(|(o, s)| SecureShare::new(*o, s))
+                .collect(),
+            keys: u
+                .keys
+                .iter()
+                .map(|(o, s)| SecureShare::new(*o, s))
+                .collect(),
         }),
     )
     .await?;

@@ -28,9 +28,8 @@ use axum::{Json, Router};
 use starling_core::secagg::protocol::{AdvertiseKeys, Envelope, Unmasking};
 use starling_core::secagg::shamir::Share;
 use starling_core::wire::protocol::{
-    from_hex, parse_canonical_u64, to_hex, ErrorCode, NeighbourKeys, SecureEnvelope,
-    SecureEnvelopes, SecureKeys, SecureReceipt, SecureShare, SecureUnmasking, SecureWait,
-    Survivors,
+    from_hex, parse_canonical_u64, ErrorCode, NeighbourKeys, SecureEnvelope, SecureEnvelopes,
+    SecureKeys, SecureReceipt, SecureShare, SecureUnmasking, SecureWait, Survivors,
 };
 
 use crate::api::{
@@ -117,28 +116,13 @@ fn answer(a: SecureAnswer, phase: &'static str) -> Response {
             .into_response(),
         SecureAnswer::Keys(keys) => Json(NeighbourKeys {
             keys: keys
-                .into_iter()
-                .map(|(i, k)| {
-                    (
-                        i as u64,
-                        SecureKeys {
-                            encryption: to_hex(&k.encryption),
-                            masking: to_hex(&k.masking),
-                        },
-                    )
-                })
+                .iter()
+                .map(|(&i, k)| (i as u64, SecureKeys::from(k)))
                 .collect(),
         })
         .into_response(),
         SecureAnswer::Envelopes(envelopes) => Json(SecureEnvelopes {
-            envelopes: envelopes
-                .into_iter()
-                .map(|e| SecureEnvelope {
-                    from: e.from as u64,
-                    to: e.to as u64,
-                    ciphertext: to_hex(&e.ciphertext),
-                })
-                .collect(),
+            envelopes: envelopes.iter().map(SecureEnvelope::from).collect(),
         })
         .into_response(),
         SecureAnswer::Survivors(set) => Json(Survivors {

@@ -16,12 +16,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use starling_core::secagg::input::round_params;
-use starling_core::secagg::protocol::{AdvertiseKeys, Client, Envelope, Params};
-use starling_core::secagg::shamir::Share;
+use starling_core::secagg::protocol::{Client, Params};
 use starling_core::wire::params::Layout;
 use starling_core::wire::protocol::{
-    from_hex, to_hex, NeighbourKeys, SecureAssignment, SecureEnvelope, SecureEnvelopes, SecureKeys,
-    SecureShare, SecureUnmasking, Survivors,
+    NeighbourKeys, SecureAssignment, SecureEnvelope, SecureEnvelopes, SecureKeys, SecureShare,
+    SecureUnmasking, Survivors,
 };
 use starling_core::wire::update;
 use zeroize::Zeroize;
@@ -52,20 +51,6 @@ fn to_json(value: &impl serde::Serialize) -> String {
 
 fn index(i: u64) -> Result<usize, SecureError> {
     usize::try_from(i).map_err(error)
-}
-
-fn bytes32(hex: &str, what: &str) -> Result<[u8; 32], SecureError> {
-    from_hex(hex)
-        .and_then(|b| <[u8; 32]>::try_from(b).ok())
-        .ok_or_else(|| error(format!("{what} is not 64 hex digits")))
-}
-
-fn share(owner: usize, s: &Share) -> SecureShare {
-    SecureShare {
-        owner: owner as u64,
-        x: s.x,
-        y: to_hex(&s.y),
-    }
 }
 
 /// The step a [`SecureDevice`] is at: the next message it makes.
@@ -190,10 +175,7 @@ impl SecureDevice {
         let (client, keys) = Client::new(self.index, self.params, &mut self.rng);
         self.client = Some(client);
         self.step = Step::Shares;
-        Ok(to_json(&SecureKeys {
-            encryption: to_hex(&keys.encryption),
-            masking: to_hex(&keys.masking),
-        }))
+        Ok(to_json(&SecureKeys::from(&keys)))
     }
 
     /// Step 2: from the answer of `GET {secure_url}/keys` (`NeighbourKeys` JSON), the body
@@ -207,23 +189,14 @@ impl SecureDevice {
             for (i, k) in answer.keys {
                 peers.insert(
                     index(i)?,
-                    AdvertiseKeys {
-                        encryption: bytes32(&k.encryption, "a neighbour's key")?,
-                        masking: bytes32(&k.masking, "a neighbour's key")?,
-                    },
+                    k.decode()
+                        .map_err(|e| error(format!("a neighbour's key: {e}")))?,
                 );
             }
             let client = self.client.as_mut().expect("keys made the client");
             let envelopes = client.share_keys(&peers, &mut self.rng).map_err(error)?;
             Ok::<_, SecureError>(SecureEnvelopes {
-                envelopes: envelopes
-                    .into_iter()
-                    .map(|e| SecureEnvelope {
-                        from: e.from as u64,
-                        to: e.to as u64,
-                        ciphertext: to_hex(&e.ciphertext),
-                    })
-                    .collect(),
+                envelopes: envelopes.iter().map(SecureEnvelope::from).collect(),
             })
         })();
         match result {
@@ -244,15 +217,8 @@ impl SecureDevice {
             let answer: SecureEnvelopes = json(envelopes, "the envelopes")?;
             let mine = answer
                 .envelopes
-                .into_iter()
-                .map(|e| {
-                    Ok(Envelope {
-                        from: index(e.from)?,
-                        to: index(e.to)?,
-                        ciphertext: from_hex(&e.ciphertext)
-                            .ok_or_else(|| error("a ciphertext is not hex"))?,
-                    })
-                })
+                .iter()
+                .map(|e| e.decode().map_err(error))
                 .collect::<Result<Vec<_>, SecureError>>()?;
             let client = self.client.as_mut().expect("keys made the client");
             client.masked_input(&mine, &self.input).map_err(error)
@@ -283,8 +249,16 @@ impl SecureDevice {
             let client = self.client.as_ref().expect("keys made the client");
             let u = client.unmask(&survivors).map_err(error)?;
             Ok::<_, SecureError>(SecureUnmasking {
-                seeds: u.seeds.iter().map(|(o, s)| share(*o, s)).collect(),
-                keys: u.keys.iter().map(|(o, s)| share(*o, s)).collect(),
+                seeds: u
+                    .seeds
+                    .iter()
+                    .map(|(o, s)| SecureShare::new(*o, s))
+                    .collect(),
+                keys: u
+                    .keys
+                    .iter()
+                    .map(|(o, s)| SecureShare::new(*o, s))
+                    .collect(),
             })
         })();
         self.step = Step::Done;
@@ -298,9 +272,9 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
     use starling_core::secagg::input::InputSpec;
-    use starling_core::secagg::protocol::{Aggregator, Unmasking};
+    use starling_core::secagg::protocol::{AdvertiseKeys, Aggregator, Envelope, Unmasking};
     use starling_core::tensor::Tensor;
-    use starling_core::wire::protocol::SecureAssignment;
+    use starling_core::wire::protocol::{to_hex, SecureAssignment};
     use starling_core::wire::update::UpdateMeta;
     use starling_core::Parameters;
 
@@ -363,10 +337,7 @@ mod tests {
 
     fn wire_keys(json: &str) -> AdvertiseKeys {
         let k: SecureKeys = serde_json::from_str(json).unwrap();
-        AdvertiseKeys {
-            encryption: bytes32(&k.encryption, "key").unwrap(),
-            masking: bytes32(&k.masking, "key").unwrap(),
-        }
+        k.decode().unwrap()
     }
 
     fn neighbour_keys(agg: &Aggregator, i: usize) -> String {
@@ -374,15 +345,7 @@ mod tests {
             keys: agg
                 .keys_for(i)
                 .into_iter()
-                .map(|(j, k)| {
-                    (
-                        j as u64,
-                        SecureKeys {
-                            encryption: to_hex(&k.encryption),
-                            masking: to_hex(&k.masking),
-                        },
-                    )
-                })
+                .map(|(j, k)| (j as u64, SecureKeys::from(&k)))
                 .collect(),
         })
     }
@@ -391,43 +354,20 @@ mod tests {
         to_json(&SecureEnvelopes {
             envelopes: agg
                 .envelopes_for(i)
-                .into_iter()
-                .map(|e| SecureEnvelope {
-                    from: e.from as u64,
-                    to: e.to as u64,
-                    ciphertext: to_hex(&e.ciphertext),
-                })
+                .iter()
+                .map(SecureEnvelope::from)
                 .collect(),
         })
     }
 
     fn from_wire_envelopes(json: &str) -> Vec<Envelope> {
         let e: SecureEnvelopes = serde_json::from_str(json).unwrap();
-        e.envelopes
-            .into_iter()
-            .map(|e| Envelope {
-                from: e.from as usize,
-                to: e.to as usize,
-                ciphertext: from_hex(&e.ciphertext).unwrap(),
-            })
-            .collect()
+        e.envelopes.iter().map(|e| e.decode().unwrap()).collect()
     }
 
     fn from_wire_unmasking(from: usize, json: &str) -> Unmasking {
         let u: SecureUnmasking = serde_json::from_str(json).unwrap();
-        let shares = |v: Vec<SecureShare>| {
-            v.into_iter()
-                .map(|s| {
-                    (
-                        s.owner as usize,
-                        Share {
-                            x: s.x,
-                            y: bytes32(&s.y, "share").unwrap(),
-                        },
-                    )
-                })
-                .collect()
-        };
+        let shares = |v: Vec<SecureShare>| v.iter().map(|s| s.decode().unwrap()).collect();
         Unmasking {
             from,
             seeds: shares(u.seeds),

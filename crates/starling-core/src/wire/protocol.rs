@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::secagg::protocol::{AdvertiseKeys, Envelope};
+use crate::secagg::shamir::Share;
 use crate::trainer::train::Plan;
 
 /// The header that carries an upload's token, so that the server checks the assignment before
@@ -767,6 +769,73 @@ impl std::fmt::Debug for EnrollAnswer {
     }
 }
 
+/// 32 bytes from 64 hex digits (`None` for anything else).
+pub fn bytes32(hex: &str) -> Option<[u8; 32]> {
+    from_hex(hex).and_then(|b| <[u8; 32]>::try_from(b).ok())
+}
+
+impl From<&AdvertiseKeys> for SecureKeys {
+    fn from(k: &AdvertiseKeys) -> Self {
+        Self {
+            encryption: to_hex(&k.encryption),
+            masking: to_hex(&k.masking),
+        }
+    }
+}
+
+impl SecureKeys {
+    /// The keys, or which of them is not 64 hex digits.
+    pub fn decode(&self) -> Result<AdvertiseKeys, &'static str> {
+        Ok(AdvertiseKeys {
+            encryption: bytes32(&self.encryption).ok_or("`encryption` is not 64 hex digits")?,
+            masking: bytes32(&self.masking).ok_or("`masking` is not 64 hex digits")?,
+        })
+    }
+}
+
+impl From<&Envelope> for SecureEnvelope {
+    fn from(e: &Envelope) -> Self {
+        Self {
+            from: e.from as u64,
+            to: e.to as u64,
+            ciphertext: to_hex(&e.ciphertext),
+        }
+    }
+}
+
+impl SecureEnvelope {
+    /// The envelope, or why it is unusable.
+    pub fn decode(&self) -> Result<Envelope, &'static str> {
+        Ok(Envelope {
+            from: usize::try_from(self.from).map_err(|_| "an index out of range")?,
+            to: usize::try_from(self.to).map_err(|_| "an index out of range")?,
+            ciphertext: from_hex(&self.ciphertext).ok_or("a ciphertext that is not hex")?,
+        })
+    }
+}
+
+impl SecureShare {
+    /// `owner`'s share `s`.
+    pub fn new(owner: usize, s: &Share) -> Self {
+        Self {
+            owner: owner as u64,
+            x: s.x,
+            y: to_hex(&s.y),
+        }
+    }
+
+    /// The owner and the share, or why it is unusable.
+    pub fn decode(&self) -> Result<(usize, Share), &'static str> {
+        Ok((
+            usize::try_from(self.owner).map_err(|_| "an index out of range")?,
+            Share {
+                x: self.x,
+                y: bytes32(&self.y).ok_or("a share that is not 64 hex digits")?,
+            },
+        ))
+    }
+}
+
 /// Bytes as lowercase hex.
 pub fn to_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -898,6 +967,45 @@ mod tests {
         ] {
             assert_eq!(parse_canonical_u64(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn secure_wire_types_round_trip_and_refuse_bad_hex() {
+        let keys = AdvertiseKeys {
+            encryption: [1; 32],
+            masking: [2; 32],
+        };
+        let wire = SecureKeys::from(&keys);
+        assert_eq!(wire.encryption, "01".repeat(32));
+        assert_eq!(wire.decode().unwrap(), keys);
+        let short = SecureKeys {
+            masking: "02".repeat(31),
+            ..wire
+        };
+        assert_eq!(short.decode().unwrap_err(), "`masking` is not 64 hex digits");
+        let e = Envelope {
+            from: 3,
+            to: 4,
+            ciphertext: vec![0xab, 0xcd],
+        };
+        let wire = SecureEnvelope::from(&e);
+        assert_eq!(wire.ciphertext, "abcd");
+        assert_eq!(wire.decode().unwrap(), e);
+        let bad = SecureEnvelope {
+            ciphertext: "xyz".into(),
+            ..wire
+        };
+        assert!(bad.decode().is_err());
+        let share = Share { x: 7, y: [9; 32] };
+        let wire = SecureShare::new(5, &share);
+        assert_eq!(wire.decode().unwrap(), (5, share));
+        let bad = SecureShare {
+            y: "09".into(),
+            ..wire
+        };
+        assert!(bad.decode().is_err());
+        assert_eq!(bytes32(&"ff".repeat(32)), Some([0xff; 32]));
+        assert_eq!(bytes32("ff"), None);
     }
 
     #[test]
