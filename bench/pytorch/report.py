@@ -175,6 +175,7 @@ def main():
             "loss": (st or {}).get("final_loss"),
             "process_wall_secs": (stm or {}).get("wall_secs"),
             "peak_pss_mib": (stm or {}).get("peak_pss_mib"),
+            "cores_busy": (st or {}).get("cores_busy"),
             "program_result": st, "measure": stm,
         }
     sim_ratio = None
@@ -241,6 +242,9 @@ def main():
                   f"{fmt(r['steady_round_secs'], '.3f', 8)} "
                   f"{fmt(r['process_wall_secs'], '.2f', 9)} {fmt(r['peak_pss_mib'], '.0f', 8)} "
                   f"{fmt(r['accuracy'], '.4f', 8)} {up:>8}")
+        if sim.get("starling", {}).get("cores_busy") is not None:
+            print(f"starling simulate kept {sim['starling']['cores_busy']:.2f} cores busy on "
+                  f"average (its own cores_busy: CPU s / wall s of the rounds)")
         print("s/round: mean wall time of rounds 2..R (round 1 carries Ray's actor start-up);")
         print("  process s: the whole process, start-up, data loading and final evaluation")
         print("  included; accuracy: on the 10,000 test images after the last round.")
