@@ -105,7 +105,7 @@ mkdir -p "$RUNDIR"
 START=$(date +%s)
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 echo "$(loadavg)" >"$RUNDIR/load-start"
-rm -f "$RUNDIR"/speed-*.json "$RUNDIR"/sim-*
+rm -rf "$RUNDIR"/speed-* "$RUNDIR"/sim-*
 
 run_json() { # run_json OUT CMD...: the command's last stdout line that is JSON, into OUT
     local out="$1"; shift
