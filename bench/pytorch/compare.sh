@@ -85,9 +85,9 @@ if [ -n "${STARLING_BIN:-}" ]; then
 elif [ "$BUILD" = 1 ]; then
     step "build: cargo build --release -p starling-cli --bin starling"
     cargo build --release -p starling-cli --bin starling
-    STARLING="$ROOT/target/release/starling"
+    STARLING="${CARGO_TARGET_DIR:-$ROOT/target}/release/starling"
 else
-    STARLING="$ROOT/target/release/starling"
+    STARLING="${CARGO_TARGET_DIR:-$ROOT/target}/release/starling"
 fi
 [ -x "$STARLING" ] || { echo "compare.sh: no starling binary at $STARLING" >&2; exit 1; }
 
