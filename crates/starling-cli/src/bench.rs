@@ -1,6 +1,6 @@
 //! `starling bench …`: runs the benchmarks of `starling-bench` (aggregate, ingest, checkin,
-//! soak) and prints their figures as a table with the machine they ran on, or as JSON
-//! (`--json`).
+//! soak, secagg) and the training speed of the built-in MNIST models (train), and prints
+//! their figures as a table with the machine they ran on, or as JSON (`--json`).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -69,6 +69,31 @@ pub(crate) enum Command {
         /// Seed of the devices' inputs and secrets.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Training speed of a built-in MNIST model (the FedAvg paper's 2NN `mlp` or CNN `cnn`):
+    /// examples per second of the bare step loop (gather a batch, forward, backward, SGD
+    /// step) on random MNIST-shaped data. With --threads T, T independent trainers run at
+    /// once, one per thread (how Starling uses T cores: one device per core), and the
+    /// figure is their total.
+    Train {
+        /// Model: `mlp` (2NN) or `cnn`.
+        #[arg(long, default_value = "cnn")]
+        model: String,
+        /// Batch size.
+        #[arg(long, default_value_t = 10)]
+        batch: usize,
+        /// Independent trainers at once, one per thread.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Seconds of measurement (after a warm-up of a few steps).
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// SGD learning rate (the built-in plan's 0.05 for mlp and cnn).
+        #[arg(long, default_value_t = 0.05)]
+        lr: f64,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -187,6 +212,33 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 pub(crate) fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     let m = machine::machine();
     match cmd {
+        Command::Train {
+            model,
+            batch,
+            threads,
+            seconds,
+            lr,
+            json,
+        } => {
+            let r = train_speed(&model, batch, threads, seconds, lr)?;
+            if json {
+                println!("{}", json!({"machine": m, "train": r}));
+            } else {
+                println!(
+                    "training speed: `{}` ({} parameters), batch {batch}, SGD lr {lr}, \
+                     random MNIST-shaped data, {threads} independent trainer(s), one per thread",
+                    r.model, r.parameters
+                );
+                println!("machine: {m}");
+                println!(
+                    "{:>10.0} examples/s in total ({:.0} per thread; {} steps in {:.2} s)",
+                    r.examples_per_sec,
+                    r.examples_per_sec / threads as f64,
+                    r.steps,
+                    r.secs
+                );
+            }
+        }
         Command::Secagg {
             devices,
             params,
@@ -436,6 +488,123 @@ pub(crate) fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `starling bench train`'s result.
+#[derive(Debug, serde::Serialize)]
+struct TrainSpeed {
+    model: String,
+    parameters: usize,
+    batch: usize,
+    threads: usize,
+    learning_rate: f64,
+    /// Optimiser steps, all trainers together.
+    steps: u64,
+    /// Wall seconds from the common start to the last trainer's end.
+    secs: f64,
+    /// Examples per second, all trainers together.
+    examples_per_sec: f64,
+    /// Each trainer's own examples per second.
+    per_thread: Vec<f64>,
+}
+
+/// Runs `threads` independent trainers of the built-in `model` for about `seconds` each.
+fn train_speed(
+    model: &str,
+    batch: usize,
+    threads: usize,
+    seconds: f64,
+    lr: f64,
+) -> anyhow::Result<TrainSpeed> {
+    use rand::{Rng, SeedableRng};
+    use starling_core::trainer::{builtin, optim::Sgd};
+    use starling_core::{Dataset, Model, Parameters};
+    use std::time::Instant;
+
+    let spec = match model {
+        "mlp" => builtin::mlp(784, 10),
+        "cnn" => builtin::cnn(builtin::MNIST_SHAPE, 10),
+        other => anyhow::bail!("unknown model `{other}` (mlp, cnn)"),
+    };
+    anyhow::ensure!(batch >= 1, "--batch must be at least 1");
+    anyhow::ensure!(threads >= 1, "--threads must be at least 1");
+    anyhow::ensure!(
+        seconds.is_finite() && seconds > 0.0,
+        "--seconds must be positive"
+    );
+    let budget = Duration::from_secs_f64(seconds);
+    // 1,000 random examples (pixels uniform in [0, 1), labels uniform over the 10 classes),
+    // shared by the trainers; each walks it in consecutive batches.
+    let examples = 1000.max(batch);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let x = (0..examples * spec.inputs)
+        .map(|_| rng.random::<f32>())
+        .collect();
+    let y = (0..examples)
+        .map(|_| rng.random_range(0..spec.outputs()) as f32)
+        .collect();
+    let data = Dataset::new(x, y, spec.inputs, 1).context("random data")?;
+    let net = Model::new(spec.clone()).context("built-in specs are valid")?;
+    let batches: Vec<Vec<usize>> = (0..examples)
+        .collect::<Vec<_>>()
+        .chunks_exact(batch)
+        .map(<[usize]>::to_vec)
+        .collect();
+    let barrier = std::sync::Barrier::new(threads);
+    let start = std::sync::OnceLock::new();
+    let runs: Vec<(u64, f64)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (net, spec, data, batches, barrier, start) =
+                    (&net, &spec, &data, &batches, &barrier, &start);
+                s.spawn(move || {
+                    let mut params = spec.init_params(t as u64);
+                    let mut grads = Parameters::zeros(net.layout());
+                    let mut opt = Sgd::new(lr as f32, 0.0);
+                    let (mut x, mut y) = (Vec::new(), Vec::new());
+                    let mut step = |b: &[usize]| {
+                        data.gather(b, &mut x, &mut y);
+                        net.loss_and_grad(&params, &x, &y, b.len(), &mut grads);
+                        opt.step(&mut params, &grads);
+                    };
+                    // Warm-up: grow the buffers and the workspace.
+                    for b in batches.iter().take(5) {
+                        step(b);
+                    }
+                    barrier.wait();
+                    let began = *start.get_or_init(Instant::now);
+                    let mut steps = 0u64;
+                    while began.elapsed() < budget {
+                        for _ in 0..10 {
+                            step(&batches[steps as usize % batches.len()]);
+                            steps += 1;
+                        }
+                    }
+                    (steps, began.elapsed().as_secs_f64())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a trainer thread panicked"))
+            .collect()
+    });
+    let steps: u64 = runs.iter().map(|r| r.0).sum();
+    let secs = runs.iter().map(|r| r.1).fold(0.0, f64::max);
+    Ok(TrainSpeed {
+        model: spec.name.clone(),
+        parameters: net.layout().numel(),
+        batch,
+        threads,
+        learning_rate: lr,
+        steps,
+        secs,
+        examples_per_sec: (steps as usize * batch) as f64 / secs,
+        per_thread: runs
+            .iter()
+            .map(|&(n, t)| (n as usize * batch) as f64 / t)
+            .collect(),
+    })
 }
 
 /// `k v, k v, ...` of a map, or `none`.

@@ -6,7 +6,8 @@
 //! - [`train`]: train a built-in model on a CSV file, no server.
 //! - [`demo`]: a server and 20 devices in one process on the original demo's model.
 //! - [`simulate`]: many virtual devices on the real round engine, in one process.
-//! - [`bench`](mod@bench): benchmarks (aggregator, HTTP ingest, check-in storms, soak).
+//! - [`bench`](mod@bench): benchmarks (aggregator, HTTP ingest, check-in storms, soak,
+//!   SecAgg, training speed).
 //! - [`admin`]: operate a running server through its admin API (rollback).
 //! - [`privacy`]: differential-privacy accounting (ε of a run, noise for a budget).
 //! - [`data`]: download the experiments' data sets, checked against their known sums.
@@ -50,7 +51,7 @@ enum Command {
     Demo(demo::Args),
     /// Simulate many devices on the real round engine in this process.
     Simulate(Box<simulate::Args>),
-    /// Benchmarks: the aggregator alone, HTTP ingest, check-in storms.
+    /// Benchmarks: the aggregator alone, HTTP ingest, check-in storms, training speed.
     #[command(subcommand)]
     Bench(bench::Command),
     /// Operate a running server through its admin API (token in STARLING_ADMIN_TOKEN).
