@@ -55,7 +55,7 @@ python3 - "$OUT" "${runs[@]}" <<'PY'
 import csv, json, sys
 out, runs = sys.argv[1], sys.argv[2:]
 marks = [1, 2, 4, 8]
-print(f"{'run':<8} {'rounds':>6} {'final acc':>9} {'ε spent':>9} " +
+print(f"{'run':<18} {'rounds':>6} {'final acc':>9} {'ε spent':>9} " +
       " ".join(f"{'acc@ε≤' + str(m):>9}" for m in marks))
 series = []
 for r in runs:
@@ -70,7 +70,7 @@ for r in runs:
         at.append(f"{ok[-1]:.4f}" if ok else "-")
     name = ("no DP" if r == "none" else "z = " + r[1:] if r[0] == "z"
             else "z = " + r[1:] + " distributed")
-    print(f"{name:<8} {summary['rounds']:>6} {summary['final_accuracy']:>9.4f} "
+    print(f"{name:<18} {summary['rounds']:>6} {summary['final_accuracy']:>9.4f} "
           f"{('-' if eps is None else f'{eps:.3f}'):>9} " + " ".join(f"{a:>9}" for a in at))
     if pts:
         series.append((name, pts))
@@ -113,6 +113,7 @@ echo "budget ε = $BUDGET at δ = 1e-5, z = $z:"
 python3 - "$OUT/budget.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
-print(f"  {d['rounds']} rounds released, ε spent {d['epsilon']:.4f}, final accuracy {d['final_accuracy']:.4f}")
+def f(x): return "-" if x is None else f"{x:.4f}"
+print(f"  {d['rounds']} rounds released, ε spent {f(d['epsilon'])}, final accuracy {f(d['final_accuracy'])}")
 print(f"  next round refused: {d['stopped']}")
 PY
