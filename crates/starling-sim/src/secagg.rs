@@ -11,25 +11,22 @@
 //! seed, the round and the device, so a run is a function of its seed (the engine's public
 //! graph seed varies, but masks cancel exactly in the ring, so the decoded sum does not).
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use rand::seq::index::sample;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::Serialize;
 use starling_core::secagg::encode::FixedPoint;
 use starling_core::secagg::protocol::Client;
 use starling_core::trainer::train::local_update;
-use starling_core::wire::checkpoint;
 use starling_core::wire::update;
 use starling_server::engine::secagg::{SecureAnswer, SecureRequest, SecureSeat};
-use starling_server::engine::{Caller, CheckIn, Clock, EngineError, TaskHandle};
+use starling_server::engine::{CheckIn, Clock, EngineError, TaskHandle};
 use starling_server::settings::{SecureAggregationPolicy, TaskDefinition};
 use starling_server::store::RoundStatus;
 
 use crate::report::RoundMetrics;
-use crate::sim::{latency_seed, mix, reached, Fate, Setup, SimConfig};
+use crate::sim::{draw_round, latency_seed, mix, reached, Fate, RoundDraw, Setup, SimConfig};
 use crate::{Federation, SimError};
 
 /// `--secagg`'s settings.
@@ -197,33 +194,19 @@ pub(crate) async fn run(
         let status = task.status();
         let round = status.round.round;
         let base_version = status.model.version;
-        let base = Arc::new(
-            checkpoint::decode(&status.model.body)
-                .map_err(|e| SimError::Config(format!("checkpoint: {e}")))?
-                .params,
-        );
+        // A task whose privacy budget is spent stops the simulation (the report says why).
+        let Some(RoundDraw {
+            base,
+            sampled,
+            fates,
+            answers,
+            mut rng,
+        }) = draw_round(task, config, &status, n, k).await?
+        else {
+            break;
+        };
         let layout = base.layout();
         let round_start = clock.now();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(mix(config.seed, round, usize::MAX));
-        let mut sampled = sample(&mut rng, n, k).into_vec();
-        sampled.sort_unstable();
-        let fates: Vec<Fate> = sampled
-            .iter()
-            .map(|_| Fate::draw(&mut rng, config))
-            .collect();
-        // A task whose privacy budget is spent stops the simulation (the report says why).
-        let answers = match task
-            .check_in_many(
-                sampled
-                    .iter()
-                    .map(|d| Caller::device(format!("device-{d}")))
-                    .collect(),
-            )
-            .await
-        {
-            Err(starling_server::engine::EngineError::TaskStopped(_)) => break,
-            other => other?,
-        };
         let mut members = Vec::with_capacity(k);
         for ((&d, answer), &fate) in sampled.iter().zip(answers).zip(&fates) {
             let CheckIn::Assigned(a) = answer else {

@@ -619,31 +619,17 @@ async fn run_rounds(
         let status = task.status();
         let round = status.round.round;
         let base_version = status.model.version;
-        let base = Arc::new(
-            checkpoint::decode(&status.model.body)
-                .map_err(|e| SimError::Config(format!("checkpoint: {e}")))?
-                .params,
-        );
-        let mut rng = rand::rngs::StdRng::seed_from_u64(mix(config.seed, round, usize::MAX));
-        let mut sampled = sample(&mut rng, n, k).into_vec();
-        sampled.sort_unstable();
-        let fates: Vec<Fate> = sampled
-            .iter()
-            .map(|_| Fate::draw(&mut rng, config))
-            .collect();
         // Every sampled device checks in and downloads the model; a task whose privacy
         // budget is spent stops the simulation (the report says why).
-        let answers = match task
-            .check_in_many(
-                sampled
-                    .iter()
-                    .map(|d| Caller::device(format!("device-{d}")))
-                    .collect(),
-            )
-            .await
-        {
-            Err(starling_server::engine::EngineError::TaskStopped(_)) => break,
-            other => other?,
+        let Some(RoundDraw {
+            base,
+            sampled,
+            fates,
+            answers,
+            ..
+        }) = draw_round(task, config, &status, n, k).await?
+        else {
+            break;
         };
         let mut tokens = Vec::with_capacity(k);
         for (&d, answer) in sampled.iter().zip(answers) {
@@ -919,6 +905,55 @@ fn train_in_order(
         next: 0,
         training,
     }
+}
+
+/// One round's draw: the model it trains, the sampled devices (sorted) with their fates,
+/// their check-in answers, and the round's generator for any further draws.
+pub(crate) struct RoundDraw {
+    pub(crate) base: Arc<Parameters>,
+    pub(crate) sampled: Vec<usize>,
+    pub(crate) fates: Vec<Fate>,
+    pub(crate) answers: Vec<CheckIn>,
+    pub(crate) rng: rand::rngs::StdRng,
+}
+
+/// Draws round `status.round`'s `k` of `n` devices and their fates from the run's seed and
+/// checks them in; `None` once the task has stopped (a spent privacy budget).
+pub(crate) async fn draw_round(
+    task: &TaskHandle,
+    config: &SimConfig,
+    status: &starling_server::engine::TaskStatus,
+    n: usize,
+    k: usize,
+) -> Result<Option<RoundDraw>, SimError> {
+    let base = Arc::new(
+        checkpoint::decode(&status.model.body)
+            .map_err(|e| SimError::Config(format!("checkpoint: {e}")))?
+            .params,
+    );
+    let round = status.round.round;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(mix(config.seed, round, usize::MAX));
+    let mut sampled = sample(&mut rng, n, k).into_vec();
+    sampled.sort_unstable();
+    let fates: Vec<Fate> = sampled
+        .iter()
+        .map(|_| Fate::draw(&mut rng, config))
+        .collect();
+    let callers = sampled
+        .iter()
+        .map(|d| Caller::device(format!("device-{d}")))
+        .collect();
+    let answers = match task.check_in_many(callers).await {
+        Err(starling_server::engine::EngineError::TaskStopped(_)) => return Ok(None),
+        other => other?,
+    };
+    Ok(Some(RoundDraw {
+        base,
+        sampled,
+        fates,
+        answers,
+        rng,
+    }))
 }
 
 /// Whether `m` reached the configured target accuracy.

@@ -982,7 +982,10 @@ mod tests {
             masking: "02".repeat(31),
             ..wire
         };
-        assert_eq!(short.decode().unwrap_err(), "`masking` is not 64 hex digits");
+        assert_eq!(
+            short.decode().unwrap_err(),
+            "`masking` is not 64 hex digits"
+        );
         let e = Envelope {
             from: 3,
             to: 4,
