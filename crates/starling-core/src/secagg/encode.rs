@@ -170,10 +170,11 @@ mod tests {
         assert!(wide.bits > fp.bits && wide.input_bits == fp.input_bits);
         let half = (1u64 << (wide.bits - 1)) as f64;
         assert!(half > 10.0 * fp.levels() + 12.0 * (2.0 * mu * 10.0).sqrt());
-        assert!(FixedPoint::new(24, 100)
-            .unwrap()
-            .with_noise(100, 1e12)
-            .is_err());
+        // 24-bit inputs of 100 devices fill a 32-bit ring: noise of deviation 2^27 over the
+        // sum (12 of them are 1.6e9 on top of 8.4e8) leaves no bit to add.
+        let full = FixedPoint::new(24, 100).unwrap();
+        assert_eq!(full.bits, 32);
+        assert!(full.with_noise(100, 1e14).is_err());
     }
 
     #[test]
