@@ -16,7 +16,7 @@ use starling_core::secagg::input::InputSpec;
 use starling_core::secagg::protocol::{Client, Params, SecAggError};
 use starling_core::wire::params::Layout;
 use starling_core::wire::protocol::{
-    SecureAssignment, SecureEnvelope, SecureEnvelopes, SecureKeys, SecureShare, SecureUnmasking,
+    SecureAssignment, SecureEnvelope, SecureEnvelopes, SecureKeys, SecureUnmasking,
 };
 use starling_core::wire::update;
 
@@ -177,18 +177,7 @@ pub async fn contribute<T: Transport>(
         transport,
         url,
         token,
-        SecureCall::PostUnmask(SecureUnmasking {
-            seeds: u
-                .seeds
-                .iter()
-                .map(|(o, s)| SecureShare::new(*o, s))
-                .collect(),
-            keys: u
-                .keys
-                .iter()
-                .map(|(o, s)| SecureShare::new(*o, s))
-                .collect(),
-        }),
+        SecureCall::PostUnmask(SecureUnmasking::from(&u)),
     )
     .await?;
     Ok(())

@@ -19,8 +19,8 @@ use starling_core::secagg::input::round_params;
 use starling_core::secagg::protocol::{Client, Params};
 use starling_core::wire::params::Layout;
 use starling_core::wire::protocol::{
-    NeighbourKeys, SecureAssignment, SecureEnvelope, SecureEnvelopes, SecureKeys, SecureShare,
-    SecureUnmasking, Survivors,
+    NeighbourKeys, SecureAssignment, SecureEnvelope, SecureEnvelopes, SecureKeys, SecureUnmasking,
+    Survivors,
 };
 use starling_core::wire::update;
 use zeroize::Zeroize;
@@ -248,18 +248,7 @@ impl SecureDevice {
                 .collect::<Result<BTreeSet<_>, _>>()?;
             let client = self.client.as_ref().expect("keys made the client");
             let u = client.unmask(&survivors).map_err(error)?;
-            Ok::<_, SecureError>(SecureUnmasking {
-                seeds: u
-                    .seeds
-                    .iter()
-                    .map(|(o, s)| SecureShare::new(*o, s))
-                    .collect(),
-                keys: u
-                    .keys
-                    .iter()
-                    .map(|(o, s)| SecureShare::new(*o, s))
-                    .collect(),
-            })
+            Ok::<_, SecureError>(SecureUnmasking::from(&u))
         })();
         self.step = Step::Done;
         self.client = None;
@@ -274,7 +263,7 @@ mod tests {
     use starling_core::secagg::input::InputSpec;
     use starling_core::secagg::protocol::{AdvertiseKeys, Aggregator, Envelope, Unmasking};
     use starling_core::tensor::Tensor;
-    use starling_core::wire::protocol::{to_hex, SecureAssignment};
+    use starling_core::wire::protocol::{to_hex, SecureAssignment, SecureShare};
     use starling_core::wire::update::UpdateMeta;
     use starling_core::Parameters;
 

@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::secagg::protocol::{AdvertiseKeys, Envelope};
+use crate::secagg::protocol::{AdvertiseKeys, Envelope, Unmasking};
 use crate::secagg::shamir::Share;
 use crate::trainer::train::Plan;
 
@@ -811,6 +811,17 @@ impl SecureEnvelope {
             to: usize::try_from(self.to).map_err(|_| "an index out of range")?,
             ciphertext: from_hex(&self.ciphertext).ok_or("a ciphertext that is not hex")?,
         })
+    }
+}
+
+impl From<&Unmasking> for SecureUnmasking {
+    fn from(u: &Unmasking) -> Self {
+        let shares =
+            |v: &[(usize, Share)]| v.iter().map(|(o, s)| SecureShare::new(*o, s)).collect();
+        Self {
+            seeds: shares(&u.seeds),
+            keys: shares(&u.keys),
+        }
     }
 }
 
