@@ -564,8 +564,7 @@ fn train_speed(
                     let (mut x, mut y) = (Vec::new(), Vec::new());
                     let mut step = |b: &[usize]| {
                         data.gather(b, &mut x, &mut y);
-                        net.loss_and_grad(&params, &x, &y, b.len(), &mut grads);
-                        opt.step(&mut params, &grads);
+                        net.train_step(&mut params, &x, &y, b.len(), &mut grads, &mut opt);
                     };
                     // Warm-up: grow the buffers and the workspace.
                     for b in batches.iter().take(5) {

@@ -44,16 +44,14 @@ fn steps_per_second(spec: &ModelSpec, budget: Duration) -> f64 {
     // Warm-up: grow the buffers and let the CPU settle.
     for b in batches.iter().take(5) {
         data.gather(b, &mut x, &mut y);
-        model.loss_and_grad(&params, &x, &y, BATCH, &mut grads);
-        opt.step(&mut params, &grads);
+        model.train_step(&mut params, &x, &y, BATCH, &mut grads, &mut opt);
     }
     let start = Instant::now();
     let mut examples = 0;
     while start.elapsed() < budget {
         for b in batches.iter().take(10) {
             data.gather(b, &mut x, &mut y);
-            model.loss_and_grad(&params, &x, &y, BATCH, &mut grads);
-            opt.step(&mut params, &grads);
+            model.train_step(&mut params, &x, &y, BATCH, &mut grads, &mut opt);
             examples += BATCH;
         }
     }

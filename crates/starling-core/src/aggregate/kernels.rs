@@ -1,7 +1,7 @@
 //! The aggregation hot path, `sums += w * values`, compiled for the best vector instructions
 //! the CPU has (chosen at run time) — the portable x86-64 baseline only has SSE2, which
-//! leaves half of the memory bandwidth unused. This module and [`crate::trainer::layers::gemm`] are
-//! the only places that use `unsafe`.
+//! leaves half of the memory bandwidth unused. This module, [`crate::trainer::layers::gemm`] and
+//! [`crate::trainer::layers::kernels`] are the only places that use `unsafe`.
 #![allow(unsafe_code)]
 
 /// `sums[i] += w * values[i]`, accumulating in f64.

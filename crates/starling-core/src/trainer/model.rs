@@ -12,12 +12,13 @@ use std::cell::RefCell;
 use crate::tensor::numel;
 use crate::trainer::layers::activation::Activation;
 use crate::trainer::layers::conv::Conv2d;
-use crate::trainer::layers::dense;
 use crate::trainer::layers::lstm::LstmCache;
 #[cfg(not(target_arch = "wasm32"))]
 use crate::trainer::layers::lstm::{Embedding, Lstm};
 use crate::trainer::layers::pool::MaxPool;
+use crate::trainer::layers::{dense, kernels};
 use crate::trainer::loss;
+use crate::trainer::optim::Sgd;
 use crate::trainer::spec::{LayerSpec, LossSpec, ModelSpec, SpecError};
 use crate::wire::params::{Layout, Parameters};
 
@@ -94,6 +95,27 @@ pub struct BatchStats {
     pub loss: f32,
     /// Examples whose largest output is the label (classifiers only).
     pub correct: Option<usize>,
+}
+
+/// The parameters a backward pass reads, and whether it also steps them.
+enum Params<'a> {
+    /// Gradients only ([`Model::train_batch`]).
+    Read(&'a Parameters),
+    /// Gradients and a plain SGD step, layer by layer ([`Model::train_step`]).
+    Step {
+        params: &'a mut Parameters,
+        learning_rate: f32,
+    },
+}
+
+impl Params<'_> {
+    /// The parameters as they are.
+    fn get(&self) -> &Parameters {
+        match self {
+            Params::Read(p) => p,
+            Params::Step { params, .. } => params,
+        }
+    }
 }
 
 /// Reusable buffers of the forward and backward passes.
@@ -484,128 +506,214 @@ impl Model {
     ) -> BatchStats {
         with_workspace(|ws| {
             self.forward_train(params, x, n, ws);
-            let Workspace {
-                acts,
-                argmax,
-                lstm: lstm_caches,
-                col,
-                dcol,
-                grad,
-                spare,
-            } = ws;
-            #[cfg(target_arch = "wasm32")]
-            let _ = lstm_caches;
-            let output = self.slots.last().map_or(0, |s| s.1);
-            let l = self.loss(&acts[output], target, grad);
-            let correct = self.correct(&acts[output], target);
-            let (mut dy, mut dx) = (grad, spare);
-            for (i, op) in self.ops.iter().enumerate().rev() {
-                // The first layer's input gradient is never needed.
-                let need_dx = i > 0;
-                match op {
-                    Op::Act(a) => {
-                        a.backward(&acts[self.slots[i].1], dy);
-                        continue;
-                    }
-                    Op::Flatten => continue,
-                    Op::Dense {
-                        weight,
-                        bias,
-                        inputs,
-                        units,
-                    } => {
-                        let mut dw = std::mem::take(grads.at_mut(*weight).data_mut_vec());
-                        let mut db = std::mem::take(grads.at_mut(*bias).data_mut_vec());
-                        if need_dx {
-                            dx.resize(n * inputs, 0.0);
-                        }
-                        dense::backward(
-                            &acts[self.slots[i].0],
-                            n,
-                            params.at(*weight).data(),
-                            dy,
-                            *inputs,
-                            *units,
-                            &mut dw,
-                            &mut db,
-                            need_dx.then_some(&mut dx[..]),
-                        );
-                        *grads.at_mut(*weight).data_mut_vec() = dw;
-                        *grads.at_mut(*bias).data_mut_vec() = db;
-                    }
-                    Op::Conv { weight, bias, conv } => {
-                        let mut dw = std::mem::take(grads.at_mut(*weight).data_mut_vec());
-                        let mut db = std::mem::take(grads.at_mut(*bias).data_mut_vec());
-                        if need_dx {
-                            dx.resize(n * conv.input_len(), 0.0);
-                        }
-                        conv.backward(
-                            &acts[self.slots[i].0],
-                            n,
-                            params.at(*weight).data(),
-                            dy,
-                            &mut dw,
-                            &mut db,
-                            need_dx.then_some(&mut dx[..]),
-                            col,
-                            dcol,
-                        );
-                        *grads.at_mut(*weight).data_mut_vec() = dw;
-                        *grads.at_mut(*bias).data_mut_vec() = db;
-                    }
-                    Op::MaxPool(pool) => {
-                        if need_dx {
-                            dx.resize(n * pool.input_len(), 0.0);
-                            pool.backward(dy, n, &argmax[i], dx);
-                        }
-                    }
-                    #[cfg(not(target_arch = "wasm32"))]
-                    Op::Embedding { table, emb, steps } => {
-                        let mut de = std::mem::take(grads.at_mut(*table).data_mut_vec());
-                        emb.backward(&acts[self.slots[i].0], n, *steps, dy, &mut de);
-                        *grads.at_mut(*table).data_mut_vec() = de;
-                    }
-                    #[cfg(not(target_arch = "wasm32"))]
-                    Op::Lstm {
-                        weight,
-                        recurrent,
-                        bias,
-                        lstm,
-                        steps,
-                        sequences,
-                    } => {
-                        let mut dw = std::mem::take(grads.at_mut(*weight).data_mut_vec());
-                        let mut du = std::mem::take(grads.at_mut(*recurrent).data_mut_vec());
-                        let mut db = std::mem::take(grads.at_mut(*bias).data_mut_vec());
-                        if need_dx {
-                            dx.resize(steps * n * lstm.inputs, 0.0);
-                        }
-                        lstm.backward(
-                            &acts[self.slots[i].0],
-                            n,
-                            *steps,
-                            params.at(*weight).data(),
-                            params.at(*recurrent).data(),
-                            &mut lstm_caches[i],
-                            dy,
-                            *sequences,
-                            &mut dw,
-                            &mut du,
-                            &mut db,
-                            need_dx.then_some(&mut dx[..]),
-                        );
-                        *grads.at_mut(*weight).data_mut_vec() = dw;
-                        *grads.at_mut(*recurrent).data_mut_vec() = du;
-                        *grads.at_mut(*bias).data_mut_vec() = db;
-                    }
-                }
-                if !need_dx {
-                    break;
-                }
-                std::mem::swap(&mut dy, &mut dx);
-            }
-            BatchStats { loss: l, correct }
+            self.backward(ws, Params::Read(params), target, n, grads)
         })
+    }
+
+    /// One optimiser step on a batch: [`Model::train_batch`] followed by
+    /// [`Sgd::step`], with the same result (up to the order of floating-point sums).
+    ///
+    /// With plain SGD (no momentum, no proximal term) each layer's parameters take their step
+    /// as soon as the backward pass has their gradient, while they are still in cache, and a
+    /// dense layer's step is fused with its backward pass ([`dense::backward_sgd`]):
+    /// its weight gradient is never stored, and `grads` is left holding no meaningful
+    /// values. Otherwise `grads` holds the batch's gradient, as after `train_batch`.
+    pub fn train_step(
+        &self,
+        params: &mut Parameters,
+        x: &[f32],
+        target: &[f32],
+        n: usize,
+        grads: &mut Parameters,
+        opt: &mut Sgd,
+    ) -> BatchStats {
+        let Some(learning_rate) = opt.plain_learning_rate() else {
+            let stats = self.train_batch(params, x, target, n, grads);
+            opt.step(params, grads);
+            return stats;
+        };
+        with_workspace(|ws| {
+            self.forward_train(params, x, n, ws);
+            self.backward(
+                ws,
+                Params::Step {
+                    params,
+                    learning_rate,
+                },
+                target,
+                n,
+                grads,
+            )
+        })
+    }
+
+    /// The loss of the forward pass in `ws` and the backward pass: the gradients go into
+    /// `grads`, and with [`Params::Step`] each layer's parameters take their SGD step once the
+    /// layer's gradient is known (a layer's input gradient needs only its own parameters, so
+    /// the layers below are unaffected).
+    fn backward(
+        &self,
+        ws: &mut Workspace,
+        mut params: Params<'_>,
+        target: &[f32],
+        n: usize,
+        grads: &mut Parameters,
+    ) -> BatchStats {
+        let Workspace {
+            acts,
+            argmax,
+            lstm: lstm_caches,
+            col,
+            dcol,
+            grad,
+            spare,
+        } = ws;
+        #[cfg(target_arch = "wasm32")]
+        let _ = lstm_caches;
+        let output = self.slots.last().map_or(0, |s| s.1);
+        let l = self.loss(&acts[output], target, grad);
+        let correct = self.correct(&acts[output], target);
+        let (mut dy, mut dx) = (grad, spare);
+        for (i, op) in self.ops.iter().enumerate().rev() {
+            // The first layer's input gradient is never needed.
+            let need_dx = i > 0;
+            // The tensors whose gradients this layer wrote, for the step.
+            let mut stepped: [Option<usize>; 3] = [None; 3];
+            match op {
+                Op::Act(a) => {
+                    a.backward(&acts[self.slots[i].1], dy);
+                    continue;
+                }
+                Op::Flatten => continue,
+                Op::Dense {
+                    weight,
+                    bias,
+                    inputs,
+                    units,
+                } => {
+                    if need_dx {
+                        dx.resize(n * inputs, 0.0);
+                    }
+                    let x = &acts[self.slots[i].0];
+                    let dx = need_dx.then_some(&mut dx[..]);
+                    let mut db = std::mem::take(grads.at_mut(*bias).data_mut_vec());
+                    match &mut params {
+                        Params::Step {
+                            params,
+                            learning_rate,
+                        } => {
+                            let w = params.at_mut(*weight).data_mut();
+                            dense::backward_sgd(x, n, w, dy, *inputs, *units, *learning_rate, dx);
+                            dense::bias_gradient(dy, *units, &mut db);
+                        }
+                        Params::Read(params) => {
+                            let mut dw = std::mem::take(grads.at_mut(*weight).data_mut_vec());
+                            dense::backward(
+                                x,
+                                n,
+                                params.at(*weight).data(),
+                                dy,
+                                *inputs,
+                                *units,
+                                &mut dw,
+                                &mut db,
+                                dx,
+                            );
+                            *grads.at_mut(*weight).data_mut_vec() = dw;
+                        }
+                    }
+                    *grads.at_mut(*bias).data_mut_vec() = db;
+                    stepped[0] = Some(*bias);
+                }
+                Op::Conv { weight, bias, conv } => {
+                    let mut dw = std::mem::take(grads.at_mut(*weight).data_mut_vec());
+                    let mut db = std::mem::take(grads.at_mut(*bias).data_mut_vec());
+                    if need_dx {
+                        dx.resize(n * conv.input_len(), 0.0);
+                    }
+                    conv.backward(
+                        &acts[self.slots[i].0],
+                        n,
+                        params.get().at(*weight).data(),
+                        dy,
+                        &mut dw,
+                        &mut db,
+                        need_dx.then_some(&mut dx[..]),
+                        col,
+                        dcol,
+                    );
+                    *grads.at_mut(*weight).data_mut_vec() = dw;
+                    *grads.at_mut(*bias).data_mut_vec() = db;
+                    stepped = [Some(*weight), Some(*bias), None];
+                }
+                Op::MaxPool(pool) => {
+                    if need_dx {
+                        dx.resize(n * pool.input_len(), 0.0);
+                        pool.backward(dy, n, &argmax[i], dx);
+                    }
+                }
+                #[cfg(not(target_arch = "wasm32"))]
+                Op::Embedding { table, emb, steps } => {
+                    let mut de = std::mem::take(grads.at_mut(*table).data_mut_vec());
+                    emb.backward(&acts[self.slots[i].0], n, *steps, dy, &mut de);
+                    *grads.at_mut(*table).data_mut_vec() = de;
+                    stepped[0] = Some(*table);
+                }
+                #[cfg(not(target_arch = "wasm32"))]
+                Op::Lstm {
+                    weight,
+                    recurrent,
+                    bias,
+                    lstm,
+                    steps,
+                    sequences,
+                } => {
+                    let mut dw = std::mem::take(grads.at_mut(*weight).data_mut_vec());
+                    let mut du = std::mem::take(grads.at_mut(*recurrent).data_mut_vec());
+                    let mut db = std::mem::take(grads.at_mut(*bias).data_mut_vec());
+                    if need_dx {
+                        dx.resize(steps * n * lstm.inputs, 0.0);
+                    }
+                    let p = params.get();
+                    lstm.backward(
+                        &acts[self.slots[i].0],
+                        n,
+                        *steps,
+                        p.at(*weight).data(),
+                        p.at(*recurrent).data(),
+                        &mut lstm_caches[i],
+                        dy,
+                        *sequences,
+                        &mut dw,
+                        &mut du,
+                        &mut db,
+                        need_dx.then_some(&mut dx[..]),
+                    );
+                    *grads.at_mut(*weight).data_mut_vec() = dw;
+                    *grads.at_mut(*recurrent).data_mut_vec() = du;
+                    *grads.at_mut(*bias).data_mut_vec() = db;
+                    stepped = [Some(*weight), Some(*recurrent), Some(*bias)];
+                }
+            }
+            if let Params::Step {
+                params,
+                learning_rate,
+            } = &mut params
+            {
+                for t in stepped.into_iter().flatten() {
+                    kernels::sgd_step(
+                        params.at_mut(t).data_mut(),
+                        grads.at(t).data(),
+                        *learning_rate,
+                    );
+                }
+            }
+            if !need_dx {
+                break;
+            }
+            std::mem::swap(&mut dy, &mut dx);
+        }
+        BatchStats { loss: l, correct }
     }
 
     /// For a classifier, the rows of `output` whose largest logit is the row's label.

@@ -36,6 +36,12 @@ impl Sgd {
         self
     }
 
+    /// The learning rate when the steps are plain `p -= lr g` (no momentum, no proximal
+    /// term), which [`crate::Model::train_step`] can then fuse with the backward pass.
+    pub fn plain_learning_rate(&self) -> Option<f32> {
+        (self.momentum == 0.0 && self.proximal.is_none()).then_some(self.learning_rate)
+    }
+
     /// One step of `params` along `grads` (same layout), plus the proximal term if any.
     pub fn step(&mut self, params: &mut Parameters, grads: &Parameters) {
         let Some((mu, anchor)) = &self.proximal else {

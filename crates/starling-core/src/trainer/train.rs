@@ -409,8 +409,7 @@ pub fn train<C: StepControl>(
         current = RunningMean::default();
         for batch in order.chunks(plan.batch_size) {
             data.gather(batch, &mut x, &mut y);
-            let stats = model.train_batch(params, &x, &y, batch.len(), &mut grads);
-            opt.step(params, &grads);
+            let stats = model.train_step(params, &x, &y, batch.len(), &mut grads, &mut opt);
             step += 1;
             current.add(batch.len(), stats);
             if epoch == 0 {

@@ -128,7 +128,9 @@ fn training_with_mu_matches_hand_written_fedprox() {
     }
 }
 
-/// `train` as it was before FedProx: the same loop with a plain `Sgd`.
+/// `train` as it was before FedProx: the same loop with a plain `Sgd` (whose steps
+/// `Model::train_step` fuses with the backward pass when there is no momentum;
+/// `training::the_fused_sgd_step_equals_the_gradient_then_the_step` checks that fusion).
 fn plain_train(model: &Model, params: &mut Parameters, data: &Dataset, plan: &Plan) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(plan.seed);
     let mut order: Vec<usize> = (0..data.len()).collect();
@@ -141,8 +143,7 @@ fn plain_train(model: &Model, params: &mut Parameters, data: &Dataset, plan: &Pl
         }
         for batch in order.chunks(plan.batch_size) {
             data.gather(batch, &mut x, &mut y);
-            model.loss_and_grad(params, &x, &y, batch.len(), &mut grads);
-            opt.step(params, &grads);
+            model.train_step(params, &x, &y, batch.len(), &mut grads, &mut opt);
         }
     }
 }

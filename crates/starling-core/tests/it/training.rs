@@ -222,3 +222,72 @@ fn unusable_data_and_plans_are_refused() {
     };
     assert!(train(&model, &mut p, &ok, &zero, |_| {}).is_err());
 }
+
+/// `Model::train_step` with plain SGD steps each layer as soon as its gradient is known, and
+/// a dense layer's weight inside its backward pass; the parameters after a few steps equal
+/// those of `train_batch` followed by `Sgd::step` (up to the order of float sums) on models
+/// with every layer kind: dense, convolution, pooling, embedding and LSTM. With momentum the
+/// two paths are the same code.
+#[test]
+fn the_fused_sgd_step_equals_the_gradient_then_the_step() {
+    use rand::{Rng, SeedableRng};
+    use starling_core::trainer::optim::Sgd;
+    use starling_core::trainer::spec::LayerSpec;
+    use starling_core::Parameters;
+    let specs = [
+        builtin::mlp(300, 4),
+        builtin::cnn([1, 12, 12], 3),
+        builtin::lstm(6, 5),
+    ];
+    for spec in specs {
+        let model = Model::new(spec.clone()).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let n = 10;
+        let x: Vec<f32> = (0..n * spec.inputs)
+            .map(|_| {
+                if matches!(spec.layers.first(), Some(LayerSpec::Embedding { .. })) {
+                    rng.random_range(0..6) as f32
+                } else {
+                    rng.random::<f32>()
+                }
+            })
+            .collect();
+        let y: Vec<f32> = (0..n)
+            .map(|_| rng.random_range(0..spec.outputs()) as f32)
+            .collect();
+        for momentum in [0.0, 0.9] {
+            let (mut fused, mut reference) = (spec.init_params(1), spec.init_params(1));
+            let mut grads = Parameters::zeros(model.layout());
+            let (mut opt_a, mut opt_b) = (Sgd::new(0.1, momentum), Sgd::new(0.1, momentum));
+            let mut losses = (Vec::new(), Vec::new());
+            for _ in 0..4 {
+                let a = model.train_step(&mut fused, &x, &y, n, &mut grads, &mut opt_a);
+                let b = model.train_batch(&reference, &x, &y, n, &mut grads);
+                opt_b.step(&mut reference, &grads);
+                assert_eq!(a.correct, b.correct);
+                losses.0.push(a.loss);
+                losses.1.push(b.loss);
+            }
+            let what = format!("{} with momentum {momentum}", spec.layers.len());
+            for ((name, a), (_, b)) in fused.iter().zip(reference.iter()) {
+                for (i, (p, q)) in a.data().iter().zip(b.data()).enumerate() {
+                    assert!(
+                        (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
+                        "{what}: {name}[{i}] {p} against {q}"
+                    );
+                }
+            }
+            assert!(
+                losses.0.last() < losses.0.first(),
+                "{what}: training lowers the loss {:?}",
+                losses.0
+            );
+            for (a, b) in losses.0.iter().zip(&losses.1) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{what}: {a} against {b}"
+                );
+            }
+        }
+    }
+}

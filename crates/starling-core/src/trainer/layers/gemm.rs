@@ -1,5 +1,5 @@
-//! A safe wrapper around `matrixmultiply::sgemm`; with `crate::aggregate::kernels`, one of the two places
-//! the crate uses `unsafe`.
+//! A safe wrapper around `matrixmultiply::sgemm`; with `crate::aggregate::kernels` and
+//! [`super::kernels`], one of the three places the crate uses `unsafe`.
 //!
 //! The wrapper checks every slice against the dimensions and strides it is given, so the
 //! kernel never reads or writes out of bounds.
@@ -28,6 +28,25 @@ impl<'a> Mat<'a> {
         }
     }
 
+    /// A `rows x cols` matrix whose rows start `row_stride` values apart (`row_stride` at
+    /// least `cols`): a block of columns of a wider row-major matrix, starting at `data[0]`.
+    pub fn strided(data: &'a [f32], rows: usize, cols: usize, row_stride: usize) -> Self {
+        assert!(row_stride >= cols, "row stride shorter than a row");
+        let needed = if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * row_stride + cols
+        };
+        assert!(data.len() >= needed, "matrix data length");
+        Self {
+            data,
+            rows,
+            cols,
+            row_stride: row_stride as isize,
+            col_stride: 1,
+        }
+    }
+
     /// The transpose (no copy).
     pub fn t(self) -> Self {
         Self {
@@ -42,15 +61,31 @@ impl<'a> Mat<'a> {
 
 /// `c = alpha * a b + beta * c`, with `c` a row-major `a.rows x b.cols` matrix.
 pub fn sgemm(alpha: f32, a: Mat<'_>, b: Mat<'_>, beta: f32, c: &mut [f32]) {
-    assert_eq!(a.cols, b.rows, "inner dimensions");
     assert_eq!(c.len(), a.rows * b.cols, "output length");
+    sgemm_strided(alpha, a, b, beta, c, b.cols);
+}
+
+/// [`sgemm`] into a block of columns of a wider row-major matrix: row `i` of the
+/// `a.rows x b.cols` result starts at `c[i * c_row_stride]`.
+pub fn sgemm_strided(
+    alpha: f32,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    beta: f32,
+    c: &mut [f32],
+    c_row_stride: usize,
+) {
+    assert_eq!(a.cols, b.rows, "inner dimensions");
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if m == 0 || n == 0 {
         return;
     }
-    // SAFETY: `Mat::new` checked that each buffer holds exactly rows*cols elements for its
-    // row-major layout, transposition only swaps strides, and `c` was checked above, so every
-    // index the kernel forms from (m, k, n) and the strides lies inside its slice.
+    assert!(c_row_stride >= n, "output row stride shorter than a row");
+    assert!(c.len() >= (m - 1) * c_row_stride + n, "output length");
+    // SAFETY: `Mat::new` and `Mat::strided` checked that each buffer holds every element of
+    // its rows x cols layout, transposition only swaps strides, and `c` was checked above
+    // for m rows of n values `c_row_stride` apart, so every index the kernel forms from
+    // (m, k, n) and the strides lies inside its slice.
     unsafe {
         matrixmultiply::sgemm(
             m,
@@ -65,7 +100,7 @@ pub fn sgemm(alpha: f32, a: Mat<'_>, b: Mat<'_>, beta: f32, c: &mut [f32]) {
             b.col_stride,
             beta,
             c.as_mut_ptr(),
-            n as isize,
+            c_row_stride as isize,
             1,
         );
     }

@@ -1,7 +1,8 @@
 //! Layers of the built-in trainer, each with a forward and a backward pass over a batch stored
 //! row-major (`n` examples of `width` values; images as NCHW, channel by channel, row by row).
 //!
-//! - [`dense`]: fully connected `y = x W + b` on a GEMM kernel ([`gemm`]).
+//! - [`dense`]: fully connected `y = x W + b` on a GEMM kernel ([`gemm`]), or for small
+//!   batches on [`kernels`], which also fuse the backward pass with a plain SGD step.
 //! - [`conv`]: two-dimensional convolution as im2col + GEMM.
 //! - [`pool`]: max pooling.
 //! - [`activation`]: element-wise ReLU, sigmoid and tanh.
@@ -15,5 +16,6 @@ pub mod activation;
 pub mod conv;
 pub mod dense;
 pub mod gemm;
+pub mod kernels;
 pub mod lstm;
 pub mod pool;
