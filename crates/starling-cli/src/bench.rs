@@ -79,7 +79,7 @@ pub(crate) enum Command {
     /// once, one per thread (how Starling uses T cores: one device per core), and the
     /// figure is their total.
     Train {
-        /// Model: `mlp` (2NN) or `cnn`.
+        /// Model: `mlp` (2NN), `cnn` or `lstm` (the Shakespeare character model, 80 steps).
         #[arg(long, default_value = "cnn")]
         model: String,
         /// Batch size.
@@ -517,6 +517,7 @@ fn train_speed(
     lr: f64,
 ) -> anyhow::Result<TrainSpeed> {
     use rand::{Rng, SeedableRng};
+    use starling_core::data::datasets::shakespeare;
     use starling_core::trainer::{builtin, optim::Sgd};
     use starling_core::{Dataset, Model, Parameters};
     use std::time::Instant;
@@ -524,8 +525,11 @@ fn train_speed(
     let spec = match model {
         "mlp" => builtin::mlp(784, 10),
         "cnn" => builtin::cnn(builtin::MNIST_SHAPE, 10),
-        other => anyhow::bail!("unknown model `{other}` (mlp, cnn)"),
+        "lstm" => builtin::lstm(shakespeare::VOCAB_SIZE, shakespeare::SEQ_LEN),
+        other => anyhow::bail!("unknown model `{other}` (mlp, cnn, lstm)"),
     };
+    // Token ids for the LSTM's embedding, pixels in [0, 1) for the MNIST models.
+    let tokens = model == "lstm";
     anyhow::ensure!(batch >= 1, "--batch must be at least 1");
     anyhow::ensure!(threads >= 1, "--threads must be at least 1");
     anyhow::ensure!(
@@ -533,12 +537,19 @@ fn train_speed(
         "--seconds must be positive"
     );
     let budget = Duration::from_secs_f64(seconds);
-    // 1,000 random examples (pixels uniform in [0, 1), labels uniform over the 10 classes),
-    // shared by the trainers; each walks it in consecutive batches.
+    // 1,000 random examples (pixels uniform in [0, 1), or for the LSTM 80 characters
+    // uniform over the vocabulary; labels uniform over the classes), shared by the
+    // trainers; each walks it in consecutive batches.
     let examples = 1000.max(batch);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let x = (0..examples * spec.inputs)
-        .map(|_| rng.random::<f32>())
+        .map(|_| {
+            if tokens {
+                rng.random_range(0..shakespeare::VOCAB_SIZE) as f32
+            } else {
+                rng.random::<f32>()
+            }
+        })
         .collect();
     let y = (0..examples)
         .map(|_| rng.random_range(0..spec.outputs()) as f32)

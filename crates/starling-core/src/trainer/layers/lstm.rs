@@ -3,7 +3,11 @@
 //! that feeds it; backward passes by backpropagation through time.
 //!
 //! Sequences are stored time-major: step `t` of a batch of `n` is the `n x width` block at
-//! `t * n * width`, so every step is one matrix product over the batch.
+//! `t * n * width`, so the whole sequence is one `steps n x width` matrix. Only the recurrent
+//! products must go step by step (`h_(t-1) U` forward, `dz_t Uᵀ` backward), on the
+//! small-batch kernel that reads `U` where it lies; the input projection `x W`, and the
+//! backward pass's `dW`, `dU` and `dx`, are each one GEMM over all steps at once (a GEMM per
+//! step would repack `W` or `U` at every step).
 //!
 //! With the input `x_t` (`n x inputs`) and the previous hidden state `h_(t-1)` (`n x units`),
 //! the gates are `z = x_t W + h_(t-1) U + b`, with `W` of shape `[inputs, 4 units]`, `U` of
@@ -17,7 +21,19 @@
 //!
 //! The state starts at zero for every sequence.
 
+use super::dense::SMALL_BATCH;
 use super::gemm::{sgemm, Mat};
+use super::kernels::dense_forward_small;
+
+/// `y += x m` for a step's batch (`x`: `n x k`, `m`: `k x cols`): the small-batch kernel for
+/// batches it suits, else the GEMM.
+fn step_product(x: &[f32], n: usize, m: &[f32], k: usize, cols: usize, y: &mut [f32]) {
+    if n <= SMALL_BATCH {
+        dense_forward_small(x, n, m, k, cols, y);
+    } else {
+        sgemm(1.0, Mat::new(x, n, k), Mat::new(m, k, cols), 1.0, y);
+    }
+}
 
 fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + (-v).exp())
@@ -43,10 +59,12 @@ pub struct LstmCache {
     /// `steps x n x units`: the hidden states (the layer's output).
     hidden: Vec<f32>,
     /// Scratch of the backward pass, kept so that a warm training step allocates nothing:
-    /// the gradients flowing back from step t + 1 into h_t and c_t, and the gates' gradient.
+    /// the gradients flowing back from step t + 1 into h_t and c_t, every step's gates'
+    /// gradient (`steps x n x 4 units`), and `Uᵀ`.
     dh_next: Vec<f32>,
     dc_next: Vec<f32>,
     dz: Vec<f32>,
+    ut: Vec<f32>,
 }
 
 impl LstmCache {
@@ -84,16 +102,22 @@ impl Lstm {
         cache.cells.resize(steps * n * h, 0.0);
         cache.hidden.clear();
         cache.hidden.resize(steps * n * h, 0.0);
+        // Every step's input projection at once: z = b + x W over all steps n rows.
+        for row in cache.gates.chunks_exact_mut(g4) {
+            row.copy_from_slice(b);
+        }
+        sgemm(
+            1.0,
+            Mat::new(x, steps * n, d),
+            Mat::new(w, d, g4),
+            1.0,
+            &mut cache.gates,
+        );
         for t in 0..steps {
-            let z = &mut cache.gates[t * n * g4..(t + 1) * n * g4];
-            for row in z.chunks_exact_mut(g4) {
-                row.copy_from_slice(b);
-            }
-            let xt = &x[t * n * d..(t + 1) * n * d];
-            sgemm(1.0, Mat::new(xt, n, d), Mat::new(w, d, g4), 1.0, z);
             if t > 0 {
                 let prev = &cache.hidden[(t - 1) * n * h..t * n * h];
-                sgemm(1.0, Mat::new(prev, n, h), Mat::new(u, h, g4), 1.0, z);
+                let z = &mut cache.gates[t * n * g4..(t + 1) * n * g4];
+                step_product(prev, n, u, h, g4, z);
             }
             for r in 0..n {
                 let gate = &mut cache.gates[(t * n + r) * g4..(t * n + r + 1) * g4];
@@ -135,15 +159,21 @@ impl Lstm {
         dw: &mut [f32],
         du: &mut [f32],
         db: &mut [f32],
-        mut dx: Option<&mut [f32]>,
+        dx: Option<&mut [f32]>,
     ) {
         let (d, h) = (self.inputs, self.units);
         let g4 = 4 * h;
         let from_above = if sequences { steps * n * h } else { n * h };
         assert_eq!(dh.len(), from_above, "LSTM output gradient length");
-        dw.fill(0.0);
-        du.fill(0.0);
-        db.fill(0.0);
+        if steps == 0 {
+            for g in [dw, du, db] {
+                g.fill(0.0);
+            }
+            if let Some(dx) = dx {
+                dx.fill(0.0);
+            }
+            return;
+        }
         let LstmCache {
             gates,
             cells,
@@ -151,12 +181,20 @@ impl Lstm {
             dh_next,
             dc_next,
             dz,
+            ut,
         } = cache;
         for buf in [&mut *dh_next, &mut *dc_next] {
             buf.clear();
             buf.resize(n * h, 0.0);
         }
-        dz.resize(n * g4, 0.0);
+        dz.resize(steps * n * g4, 0.0);
+        // Uᵀ, `4 units x units`, so that each step's dz_t Uᵀ reads rows where they lie.
+        ut.resize(g4 * h, 0.0);
+        for (k, row) in u.chunks_exact(g4).enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                ut[j * h + k] = *v;
+            }
+        }
         for t in (0..steps).rev() {
             // The gradient from above at this step: every step's with `sequences`, else only
             // the last step's.
@@ -165,9 +203,10 @@ impl Lstm {
             } else {
                 (t + 1 == steps).then_some(dh)
             };
+            let dzt = &mut dz[t * n * g4..(t + 1) * n * g4];
             for r in 0..n {
                 let gate = &gates[(t * n + r) * g4..(t * n + r + 1) * g4];
-                let dzr = &mut dz[r * g4..(r + 1) * g4];
+                let dzr = &mut dzt[r * g4..(r + 1) * g4];
                 for k in 0..h {
                     let at = (t * n + r) * h + k;
                     let (i, f, g, o) = (gate[k], gate[h + k], gate[2 * h + k], gate[3 * h + k]);
@@ -183,28 +222,44 @@ impl Lstm {
                     dc_next[r * h + k] = dc * f;
                 }
             }
-            let xt = &x[t * n * d..(t + 1) * n * d];
-            sgemm(1.0, Mat::new(xt, n, d).t(), Mat::new(dz, n, g4), 1.0, dw);
-            for row in dz.chunks_exact(g4) {
-                for (acc, v) in db.iter_mut().zip(row) {
-                    *acc += v;
-                }
-            }
-            if let Some(dx) = dx.as_deref_mut() {
-                let dxt = &mut dx[t * n * d..(t + 1) * n * d];
-                sgemm(1.0, Mat::new(dz, n, g4), Mat::new(w, d, g4).t(), 0.0, dxt);
-            }
             if t > 0 {
-                let prev = &hidden[(t - 1) * n * h..t * n * h];
-                sgemm(1.0, Mat::new(prev, n, h).t(), Mat::new(dz, n, g4), 1.0, du);
-                sgemm(
-                    1.0,
-                    Mat::new(dz, n, g4),
-                    Mat::new(u, h, g4).t(),
-                    0.0,
-                    dh_next,
-                );
+                // dh_(t-1) = dz_t Uᵀ
+                dh_next.fill(0.0);
+                step_product(dzt, n, ut, g4, h, dh_next);
             }
+        }
+        // The parameters' gradients and dx, each one GEMM over all steps.
+        sgemm(
+            1.0,
+            Mat::new(x, steps * n, d).t(),
+            Mat::new(dz, steps * n, g4),
+            0.0,
+            dw,
+        );
+        db.fill(0.0);
+        for row in dz.chunks_exact(g4) {
+            for (acc, v) in db.iter_mut().zip(row) {
+                *acc += v;
+            }
+        }
+        // dU = Σ_(t ≥ 1) h_(t-1)ᵀ dz_t: the hidden states of steps 0..steps-1 against the
+        // gates' gradients of steps 1..steps.
+        let later = (steps - 1) * n;
+        sgemm(
+            1.0,
+            Mat::new(&hidden[..later * h], later, h).t(),
+            Mat::new(&dz[n * g4..], later, g4),
+            0.0,
+            du,
+        );
+        if let Some(dx) = dx {
+            sgemm(
+                1.0,
+                Mat::new(dz, steps * n, g4),
+                Mat::new(w, d, g4).t(),
+                0.0,
+                dx,
+            );
         }
     }
 }
@@ -278,12 +333,18 @@ mod tests {
     /// differences of the loss, over several steps and a batch of three.
     #[test]
     fn lstm_gradients_match_finite_differences() {
+        // A batch the small-batch kernel takes, one it leaves to the GEMM, and one step.
+        for (n, steps) in [(3, 5), (17, 3), (2, 1)] {
+            lstm_gradients_for(n, steps);
+        }
+    }
+
+    fn lstm_gradients_for(n: usize, steps: usize) {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let layer = Lstm {
             inputs: 3,
             units: 4,
         };
-        let (n, steps) = (3, 5);
         let g4 = 4 * layer.units;
         let x = random(&mut rng, steps * n * layer.inputs, 1.0);
         let w = random(&mut rng, layer.inputs * g4, 0.6);
@@ -321,7 +382,10 @@ mod tests {
             for (i, &a) in analytic.iter().enumerate() {
                 let num = numeric(i);
                 let err = (f64::from(a) - num).abs() / (1.0 + num.abs());
-                assert!(err < 2e-3, "{name}[{i}]: analytic {a}, numeric {num}");
+                assert!(
+                    err < 2e-3,
+                    "{name}[{i}] (n {n}, {steps} steps): analytic {a}, numeric {num}"
+                );
             }
         };
         let bump = |v: &[f32], i: usize, by: f32| {
