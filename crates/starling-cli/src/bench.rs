@@ -73,9 +73,11 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Training speed of a built-in MNIST model (the FedAvg paper's 2NN `mlp` or CNN `cnn`):
-    /// examples per second of the bare step loop (gather a batch, forward, backward, SGD
-    /// step) on random MNIST-shaped data. With --threads T, T independent trainers run at
+    /// Training speed of a built-in model of the FedAvg paper (the 2NN `mlp`, the CNN `cnn`,
+    /// the character `lstm`): examples per second of the bare step loop (gather a batch,
+    /// forward, backward, SGD step) on random MNIST-shaped data, or random 80-character
+    /// sequences for the LSTM (an example predicts 80 characters). With --threads T, T
+    /// independent trainers run at
     /// once, one per thread (how Starling uses T cores: one device per core), and the
     /// figure is their total.
     Train {
@@ -537,9 +539,9 @@ fn train_speed(
         "--seconds must be positive"
     );
     let budget = Duration::from_secs_f64(seconds);
-    // 1,000 random examples (pixels uniform in [0, 1), or for the LSTM 80 characters
-    // uniform over the vocabulary; labels uniform over the classes), shared by the
-    // trainers; each walks it in consecutive batches.
+    // 1,000 random examples (pixels uniform in [0, 1), or for the LSTM sequences of 80
+    // characters uniform over the vocabulary, each predicting at every step; labels uniform
+    // over the classes), shared by the trainers; each walks it in consecutive batches.
     let examples = 1000.max(batch);
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let x = (0..examples * spec.inputs)
@@ -551,10 +553,11 @@ fn train_speed(
             }
         })
         .collect();
-    let y = (0..examples)
+    // One label per prediction: per example, or for the LSTM per step.
+    let y = (0..examples * spec.target_width())
         .map(|_| rng.random_range(0..spec.outputs()) as f32)
         .collect();
-    let data = Dataset::new(x, y, spec.inputs, 1).context("random data")?;
+    let data = Dataset::new(x, y, spec.inputs, spec.target_width()).context("random data")?;
     let net = Model::new(spec.clone()).context("built-in specs are valid")?;
     let batches: Vec<Vec<usize>> = (0..examples)
         .collect::<Vec<_>>()

@@ -50,9 +50,10 @@ pub fn load_csv(path: &Path) -> Result<Dataset, SimError> {
         .map_err(|e| SimError::Data(format!("{}: {e}", path.display())))
 }
 
-/// Shakespeare by role: the first `devices` roles with at least `min_samples` samples, each
-/// one device (the natural partition); the last `test_fraction` of every role's samples go
-/// to the shared test set.
+/// Shakespeare by role: the first `devices` roles with at least `min_samples` (LEAF's
+/// next-character) samples, each one device (the natural partition), their text as
+/// sequences predicting every next character ([`shakespeare::Role::sequences`]); the last
+/// `test_fraction` of every role's sequences go to the shared test set.
 pub fn load_shakespeare(
     path: &Path,
     devices: usize,
@@ -71,7 +72,7 @@ pub fn load_shakespeare(
     let mut train = Vec::with_capacity(devices);
     let (mut tx, mut ty) = (Vec::new(), Vec::new());
     for role in corpus.roles.iter().take(devices) {
-        let d = role.dataset();
+        let d = role.sequences();
         let n = d.len();
         let cut = n - ((n as f64 * test_fraction).round() as usize).min(n - 1);
         let test_idx: Vec<usize> = (cut..n).collect();
@@ -80,8 +81,8 @@ pub fn load_shakespeare(
         ty.extend_from_slice(test.targets());
         train.push(d.subset(&(0..cut).collect::<Vec<_>>()));
     }
-    let test =
-        Dataset::new(tx, ty, shakespeare::SEQ_LEN, 1).map_err(|e| SimError::Data(e.to_string()))?;
+    let test = Dataset::new(tx, ty, shakespeare::SEQ_LEN, shakespeare::SEQ_LEN)
+        .map_err(|e| SimError::Data(e.to_string()))?;
     Ok((train, test))
 }
 

@@ -23,7 +23,11 @@ fn train(args: &[&str]) -> Value {
 
 #[test]
 fn bench_train_reports_positive_examples_per_second_per_trainer() {
-    for (model, params, threads) in [("mlp", 199_210, 1), ("cnn", 1_663_370, 2)] {
+    for (model, params, threads) in [
+        ("mlp", 199_210, 1),
+        ("cnn", 1_663_370, 2),
+        ("lstm", 818_137, 1),
+    ] {
         let v = train(&["--model", model, "--threads", &threads.to_string()]);
         assert!(v["machine"].is_object(), "{v}");
         let t = &v["train"];
@@ -42,6 +46,9 @@ fn bench_train_reports_positive_examples_per_second_per_trainer() {
 
 #[test]
 fn bench_train_refuses_an_unknown_model() {
-    let err = fails(starling().args(["bench", "train", "--model", "lstm", "--seconds", "0.01"]));
-    assert!(err.contains("unknown model"), "{err}");
+    let err = fails(starling().args(["bench", "train", "--model", "gru", "--seconds", "0.01"]));
+    assert!(
+        err.contains("unknown model `gru` (mlp, cnn, lstm)"),
+        "{err}"
+    );
 }

@@ -207,3 +207,56 @@ fn unknown_sets_and_missing_mirrors_are_named() {
         "{stderr}"
     );
 }
+
+/// The character LSTM end to end on the committed Shakespeare fixture: two roles as two
+/// devices, one round, every character of the held-out sequences predicted. The per-step
+/// accuracy is a fraction of characters (a count per example would exceed 1), and the
+/// round's training examples are whole 80-character sequences.
+#[test]
+fn the_character_lstm_simulates_a_round_on_shakespeare_roles() {
+    let tmp = tempfile::tempdir().unwrap();
+    let roles = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../starling-core/tests/fixtures/shakespeare/roles.json.gz");
+    let out_dir = tmp.path().join("sim");
+    let out = starling()
+        .args(["simulate", "--dataset", "shakespeare", "--data"])
+        .arg(&roles)
+        .args([
+            "--model",
+            "lstm",
+            "--devices",
+            "2",
+            "--per-round",
+            "2",
+            "--rounds",
+            "1",
+            "--lr",
+            "1.47",
+            "--json",
+            "--out",
+        ])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(v["rounds"], 1, "{v}");
+    let accuracy = v["final_accuracy"].as_f64().unwrap();
+    assert!(accuracy > 0.0 && accuracy < 1.0, "{v}");
+    assert!(v["final_loss"].as_f64().unwrap().is_finite(), "{v}");
+    let csv = std::fs::read_to_string(out_dir.join("results.csv")).unwrap();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    let row: Vec<&str> = csv.lines().nth(1).unwrap().split(',').collect();
+    let examples: usize = row[header.iter().position(|h| *h == "examples").unwrap()]
+        .parse()
+        .unwrap();
+    // The fixture's first two roles with 64 LEAF samples hold 1,486 and 1,469 characters:
+    // 18 sequences of 80 (with the character after) each, of which the last 20% (4) are
+    // held out.
+    assert_eq!(examples, 14 + 14, "sequences trained on\n{csv}");
+}

@@ -122,11 +122,12 @@ pub fn cnn(input_shape: [usize; 3], classes: usize) -> ModelSpec {
     }
 }
 
-/// The FedAvg paper's character model over sequences of `steps` characters of a vocabulary
-/// of `vocab`: an 8-dimensional embedding, two LSTM layers of 256 units, dense `vocab`,
-/// softmax cross-entropy over the next character (818,137 parameters for LEAF's 81
-/// characters; the paper, with its own vocabulary, reports 866,578). Parameters
-/// `embedding0.weight`, `lstm1.*`, `lstm2.*`, `dense3.*`.
+/// The FedAvg paper's character model unrolled over `steps` characters of a vocabulary of
+/// `vocab`: an 8-dimensional embedding, two LSTM layers of 256 units, and at every step a
+/// dense layer over the vocabulary with softmax cross-entropy against the character that
+/// follows (each example has `steps` targets: [`crate::data::datasets::shakespeare::Role::sequences`]).
+/// 818,137 parameters for LEAF's 81 characters; the paper, with its own vocabulary, reports
+/// 866,578. Parameters `embedding0.weight`, `lstm1.*`, `lstm2.*`, `dense3.*`.
 pub fn lstm(vocab: usize, steps: usize) -> ModelSpec {
     let layer = |return_sequences| LayerSpec::Lstm {
         units: 256,
@@ -149,7 +150,7 @@ pub fn lstm(vocab: usize, steps: usize) -> ModelSpec {
                 table_init: Init::GlorotUniform,
             },
             layer(true),
-            layer(false),
+            layer(true),
             dense(vocab),
         ],
         loss: LossSpec::SoftmaxCrossEntropy,

@@ -29,6 +29,9 @@ enum Op {
         bias: usize,
         inputs: usize,
         units: usize,
+        /// Rows per example: 1, or the steps of a sequence (the layer applied to each step;
+        /// time-major data makes that one product over `steps n` rows).
+        steps: usize,
     },
     Conv {
         weight: usize,
@@ -77,24 +80,30 @@ pub struct Model {
     slots: Vec<(usize, usize)>,
     /// Examples per chunk in [`Model::evaluate`] and [`Model::forward`].
     eval_chunk: usize,
+    /// Predictions per example ([`ModelSpec::output_steps`]): more than 1 for a model that
+    /// ends in a sequence, whose output is then time-major (step by step, each step's block
+    /// holding the batch's rows).
+    out_steps: usize,
 }
 
 /// Loss and, for classifiers, accuracy over a data set.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Evaluation {
-    /// Mean loss per example.
+    /// Mean loss per prediction (per example, or per step of a sequence output).
     pub loss: f32,
-    /// Fraction of examples whose largest output is the label (classifiers only).
+    /// Fraction of predictions whose largest output is the label (classifiers only).
     pub accuracy: Option<f32>,
 }
 
 /// What a training step's forward pass measured on its batch.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BatchStats {
-    /// The batch's mean loss.
+    /// The batch's mean loss per prediction.
     pub loss: f32,
-    /// Examples whose largest output is the label (classifiers only).
+    /// Predictions whose largest output is the label (classifiers only).
     pub correct: Option<usize>,
+    /// Predictions made: the examples, times the steps of a sequence output.
+    pub predictions: usize,
 }
 
 /// The parameters a backward pass reads, and whether it also steps them.
@@ -132,6 +141,8 @@ struct Workspace {
     /// Gradient buffers of the backward pass (swapped layer by layer).
     grad: Vec<f32>,
     spare: Vec<f32>,
+    /// The targets reordered time-major, for a model whose output is a sequence.
+    targets: Vec<f32>,
 }
 
 thread_local! {
@@ -177,12 +188,19 @@ impl Model {
             next_param += r.params.len();
             widest = widest.max(numel(&r.output));
             ops.push(match layer {
-                LayerSpec::Dense { units, .. } => Op::Dense {
-                    weight,
-                    bias,
-                    inputs: numel(&r.input),
-                    units: *units,
-                },
+                LayerSpec::Dense { units, .. } => {
+                    let (steps, inputs) = match *r.input.as_slice() {
+                        [steps, width] => (steps, width),
+                        _ => (1, numel(&r.input)),
+                    };
+                    Op::Dense {
+                        weight,
+                        bias,
+                        inputs,
+                        units: *units,
+                        steps,
+                    }
+                }
                 LayerSpec::Conv2d {
                     filters,
                     kernel,
@@ -241,12 +259,14 @@ impl Model {
         }
         let eval_chunk = (EVAL_BUFFER_VALUES / widest).clamp(1, MAX_EVAL_CHUNK);
         let slots = Self::assign_slots(&ops);
+        let out_steps = spec.output_steps();
         Ok(Self {
             spec,
             layout,
             ops,
             slots,
             eval_chunk,
+            out_steps,
         })
     }
 
@@ -392,9 +412,10 @@ impl Model {
                 bias,
                 inputs,
                 units,
+                steps,
             } => dense::forward(
                 input,
-                n,
+                n * steps,
                 params.at(*weight).data(),
                 params.at(*bias).data(),
                 *inputs,
@@ -452,17 +473,30 @@ impl Model {
         }
     }
 
-    /// The model's output for `n` rows of `x`.
+    /// The model's output for `n` rows of `x`, example by example (for a sequence output,
+    /// each example's steps in order).
     pub fn forward(&self, params: &Parameters, x: &[f32], n: usize) -> Vec<f32> {
         let fw = self.spec.inputs;
         assert_eq!(x.len(), n * fw, "input length");
-        let mut out = Vec::with_capacity(n * self.spec.outputs());
+        let mut out = Vec::with_capacity(n * self.out_steps * self.spec.outputs());
         with_workspace(|ws| {
             let mut start = 0;
             while start < n {
                 let m = self.eval_chunk.min(n - start);
                 let x = &x[start * fw..(start + m) * fw];
-                out.extend_from_slice(self.forward_eval(params, x, m, &mut ws.acts, &mut ws.col));
+                let chunk = self.forward_eval(params, x, m, &mut ws.acts, &mut ws.col);
+                if self.out_steps == 1 {
+                    out.extend_from_slice(chunk);
+                } else {
+                    // Time-major to example by example.
+                    let width = self.spec.outputs();
+                    for i in 0..m {
+                        for t in 0..self.out_steps {
+                            let at = (t * m + i) * width;
+                            out.extend_from_slice(&chunk[at..at + width]);
+                        }
+                    }
+                }
                 start += m;
             }
         });
@@ -567,10 +601,12 @@ impl Model {
             dcol,
             grad,
             spare,
+            targets,
         } = ws;
         #[cfg(target_arch = "wasm32")]
         let _ = lstm_caches;
         let output = self.slots.last().map_or(0, |s| s.1);
+        let target = self.time_major(target, n, targets);
         let l = self.loss(&acts[output], target, grad);
         let correct = self.correct(&acts[output], target);
         let (mut dy, mut dx) = (grad, spare);
@@ -590,7 +626,10 @@ impl Model {
                     bias,
                     inputs,
                     units,
+                    steps,
                 } => {
+                    // A dense layer on a sequence works on all its steps' rows at once.
+                    let n = n * steps;
                     if need_dx {
                         dx.resize(n * inputs, 0.0);
                     }
@@ -713,7 +752,31 @@ impl Model {
             }
             std::mem::swap(&mut dy, &mut dx);
         }
-        BatchStats { loss: l, correct }
+        BatchStats {
+            loss: l,
+            correct,
+            predictions: n * self.out_steps,
+        }
+    }
+
+    /// The targets of `n` examples in the order of the model's output: as they are, or for a
+    /// sequence output reordered from example by example (each example's steps together) to
+    /// step by step, in `buf`.
+    fn time_major<'a>(&self, target: &'a [f32], n: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
+        let steps = self.out_steps;
+        if steps == 1 {
+            return target;
+        }
+        let per_step = self.spec.target_width() / steps;
+        buf.clear();
+        buf.resize(target.len(), 0.0);
+        for (i, example) in target.chunks_exact(steps * per_step).enumerate() {
+            for (t, values) in example.chunks_exact(per_step).enumerate() {
+                let at = (t * n + i) * per_step;
+                buf[at..at + per_step].copy_from_slice(values);
+            }
+        }
+        buf
     }
 
     /// For a classifier, the rows of `output` whose largest logit is the row's label.
@@ -737,7 +800,7 @@ impl Model {
                 let m = self.eval_chunk.min(n - start);
                 let xs = &x[start * fw..(start + m) * fw];
                 let out = self.forward_eval(params, xs, m, &mut ws.acts, &mut ws.col);
-                let t = &target[start * tw..(start + m) * tw];
+                let t = self.time_major(&target[start * tw..(start + m) * tw], m, &mut ws.targets);
                 let l = self.loss(out, t, &mut ws.grad);
                 loss_sum += f64::from(l) * m as f64;
                 correct += self.correct(out, t).unwrap_or(0);
@@ -745,10 +808,11 @@ impl Model {
             }
         });
         let n_f = n.max(1) as f64;
+        let predictions = (n * self.out_steps).max(1) as f64;
         Evaluation {
             loss: (loss_sum / n_f) as f32,
             accuracy: (self.spec.loss == LossSpec::SoftmaxCrossEntropy)
-                .then(|| (correct as f64 / n_f) as f32),
+                .then(|| (correct as f64 / predictions) as f32),
         }
     }
 }

@@ -354,14 +354,7 @@ impl ModelSpec {
             if let Err(e) = Self::check_sequence(i, layer, sequence) {
                 return (out, Err(e));
             }
-            sequence = match layer {
-                LayerSpec::Embedding { .. } => true,
-                LayerSpec::Lstm {
-                    return_sequences, ..
-                } => *return_sequences,
-                LayerSpec::Relu | LayerSpec::Sigmoid | LayerSpec::Tanh => sequence,
-                _ => false,
-            };
+            sequence = Self::sequence_after(layer, sequence);
             match Self::resolve_layer(i, layer, &shape) {
                 Ok((output, params)) => {
                     out.push(Resolved {
@@ -372,16 +365,6 @@ impl ModelSpec {
                 }
                 Err(e) => return (out, Err(e)),
             }
-        }
-        if sequence {
-            return (
-                out,
-                Err(SpecError::Invalid(
-                    "the model ends in a whole sequence; end it with an lstm without \
-                     return_sequences (its last step), then dense"
-                        .into(),
-                )),
-            );
         }
         (out, Ok(()))
     }
@@ -396,14 +379,12 @@ impl ModelSpec {
                 "layer {i} (lstm) needs a sequence: put an embedding, or an lstm with \
                  return_sequences, before it"
             ))),
-            LayerSpec::Dense { .. }
-            | LayerSpec::Conv2d { .. }
-            | LayerSpec::MaxPool { .. }
-            | LayerSpec::Flatten
+            LayerSpec::Conv2d { .. } | LayerSpec::MaxPool { .. } | LayerSpec::Flatten
                 if sequence =>
             {
                 Err(SpecError::Invalid(format!(
-                    "layer {i} gets a whole sequence; end the recurrent layers with an lstm \
+                    "layer {i} gets a whole sequence; only lstm, dense (applied to each step) \
+                     and element-wise layers take one: end the recurrent layers with an lstm \
                      without return_sequences (its last step) first"
                 )))
             }
@@ -426,11 +407,17 @@ impl ModelSpec {
                 bias_init,
             } => {
                 at_least_one(i, "dense", "units", *units)?;
-                let &[inputs] = shape else {
-                    return Err(SpecError::Invalid(format!(
-                        "layer {i} (dense) gets an input of shape {shape:?}; \
-                         put a `flatten` layer before it"
-                    )));
+                // A vector, or a sequence [steps, width] (from an embedding or an lstm with
+                // return_sequences: the same weights applied to each step).
+                let (steps, inputs) = match *shape {
+                    [inputs] => (None, inputs),
+                    [steps, inputs] => (Some(steps), inputs),
+                    _ => {
+                        return Err(SpecError::Invalid(format!(
+                            "layer {i} (dense) gets an input of shape {shape:?}; \
+                             put a `flatten` layer before it"
+                        )))
+                    }
                 };
                 let fans = (inputs, *units);
                 let params = vec![
@@ -447,7 +434,11 @@ impl ModelSpec {
                         fans,
                     },
                 ];
-                (vec![*units], params)
+                let output = match steps {
+                    Some(steps) => vec![steps, *units],
+                    None => vec![*units],
+                };
+                (output, params)
             }
             LayerSpec::Conv2d {
                 filters,
@@ -609,7 +600,8 @@ impl ModelSpec {
         let (resolved, result) = self.resolve();
         result?;
         let output = &resolved.last().expect("at least one dense layer").output;
-        if output.len() != 1 {
+        // A vector, or a sequence with a prediction at every step.
+        if output.len() != 1 && !(output.len() == 2 && self.ends_in_sequence()) {
             return Err(SpecError::Invalid(format!(
                 "the model's output has shape {output:?}; end with a dense layer"
             )));
@@ -642,12 +634,50 @@ impl ModelSpec {
             .unwrap_or(self.inputs)
     }
 
-    /// How many target columns a data set for this model has.
-    pub fn target_width(&self) -> usize {
-        match self.loss {
-            LossSpec::Mse => self.outputs(),
-            LossSpec::SoftmaxCrossEntropy => 1,
+    /// Predictions per example: 1, or for a model that ends in a sequence (its last
+    /// recurrent layer returns every step) one per step, each [`ModelSpec::outputs`] wide.
+    pub fn output_steps(&self) -> usize {
+        match self.resolve() {
+            (resolved, Ok(())) => match resolved.last().map(|r| r.output.as_slice()) {
+                Some(&[steps, _]) if self.ends_in_sequence() => steps,
+                _ => 1,
+            },
+            _ => 1,
         }
+    }
+
+    /// Whether the last layer's output is a sequence (one vector per step).
+    fn ends_in_sequence(&self) -> bool {
+        self.layers.iter().fold(false, |sequence, layer| {
+            Self::sequence_after(layer, sequence)
+        })
+    }
+
+    /// Whether a layer's output is a sequence stored step by step, given whether its input
+    /// is: an embedding makes one, an lstm keeps one with `return_sequences`, element-wise
+    /// layers and dense layers (applied to each step) keep what they get.
+    fn sequence_after(layer: &LayerSpec, sequence: bool) -> bool {
+        match layer {
+            LayerSpec::Embedding { .. } => true,
+            LayerSpec::Lstm {
+                return_sequences, ..
+            } => *return_sequences,
+            LayerSpec::Relu | LayerSpec::Sigmoid | LayerSpec::Tanh | LayerSpec::Dense { .. } => {
+                sequence
+            }
+            LayerSpec::Conv2d { .. } | LayerSpec::MaxPool { .. } | LayerSpec::Flatten => false,
+        }
+    }
+
+    /// How many target columns a data set for this model has: per prediction
+    /// ([`ModelSpec::output_steps`]), the outputs (MSE) or one class index (softmax
+    /// cross-entropy).
+    pub fn target_width(&self) -> usize {
+        self.output_steps()
+            * match self.loss {
+                LossSpec::Mse => self.outputs(),
+                LossSpec::SoftmaxCrossEntropy => 1,
+            }
     }
 
     /// The parameters in layout order: layer by layer, each layer's weight then its bias.

@@ -344,6 +344,7 @@ struct RunningMean {
     examples: usize,
     loss_sum: f64,
     correct: Option<usize>,
+    predictions: usize,
 }
 
 impl RunningMean {
@@ -351,13 +352,15 @@ impl RunningMean {
         self.examples += examples;
         self.loss_sum += f64::from(stats.loss) * examples as f64;
         self.correct = stats.correct.map(|c| c + self.correct.unwrap_or(0));
+        self.predictions += stats.predictions;
     }
 
     fn mean(&self) -> Evaluation {
         let n = self.examples.max(1) as f64;
+        let predictions = self.predictions.max(1) as f64;
         Evaluation {
             loss: (self.loss_sum / n) as f32,
-            accuracy: self.correct.map(|c| (c as f64 / n) as f32),
+            accuracy: self.correct.map(|c| (c as f64 / predictions) as f32),
         }
     }
 }

@@ -210,6 +210,39 @@ fn roles_become_next_character_samples_with_a_minimum_count() {
         "`@` maps to UNKNOWN"
     );
 
+    // As sequences predicting every next character: one piece of 80 (85 characters leave
+    // 5 over, of which the first is the last piece's last target).
+    let seq = corpus.roles[1].sequences();
+    assert_eq!(corpus.roles[1].sequences_len(), 1);
+    assert_eq!(
+        (seq.len(), seq.feature_dim(), seq.target_dim()),
+        (1, SEQ_LEN, SEQ_LEN)
+    );
+    assert_eq!(seq.features(), &idx[..SEQ_LEN]);
+    assert_eq!(seq.targets(), &idx[1..=SEQ_LEN]);
+    let long = shakespeare::Role {
+        name: "play/LONG".into(),
+        text: (0..3 * SEQ_LEN + 1).map(|i| (i % 81) as u8).collect(),
+    };
+    let seq = long.sequences();
+    assert_eq!(seq.len(), 3);
+    for s in 0..3 {
+        let f = &seq.features()[s * SEQ_LEN..(s + 1) * SEQ_LEN];
+        let t = &seq.targets()[s * SEQ_LEN..(s + 1) * SEQ_LEN];
+        assert_eq!(f[0], ((s * SEQ_LEN) % 81) as f32);
+        // Each target is the character after its feature.
+        for (k, (&a, &b)) in f.iter().zip(t).enumerate() {
+            assert_eq!(b, long.text[s * SEQ_LEN + k + 1] as f32);
+            assert_eq!(a, long.text[s * SEQ_LEN + k] as f32);
+        }
+    }
+    // One character short of a third piece: two.
+    let short = shakespeare::Role {
+        name: "play/SHORT".into(),
+        text: long.text[..3 * SEQ_LEN].to_vec(),
+    };
+    assert_eq!(short.sequences().len(), 2);
+
     let (whole, partition) = corpus.dataset();
     assert_eq!(whole.len(), 7);
     assert_eq!(partition, vec![vec![0, 1], vec![2, 3, 4, 5, 6]]);

@@ -252,7 +252,7 @@ fn the_fused_sgd_step_equals_the_gradient_then_the_step() {
                 }
             })
             .collect();
-        let y: Vec<f32> = (0..n)
+        let y: Vec<f32> = (0..n * spec.target_width())
             .map(|_| rng.random_range(0..spec.outputs()) as f32)
             .collect();
         for momentum in [0.0, 0.9] {

@@ -1,7 +1,15 @@
 //! The complete works of Shakespeare split by speaking role, as LEAF and the FedAvg paper
-//! use them: each role (`"<play>/<ROLE>"`) is one device, and its samples are every window
-//! of [`SEQ_LEN`] consecutive characters of the role's lines with the character that follows
-//! as the target (next-character prediction).
+//! use them: each role (`"<play>/<ROLE>"`) is one device. Its text becomes samples in one of
+//! two ways:
+//!
+//! - [`Role::sequences`], the FedAvg paper's character model unrolled over [`SEQ_LEN`]
+//!   characters: the text cut into consecutive pieces of 80 characters, each predicting the
+//!   80 characters that follow each of its characters (the piece shifted by one), so that
+//!   every character of the text is predicted once. `starling simulate --model lstm` trains
+//!   on these.
+//! - [`Role::dataset`], LEAF's next-character samples: every window of 80 consecutive
+//!   characters with the one character that follows as the target. The role filter counts
+//!   these ([`Role::samples`]), as LEAF does.
 //!
 //! Input: one JSON object `{"<play>/<ROLE>": "<all lines of the role, newline-separated>"}`,
 //! gzip or raw. Roles are ordered by name, so the partition is the same on every machine.
@@ -10,7 +18,7 @@
 //! task ([`VOCAB`], indices `0..80` in its order) and [`UNKNOWN`] (80) for any other
 //! character, [`VOCAB_SIZE`] = 81 classes in all. A sample's features are its 80 character
 //! indices as f32 (`0.0..=80.0`, meant for an embedding or a one-hot layer, not as
-//! magnitudes), its one target the next character's index.
+//! magnitudes), its targets the next characters' indices (80, or 1 for LEAF's samples).
 
 use std::collections::BTreeMap;
 
@@ -83,6 +91,28 @@ impl Role {
             targets.push(f32::from(window[SEQ_LEN]));
         }
         Dataset::new(features, targets, SEQ_LEN, 1).expect("one target per window")
+    }
+
+    /// The number of sequences: pieces of [`SEQ_LEN`] characters, one after the other, each
+    /// with the character after its last.
+    pub fn sequences_len(&self) -> usize {
+        self.text.len().saturating_sub(1) / SEQ_LEN
+    }
+
+    /// The role's text as sequences for a model that predicts at every step: piece `s` is
+    /// characters `80 s .. 80 s + 80` (its features), and its targets are characters
+    /// `80 s + 1 .. 80 s + 81`, the character after each. The last characters that do not
+    /// fill a piece are left out. Costs `2 SEQ_LEN x 4` bytes per sequence.
+    pub fn sequences(&self) -> Dataset {
+        let n = self.sequences_len();
+        let mut features = Vec::with_capacity(n * SEQ_LEN);
+        let mut targets = Vec::with_capacity(n * SEQ_LEN);
+        for s in 0..n {
+            let piece = &self.text[s * SEQ_LEN..=(s + 1) * SEQ_LEN];
+            features.extend(piece[..SEQ_LEN].iter().map(|&c| f32::from(c)));
+            targets.extend(piece[1..].iter().map(|&c| f32::from(c)));
+        }
+        Dataset::new(features, targets, SEQ_LEN, SEQ_LEN).expect("80 targets per sequence")
     }
 }
 
