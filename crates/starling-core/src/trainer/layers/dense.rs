@@ -4,6 +4,7 @@
 //! backward pass also steps the weight ([`backward_sgd`]).
 
 use super::gemm::{sgemm, sgemm_strided, Mat};
+#[cfg(not(target_arch = "wasm32"))]
 use super::kernels::dense_forward_small;
 
 /// The largest batch the forward pass gives the small-batch kernel (its output stays in L1).
@@ -23,6 +24,8 @@ pub fn forward(
     for _ in 0..n {
         y.extend_from_slice(b);
     }
+    // Not in the browser's device app, which stays under 100 KB: there the GEMM serves.
+    #[cfg(not(target_arch = "wasm32"))]
     if n <= SMALL_BATCH {
         return dense_forward_small(x, n, w, inputs, units, y);
     }

@@ -67,6 +67,8 @@ impl MaxPool {
         if let Some(a) = argmax.as_deref_mut() {
             a.resize(n * ol, 0);
         }
+        // Not in the browser's device app, which stays under 100 KB.
+        #[cfg(not(target_arch = "wasm32"))]
         if self.size == 2 && self.stride == 2 {
             return self.forward_2x2(x, y, argmax);
         }
@@ -101,6 +103,7 @@ impl MaxPool {
 
     /// [`MaxPool::forward`] for the common 2x2 windows with stride 2 (the FedAvg CNN's): two
     /// input rows at a time, the same winners (the first largest in reading order).
+    #[cfg(not(target_arch = "wasm32"))]
     fn forward_2x2(&self, x: &[f32], y: &mut [f32], mut argmax: Option<&mut Vec<u32>>) {
         let (w, ow) = (self.width, self.out_width);
         let plane = self.height * w;
