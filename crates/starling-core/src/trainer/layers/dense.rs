@@ -10,6 +10,12 @@ use super::kernels::dense_forward_small;
 /// The largest batch the forward pass gives the small-batch kernel (its output stays in L1).
 pub const SMALL_BATCH: usize = 16;
 
+/// The fewest units for which the forward pass uses the small-batch kernel: it pays off where
+/// the weight is big; narrower layers (a regression's single output) keep the GEMM, whose
+/// sums round the same natively and in the browser.
+#[cfg(not(target_arch = "wasm32"))]
+const SMALL_KERNEL_MIN_UNITS: usize = 16;
+
 /// Forward pass: `x` is `n x inputs`; `y` is resized to `n x units` and overwritten.
 pub fn forward(
     x: &[f32],
@@ -26,7 +32,7 @@ pub fn forward(
     }
     // Not in the browser's device app, which stays under 100 KB: there the GEMM serves.
     #[cfg(not(target_arch = "wasm32"))]
-    if n <= SMALL_BATCH {
+    if n <= SMALL_BATCH && units >= SMALL_KERNEL_MIN_UNITS {
         return dense_forward_small(x, n, w, inputs, units, y);
     }
     sgemm(
