@@ -767,7 +767,7 @@ impl Model {
         if steps == 1 {
             return target;
         }
-        let per_step = self.spec.target_width() / steps;
+        let per_step = target.len() / (n * steps).max(1);
         buf.clear();
         buf.resize(target.len(), 0.0);
         for (i, example) in target.chunks_exact(steps * per_step).enumerate() {

@@ -29,12 +29,13 @@ pub fn dense_forward_small(
     assert_eq!(y.len(), n * units, "dense output length");
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F, checked just above.
+        let fma = std::arch::is_x86_feature_detected!("fma");
+        if fma && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F and FMA, checked just above.
             return unsafe { forward_avx512(x, n, w, inputs, units, y) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
+        if fma && std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
             return unsafe { forward_avx2(x, n, w, inputs, units, y) };
         }
     }
@@ -151,7 +152,7 @@ unsafe fn forward_avx512(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2")]
 unsafe fn sgd_avx2(p: &mut [f32], g: &[f32], lr: f32) {
     sgd_portable(p, g, lr);
 }
