@@ -231,7 +231,7 @@ fn the_character_lstm_simulates_a_round_on_shakespeare_roles() {
             "--rounds",
             "1",
             "--lr",
-            "1.47",
+            "4",
             "--json",
             "--out",
         ])
