@@ -288,9 +288,15 @@ impl Store {
     /// A store in memory only, for simulations: the same schema and code, no file.
     pub async fn open_memory() -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str("sqlite::memory:")?;
-        // One connection: each in-memory connection would be a database of its own.
+        // One connection, kept for the store's whole life: each in-memory connection is a
+        // database of its own, so the pool must never retire it (sqlx's defaults close a
+        // connection after 10 idle minutes or 30 minutes of life, and the next query would
+        // find an empty database: a simulation longer than that lost every table).
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
+            .min_connections(1)
+            .max_lifetime(None)
+            .idle_timeout(None)
             .connect_with(options)
             .await?;
         migrate(&pool).await?;
@@ -697,5 +703,34 @@ impl Store {
     /// Closes the pool, checkpointing the write-ahead log.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The simulator's store lives in its one connection: the pool must never close it for
+    /// age or idleness (sqlx's defaults, 30 and 10 minutes, emptied the database of every
+    /// simulation that ran longer: "no such table: checkpoints" from its 70th round on).
+    #[tokio::test]
+    async fn the_in_memory_store_keeps_its_one_connection_for_good() {
+        let store = Store::open_memory().await.unwrap();
+        let options = store.pool.options();
+        assert_eq!(options.get_max_lifetime(), None);
+        assert_eq!(options.get_idle_timeout(), None);
+        assert_eq!(
+            (options.get_min_connections(), options.get_max_connections()),
+            (1, 1)
+        );
+        // And the schema is there, on the connection every query gets.
+        let tables: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN \
+             ('tasks', 'rounds', 'checkpoints')",
+        )
+        .fetch_one(&store.pool)
+        .await
+        .unwrap();
+        assert_eq!(tables, 3);
     }
 }
