@@ -193,9 +193,28 @@ impl Conv2d {
     }
 
     /// Forward pass over `n` examples: `x` holds `n` inputs, `y` receives `n` outputs
-    /// (NCHW); `w` is `[F, C, k, k]`, `b` is `[F]`; `col` is scratch space.
-    #[allow(clippy::too_many_arguments)]
+    /// (NCHW); `w` is `[F, C, k, k]`, `b` is `[F]`; `col` is scratch space. 5x5 kernels at
+    /// stride 1 over several channels take Winograd's algorithm (natively).
     pub fn forward(
+        &self,
+        x: &[f32],
+        n: usize,
+        w: &[f32],
+        b: &[f32],
+        y: &mut [f32],
+        col: &mut Vec<f32>,
+    ) {
+        #[cfg(not(target_arch = "wasm32"))]
+        if super::winograd::applies(self) {
+            assert_eq!(x.len(), n * self.input_len(), "conv2d input length");
+            assert_eq!(y.len(), n * self.output_len(), "conv2d output length");
+            return super::winograd::forward(self, x, n, w, b, y, col);
+        }
+        self.forward_im2col(x, n, w, b, y, col);
+    }
+
+    /// [`Conv2d::forward`] as im2col and one GEMM per example.
+    pub(crate) fn forward_im2col(
         &self,
         x: &[f32],
         n: usize,
@@ -231,6 +250,29 @@ impl Conv2d {
     /// are scratch space.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
+        &self,
+        x: &[f32],
+        n: usize,
+        w: &[f32],
+        dy: &[f32],
+        dw: &mut [f32],
+        db: &mut [f32],
+        dx: Option<&mut [f32]>,
+        col: &mut Vec<f32>,
+        dcol: &mut Vec<f32>,
+    ) {
+        #[cfg(not(target_arch = "wasm32"))]
+        if super::winograd::applies(self) {
+            assert_eq!(x.len(), n * self.input_len(), "conv2d input length");
+            assert_eq!(dy.len(), n * self.output_len(), "conv2d gradient length");
+            return super::winograd::backward(self, x, n, w, dy, dw, db, dx, col, dcol);
+        }
+        self.backward_im2col(x, n, w, dy, dw, db, dx, col, dcol);
+    }
+
+    /// [`Conv2d::backward`] as im2col and GEMMs per example.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn backward_im2col(
         &self,
         x: &[f32],
         n: usize,

@@ -10,6 +10,8 @@
 //!   packed layout.
 //! - [`sgd_step`]: `p -= lr g` for the layers whose step [`crate::Model::train_step`] takes
 //!   right after their backward pass.
+//! - [`run_vectorised`]: any [`Vectorised`] work (the Winograd transforms), compiled for
+//!   AVX-512, AVX2+FMA and the baseline, and run on the best the CPU has.
 
 #![allow(unsafe_code)]
 
@@ -57,6 +59,44 @@ pub fn sgd_step(p: &mut [f32], g: &[f32], learning_rate: f32) {
         }
     }
     sgd_portable(p, g, learning_rate);
+}
+
+/// Work whose loops should be compiled for the best vector instructions the CPU has. `run`
+/// must be `#[inline(always)]`, as must what it calls that holds the loops, so that they are
+/// compiled inside [`run_vectorised`]'s per-CPU copies.
+pub trait Vectorised {
+    /// Does the work.
+    fn run(self);
+}
+
+/// Runs `task` compiled for AVX-512, AVX2 with FMA, or the baseline, whichever is the best
+/// the CPU has.
+pub fn run_vectorised<T: Vectorised>(task: T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            return unsafe { run_avx512(task) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            return unsafe { run_avx2(task) };
+        }
+    }
+    task.run();
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn run_avx512<T: Vectorised>(task: T) {
+    task.run();
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_avx2<T: Vectorised>(task: T) {
+    task.run();
 }
 
 #[inline(always)]

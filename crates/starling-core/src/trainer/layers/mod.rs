@@ -3,7 +3,8 @@
 //!
 //! - [`dense`]: fully connected `y = x W + b` on a GEMM kernel ([`gemm`]), or for small
 //!   batches on [`kernels`], which also fuse the backward pass with a plain SGD step.
-//! - [`conv`]: two-dimensional convolution as im2col + GEMM.
+//! - [`conv`]: two-dimensional convolution as im2col + GEMM, or natively for 5x5 kernels
+//!   [`winograd`]'s minimal filtering.
 //! - [`pool`]: max pooling.
 //! - [`activation`]: element-wise ReLU, sigmoid and tanh.
 //! - [`lstm`]: the LSTM layer and the embedding before it, time-major, with backpropagation
@@ -19,3 +20,5 @@ pub mod gemm;
 pub mod kernels;
 pub mod lstm;
 pub mod pool;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod winograd;
