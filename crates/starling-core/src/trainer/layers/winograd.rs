@@ -697,6 +697,36 @@ mod tests {
                 dw2, dw,
                 "the weight gradient does not depend on dx being asked"
             );
+            // The baseline build of the same code (what a CPU without AVX2 runs) gives the
+            // same numbers: no reassociation, so the vector width changes nothing.
+            let mut y_base = vec![0.0; y.len()];
+            Forward {
+                conv: &conv,
+                x: &x,
+                n,
+                w: &wt,
+                b: &b,
+                y: &mut y_base,
+                scratch: &mut s1,
+            }
+            .run();
+            assert_eq!(y_base, y, "baseline forward");
+            let (mut dw_base, mut dx_base) = (vec![0.0; dw.len()], vec![0.0; dx.len()]);
+            Backward {
+                conv: &conv,
+                x: &x,
+                n,
+                w: &wt,
+                dy: &dy,
+                dw: &mut dw_base,
+                db: &mut db,
+                dx: Some(&mut dx_base),
+                scratch: &mut s1,
+                scratch2: &mut s2,
+            }
+            .run();
+            assert_eq!(dw_base, dw, "baseline weight gradient");
+            assert_eq!(dx_base, dx, "baseline input gradient");
         }
     }
 }
