@@ -5,10 +5,10 @@
 //!
 //! With `g` a 5x5 filter, `d` a 6x6 input tile and `y` its 2x2 outputs,
 //! `y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A`. Summed over input channels, the element-wise products
-//! become 36 independent GEMMs, one per tile position `ξ`: `M_ξ = U_ξ V_ξ`, with `U_ξ` the
-//! `[F, C]` transformed filters and `V_ξ` the `[C, tiles]` transformed inputs. The backward
+//! become 36 independent GEMMs, one per tile position `ξ`: `M_ξ = V_ξ U_ξᵀ`, with `V_ξ` the
+//! `[tiles, C]` transformed inputs and `U_ξ` the `[F, C]` transformed filters. The backward
 //! pass is the adjoint of each step, so its gradients are exact for the forward it mirrors:
-//! `dM = A dy Aᵀ`, then `dU_ξ = dM_ξ V_ξᵀ` (and `dg = Gᵀ dU G`) and `dV_ξ = U_ξᵀ dM_ξ` (and
+//! `dM = A dy Aᵀ`, then `dU_ξ = dM_ξᵀ V_ξ` (and `dg = Gᵀ dU G`) and `dV_ξ = dM_ξ U_ξ` (and
 //! `dd = B dV Bᵀ`, added onto the overlapping input tiles).
 //!
 //! The input is copied channels-last into a zero-padded buffer, so each transform works on 16
@@ -33,7 +33,7 @@ const R: usize = 5;
 const XI: usize = A * A;
 /// Channels (or filters) transformed at once.
 const L: usize = 16;
-/// Tiles per chunk of examples to aim for: enough columns for the GEMMs to run well, few
+/// Tiles per chunk of examples to aim for: enough rows for the GEMMs to run well, few
 /// enough that a chunk's transformed inputs and outputs stay in L2.
 const CHUNK_TILES: usize = 96;
 
