@@ -311,19 +311,23 @@ impl Actor {
                 Mode::Secure(r) => Some(self.clock.sleep_until(r.deadline())),
                 _ => None,
             };
-            let deadline_passed = tokio::select! {
+            let (deadline_passed, ack) = tokio::select! {
                 cmd = rx.recv() => match cmd {
                     Some(Command::Stop { reply }) => {
                         stop = Some(reply);
                         break;
                     }
-                    Some(cmd) => {
+                    Some(mut cmd) => {
+                        let ack = match &mut cmd {
+                            Command::Folded { ack, .. } => ack.take(),
+                            _ => None,
+                        };
                         mode = self.handle(mode, cmd).await;
-                        false
+                        (false, ack)
                     }
                     None => break,
                 },
-                () = async { deadline.expect("armed only for open and secure rounds").await }, if deadline.is_some() => true,
+                () = async { deadline.expect("armed only for open and secure rounds").await }, if deadline.is_some() => (true, None),
             };
             mode = match mode {
                 Mode::Rounds(phase) => Mode::Rounds(self.advance(phase, deadline_passed).await),
@@ -345,6 +349,10 @@ impl Actor {
                 s.round = info;
                 changed
             });
+            if let Some(ack) = ack {
+                // The uploads' receipts go out once the status counts them.
+                let _ = ack.send(());
+            }
         }
         // Requests still queued are answered `unavailable` as their replies drop with `rx`.
         drop(rx);
@@ -636,7 +644,7 @@ impl Actor {
                     .collect();
                 let _ = reply.send(results);
             }
-            Command::Folded { round, tokens } if round == phase.number() => {
+            Command::Folded { round, tokens, .. } if round == phase.number() => {
                 for t in &tokens {
                     phase.folded(t);
                 }
@@ -790,7 +798,7 @@ impl Actor {
                     .collect();
                 let _ = reply.send(results);
             }
-            Command::Folded { round, tokens } => {
+            Command::Folded { round, tokens, .. } => {
                 for t in &tokens {
                     b.folded(round, t);
                 }

@@ -351,6 +351,9 @@ pub(crate) enum Command {
     Folded {
         round: u64,
         tokens: Vec<String>,
+        /// Answered once the task's status counts these updates (taken out in the actor's
+        /// loop, which answers it after publishing the status).
+        ack: Option<oneshot::Sender<()>>,
     },
     Released {
         round: u64,
@@ -774,16 +777,21 @@ impl TaskHandle {
                         updates_in_round: count,
                     });
                 }
+                let (ack, acked) = oneshot::channel();
                 if self
                     .send(Command::Folded {
                         round: into,
                         tokens,
+                        ack: Some(ack),
                     })
                     .await
                     .is_err()
                 {
                     return (0..n).map(|_| Err(EngineError::Unavailable)).collect();
                 }
+                // A device that reads the task's status after its receipt sees its update
+                // counted (read-your-writes); the fold itself is already done.
+                let _ = acked.await;
             }
             if let Some(full) = full {
                 // The full buffer closes as soon as its reserved updates are in; a released

@@ -125,6 +125,31 @@ async fn batched_check_ins_and_uploads_answer_each_item_in_order() {
     assert!((w - 7.0).abs() < 1e-6, "5 + mean(1, 3, 2) = 7, got {w}");
 }
 
+/// A receipt's count is what the task's status shows as soon as the receipt is out: a device
+/// (or the fuzz test over HTTP) that reads the status after its 202 sees its update counted.
+/// The status used to catch up a moment later, when the actor got round to the fold's
+/// report; on a multi-threaded runtime a read in between saw one update fewer than the
+/// receipt (the HTTP fuzz test hit it under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_counts_an_update_before_its_receipt_is_out() {
+    const N: usize = 200;
+    let task = spawn(small(N as u32 + 1, 1), Store::open_memory().await.unwrap()).await;
+    let tokens = tokens(&task, N).await;
+    for (i, token) in tokens.iter().enumerate() {
+        let receipt = task
+            .upload_many(1, vec![body(1.0, token, 10, 0).into()])
+            .await
+            .remove(0)
+            .expect("accepted");
+        assert_eq!(receipt.updates_in_round, i as u64 + 1);
+        assert_eq!(
+            task.status().round.updates,
+            receipt.updates_in_round,
+            "the status right after receipt {i}"
+        );
+    }
+}
+
 /// Issue point 1: a client that goes away while its upload is between check, reservation,
 /// fold and report (here: the caller's future is dropped after any number of steps) never
 /// strands its reservation. Either the update folded (a retry is a duplicate) or the
