@@ -5,7 +5,7 @@
 
 use super::gemm::{sgemm, sgemm_strided, Mat};
 #[cfg(not(target_arch = "wasm32"))]
-use super::kernels::dense_forward_small;
+use super::kernels::{dense_forward_small, madd, run_vectorised, Vectorised};
 
 /// The largest batch the forward pass gives the small-batch kernel (its output stays in L1).
 pub const SMALL_BATCH: usize = 16;
@@ -107,6 +107,20 @@ pub fn backward_sgd(
         }
         return;
     }
+    // Not in the browser's device app (size), as for the forward pass.
+    #[cfg(not(target_arch = "wasm32"))]
+    if n <= SMALL_BATCH && units >= SMALL_KERNEL_MIN_UNITS {
+        return run_vectorised(SmallStep {
+            x,
+            n,
+            w,
+            dy,
+            inputs,
+            units,
+            learning_rate,
+            dx,
+        });
+    }
     for (block, wb) in w.chunks_mut(STEP_BLOCK_ROWS * units).enumerate() {
         let (k0, rows) = (block * STEP_BLOCK_ROWS, wb.len() / units);
         if let Some(dx) = dx.as_deref_mut() {
@@ -128,6 +142,178 @@ pub fn backward_sgd(
             1.0,
             wb,
         );
+    }
+}
+
+/// Lanes of a row of `W` worked on at once by [`SmallStep`].
+#[cfg(not(target_arch = "wasm32"))]
+const LANE: usize = 16;
+
+/// [`backward_sgd`] for a small batch, row by row of `W`: each row is read from memory once,
+/// and while it is in L1 gives its column of `dx` (dot products with the rows of `dy`, which
+/// stay in L1) and takes its update `-lr Σ_n x[n][i] dy[n]`. A GEMM would first copy all of
+/// `W` into its packed layout (the CNN's first dense layer is 6.4 MB) for `dx`, then read
+/// and write it again for the step.
+#[cfg(not(target_arch = "wasm32"))]
+struct SmallStep<'a> {
+    x: &'a [f32],
+    n: usize,
+    w: &'a mut [f32],
+    dy: &'a [f32],
+    inputs: usize,
+    units: usize,
+    learning_rate: f32,
+    dx: Option<&'a mut [f32]>,
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl Vectorised for SmallStep<'_> {
+    #[inline(always)]
+    fn run<const FMA: bool, const WIDE: bool>(self) {
+        let Self {
+            x,
+            n,
+            w,
+            dy,
+            inputs,
+            units,
+            learning_rate,
+            mut dx,
+        } = self;
+        for (i, row) in w.chunks_exact_mut(units).enumerate() {
+            // `dx[:, i] = dy W[i]ᵀ`, from the row as it was.
+            if let Some(dx) = dx.as_deref_mut() {
+                let mut b = 0;
+                while b < n {
+                    let take = n - b;
+                    if take >= 8 {
+                        let d = small_dots::<FMA, 8>(row, dy, b, units);
+                        for (g, v) in d.into_iter().enumerate() {
+                            dx[(b + g) * inputs + i] = v;
+                        }
+                        b += 8;
+                    } else if take >= 2 {
+                        let d = small_dots::<FMA, 2>(row, dy, b, units);
+                        for (g, v) in d.into_iter().enumerate() {
+                            dx[(b + g) * inputs + i] = v;
+                        }
+                        b += 2;
+                    } else {
+                        dx[b * inputs + i] = small_dots::<FMA, 1>(row, dy, b, units)[0];
+                        b += 1;
+                    }
+                }
+            }
+            // `W[i] -= lr Σ_n x[n][i] dy[n]`.
+            let scale = |b: usize| -learning_rate * x[b * inputs + i];
+            let mut b = 0;
+            while b < n {
+                let take = n - b;
+                if take >= 8 {
+                    small_update::<FMA, 8>(
+                        row,
+                        dy,
+                        std::array::from_fn(|g| scale(b + g)),
+                        b,
+                        units,
+                    );
+                    b += 8;
+                } else if take >= 2 {
+                    small_update::<FMA, 2>(
+                        row,
+                        dy,
+                        std::array::from_fn(|g| scale(b + g)),
+                        b,
+                        units,
+                    );
+                    b += 2;
+                } else {
+                    small_update::<FMA, 1>(row, dy, [scale(b)], b, units);
+                    b += 1;
+                }
+            }
+        }
+    }
+}
+
+/// The lane of `v` from `u`, as a value.
+#[cfg(not(target_arch = "wasm32"))]
+#[inline(always)]
+fn lane_at(v: &[f32], u: usize) -> [f32; LANE] {
+    let mut lane = [0.0f32; LANE];
+    lane.copy_from_slice(&v[u..u + LANE]);
+    lane
+}
+
+/// The sum of a lane's values, as a tree.
+#[cfg(not(target_arch = "wasm32"))]
+#[inline(always)]
+fn lane_sum(a: &[f32; LANE]) -> f32 {
+    let h: [f32; 8] = std::array::from_fn(|l| a[l] + a[l + 8]);
+    let q: [f32; 4] = std::array::from_fn(|l| h[l] + h[l + 4]);
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
+/// `row · dy[b0 + g]` for `G` rows of `dy`.
+#[cfg(not(target_arch = "wasm32"))]
+#[inline(always)]
+fn small_dots<const FMA: bool, const G: usize>(
+    row: &[f32],
+    dy: &[f32],
+    b0: usize,
+    units: usize,
+) -> [f32; G] {
+    let dys: [&[f32]; G] = std::array::from_fn(|g| &dy[(b0 + g) * units..][..units]);
+    let mut acc = [[0.0f32; LANE]; G];
+    let full = units / LANE * LANE;
+    for u in (0..full).step_by(LANE) {
+        let wv = lane_at(row, u);
+        for (a, d) in acc.iter_mut().zip(&dys) {
+            let d = lane_at(d, u);
+            for l in 0..LANE {
+                a[l] = madd::<FMA>(d[l], wv[l], a[l]);
+            }
+        }
+    }
+    std::array::from_fn(|g| {
+        let mut sum = lane_sum(&acc[g]);
+        for u in full..units {
+            sum = madd::<FMA>(dys[g][u], row[u], sum);
+        }
+        sum
+    })
+}
+
+/// `row += Σ_g s[g] dy[b0 + g]`; nothing to do where every `s` is zero (inputs after a ReLU
+/// often are).
+#[cfg(not(target_arch = "wasm32"))]
+#[inline(always)]
+fn small_update<const FMA: bool, const G: usize>(
+    row: &mut [f32],
+    dy: &[f32],
+    s: [f32; G],
+    b0: usize,
+    units: usize,
+) {
+    if s.iter().all(|&v| v == 0.0) {
+        return;
+    }
+    let dys: [&[f32]; G] = std::array::from_fn(|g| &dy[(b0 + g) * units..][..units]);
+    let full = units / LANE * LANE;
+    for u in (0..full).step_by(LANE) {
+        let mut acc = lane_at(row, u);
+        for (&sg, d) in s.iter().zip(&dys) {
+            let d = lane_at(d, u);
+            for l in 0..LANE {
+                acc[l] = madd::<FMA>(sg, d[l], acc[l]);
+            }
+        }
+        row[u..u + LANE].copy_from_slice(&acc);
+    }
+    for u in full..units {
+        for (&sg, d) in s.iter().zip(&dys) {
+            row[u] = madd::<FMA>(sg, d[u], row[u]);
+        }
     }
 }
 
@@ -156,8 +342,22 @@ mod tests {
     #[test]
     fn the_fused_step_equals_the_gradient_then_the_step() {
         let lr = 0.05;
-        for (n, inputs, units) in [(1, 3, 2), (10, 37, 33), (10, 600, 40), (17, 513, 9)] {
-            let x = values(n * inputs, 1);
+        for (n, inputs, units) in [
+            (1, 3, 2),
+            (10, 37, 33),
+            (10, 600, 40),
+            (17, 513, 9),
+            (16, 20, 16),
+            (3, 40, 512),
+            (10, 300, 512),
+        ] {
+            // Whole columns of zeros, as after a ReLU, for the step to skip.
+            let mut x = values(n * inputs, 1);
+            for (k, v) in x.iter_mut().enumerate() {
+                if (k % inputs) % 4 == 0 {
+                    *v = 0.0;
+                }
+            }
             let w = values(inputs * units, 2);
             let dy = values(n * units, 3);
             let (mut dw, mut db) = (vec![0.0; inputs * units], vec![0.0; units]);

@@ -10,8 +10,10 @@
 //!   packed layout.
 //! - [`sgd_step`]: `p -= lr g` for the layers whose step [`crate::Model::train_step`] takes
 //!   right after their backward pass.
-//! - [`run_vectorised`]: any [`Vectorised`] work (the Winograd transforms), compiled for
-//!   AVX-512, AVX2+FMA and the baseline, and run on the best the CPU has.
+//! - [`run_vectorised`]: any [`Vectorised`] work (the Winograd transforms and GEMMs, the
+//!   dense layer's small-batch step), compiled for AVX-512, AVX2+FMA and the baseline, and
+//!   run on the best the CPU has; the work learns whether it may fuse multiply-adds
+//!   ([`madd`]) and how many vector registers it has.
 
 #![allow(unsafe_code)]
 
@@ -65,8 +67,9 @@ pub fn sgd_step(p: &mut [f32], g: &[f32], learning_rate: f32) {
 /// must be `#[inline(always)]`, as must what it calls that holds the loops, so that they are
 /// compiled inside [`run_vectorised`]'s per-CPU copies.
 pub trait Vectorised {
-    /// Does the work.
-    fn run(self);
+    /// Does the work. `FMA`: the build has fused multiply-add (use [`madd`]). `WIDE`: it
+    /// has 32 vector registers of 16 floats (AVX-512), so register blocks may be large.
+    fn run<const FMA: bool, const WIDE: bool>(self);
 }
 
 /// Runs `task` compiled for AVX-512, AVX2 with FMA, or the baseline, whichever is the best
@@ -74,29 +77,29 @@ pub trait Vectorised {
 pub fn run_vectorised<T: Vectorised>(task: T) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F, checked just above.
+        let fma = std::arch::is_x86_feature_detected!("fma");
+        if fma && std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F and FMA, checked just above.
             return unsafe { run_avx512(task) };
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if fma && std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2 and FMA, checked just above.
             return unsafe { run_avx2(task) };
         }
     }
-    task.run();
+    task.run::<false, false>();
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,fma")]
 unsafe fn run_avx512<T: Vectorised>(task: T) {
-    task.run();
+    task.run::<true, true>();
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn run_avx2<T: Vectorised>(task: T) {
-    task.run();
+    task.run::<true, false>();
 }
 
 #[inline(always)]
@@ -113,7 +116,7 @@ const UNIT_BLOCK: usize = 256;
 /// `a b + c`: fused where the CPU has FMA (`FMA` true: the caller's target features
 /// include it), else a product and a sum (`mul_add` without FMA would be a library call).
 #[inline(always)]
-fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+pub fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA {
         a.mul_add(b, c)
     } else {
