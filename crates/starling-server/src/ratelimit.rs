@@ -18,9 +18,14 @@
 //! this is safe behind carrier-grade NAT where a per-address limit on all requests is not.
 //! (A fixed window of failures rather than a `governor` limiter: a guard must test an address
 //! without spending a cell, which `governor` cannot.)
+//!
+//! An address is counted by [`client_key`]: an IPv6 client by its /64 network, which one host
+//! or link holds whole, so cycling through its 2^64 addresses gains nothing. The guard tracks
+//! at most [`MAX_TRACKED`] networks; past that, new ones share one window, so a flood of
+//! addresses can neither grow the table without bound nor escape the limit.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -143,7 +148,7 @@ impl RateLimits {
             return Ok(());
         };
         self.prune();
-        limiter.check_key(&address).map_err(|not| {
+        limiter.check_key(&client_key(address)).map_err(|not| {
             self.refuse(
                 metrics,
                 Scope::Address,
@@ -178,16 +183,53 @@ impl RateLimits {
     }
 }
 
+/// What an address is counted under: an IPv4 address itself (also when mapped into IPv6),
+/// an IPv6 address by its /64 network.
+pub fn client_key(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(_) => address,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u64::MAX as u128))),
+        },
+    }
+}
+
 /// The window in which an address's wrong enrollment secrets are counted.
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
-/// Addresses tracked before expired windows are swept out.
+/// Networks tracked before expired windows are first swept out; each sweep sets the next at
+/// twice what it left (at least this), so sweeping costs O(1) a failure however many there are.
 const SWEEP_AT: usize = 65_536;
+/// The most networks the guard tracks (about 16 MB); past it, networks not yet tracked share
+/// the window of [`OVERFLOW`].
+pub const MAX_TRACKED: usize = 262_144;
+/// The key of the shared window for networks past [`MAX_TRACKED`].
+const OVERFLOW: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
 
-/// Wrong enrollment secrets per client address, in fixed one-minute windows.
+/// Wrong enrollment secrets per client network, in fixed one-minute windows.
 #[derive(Debug)]
 pub struct EnrollmentGuard {
     per_minute: u32,
-    windows: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    windows: Mutex<Windows>,
+}
+
+#[derive(Debug)]
+struct Windows {
+    by_key: HashMap<IpAddr, (Instant, u32)>,
+    sweep_at: usize,
+}
+
+impl Windows {
+    /// The key `address` is counted under: its [`client_key`], or [`OVERFLOW`] when the table
+    /// is full and does not hold it.
+    fn key(&self, address: IpAddr) -> IpAddr {
+        let key = client_key(address);
+        if self.by_key.len() >= MAX_TRACKED && !self.by_key.contains_key(&key) {
+            OVERFLOW
+        } else {
+            key
+        }
+    }
 }
 
 impl EnrollmentGuard {
@@ -195,14 +237,22 @@ impl EnrollmentGuard {
     pub fn new(per_minute: u32) -> Self {
         Self {
             per_minute,
-            windows: Mutex::new(HashMap::new()),
+            windows: Mutex::new(Windows {
+                by_key: HashMap::new(),
+                sweep_at: SWEEP_AT,
+            }),
         }
     }
 
-    fn windows(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (Instant, u32)>> {
+    fn windows(&self) -> std::sync::MutexGuard<'_, Windows> {
         self.windows
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Networks tracked now.
+    pub fn tracked(&self) -> usize {
+        self.windows().by_key.len()
     }
 
     /// Refuses an enrollment from `address` when it has had its wrong secrets this minute
@@ -213,7 +263,7 @@ impl EnrollmentGuard {
         };
         let now = Instant::now();
         let windows = self.windows();
-        match windows.get(&address) {
+        match windows.by_key.get(&windows.key(address)) {
             Some(&(start, failures)) if failures >= n && now < start + FAILURE_WINDOW => {
                 metrics.count_rate_limited(Scope::Enrollment);
                 let secs = (start + FAILURE_WINDOW - now).as_secs_f64().ceil().max(1.0) as u64;
@@ -238,14 +288,93 @@ impl EnrollmentGuard {
         };
         let now = Instant::now();
         let mut windows = self.windows();
-        if windows.len() >= SWEEP_AT {
-            windows.retain(|_, (start, _)| now < *start + FAILURE_WINDOW);
+        if windows.by_key.len() >= windows.sweep_at {
+            windows
+                .by_key
+                .retain(|_, (start, _)| now < *start + FAILURE_WINDOW);
+            windows.sweep_at = (2 * windows.by_key.len()).max(SWEEP_AT);
         }
-        let entry = windows.entry(address).or_insert((now, 0));
+        let key = windows.key(address);
+        let entry = windows.by_key.entry(key).or_insert((now, 0));
         if now >= entry.0 + FAILURE_WINDOW {
             *entry = (now, 0);
         }
         entry.1 = entry.1.saturating_add(1);
         entry.1 == 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn v6(s: &str) -> IpAddr {
+        s.parse().expect("an address")
+    }
+
+    #[test]
+    fn an_ipv6_client_counts_by_its_64_network_and_a_mapped_ipv4_as_itself() {
+        assert_eq!(
+            client_key(v6("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
+            v6("2001:db8:1:2::")
+        );
+        assert_eq!(client_key(v6("::ffff:192.0.2.7")), v6("192.0.2.7"));
+        assert_eq!(client_key(v6("192.0.2.7")), v6("192.0.2.7"));
+        assert_ne!(
+            client_key(v6("2001:db8:1:2::1")),
+            client_key(v6("2001:db8:1:3::1"))
+        );
+    }
+
+    /// An attacker cycling through the addresses of its /64 is refused after its failures,
+    /// like one address; another network is not.
+    #[test]
+    fn rotating_ipv6_addresses_does_not_escape_the_enrollment_limit() {
+        let metrics = Metrics::default();
+        let guard = EnrollmentGuard::new(3);
+        for i in 1..=3u16 {
+            let a = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 1, i, i, i, i));
+            assert!(guard.check(&metrics, Some(a)).is_ok());
+            assert_eq!(
+                guard.failed(Some(a)),
+                i == 1,
+                "only the first failure is logged"
+            );
+        }
+        let fresh = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 9, 9, 9, 9));
+        let err = guard.check(&metrics, Some(fresh)).expect_err("refused");
+        assert_eq!(err.code(), ErrorCode::RateLimited);
+        let other = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 2, 1, 1, 1, 1));
+        assert!(guard.check(&metrics, Some(other)).is_ok());
+        // The same for an IPv4 client, whether it arrives as IPv4 or mapped into IPv6.
+        let v4 = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
+        for _ in 0..3 {
+            guard.failed(Some(v4));
+        }
+        assert!(guard.check(&metrics, Some(v6("::ffff:192.0.2.7"))).is_err());
+        assert_eq!(guard.tracked(), 2);
+    }
+
+    /// A flood of networks within one minute: the table stops at its bound, and the networks
+    /// past it share one window, which their failures exhaust.
+    #[test]
+    fn a_flood_of_networks_is_bounded_and_shares_one_window() {
+        let metrics = Metrics::default();
+        let guard = EnrollmentGuard::new(2);
+        let net = |i: u64| IpAddr::V6(Ipv6Addr::from((u128::from(i) + 1) << 64));
+        for i in 0..MAX_TRACKED as u64 + 10 {
+            guard.failed(Some(net(i)));
+        }
+        assert_eq!(
+            guard.tracked(),
+            MAX_TRACKED + 1,
+            "the bound and the shared window"
+        );
+        // Ten networks past the bound failed once each: the shared window is spent.
+        let newcomer = net(MAX_TRACKED as u64 + 100);
+        assert!(guard.check(&metrics, Some(newcomer)).is_err());
+        // A network tracked before the flood keeps its own window (one failure of two).
+        assert!(guard.check(&metrics, Some(net(0))).is_ok());
     }
 }
