@@ -14,8 +14,11 @@
 //! The input is copied channels-last into a zero-padded buffer, so each transform works on 16
 //! channels (or filters) of one tile at once, as arrays the compiler vectorises, compiled
 //! for the CPU's best vector instructions ([`run_vectorised`]). The matrices come from the
-//! Toom-Cook construction at the points 0, 1, -1, 2, -2 and infinity; the tests check them
-//! against direct correlation, and every output and gradient against im2col. Examples go
+//! Toom-Cook construction at the points 0, 1, -1, 2, -2 and infinity; the tiles' transforms
+//! are written out from them as one-dimensional steps with their common terms shared (the
+//! filters', once a step, stay dense products). The tests check the matrices against direct
+//! correlation, the written-out steps against the matrices, and every output and gradient
+//! against im2col. Examples go
 //! through in chunks whose transformed tiles stay in a core's L2 cache. The browser build
 //! leaves this out (size over speed): there every convolution is im2col.
 
@@ -36,6 +39,7 @@ const L: usize = 16;
 /// enough that a chunk's transformed inputs and outputs stay in L2.
 const CHUNK_TILES: usize = 96;
 
+#[cfg(test)]
 /// `Aᵀ` (`M x A`): from the transformed domain to a tile's outputs.
 const AT: [[f32; A]; M] = [
     [1.0, 1.0, 1.0, 1.0, 1.0, 0.0],
@@ -50,6 +54,7 @@ const G: [[f32; R]; A] = [
     [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0, -1.0 / 3.0, 2.0 / 3.0],
     [0.0, 0.0, 0.0, 0.0, 1.0],
 ];
+#[cfg(test)]
 /// `Bᵀ` (`A x A`): from an input tile to the transformed domain.
 const BT: [[f32; A]; A] = [
     [4.0, 0.0, -5.0, 0.0, 1.0, 0.0],
@@ -76,10 +81,12 @@ const fn transpose<const ROWS: usize, const COLS: usize>(
     t
 }
 
+#[cfg(test)]
 /// `A` (`A x M`), the adjoint of the output transform.
 const A_MAT: [[f32; M]; A] = transpose(AT);
 /// `Gᵀ` (`R x A`), the adjoint of the filter transform.
 const GT: [[f32; A]; R] = transpose(G);
+#[cfg(test)]
 /// `B` (`A x A`), the adjoint of the input transform.
 const B_MAT: [[f32; A]; A] = transpose(BT);
 
@@ -116,6 +123,98 @@ fn sandwich<const ROWS: usize, const K: usize>(
         }
     }
     out
+}
+
+/// `f x fᵀ` for `L` matrices `x` at once, `f` a one-dimensional transform (`K` values to
+/// `R`): `f` on every column, then on every row.
+#[inline(always)]
+fn sandwich_by<const K: usize, const R: usize>(
+    x: &[[Lane; K]; K],
+    f: impl Fn(&[Lane; K]) -> [Lane; R],
+) -> [[Lane; R]; R] {
+    let mut tmp = [[[0.0f32; L]; K]; R];
+    for j in 0..K {
+        let mut col = [[0.0f32; L]; K];
+        for (c, row) in col.iter_mut().zip(x) {
+            *c = row[j];
+        }
+        for (t, v) in tmp.iter_mut().zip(f(&col)) {
+            t[j] = v;
+        }
+    }
+    let mut out = [[[0.0f32; L]; R]; R];
+    for (o, t) in out.iter_mut().zip(&tmp) {
+        *o = f(t);
+    }
+    out
+}
+
+// The one-dimensional transforms of the tiles, written out from the matrices above with
+// their common terms shared (about a third of the operations of the dense products); the
+// tests check each against its matrix.
+
+/// `Bᵀ x`.
+#[inline(always)]
+fn bt_1d(x: &[Lane; A]) -> [Lane; A] {
+    let mut y = [[0.0f32; L]; A];
+    for l in 0..L {
+        let [x0, x1, x2, x3, x4, x5] = [x[0][l], x[1][l], x[2][l], x[3][l], x[4][l], x[5][l]];
+        let (a, b) = (x4 - 4.0 * x2, x3 - 4.0 * x1);
+        let (c, d) = (x4 - x2, 2.0 * (x3 - x1));
+        y[0][l] = 4.0 * x0 - 5.0 * x2 + x4;
+        y[1][l] = a + b;
+        y[2][l] = a - b;
+        y[3][l] = c + d;
+        y[4][l] = c - d;
+        y[5][l] = 4.0 * x1 - 5.0 * x3 + x5;
+    }
+    y
+}
+
+/// `B x`, the adjoint of [`bt_1d`].
+#[inline(always)]
+fn b_1d(x: &[Lane; A]) -> [Lane; A] {
+    let mut y = [[0.0f32; L]; A];
+    for l in 0..L {
+        let [x0, x1, x2, x3, x4, x5] = [x[0][l], x[1][l], x[2][l], x[3][l], x[4][l], x[5][l]];
+        let (u, v) = (x1 - x2, x3 - x4);
+        let (s, t) = (x1 + x2, x3 + x4);
+        y[0][l] = 4.0 * x0;
+        y[1][l] = 4.0 * x5 - 4.0 * u - 2.0 * v;
+        y[2][l] = -5.0 * x0 - 4.0 * s - t;
+        y[3][l] = u + 2.0 * v - 5.0 * x5;
+        y[4][l] = x0 + s + t;
+        y[5][l] = x5;
+    }
+    y
+}
+
+/// `Aᵀ x`.
+#[inline(always)]
+fn at_1d(x: &[Lane; A]) -> [Lane; M] {
+    let mut y = [[0.0f32; L]; M];
+    for l in 0..L {
+        let [x0, x1, x2, x3, x4, x5] = [x[0][l], x[1][l], x[2][l], x[3][l], x[4][l], x[5][l]];
+        y[0][l] = x0 + (x1 + x2) + (x3 + x4);
+        y[1][l] = (x1 - x2) + 2.0 * (x3 - x4) + x5;
+    }
+    y
+}
+
+/// `A x`, the adjoint of [`at_1d`].
+#[inline(always)]
+fn a_1d(x: &[Lane; M]) -> [Lane; A] {
+    let mut y = [[0.0f32; L]; A];
+    for l in 0..L {
+        let [g0, g1] = [x[0][l], x[1][l]];
+        y[0][l] = g0;
+        y[1][l] = g0 + g1;
+        y[2][l] = g0 - g1;
+        y[3][l] = g0 + 2.0 * g1;
+        y[4][l] = g0 - 2.0 * g1;
+        y[5][l] = g1;
+    }
+    y
 }
 
 /// A matrix read element by element: `(i, k)` is `data[i * rs + k * cs]`, so a row-major
@@ -332,7 +431,7 @@ fn transform_input<const FMA: bool>(plan: &Plan, xp: &[f32], tiles: usize, v: &m
                     lane.copy_from_slice(&xp[o + (i * plan.wp + j) * cp + c0..][..L]);
                 }
             }
-            let out = sandwich::<A, A>(&BT, &d);
+            let out = sandwich_by(&d, bt_1d);
             for (xi, lane) in out.iter().flatten().enumerate() {
                 v[(xi * tiles + t) * cp + c0..][..L].copy_from_slice(lane);
             }
@@ -441,7 +540,7 @@ impl Vectorised for Forward<'_> {
                     for (xi, lane) in mt.iter_mut().flatten().enumerate() {
                         lane.copy_from_slice(&m[(xi * tiles + t) * fp + f0..][..L]);
                     }
-                    let out = sandwich::<M, A>(&AT, &mt);
+                    let out = sandwich_by(&mt, at_1d);
                     for l in 0..L.min(plan.f - f0) {
                         let plane = &mut yc[e * ol + (f0 + l) * oh * ow..][..oh * ow];
                         for (i, row) in out.iter().enumerate().take(oh - ty) {
@@ -555,7 +654,7 @@ impl Vectorised for Backward<'_> {
                             }
                         }
                     }
-                    let out = sandwich::<A, M>(&A_MAT, &g);
+                    let out = sandwich_by(&g, a_1d);
                     for (xi, lane) in out.iter().flatten().enumerate() {
                         dm[(xi * tiles + t) * fp + f0..][..L].copy_from_slice(lane);
                     }
@@ -603,7 +702,7 @@ impl Vectorised for Backward<'_> {
                         for (xi, lane) in dvt.iter_mut().flatten().enumerate() {
                             lane.copy_from_slice(&dv[(xi * tiles + t) * cp + c0..][..L]);
                         }
-                        let dd = sandwich::<A, A>(&B_MAT, &dvt);
+                        let dd = sandwich_by(&dvt, b_1d);
                         for (i, row) in dd.iter().enumerate() {
                             for (j, lane) in row.iter().enumerate() {
                                 let dst = &mut dxp[o + (i * plan.wp + j) * cp + c0..][..L];
@@ -717,6 +816,35 @@ mod tests {
                 "{y} vs {direct}"
             );
         }
+    }
+
+    /// Each written-out transform equals its matrix's product.
+    #[test]
+    fn the_written_out_transforms_equal_their_matrices() {
+        fn dense<const R: usize, const K: usize>(mat: &[[f32; K]; R], x: &[Lane; K]) -> [Lane; R] {
+            std::array::from_fn(|r| {
+                std::array::from_fn(|l| (0..K).map(|k| mat[r][k] * x[k][l]).sum())
+            })
+        }
+        fn check<const R: usize, const K: usize>(
+            what: &str,
+            mat: &[[f32; K]; R],
+            f: fn(&[Lane; K]) -> [Lane; R],
+        ) {
+            let v = random(K * L, K as u64 * 31 + R as u64);
+            let x: [Lane; K] = std::array::from_fn(|k| std::array::from_fn(|l| v[k * L + l]));
+            let (got, want) = (f(&x), dense(mat, &x));
+            for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+                assert!(
+                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                    "{what}: {g} vs {w}"
+                );
+            }
+        }
+        check("Bᵀ", &BT, bt_1d);
+        check("B", &B_MAT, b_1d);
+        check("Aᵀ", &AT, at_1d);
+        check("A", &A_MAT, a_1d);
     }
 
     fn random(len: usize, seed: u64) -> Vec<f32> {
