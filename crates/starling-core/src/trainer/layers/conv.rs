@@ -270,6 +270,20 @@ impl Conv2d {
         self.backward_im2col(x, n, w, dy, dw, db, dx, col, dcol);
     }
 
+    /// `db[f]`: the sum of filter `f`'s outputs' gradients `dy` over the batch. Natively each
+    /// plane is summed in 16 interleaved partial sums, then those as a tree: a plain sum is
+    /// one long chain of dependent additions (the first layer's planes are 784 long). The
+    /// browser's module keeps the plain sum (size).
+    pub(crate) fn bias_gradient(&self, dy: &[f32], db: &mut [f32]) {
+        let p = self.positions();
+        db.fill(0.0);
+        for dy_n in dy.chunks_exact(self.output_len()) {
+            for (acc, plane) in db.iter_mut().zip(dy_n.chunks_exact(p)) {
+                *acc += plane_sum(plane);
+            }
+        }
+    }
+
     /// [`Conv2d::backward`] as im2col and GEMMs per example.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn backward_im2col(
@@ -288,12 +302,7 @@ impl Conv2d {
         let (il, ol) = (self.input_len(), self.output_len());
         assert_eq!(x.len(), n * il, "conv2d input length");
         assert_eq!(dy.len(), n * ol, "conv2d gradient length");
-        db.fill(0.0);
-        for dy_n in dy.chunks_exact(ol) {
-            for (acc, row) in db.iter_mut().zip(dy_n.chunks_exact(p)) {
-                *acc += row.iter().sum::<f32>();
-            }
-        }
+        self.bias_gradient(dy, db);
         if n == 0 {
             dw.fill(0.0);
             return;
@@ -326,4 +335,34 @@ impl Conv2d {
             }
         }
     }
+}
+
+/// The sum of `v`: natively in 16 interleaved partial sums, then those as a tree.
+#[cfg(not(target_arch = "wasm32"))]
+fn plane_sum(v: &[f32]) -> f32 {
+    const PARTS: usize = 16;
+    let mut part = [0.0f32; PARTS];
+    let mut chunks = v.chunks_exact(PARTS);
+    for c in &mut chunks {
+        for (s, x) in part.iter_mut().zip(c) {
+            *s += x;
+        }
+    }
+    for (s, x) in part.iter_mut().zip(chunks.remainder()) {
+        *s += x;
+    }
+    let mut width = PARTS;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            part[l] += part[l + width];
+        }
+    }
+    part[0]
+}
+
+/// The sum of `v`, in order (the browser's module: size over speed).
+#[cfg(target_arch = "wasm32")]
+fn plane_sum(v: &[f32]) -> f32 {
+    v.iter().sum()
 }

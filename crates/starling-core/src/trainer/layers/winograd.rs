@@ -608,12 +608,7 @@ impl Vectorised for Backward<'_> {
         let (c, f, cp, fp, tiles_max) = (plan.c, plan.f, plan.cp, plan.fp, plan.tiles());
         let (il, ol) = (conv.input_len(), conv.output_len());
         let (oh, ow) = (conv.out_height, conv.out_width);
-        db.fill(0.0);
-        for dy_n in dy.chunks_exact(ol) {
-            for (acc, row) in db.iter_mut().zip(dy_n.chunks_exact(oh * ow)) {
-                *acc += row.iter().sum::<f32>();
-            }
-        }
+        conv.bias_gradient(dy, db);
         let xp_len = plan.chunk * plan.padded_len();
         scratch.resize(xp_len + XI * tiles_max * (cp + fp), 0.0);
         let (xp, rest) = scratch.split_at_mut(xp_len);
