@@ -201,7 +201,7 @@ const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// twice what it left (at least this), so sweeping costs O(1) a failure however many there are.
 const SWEEP_AT: usize = 65_536;
 /// The most networks the guard tracks (about 16 MB); past it, networks not yet tracked share
-/// the window of [`OVERFLOW`].
+/// one window (keyed by the unspecified address).
 pub const MAX_TRACKED: usize = 262_144;
 /// The key of the shared window for networks past [`MAX_TRACKED`].
 const OVERFLOW: IpAddr = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
