@@ -9,6 +9,8 @@
 //! back onto the input positions.
 
 use super::gemm::{sgemm, Mat};
+#[cfg(not(target_arch = "wasm32"))]
+use super::kernels::{small_gemm, View};
 use crate::trainer::spec::Padding;
 
 /// The output size along one spatial dimension and the zero padding before the input, or
@@ -226,7 +228,7 @@ impl Conv2d {
         let (p, pl) = (self.positions(), self.patch_len());
         assert_eq!(x.len(), n * self.input_len(), "conv2d input length");
         assert_eq!(y.len(), n * self.output_len(), "conv2d output length");
-        col.resize(pl * p, 0.0);
+        let col = super::scratch(col, pl * p);
         for (xn, yn) in x
             .chunks_exact(self.input_len())
             .zip(y.chunks_exact_mut(self.output_len()))
@@ -235,6 +237,18 @@ impl Conv2d {
             for (row, &bias) in yn.chunks_exact_mut(p).zip(b) {
                 row.fill(bias);
             }
+            // Natively, without a GEMM's packing: the product is small (the CNN's first
+            // layer: `[32, 25] x [25, 784]`), so packing its operands would cost as much.
+            #[cfg(not(target_arch = "wasm32"))]
+            {
+                let a = View {
+                    data: w,
+                    rs: pl,
+                    cs: 1,
+                };
+                small_gemm(a, self.filters, pl, col, p, yn);
+            }
+            #[cfg(target_arch = "wasm32")]
             sgemm(
                 1.0,
                 Mat::new(w, self.filters, pl),
@@ -307,10 +321,8 @@ impl Conv2d {
             dw.fill(0.0);
             return;
         }
-        col.resize(pl * p, 0.0);
-        if dx.is_some() {
-            dcol.resize(pl * p, 0.0);
-        }
+        let col = super::scratch(col, pl * p);
+        let dcol = super::scratch(dcol, if dx.is_some() { pl * p } else { 0 });
         for (e, (xn, dy_n)) in x.chunks_exact(il).zip(dy.chunks_exact(ol)).enumerate() {
             self.im2col(xn, col);
             let beta = if e == 0 { 0.0 } else { 1.0 };

@@ -5,9 +5,12 @@
 //!
 //! - [`dense_forward_small`]: a dense layer's forward pass at small batches. At the FedAvg
 //!   paper's batch of 10 each weight is used ten times, so the cost is moving the matrix
-//!   (the CNN's first dense layer is 6.4 MB, beyond a core's L2 cache): this reads each row
-//!   once from where it lies, where a GEMM kernel would first copy the whole matrix into its
-//!   packed layout.
+//!   (the CNN's first dense layer is 6.4 MB, beyond a core's L2 cache): this reads the
+//!   matrix where it lies, where a GEMM kernel would first copy the whole of it into its
+//!   packed layout, and skips the inputs a ReLU zeroed.
+//! - `gemm`: the register-blocked product under that kernel, Winograd's transformed GEMMs
+//!   and (natively, `small_gemm`) im2col's for a first convolution: products too small or
+//!   too thin to pay for packing.
 //! - [`sgd_step`]: `p -= lr g` for the layers whose step [`crate::Model::train_step`] takes
 //!   right after their backward pass.
 //! - [`run_vectorised`]: any [`Vectorised`] work (the Winograd transforms and GEMMs, the
@@ -18,8 +21,9 @@
 #![allow(unsafe_code)]
 
 /// `y += x W` for a small batch: `x` is `n x inputs`, `W` `inputs x units`, `y` `n x units`
-/// (holding the bias already). Each row of `W` is read once; `y` should fit in L1 (as it
-/// does for batches of tens and layers of hundreds of units).
+/// (holding the bias already). `W` goes by in slabs of rows that stay in L2; in each, blocks
+/// of `y` held in registers take a row block's products, so each weight loaded from the
+/// cache serves eight rows of the batch in registers instead of one row in memory.
 pub fn dense_forward_small(
     x: &[f32],
     n: usize,
@@ -31,19 +35,182 @@ pub fn dense_forward_small(
     assert_eq!(x.len(), n * inputs, "dense input length");
     assert_eq!(w.len(), inputs * units, "dense weight length");
     assert_eq!(y.len(), n * units, "dense output length");
-    #[cfg(target_arch = "x86_64")]
-    {
-        let fma = std::arch::is_x86_feature_detected!("fma");
-        if fma && std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F and FMA, checked just above.
-            return unsafe { forward_avx512(x, n, w, inputs, units, y) };
+    run_vectorised(DenseForward {
+        x,
+        n,
+        w,
+        inputs,
+        units,
+        y,
+    });
+}
+
+/// `c += a b` ([`gemm`], then any columns past the last whole lane), compiled for the best
+/// vector instructions the CPU has: `a` is `m x k`, `b` row-major `k x n`, `c` row-major
+/// `m x n`. For products too small to pay for a GEMM's packing (a first convolution's
+/// `[32, 25] x [25, 784]` per example).
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) fn small_gemm(a: View<'_>, m: usize, k: usize, b: &[f32], n: usize, c: &mut [f32]) {
+    assert!(
+        b.len() >= k * n && c.len() >= m * n,
+        "small gemm operand lengths"
+    );
+    run_vectorised(SmallGemm { a, m, k, b, n, c });
+}
+
+/// The work of [`small_gemm`].
+#[cfg(not(target_arch = "wasm32"))]
+struct SmallGemm<'a> {
+    a: View<'a>,
+    m: usize,
+    k: usize,
+    b: &'a [f32],
+    n: usize,
+    c: &'a mut [f32],
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+impl Vectorised for SmallGemm<'_> {
+    #[inline(always)]
+    fn run<const FMA: bool, const WIDE: bool>(self) {
+        let Self { a, m, k, b, n, c } = self;
+        if WIDE {
+            gemm::<FMA, 8, 3>(a, m, k, b, n, c, true);
+        } else {
+            gemm::<FMA, 4, 1>(a, m, k, b, n, c, true);
         }
-        if fma && std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            return unsafe { forward_avx2(x, n, w, inputs, units, y) };
+        for i in 0..m {
+            for j in n / L * L..n {
+                let mut sum = c[i * n + j];
+                for kk in 0..k {
+                    sum = madd::<FMA>(a.data[i * a.rs + kk * a.cs], b[kk * n + j], sum);
+                }
+                c[i * n + j] = sum;
+            }
         }
     }
-    forward_portable::<false>(x, n, w, inputs, units, y);
+}
+
+/// Rows of `W` in a slab of [`DenseForward`]: 64 rows of a 512-unit layer are 128 KiB,
+/// which stay in L2 while every block of columns and rows goes over them.
+const SLAB_ROWS: usize = 64;
+
+/// A slab of [`DenseForward`]'s weight: rows `k0..k0 + k` of `W` (`b`) and columns
+/// `k0..k0 + k` of `x` (`a`).
+struct Slab<'a> {
+    a: View<'a>,
+    k: usize,
+    b: &'a [f32],
+    units: usize,
+    /// Columns in whole lanes.
+    full: usize,
+}
+
+impl Slab<'_> {
+    /// Adds the slab's products to rows `i0..i0 + R` of `y`, over the inputs that are not
+    /// zero in every one of those rows: after a ReLU many are, and their weights need not
+    /// even be read.
+    #[inline(always)]
+    fn rows<const FMA: bool, const R: usize, const NV: usize>(&self, i0: usize, y: &mut [f32]) {
+        let mut ks = [0usize; SLAB_ROWS];
+        let mut live = 0;
+        for kk in 0..self.k {
+            if (0..R).any(|r| self.a.data[(i0 + r) * self.a.rs + kk] != 0.0) {
+                ks[live] = kk;
+                live += 1;
+            }
+        }
+        let ks = &ks[..live];
+        let mut j = 0;
+        while j + NV * L <= self.full {
+            gemm_block::<FMA, R, NV>(
+                self.a,
+                i0,
+                ks.iter().copied(),
+                self.b,
+                self.units,
+                j,
+                y,
+                true,
+            );
+            j += NV * L;
+        }
+        while j + L <= self.full {
+            gemm_block::<FMA, R, 1>(
+                self.a,
+                i0,
+                ks.iter().copied(),
+                self.b,
+                self.units,
+                j,
+                y,
+                true,
+            );
+            j += L;
+        }
+    }
+}
+
+/// The work of [`dense_forward_small`].
+struct DenseForward<'a> {
+    x: &'a [f32],
+    n: usize,
+    w: &'a [f32],
+    inputs: usize,
+    units: usize,
+    y: &'a mut [f32],
+}
+
+impl Vectorised for DenseForward<'_> {
+    #[inline(always)]
+    fn run<const FMA: bool, const WIDE: bool>(self) {
+        let Self {
+            x,
+            n,
+            w,
+            inputs,
+            units,
+            y,
+        } = self;
+        let full = units / L * L;
+        for k0 in (0..inputs).step_by(SLAB_ROWS) {
+            let slab = Slab {
+                a: View {
+                    data: &x[k0..],
+                    rs: inputs,
+                    cs: 1,
+                },
+                k: SLAB_ROWS.min(inputs - k0),
+                b: &w[k0 * units..],
+                units,
+                full,
+            };
+            let mut i = 0;
+            if WIDE {
+                while i + 8 <= n {
+                    slab.rows::<FMA, 8, 3>(i, y);
+                    i += 8;
+                }
+                while i + 2 <= n {
+                    slab.rows::<FMA, 2, 3>(i, y);
+                    i += 2;
+                }
+            } else {
+                while i + 4 <= n {
+                    slab.rows::<FMA, 4, 1>(i, y);
+                    i += 4;
+                }
+            }
+            while i < n {
+                slab.rows::<FMA, 1, 1>(i, y);
+                i += 1;
+            }
+        }
+        // The columns past the last whole lane.
+        if full < units {
+            forward_portable::<FMA>(x, n, w, inputs, units, full, y);
+        }
+    }
 }
 
 /// `p -= lr g`: the plain SGD step of one tensor.
@@ -124,8 +291,128 @@ pub fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// Four rows of `W` at a time, so that each pass over a block of a row of `y` adds four
-/// products.
+/// Floats in a lane: one AVX-512 register, two AVX2 ones.
+pub(crate) const L: usize = 16;
+
+/// A lane of floats, which the compiler keeps in vector registers.
+pub(crate) type Lane = [f32; L];
+
+/// A matrix read element by element: `(i, k)` is `data[i * rs + k * cs]`, so a row-major
+/// matrix or the transpose of one.
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    pub(crate) data: &'a [f32],
+    pub(crate) rs: usize,
+    pub(crate) cs: usize,
+}
+
+/// `c = a b`, or `c += a b` when `accumulate`, for `a` an `m x k` [`View`], `b` a row-major
+/// `k x n` matrix and `c` a row-major `m x n` one: the columns in whole lanes of `L` (the
+/// caller does any past them). Made for products too small, or too thin, to pay for packing
+/// (Winograd's transformed domain, where `k` is 32 or 64; a dense layer's forward pass at a
+/// batch of ten): this reads `b`'s rows as whole lanes where they lie and broadcasts `a`'s
+/// elements, with `R x NV` lanes of `c` held in registers.
+#[cfg(not(target_arch = "wasm32"))]
+#[inline(always)]
+pub(crate) fn gemm<const FMA: bool, const R: usize, const NV: usize>(
+    a: View<'_>,
+    m: usize,
+    k: usize,
+    b: &[f32],
+    n: usize,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    let mut j = 0;
+    while j + NV * L <= n {
+        gemm_columns::<FMA, R, NV>(a, m, k, b, n, j, c, accumulate);
+        j += NV * L;
+    }
+    while j + L <= n {
+        gemm_columns::<FMA, R, 1>(a, m, k, b, n, j, c, accumulate);
+        j += L;
+    }
+}
+
+/// [`gemm`] for the `NV` lanes of columns from `j`: blocks of `R` rows, then of two, then
+/// one (a batch of ten is eight and two).
+#[cfg(not(target_arch = "wasm32"))]
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gemm_columns<const FMA: bool, const R: usize, const NV: usize>(
+    a: View<'_>,
+    m: usize,
+    k: usize,
+    b: &[f32],
+    n: usize,
+    j: usize,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    let mut i = 0;
+    while i + R <= m {
+        gemm_block::<FMA, R, NV>(a, i, 0..k, b, n, j, c, accumulate);
+        i += R;
+    }
+    while R > 2 && i + 2 <= m {
+        gemm_block::<FMA, 2, NV>(a, i, 0..k, b, n, j, c, accumulate);
+        i += 2;
+    }
+    while i < m {
+        gemm_block::<FMA, 1, NV>(a, i, 0..k, b, n, j, c, accumulate);
+        i += 1;
+    }
+}
+
+/// Rows `i0..i0 + R` and lanes `j..j + NV L` of [`gemm`]'s `c`, summing over the `ks` of `a`'s
+/// columns and `b`'s rows (`0..k` but for any the caller knows add nothing).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gemm_block<const FMA: bool, const R: usize, const NV: usize>(
+    a: View<'_>,
+    i0: usize,
+    ks: impl IntoIterator<Item = usize>,
+    b: &[f32],
+    n: usize,
+    j: usize,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    let mut acc = [[[0.0f32; L]; NV]; R];
+    if accumulate {
+        for (r, row) in acc.iter_mut().enumerate() {
+            for (v, lane) in row.iter_mut().enumerate() {
+                lane.copy_from_slice(&c[(i0 + r) * n + j + v * L..][..L]);
+            }
+        }
+    }
+    let rows: [usize; R] = std::array::from_fn(|r| (i0 + r) * a.rs);
+    for kk in ks {
+        let brow = &b[kk * n + j..][..NV * L];
+        let bv: [Lane; NV] = std::array::from_fn(|v| {
+            let mut lane = [0.0f32; L];
+            lane.copy_from_slice(&brow[v * L..][..L]);
+            lane
+        });
+        let ak = kk * a.cs;
+        for (row, &ar) in acc.iter_mut().zip(&rows) {
+            let s = a.data[ar + ak];
+            for (lane, bl) in row.iter_mut().zip(&bv) {
+                for l in 0..L {
+                    lane[l] = madd::<FMA>(s, bl[l], lane[l]);
+                }
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (v, lane) in row.iter().enumerate() {
+            c[(i0 + r) * n + j + v * L..][..L].copy_from_slice(lane);
+        }
+    }
+}
+
+/// `y += x W` for the columns of `y` from `from` on, four rows of `W` at a time, so that
+/// each pass over a block of a row of `y` adds four products.
 #[inline(always)]
 fn forward_portable<const FMA: bool>(
     x: &[f32],
@@ -133,9 +420,10 @@ fn forward_portable<const FMA: bool>(
     w: &[f32],
     inputs: usize,
     units: usize,
+    from: usize,
     y: &mut [f32],
 ) {
-    for j0 in (0..units).step_by(UNIT_BLOCK) {
+    for j0 in (from..units).step_by(UNIT_BLOCK) {
         let j1 = (j0 + UNIT_BLOCK).min(units);
         let row = |k: usize| &w[k * units + j0..k * units + j1];
         let mut k = 0;
@@ -173,25 +461,6 @@ fn forward_portable<const FMA: bool>(
             }
         }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn forward_avx2(x: &[f32], n: usize, w: &[f32], inputs: usize, units: usize, y: &mut [f32]) {
-    forward_portable::<true>(x, n, w, inputs, units, y);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn forward_avx512(
-    x: &[f32],
-    n: usize,
-    w: &[f32],
-    inputs: usize,
-    units: usize,
-    y: &mut [f32],
-) {
-    forward_portable::<true>(x, n, w, inputs, units, y);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -262,8 +531,57 @@ mod tests {
             dense_forward_small(&x, n, &w, inputs, units, &mut got);
             close(&got, &want, &format!("y ({n}, {inputs}, {units})"));
             let mut portable = bias.clone();
-            forward_portable::<false>(&x, n, &w, inputs, units, &mut portable);
+            forward_portable::<false>(&x, n, &w, inputs, units, 0, &mut portable);
             close(&portable, &want, "portable y");
+        }
+    }
+
+    /// Each register block sums a row's products in the same order, so AVX2's blocks (four
+    /// rows by one lane) give AVX-512's (eight by three) bit for bit; the baseline, without
+    /// fused multiply-adds, within rounding; and all of them the GEMM's, with the inputs that
+    /// are zero in every row skipped.
+    #[test]
+    fn every_register_block_gives_the_same_forward_pass() {
+        for (n, inputs, units) in SHAPES {
+            let mut x = values(n * inputs, 4, 3);
+            // Whole input columns zero (as after a ReLU), which the blocks skip.
+            for row in x.chunks_exact_mut(inputs) {
+                for v in row.iter_mut().step_by(5) {
+                    *v = 0.0;
+                }
+            }
+            let w = values(inputs * units, 5, 0);
+            let bias = values(n * units, 6, 0);
+            let mut want = bias.clone();
+            sgemm(
+                1.0,
+                Mat::new(&x, n, inputs),
+                Mat::new(&w, inputs, units),
+                1.0,
+                &mut want,
+            );
+            let run = |fma: bool, wide: bool| {
+                let mut y = bias.clone();
+                let task = DenseForward {
+                    x: &x,
+                    n,
+                    w: &w,
+                    inputs,
+                    units,
+                    y: &mut y,
+                };
+                match (fma, wide) {
+                    (true, true) => task.run::<true, true>(),
+                    (true, false) => task.run::<true, false>(),
+                    _ => task.run::<false, false>(),
+                }
+                y
+            };
+            let wide = run(true, true);
+            let shape = format!("({n}, {inputs}, {units})");
+            close(&wide, &want, &format!("wide {shape}"));
+            assert_eq!(run(true, false), wide, "narrow and wide blocks {shape}");
+            close(&run(false, false), &wide, &format!("baseline {shape}"));
         }
     }
 

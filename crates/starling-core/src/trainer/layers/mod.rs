@@ -22,3 +22,14 @@ pub mod lstm;
 pub mod pool;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod winograd;
+
+/// The first `len` values of the scratch buffer `buf`, which grows (with zeros) when it is
+/// shorter and never shrinks. Layers of different sizes share one buffer: resizing it to
+/// each layer's length would write zeros over everything a larger layer had used, at every
+/// step. Callers overwrite what they read.
+pub(crate) fn scratch(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
+}

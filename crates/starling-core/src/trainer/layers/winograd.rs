@@ -18,12 +18,12 @@
 //! are written out from them as one-dimensional steps with their common terms shared (the
 //! filters', once a step, stay dense products). The tests check the matrices against direct
 //! correlation, the written-out steps against the matrices, and every output and gradient
-//! against im2col. Examples go
-//! through in chunks whose transformed tiles stay in a core's L2 cache. The browser build
+//! against im2col. Examples go through in chunks whose transformed tiles stay in a core's
+//! L2 cache. The products are [`super::kernels`]' register-blocked GEMM. The browser build
 //! leaves this out (size over speed): there every convolution is im2col.
 
 use super::conv::Conv2d;
-use super::kernels::{madd, run_vectorised, Vectorised};
+use super::kernels::{gemm, run_vectorised, Lane, Vectorised, View, L};
 
 /// Tile side of the transformed domain (`m + r - 1`).
 const A: usize = 6;
@@ -33,8 +33,6 @@ const M: usize = 2;
 const R: usize = 5;
 /// Tile positions in the transformed domain.
 const XI: usize = A * A;
-/// Channels (or filters) transformed at once.
-const L: usize = 16;
 /// Tiles per chunk of examples to aim for: enough rows for the GEMMs to run well, few
 /// enough that a chunk's transformed inputs and outputs stay in L2.
 const CHUNK_TILES: usize = 96;
@@ -89,8 +87,6 @@ const GT: [[f32; A]; R] = transpose(G);
 #[cfg(test)]
 /// `B` (`A x A`), the adjoint of the input transform.
 const B_MAT: [[f32; A]; A] = transpose(BT);
-
-type Lane = [f32; L];
 
 /// `mat x matᵀ` for `L` matrices `x` at once: `mat` is `ROWS x K`, `x` is `K x K`.
 #[inline(always)]
@@ -215,112 +211,6 @@ fn a_1d(x: &[Lane; M]) -> [Lane; A] {
         y[5][l] = g1;
     }
     y
-}
-
-/// A matrix read element by element: `(i, k)` is `data[i * rs + k * cs]`, so a row-major
-/// matrix or the transpose of one.
-#[derive(Clone, Copy)]
-struct View<'a> {
-    data: &'a [f32],
-    rs: usize,
-    cs: usize,
-}
-
-/// `c = a b`, or `c += a b` when `accumulate`, for `a` an `m x k` [`View`], `b` a row-major
-/// `k x n` matrix and `c` a row-major `m x n` one, `n` a multiple of `L`. The transformed
-/// domain's products are small (`k` is 32 or 64), so a general GEMM spends as long copying
-/// its operands into packed panels as multiplying; this reads `b`'s rows as whole lanes and
-/// broadcasts `a`'s elements, with `R x NV` lanes of `c` held in registers.
-#[inline(always)]
-fn gemm<const FMA: bool, const R: usize, const NV: usize>(
-    a: View<'_>,
-    m: usize,
-    k: usize,
-    b: &[f32],
-    n: usize,
-    c: &mut [f32],
-    accumulate: bool,
-) {
-    debug_assert_eq!(n % L, 0);
-    let mut j = 0;
-    while j + NV * L <= n {
-        gemm_columns::<FMA, R, NV>(a, m, k, b, n, j, c, accumulate);
-        j += NV * L;
-    }
-    while j < n {
-        gemm_columns::<FMA, R, 1>(a, m, k, b, n, j, c, accumulate);
-        j += L;
-    }
-}
-
-/// [`gemm`] for the `NV` lanes of columns from `j`: blocks of `R` rows, then single rows.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn gemm_columns<const FMA: bool, const R: usize, const NV: usize>(
-    a: View<'_>,
-    m: usize,
-    k: usize,
-    b: &[f32],
-    n: usize,
-    j: usize,
-    c: &mut [f32],
-    accumulate: bool,
-) {
-    let mut i = 0;
-    while i + R <= m {
-        gemm_block::<FMA, R, NV>(a, i, k, b, n, j, c, accumulate);
-        i += R;
-    }
-    while i < m {
-        gemm_block::<FMA, 1, NV>(a, i, k, b, n, j, c, accumulate);
-        i += 1;
-    }
-}
-
-/// Rows `i0..i0 + R` and lanes `j..j + NV L` of [`gemm`]'s `c`.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn gemm_block<const FMA: bool, const R: usize, const NV: usize>(
-    a: View<'_>,
-    i0: usize,
-    k: usize,
-    b: &[f32],
-    n: usize,
-    j: usize,
-    c: &mut [f32],
-    accumulate: bool,
-) {
-    let mut acc = [[[0.0f32; L]; NV]; R];
-    if accumulate {
-        for (r, row) in acc.iter_mut().enumerate() {
-            for (v, lane) in row.iter_mut().enumerate() {
-                lane.copy_from_slice(&c[(i0 + r) * n + j + v * L..][..L]);
-            }
-        }
-    }
-    let rows: [usize; R] = std::array::from_fn(|r| (i0 + r) * a.rs);
-    for kk in 0..k {
-        let brow = &b[kk * n + j..][..NV * L];
-        let bv: [Lane; NV] = std::array::from_fn(|v| {
-            let mut lane = [0.0f32; L];
-            lane.copy_from_slice(&brow[v * L..][..L]);
-            lane
-        });
-        let ak = kk * a.cs;
-        for (row, &ar) in acc.iter_mut().zip(&rows) {
-            let s = a.data[ar + ak];
-            for (lane, bl) in row.iter_mut().zip(&bv) {
-                for l in 0..L {
-                    lane[l] = madd::<FMA>(s, bl[l], lane[l]);
-                }
-            }
-        }
-    }
-    for (r, row) in acc.iter().enumerate() {
-        for (v, lane) in row.iter().enumerate() {
-            c[(i0 + r) * n + j + v * L..][..L].copy_from_slice(lane);
-        }
-    }
 }
 
 /// Whether the layer is one this module computes: a 5x5 kernel at stride 1 over enough
@@ -501,8 +391,8 @@ impl Vectorised for Forward<'_> {
         let plan = Plan::new(conv, n);
         let (cp, fp, tiles_max) = (plan.cp, plan.fp, plan.tiles());
         let xp_len = plan.chunk * plan.padded_len();
-        scratch.resize(xp_len + XI * tiles_max * (cp + fp) + 2 * XI * fp * cp, 0.0);
-        let (xp, rest) = scratch.split_at_mut(xp_len);
+        let len = xp_len + XI * tiles_max * (cp + fp) + 2 * XI * fp * cp;
+        let (xp, rest) = super::scratch(scratch, len).split_at_mut(xp_len);
         let (v, rest) = rest.split_at_mut(XI * tiles_max * cp);
         let (m, rest) = rest.split_at_mut(XI * tiles_max * fp);
         let (u, ut) = rest.split_at_mut(XI * fp * cp);
@@ -610,8 +500,8 @@ impl Vectorised for Backward<'_> {
         let (oh, ow) = (conv.out_height, conv.out_width);
         conv.bias_gradient(dy, db);
         let xp_len = plan.chunk * plan.padded_len();
-        scratch.resize(xp_len + XI * tiles_max * (cp + fp), 0.0);
-        let (xp, rest) = scratch.split_at_mut(xp_len);
+        let len = xp_len + XI * tiles_max * (cp + fp);
+        let (xp, rest) = super::scratch(scratch, len).split_at_mut(xp_len);
         let (v, dm) = rest.split_at_mut(XI * tiles_max * cp);
         let want_dx = dx.is_some();
         let dx_len = if want_dx {
@@ -619,8 +509,8 @@ impl Vectorised for Backward<'_> {
         } else {
             0
         };
-        scratch2.resize(2 * XI * fp * cp + dx_len, 0.0);
-        let (u, rest) = scratch2.split_at_mut(XI * fp * cp);
+        let (u, rest) =
+            super::scratch(scratch2, 2 * XI * fp * cp + dx_len).split_at_mut(XI * fp * cp);
         let (du, rest) = rest.split_at_mut(XI * fp * cp);
         let (dv, dxp) = rest.split_at_mut(dx_len - if want_dx { xp_len } else { 0 });
         if want_dx {
