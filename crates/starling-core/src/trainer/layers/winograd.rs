@@ -290,13 +290,26 @@ impl Plan {
 /// Copies examples of `x` (NCHW) into the zero-padded, channels-last buffer `xp`.
 #[inline(always)]
 fn pad_input(conv: &Conv2d, plan: &Plan, x: &[f32], xp: &mut [f32]) {
-    xp.fill(0.0);
     let (h, w) = (conv.height, conv.width);
     let (rows, cols) = plan.copied(conv);
+    let line = plan.wp * plan.cp;
     for (src, dst) in x
         .chunks_exact(plan.c * h * w)
         .zip(xp.chunks_exact_mut(plan.padded_len()))
     {
+        // Zeros where no input is copied: everything when channels are padded, else the
+        // border (the buffer is reused, so its inside holds the last chunk's input).
+        if plan.cp != plan.c {
+            dst.fill(0.0);
+        } else {
+            dst[..conv.pad_top * line].fill(0.0);
+            dst[(conv.pad_top + rows) * line..].fill(0.0);
+            for r in 0..rows {
+                let l = &mut dst[(conv.pad_top + r) * line..][..line];
+                l[..conv.pad_left * plan.cp].fill(0.0);
+                l[(conv.pad_left + cols) * plan.cp..].fill(0.0);
+            }
+        }
         for (c, plane) in src.chunks_exact(h * w).enumerate() {
             for r in 0..rows {
                 let d = ((r + conv.pad_top) * plan.wp + conv.pad_left) * plan.cp + c;
@@ -329,16 +342,28 @@ fn transform_input<const FMA: bool>(plan: &Plan, xp: &[f32], tiles: usize, v: &m
     }
 }
 
-/// `U[ξ][f][c] = (G g Gᵀ)[ξ]` for every filter `g = w[f][c]` (zero for padding).
+/// `U[ξ][f][c] = (G g Gᵀ)[ξ]` for every filter `g = w[f][c]` (zero for padding), or with
+/// `CHANNEL_MAJOR` `Uᵀ[ξ][c][f]`, as the forward product reads it. Lanes run along the last
+/// index: 16 channels of a filter, or 16 filters of a channel.
 #[inline(always)]
-fn transform_filters<const FMA: bool>(plan: &Plan, w: &[f32], u: &mut [f32]) {
-    let (c, cp) = (plan.c, plan.cp);
-    for f in 0..plan.fp {
-        for c0 in (0..cp).step_by(L) {
+fn transform_filters<const CHANNEL_MAJOR: bool>(plan: &Plan, w: &[f32], u: &mut [f32]) {
+    let (c, f) = (plan.c, plan.f);
+    let (outer, lanes) = if CHANNEL_MAJOR {
+        (plan.cp, plan.fp)
+    } else {
+        (plan.fp, plan.cp)
+    };
+    for o in 0..outer {
+        for l0 in (0..lanes).step_by(L) {
             let mut g = [[[0.0f32; L]; R]; R];
-            if f < plan.f {
-                for l in 0..L.min(c.saturating_sub(c0)) {
-                    let src = &w[(f * c + c0 + l) * R * R..][..R * R];
+            for l in 0..L {
+                let (fi, ci) = if CHANNEL_MAJOR {
+                    (l0 + l, o)
+                } else {
+                    (o, l0 + l)
+                };
+                if fi < f && ci < c {
+                    let src = &w[(fi * c + ci) * R * R..][..R * R];
                     for (i, row) in g.iter_mut().enumerate() {
                         for (j, gij) in row.iter_mut().enumerate() {
                             gij[l] = src[i * R + j];
@@ -348,19 +373,7 @@ fn transform_filters<const FMA: bool>(plan: &Plan, w: &[f32], u: &mut [f32]) {
             }
             let out = sandwich::<A, R>(&G, &g);
             for (xi, lane) in out.iter().flatten().enumerate() {
-                u[(xi * plan.fp + f) * cp + c0..][..L].copy_from_slice(lane);
-            }
-        }
-    }
-}
-
-/// `Uᵀ[ξ][c][f]` from `U[ξ][f][c]`: the forward product reads the filters channel-major.
-fn transpose_filters(plan: &Plan, u: &[f32], ut: &mut [f32]) {
-    let (cp, fp) = (plan.cp, plan.fp);
-    for (u_xi, ut_xi) in u.chunks_exact(fp * cp).zip(ut.chunks_exact_mut(fp * cp)) {
-        for (f, row) in u_xi.chunks_exact(cp).enumerate() {
-            for (ci, &v) in row.iter().enumerate() {
-                ut_xi[ci * fp + f] = v;
+                u[(xi * outer + o) * lanes + l0..][..L].copy_from_slice(lane);
             }
         }
     }
@@ -391,13 +404,11 @@ impl Vectorised for Forward<'_> {
         let plan = Plan::new(conv, n);
         let (cp, fp, tiles_max) = (plan.cp, plan.fp, plan.tiles());
         let xp_len = plan.chunk * plan.padded_len();
-        let len = xp_len + XI * tiles_max * (cp + fp) + 2 * XI * fp * cp;
+        let len = xp_len + XI * tiles_max * (cp + fp) + XI * fp * cp;
         let (xp, rest) = super::scratch(scratch, len).split_at_mut(xp_len);
         let (v, rest) = rest.split_at_mut(XI * tiles_max * cp);
-        let (m, rest) = rest.split_at_mut(XI * tiles_max * fp);
-        let (u, ut) = rest.split_at_mut(XI * fp * cp);
-        transform_filters::<FMA>(&plan, w, u);
-        transpose_filters(&plan, u, ut);
+        let (m, ut) = rest.split_at_mut(XI * tiles_max * fp);
+        transform_filters::<true>(&plan, w, ut);
         let (il, ol) = (conv.input_len(), conv.output_len());
         let (oh, ow) = (conv.out_height, conv.out_width);
         for (xc, yc) in x.chunks(plan.chunk * il).zip(y.chunks_mut(plan.chunk * ol)) {
@@ -514,7 +525,7 @@ impl Vectorised for Backward<'_> {
         let (du, rest) = rest.split_at_mut(XI * fp * cp);
         let (dv, dxp) = rest.split_at_mut(dx_len - if want_dx { xp_len } else { 0 });
         if want_dx {
-            transform_filters::<FMA>(&plan, w, u);
+            transform_filters::<false>(&plan, w, u);
         }
         for (k, (xc, dyc)) in x
             .chunks(plan.chunk * il)
@@ -606,7 +617,10 @@ impl Vectorised for Backward<'_> {
                     .chunks_exact_mut(il)
                     .zip(dxp.chunks_exact(plan.padded_len()))
                 {
-                    dst.fill(0.0);
+                    // Input positions no kept output reads get no gradient.
+                    if rows < h || cols < wd {
+                        dst.fill(0.0);
+                    }
                     for (ci, plane) in dst.chunks_exact_mut(h * wd).enumerate() {
                         for r in 0..rows {
                             let s = ((r + conv.pad_top) * plan.wp + conv.pad_left) * cp + ci;
@@ -765,6 +779,9 @@ mod tests {
             (9, 11, 8, 3, Padding::Valid, 2),
             (8, 5, 6, 17, Padding::Valid, 1),
             (12, 3, 2, 4, Padding::Same, 4),
+            // Channels in whole lanes: only the padded input's border is zeroed.
+            (16, 9, 10, 5, Padding::Same, 3),
+            (32, 8, 7, 6, Padding::Valid, 2),
         ]
         .iter()
         .enumerate()
@@ -776,7 +793,9 @@ mod tests {
             let wt = random(f * c * R * R, seed + 2);
             let b = random(f, seed + 3);
             let dy = random(n * conv.output_len(), seed + 4);
-            let (mut s1, mut s2) = (Vec::new(), Vec::new());
+            // Scratch holding garbage (as a shared buffer does after another layer): nothing
+            // may read what it did not write.
+            let (mut s1, mut s2) = (vec![f32::NAN; 1 << 20], vec![f32::NAN; 1 << 20]);
             let mut y = vec![0.0; n * conv.output_len()];
             let mut y_ref = y.clone();
             forward(&conv, &x, n, &wt, &b, &mut y, &mut s1);
@@ -796,7 +815,7 @@ mod tests {
                 &mut s1,
                 &mut s2,
             );
-            let (mut c1, mut c2) = (Vec::new(), Vec::new());
+            let (mut c1, mut c2) = (vec![f32::NAN; 1 << 20], vec![f32::NAN; 1 << 20]);
             conv.backward_im2col(
                 &x,
                 n,
