@@ -251,7 +251,8 @@ impl EnrollmentGuard {
     }
 
     /// Networks tracked now.
-    pub fn tracked(&self) -> usize {
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
         self.windows().by_key.len()
     }
 

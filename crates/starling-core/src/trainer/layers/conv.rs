@@ -10,7 +10,7 @@
 
 use super::gemm::{sgemm, Mat};
 #[cfg(not(target_arch = "wasm32"))]
-use super::kernels::{small_gemm, View};
+use super::kernels::{lane_sum, small_gemm, View, L};
 use crate::trainer::spec::Padding;
 
 /// The output size along one spatial dimension and the zero padding before the input, or
@@ -352,9 +352,8 @@ impl Conv2d {
 /// The sum of `v`: natively in 16 interleaved partial sums, then those as a tree.
 #[cfg(not(target_arch = "wasm32"))]
 fn plane_sum(v: &[f32]) -> f32 {
-    const PARTS: usize = 16;
-    let mut part = [0.0f32; PARTS];
-    let mut chunks = v.chunks_exact(PARTS);
+    let mut part = [0.0f32; L];
+    let mut chunks = v.chunks_exact(L);
     for c in &mut chunks {
         for (s, x) in part.iter_mut().zip(c) {
             *s += x;
@@ -363,14 +362,7 @@ fn plane_sum(v: &[f32]) -> f32 {
     for (s, x) in part.iter_mut().zip(chunks.remainder()) {
         *s += x;
     }
-    let mut width = PARTS;
-    while width > 1 {
-        width /= 2;
-        for l in 0..width {
-            part[l] += part[l + width];
-        }
-    }
-    part[0]
+    lane_sum(&part)
 }
 
 /// The sum of `v`, in order (the browser's module: size over speed).

@@ -5,7 +5,7 @@
 
 use super::gemm::{sgemm, sgemm_strided, Mat};
 #[cfg(not(target_arch = "wasm32"))]
-use super::kernels::{dense_forward_small, madd, run_vectorised, Vectorised};
+use super::kernels::{dense_forward_small, lane_sum, madd, run_vectorised, Vectorised};
 
 /// The largest batch the forward pass gives the small-batch kernel (its output stays in L1).
 pub const SMALL_BATCH: usize = 16;
@@ -253,15 +253,6 @@ fn lane_at(v: &[f32], u: usize) -> [f32; LANE] {
     let mut lane = [0.0f32; LANE];
     lane.copy_from_slice(&v[u..u + LANE]);
     lane
-}
-
-/// The sum of a lane's values, as a tree.
-#[cfg(not(target_arch = "wasm32"))]
-#[inline(always)]
-fn lane_sum(a: &[f32; LANE]) -> f32 {
-    let h: [f32; 8] = std::array::from_fn(|l| a[l] + a[l + 8]);
-    let q: [f32; 4] = std::array::from_fn(|l| h[l] + h[l + 4]);
-    (q[0] + q[2]) + (q[1] + q[3])
 }
 
 /// `row · dy[b0 + g]` for `G` rows of `dy`.

@@ -306,6 +306,16 @@ pub(crate) struct View<'a> {
     pub(crate) cs: usize,
 }
 
+/// The sum of a lane's values, as a tree (`(l, l + 8)`, then `(l, l + 4)`, ...): a plain
+/// sum would be one chain of dependent additions.
+#[cfg(not(target_arch = "wasm32"))]
+#[inline(always)]
+pub(crate) fn lane_sum(a: &Lane) -> f32 {
+    let h: [f32; 8] = std::array::from_fn(|l| a[l] + a[l + 8]);
+    let q: [f32; 4] = std::array::from_fn(|l| h[l] + h[l + 4]);
+    (q[0] + q[2]) + (q[1] + q[3])
+}
+
 /// `c = a b`, or `c += a b` when `accumulate`, for `a` an `m x k` [`View`], `b` a row-major
 /// `k x n` matrix and `c` a row-major `m x n` one: the columns in whole lanes of `L` (the
 /// caller does any past them). Made for products too small, or too thin, to pay for packing
