@@ -10,6 +10,8 @@ step() {
 
 step "set-up: bash scripts/setup.sh"
 bash scripts/setup.sh
+# The build needs about 5 GB under target/; say what there is, so a full disk is plain to see.
+df -h . | tail -n 1
 
 step "format: cargo fmt --all --check"
 cargo fmt --all --check
