@@ -4,8 +4,9 @@
 //! backward pass also steps the weight ([`backward_sgd`]).
 
 use super::gemm::{sgemm, sgemm_strided, Mat};
+// `LANE`: the floats of a row of `W` worked on at once by `SmallStep`, one vector register.
 #[cfg(not(target_arch = "wasm32"))]
-use super::kernels::{dense_forward_small, lane_sum, madd, run_vectorised, Vectorised};
+use super::kernels::{dense_forward_small, lane_sum, madd, run_vectorised, Vectorised, L as LANE};
 
 /// The largest batch the forward pass gives the small-batch kernel (its output stays in L1).
 pub const SMALL_BATCH: usize = 16;
@@ -154,10 +155,6 @@ pub fn backward_sgd(
 /// row by row, the 2NN trained at 0.65x.
 #[cfg(not(target_arch = "wasm32"))]
 const SMALL_STEP_MIN_WEIGHTS: usize = 1 << 18;
-
-/// Lanes of a row of `W` worked on at once by [`SmallStep`].
-#[cfg(not(target_arch = "wasm32"))]
-const LANE: usize = 16;
 
 /// [`backward_sgd`] for a small batch, row by row of `W`: each row is read from memory once,
 /// and while it is in L1 gives its column of `dx` (dot products with the rows of `dy`, which
