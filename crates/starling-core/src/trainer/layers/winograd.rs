@@ -325,10 +325,11 @@ fn pad_input(conv: &Conv2d, plan: &Plan, x: &[f32], xp: &mut [f32]) {
 #[inline(always)]
 fn transform_input<const FMA: bool>(plan: &Plan, xp: &[f32], tiles: usize, v: &mut [f32]) {
     let cp = plan.cp;
+    // Every tile overwrites all of `d`: zeroed once here, not per tile (a `memset` call).
+    let mut d = [[[0.0f32; L]; A]; A];
     for t in 0..tiles {
         let o = plan.tile_origin(t);
         for c0 in (0..cp).step_by(L) {
-            let mut d = [[[0.0f32; L]; A]; A];
             for (i, row) in d.iter_mut().enumerate() {
                 for (j, lane) in row.iter_mut().enumerate() {
                     lane.copy_from_slice(&xp[o + (i * plan.wp + j) * cp + c0..][..L]);
@@ -411,6 +412,8 @@ impl Vectorised for Forward<'_> {
         transform_filters::<true>(&plan, w, ut);
         let (il, ol) = (conv.input_len(), conv.output_len());
         let (oh, ow) = (conv.out_height, conv.out_width);
+        // Every tile overwrites all of `mt`: zeroed once here, not per tile (a `memset` call).
+        let mut mt = [[[0.0f32; L]; A]; A];
         for (xc, yc) in x.chunks(plan.chunk * il).zip(y.chunks_mut(plan.chunk * ol)) {
             let examples = xc.len() / il;
             let tiles = examples * plan.per_example;
@@ -437,7 +440,6 @@ impl Vectorised for Forward<'_> {
             for t in 0..tiles {
                 let (e, ty, tx) = plan.tile(t);
                 for f0 in (0..plan.f).step_by(L) {
-                    let mut mt = [[[0.0f32; L]; A]; A];
                     for (xi, lane) in mt.iter_mut().flatten().enumerate() {
                         lane.copy_from_slice(&m[(xi * tiles + t) * fp + f0..][..L]);
                     }
@@ -591,10 +593,11 @@ impl Vectorised for Backward<'_> {
                 // `dd = B dV Bᵀ`, added onto the overlapping tiles of the padded input.
                 let dxp = &mut dxp[..examples * plan.padded_len()];
                 dxp.fill(0.0);
+                // Every tile overwrites all of `dvt`: zeroed once here, not per tile.
+                let mut dvt = [[[0.0f32; L]; A]; A];
                 for t in 0..tiles {
                     let o = plan.tile_origin(t);
                     for c0 in (0..cp).step_by(L) {
-                        let mut dvt = [[[0.0f32; L]; A]; A];
                         for (xi, lane) in dvt.iter_mut().flatten().enumerate() {
                             lane.copy_from_slice(&dv[(xi * tiles + t) * cp + c0..][..L]);
                         }
@@ -636,10 +639,10 @@ impl Vectorised for Backward<'_> {
             dw.fill(0.0);
             return;
         }
-        // `dg = Gᵀ dU G`, for 16 channels of a filter at once.
+        // `dg = Gᵀ dU G`, for 16 channels of a filter at once. Each overwrites all of `dut`.
+        let mut dut = [[[0.0f32; L]; A]; A];
         for fi in 0..f {
             for c0 in (0..c).step_by(L) {
-                let mut dut = [[[0.0f32; L]; A]; A];
                 for (xi, lane) in dut.iter_mut().flatten().enumerate() {
                     lane.copy_from_slice(&du[(xi * fp + fi) * cp + c0..][..L]);
                 }
