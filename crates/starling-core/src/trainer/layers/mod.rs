@@ -27,6 +27,24 @@ pub mod winograd;
 /// shorter and never shrinks. Layers of different sizes share one buffer: resizing it to
 /// each layer's length would write zeros over everything a larger layer had used, at every
 /// step. Callers overwrite what they read.
+///
+/// Natively the slice starts on a cache line (64 bytes, a vector of 16 floats): the
+/// allocator aligns to 16 bytes only, and a vector load or store that straddles two lines
+/// costs two. The kernels' buffers cut from it are whole vectors long, so they start on
+/// lines too.
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) fn scratch(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    // Room for the start to move to the next line.
+    const ROOM: usize = 16;
+    if buf.len() < len + ROOM {
+        buf.resize(len + ROOM, 0.0);
+    }
+    let start = buf.as_ptr().align_offset(64).min(ROOM);
+    &mut buf[start..start + len]
+}
+
+/// [`scratch`] in the browser, whose module has no wide vectors (and no bytes to spare).
+#[cfg(target_arch = "wasm32")]
 pub(crate) fn scratch(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if buf.len() < len {
         buf.resize(len, 0.0);
