@@ -152,9 +152,9 @@ pub fn backward_sgd(
 /// The fewest weights for which a small batch's step goes row by row ([`SmallStep`]): where
 /// the weight is beyond half a core's L2 cache (1 MB; the CNN's first dense layer is 6.4 MB)
 /// moving it is the cost. A weight that fits (the 2NN's 0.6 MB) is faster on the GEMMs:
-/// row by row, the 2NN trained at 0.65x.
-#[cfg(not(target_arch = "wasm32"))]
-const SMALL_STEP_MIN_WEIGHTS: usize = 1 << 18;
+/// row by row, the 2NN trained at 0.65x. The small-batch forward pass fetches a weight this
+/// large a slab ahead.
+pub(crate) const SMALL_STEP_MIN_WEIGHTS: usize = 1 << 18;
 
 /// [`backward_sgd`] for a small batch, row by row of `W`: each row is read from memory once,
 /// and while it is in L1 gives its column of `dx` (dot products with the rows of `dy`, which

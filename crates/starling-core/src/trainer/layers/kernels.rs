@@ -104,6 +104,9 @@ struct Slab<'a> {
     units: usize,
     /// Columns in whole lanes.
     full: usize,
+    /// The next slab's rows of `W` (empty for the last), fetched into the cache while
+    /// this one is worked on.
+    next: &'a [f32],
 }
 
 impl Slab<'_> {
@@ -123,6 +126,13 @@ impl Slab<'_> {
         let ks = &ks[..live];
         let mut j = 0;
         while j + NV * L <= self.full {
+            if i0 == 0 {
+                for kk in 0..SLAB_ROWS {
+                    for v in 0..NV {
+                        prefetch(self.next, kk * self.units + j + v * L);
+                    }
+                }
+            }
             gemm_block::<FMA, R, NV>(
                 self.a,
                 i0,
@@ -173,6 +183,10 @@ impl Vectorised for DenseForward<'_> {
             y,
         } = self;
         let full = units / L * L;
+        // A weight beyond the L2 cache (the CNN's 6.4 MB) is fetched a slab ahead: the
+        // slabs are read a few lanes of each row at a time, which the CPU does not foresee.
+        // One that fits (the 2NN's) is in the cache already, and fetching it is pure cost.
+        let prefetch_next = inputs * units >= super::dense::SMALL_STEP_MIN_WEIGHTS;
         for k0 in (0..inputs).step_by(SLAB_ROWS) {
             let slab = Slab {
                 a: View {
@@ -184,6 +198,11 @@ impl Vectorised for DenseForward<'_> {
                 b: &w[k0 * units..],
                 units,
                 full,
+                next: if prefetch_next {
+                    w.get((k0 + SLAB_ROWS) * units..).unwrap_or(&[])
+                } else {
+                    &[]
+                },
             };
             let mut i = 0;
             if WIDE {
@@ -209,6 +228,21 @@ impl Vectorised for DenseForward<'_> {
         // The columns past the last whole lane.
         if full < units {
             forward_portable::<FMA>(x, n, w, inputs, units, full, y);
+        }
+    }
+}
+
+/// Asks the CPU to bring `v[at]` into its L2 cache (if `at` is inside `v`).
+#[inline(always)]
+fn prefetch(v: &[f32], at: usize) {
+    if at < v.len() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the address is inside `v`; a prefetch is only a hint, which changes
+        // nothing the program sees and never faults.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
+                v.as_ptr().add(at).cast(),
+            );
         }
     }
 }
