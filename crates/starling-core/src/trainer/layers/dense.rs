@@ -177,6 +177,19 @@ struct SmallStep<'a> {
 impl Vectorised for SmallStep<'_> {
     #[inline(always)]
     fn run<const FMA: bool, const WIDE: bool>(self) {
+        if WIDE {
+            // The whole batch in one pass over each row: `dy`'s rows are loaded once, for
+            // both `dx` and the update (which needs the old row for `dx` first).
+            macro_rules! by_batch {
+                ($($g:literal)*) => {
+                    match self.n {
+                        $($g => return self.whole_batch::<FMA, $g>(),)*
+                        _ => {}
+                    }
+                };
+            }
+            by_batch!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
+        }
         let Self {
             x,
             n,
@@ -187,21 +200,6 @@ impl Vectorised for SmallStep<'_> {
             learning_rate,
             mut dx,
         } = self;
-        if WIDE {
-            // The whole batch in one pass over each row: `dy`'s rows are loaded once, for
-            // both `dx` and the update (which needs the old row for `dx` first).
-            macro_rules! by_batch {
-                ($($g:literal)*) => {
-                    match n {
-                        $($g => return whole_batch::<FMA, $g>(
-                            x, w, dy, inputs, units, learning_rate, dx,
-                        ),)*
-                        _ => {}
-                    }
-                };
-            }
-            by_batch!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16);
-        }
         for (i, row) in w.chunks_exact_mut(units).enumerate() {
             // `dx[:, i] = dy W[i]ᵀ`, from the row as it was.
             if let Some(dx) = dx.as_deref_mut() {
@@ -258,56 +256,52 @@ impl Vectorised for SmallStep<'_> {
     }
 }
 
-/// [`SmallStep`] for a batch of `G` (with 32 vector registers): each row of `W` is read and
-/// written once, and each lane of it meets each of `dy`'s rows once, taking that row's
-/// product for `dx` (with the old weights) and its share of the update together. Row by
-/// row in groups (the other path) the rows of `dy` are read twice, once for `dx` and once
-/// for the update, and the loads, not the multiply-adds, set the pace.
 #[cfg(not(target_arch = "wasm32"))]
-#[inline(always)]
-fn whole_batch<const FMA: bool, const G: usize>(
-    x: &[f32],
-    w: &mut [f32],
-    dy: &[f32],
-    inputs: usize,
-    units: usize,
-    learning_rate: f32,
-    mut dx: Option<&mut [f32]>,
-) {
-    let dys: [&[f32]; G] = std::array::from_fn(|g| &dy[g * units..][..units]);
-    let full = units / LANE * LANE;
-    for (i, row) in w.chunks_exact_mut(units).enumerate() {
-        let s: [f32; G] = std::array::from_fn(|g| -learning_rate * x[g * inputs + i]);
-        // Nothing to add where every input is zero (inputs after a ReLU often are).
-        let update = s.iter().any(|&v| v != 0.0);
-        let mut acc = [[0.0f32; LANE]; G];
-        for u in (0..full).step_by(LANE) {
-            let old = lane_at(row, u);
-            let mut new = old;
-            for (g, a) in acc.iter_mut().enumerate() {
-                let d = lane_at(dys[g], u);
-                for l in 0..LANE {
-                    a[l] = madd::<FMA>(d[l], old[l], a[l]);
-                    new[l] = madd::<FMA>(s[g], d[l], new[l]);
+impl SmallStep<'_> {
+    /// The step for a batch of `G` (with 32 vector registers): each row of `W` is read and
+    /// written once, and each lane of it meets each of `dy`'s rows once, taking that row's
+    /// product for `dx` (with the old weights) and its share of the update together. Row
+    /// by row in groups (the other path) the rows of `dy` are read twice, once for `dx` and
+    /// once for the update, and the loads, not the multiply-adds, set the pace.
+    #[inline(always)]
+    fn whole_batch<const FMA: bool, const G: usize>(self) {
+        let (x, dy, inputs, units) = (self.x, self.dy, self.inputs, self.units);
+        let (w, mut dx, learning_rate) = (self.w, self.dx, self.learning_rate);
+        let dys: [&[f32]; G] = std::array::from_fn(|g| &dy[g * units..][..units]);
+        let full = units / LANE * LANE;
+        for (i, row) in w.chunks_exact_mut(units).enumerate() {
+            let s: [f32; G] = std::array::from_fn(|g| -learning_rate * x[g * inputs + i]);
+            // Nothing to add where every input is zero (inputs after a ReLU often are).
+            let update = s.iter().any(|&v| v != 0.0);
+            let mut acc = [[0.0f32; LANE]; G];
+            for u in (0..full).step_by(LANE) {
+                let old = lane_at(row, u);
+                let mut new = old;
+                for (g, a) in acc.iter_mut().enumerate() {
+                    let d = lane_at(dys[g], u);
+                    for l in 0..LANE {
+                        a[l] = madd::<FMA>(d[l], old[l], a[l]);
+                        new[l] = madd::<FMA>(s[g], d[l], new[l]);
+                    }
+                }
+                if update {
+                    row[u..u + LANE].copy_from_slice(&new);
+                }
+            }
+            if let Some(dx) = dx.as_deref_mut() {
+                for (g, a) in acc.iter().enumerate() {
+                    let mut sum = lane_sum(a);
+                    for u in full..units {
+                        sum = madd::<FMA>(dys[g][u], row[u], sum);
+                    }
+                    dx[g * inputs + i] = sum;
                 }
             }
             if update {
-                row[u..u + LANE].copy_from_slice(&new);
-            }
-        }
-        if let Some(dx) = dx.as_deref_mut() {
-            for (g, a) in acc.iter().enumerate() {
-                let mut sum = lane_sum(a);
                 for u in full..units {
-                    sum = madd::<FMA>(dys[g][u], row[u], sum);
-                }
-                dx[g * inputs + i] = sum;
-            }
-        }
-        if update {
-            for u in full..units {
-                for (&sg, d) in s.iter().zip(&dys) {
-                    row[u] = madd::<FMA>(sg, d[u], row[u]);
+                    for (&sg, d) in s.iter().zip(&dys) {
+                        row[u] = madd::<FMA>(sg, d[u], row[u]);
+                    }
                 }
             }
         }
