@@ -32,6 +32,9 @@ enum Op {
         /// Rows per example: 1, or the steps of a sequence (the layer applied to each step;
         /// time-major data makes that one product over `steps n` rows).
         steps: usize,
+        /// The input is a ReLU's output, perhaps pooled or flattened since: its gradient is
+        /// masked wherever it is zero ([`dense::backward_sgd`] skips those rows).
+        relu_input: bool,
     },
     Conv {
         weight: usize,
@@ -157,6 +160,20 @@ fn with_workspace<R>(f: impl FnOnce(&mut Workspace) -> R) -> R {
     })
 }
 
+/// Whether the output of `ops` is a ReLU's, perhaps max-pooled or flattened since: then it
+/// is zero only where the ReLU's was at the positions it came from, and a gradient with
+/// respect to it matters only where it is not zero (the ReLU's backward pass zeroes the rest).
+fn relu_before(ops: &[Op]) -> bool {
+    for op in ops.iter().rev() {
+        match op {
+            Op::Flatten | Op::MaxPool(_) => continue,
+            Op::Act(Activation::Relu) => return true,
+            _ => return false,
+        }
+    }
+    false
+}
+
 fn dims3(shape: &[usize]) -> [usize; 3] {
     match *shape {
         [c, h, w] => [c, h, w],
@@ -199,6 +216,7 @@ impl Model {
                         inputs,
                         units: *units,
                         steps,
+                        relu_input: relu_before(&ops),
                     }
                 }
                 LayerSpec::Conv2d {
@@ -413,6 +431,7 @@ impl Model {
                 inputs,
                 units,
                 steps,
+                ..
             } => dense::forward(
                 input,
                 n * steps,
@@ -627,6 +646,7 @@ impl Model {
                     inputs,
                     units,
                     steps,
+                    relu_input,
                 } => {
                     // A dense layer on a sequence works on all its steps' rows at once.
                     let n = n * steps;
@@ -642,7 +662,17 @@ impl Model {
                             learning_rate,
                         } => {
                             let w = params.at_mut(*weight).data_mut();
-                            dense::backward_sgd(x, n, w, dy, *inputs, *units, *learning_rate, dx);
+                            dense::backward_sgd(
+                                x,
+                                n,
+                                w,
+                                dy,
+                                *inputs,
+                                *units,
+                                *learning_rate,
+                                *relu_input,
+                                dx,
+                            );
                             dense::bias_gradient(dy, *units, &mut db);
                         }
                         Params::Read(params) => {

@@ -223,6 +223,94 @@ fn unusable_data_and_plans_are_refused() {
     assert!(train(&model, &mut p, &ok, &zero, |_| {}).is_err());
 }
 
+/// A dense layer after a ReLU skips, in its fused step, the weight rows whose inputs are zero
+/// across the whole batch (dead units here; in a trained CNN, the feature maps over an image's
+/// blank margins), and writes zeros for their input gradient, which the ReLU would zero. With
+/// a third of the first layer's units dead (a large negative bias), the parameters after a
+/// few steps still equal those of `train_batch` and `Sgd::step`, and the dead units stay dead.
+/// After a tanh, a zero output (of a unit with zero weights and bias) still has a gradient:
+/// nothing is skipped, and those units train.
+#[test]
+fn the_fused_step_skips_dead_relu_inputs_and_changes_nothing() {
+    use rand::{Rng, SeedableRng};
+    use starling_core::trainer::optim::Sgd;
+    use starling_core::trainer::spec::{Init, LayerSpec, LossSpec, ModelSpec};
+    use starling_core::Parameters;
+    let dense = |units| LayerSpec::Dense {
+        units,
+        weight: None,
+        bias: None,
+        weight_init: Init::GlorotUniform,
+        bias_init: Init::Zeros,
+    };
+    let dead = |u: usize| u.is_multiple_of(3);
+    for act in [LayerSpec::Relu, LayerSpec::Tanh] {
+        // 600 x 512 weights: past the size where a small batch's step goes row by row.
+        let spec = ModelSpec {
+            name: "dead-units".into(),
+            inputs: 64,
+            input_shape: None,
+            layers: vec![dense(600), act.clone(), dense(512), act.clone(), dense(3)],
+            loss: LossSpec::SoftmaxCrossEntropy,
+            external: None,
+        };
+        let relu = act == LayerSpec::Relu;
+        let model = Model::new(spec.clone()).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut start = spec.init_params(1);
+        // A dead ReLU unit: a large negative bias. A zero tanh unit: zero weights and bias.
+        for (u, b) in start.at_mut(1).data_mut().iter_mut().enumerate() {
+            if dead(u) {
+                *b = if relu { -1e3 } else { 0.0 };
+            }
+        }
+        if !relu {
+            for (k, w) in start.at_mut(0).data_mut().iter_mut().enumerate() {
+                if dead(k % 600) {
+                    *w = 0.0;
+                }
+            }
+        }
+        for n in [10, 16, 5] {
+            let what = format!("{act:?}, batch {n}");
+            let x: Vec<f32> = (0..n * spec.inputs).map(|_| rng.random::<f32>()).collect();
+            let y: Vec<f32> = (0..n).map(|_| rng.random_range(0..3) as f32).collect();
+            let (mut fused, mut reference) = (start.clone(), start.clone());
+            let mut grads = Parameters::zeros(model.layout());
+            let (mut opt_a, mut opt_b) = (Sgd::new(0.1, 0.0), Sgd::new(0.1, 0.0));
+            for _ in 0..4 {
+                let a = model.train_step(&mut fused, &x, &y, n, &mut grads, &mut opt_a);
+                let b = model.train_batch(&reference, &x, &y, n, &mut grads);
+                opt_b.step(&mut reference, &grads);
+                assert!(
+                    (a.loss - b.loss).abs() <= 1e-4 * (1.0 + b.loss.abs()),
+                    "{what}"
+                );
+            }
+            for ((name, a), (_, b)) in fused.iter().zip(reference.iter()) {
+                for (i, (p, q)) in a.data().iter().zip(b.data()).enumerate() {
+                    assert!(
+                        (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
+                        "{what}: {name}[{i}] {p} against {q}"
+                    );
+                }
+            }
+            let bias = fused.at(1).data();
+            let moved = (0..600).filter(|&u| dead(u) && bias[u] != start.at(1).data()[u]);
+            assert_eq!(
+                moved.count() > 0,
+                !relu,
+                "{what}: dead ReLUs stay, tanh units train"
+            );
+            assert_ne!(
+                fused.at(2).data(),
+                start.at(2).data(),
+                "{what}: the layer trained"
+            );
+        }
+    }
+}
+
 /// `Model::train_step` with plain SGD steps each layer as soon as its gradient is known, and
 /// a dense layer's weight inside its backward pass; the parameters after a few steps equal
 /// those of `train_batch` followed by `Sgd::step` (up to the order of float sums) on models
