@@ -276,10 +276,17 @@ impl Conv2d {
         dcol: &mut Vec<f32>,
     ) {
         #[cfg(not(target_arch = "wasm32"))]
-        if super::winograd::applies(self) {
-            assert_eq!(x.len(), n * self.input_len(), "conv2d input length");
-            assert_eq!(dy.len(), n * self.output_len(), "conv2d gradient length");
-            return super::winograd::backward(self, x, n, w, dy, dw, db, dx, col, dcol);
+        {
+            use super::sparse_conv;
+            // Under a max-pool and a ReLU most of `dy` is zero: go over the rest only.
+            if sparse_conv::applies(self) && sparse_conv::density(dy) <= sparse_conv::MAX_DENSITY {
+                return sparse_conv::backward(self, x, n, w, dy, dw, db, dx, col);
+            }
+            if super::winograd::applies(self) {
+                assert_eq!(x.len(), n * self.input_len(), "conv2d input length");
+                assert_eq!(dy.len(), n * self.output_len(), "conv2d gradient length");
+                return super::winograd::backward(self, x, n, w, dy, dw, db, dx, col, dcol);
+            }
         }
         self.backward_im2col(x, n, w, dy, dw, db, dx, col, dcol);
     }

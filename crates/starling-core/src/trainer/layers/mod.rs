@@ -4,7 +4,8 @@
 //! - [`dense`]: fully connected `y = x W + b` on a GEMM kernel ([`gemm`]), or for small
 //!   batches on [`kernels`], which also fuse the backward pass with a plain SGD step.
 //! - [`conv`]: two-dimensional convolution as im2col + GEMM, or natively for 5x5 kernels
-//!   [`winograd`]'s minimal filtering.
+//!   [`winograd`]'s minimal filtering; natively its backward pass goes over only the nonzero
+//!   output gradients ([`sparse_conv`]) where few are (under a max-pool and a ReLU).
 //! - [`pool`]: max pooling.
 //! - [`activation`]: element-wise ReLU, sigmoid and tanh.
 //! - [`lstm`]: the LSTM layer and the embedding before it, time-major, with backpropagation
@@ -20,6 +21,8 @@ pub mod gemm;
 pub mod kernels;
 pub mod lstm;
 pub mod pool;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod sparse_conv;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod winograd;
 
