@@ -205,12 +205,10 @@ impl Vectorised for Backward<'_> {
                         let mut c0 = 0;
                         while c0 < cp {
                             if cp - c0 >= 2 * L {
-                                let acc = gather_sum::<FMA, 2>(list, xp, tap_off + c0);
-                                add_lanes(&mut out[c0..c0 + 2 * L], &acc);
+                                gather_sum::<FMA, 2>(list, xp, tap_off + c0, &mut out[c0..]);
                                 c0 += 2 * L;
                             } else {
-                                let acc = gather_sum::<FMA, 1>(list, xp, tap_off + c0);
-                                add_lanes(&mut out[c0..c0 + L], &acc);
+                                gather_sum::<FMA, 1>(list, xp, tap_off + c0, &mut out[c0..]);
                                 c0 += L;
                             }
                         }
@@ -335,14 +333,21 @@ impl Entries {
     }
 }
 
-/// `Σ v xp[offset + base ..][..G L]` over the entries `(offset, v)`, in `G` lanes.
+/// Adds `Σ v xp[offset + base ..][..G L]` over the entries `(offset, v)` to `out[..G L]`,
+/// summed in `G` lanes held in registers.
 #[inline(always)]
 fn gather_sum<const FMA: bool, const G: usize>(
     list: &[(u32, f32)],
     xp: &[f32],
     base: usize,
-) -> [Lane; G] {
-    let mut acc = [[0.0f32; L]; G];
+    out: &mut [f32],
+) {
+    let out = &mut out[..G * L];
+    let mut acc: [Lane; G] = std::array::from_fn(|g| {
+        let mut lane = [0.0f32; L];
+        lane.copy_from_slice(&out[g * L..][..L]);
+        lane
+    });
     for &(off, v) in list {
         let src = &xp[off as usize + base..][..G * L];
         for (g, a) in acc.iter_mut().enumerate() {
@@ -351,13 +356,8 @@ fn gather_sum<const FMA: bool, const G: usize>(
             }
         }
     }
-    acc
-}
-
-#[inline(always)]
-fn add_lanes(out: &mut [f32], acc: &[Lane]) {
-    for (o, v) in out.iter_mut().zip(acc.iter().flatten()) {
-        *o += v;
+    for (o, a) in out.chunks_exact_mut(L).zip(&acc) {
+        o.copy_from_slice(a);
     }
 }
 
