@@ -163,6 +163,8 @@ fn with_workspace<R>(f: impl FnOnce(&mut Workspace) -> R) -> R {
 /// Whether the output of `ops` is a ReLU's, perhaps max-pooled or flattened since: then it
 /// is zero only where the ReLU's was at the positions it came from, and a gradient with
 /// respect to it matters only where it is not zero (the ReLU's backward pass zeroes the rest).
+/// The browser's module has no use for it (its dense step is the GEMM's).
+#[cfg(not(target_arch = "wasm32"))]
 fn relu_before(ops: &[Op]) -> bool {
     for op in ops.iter().rev() {
         match op {
@@ -171,6 +173,11 @@ fn relu_before(ops: &[Op]) -> bool {
             _ => return false,
         }
     }
+    false
+}
+
+#[cfg(target_arch = "wasm32")]
+fn relu_before(_: &[Op]) -> bool {
     false
 }
 

@@ -19,8 +19,9 @@ use super::conv::Conv2d;
 use super::kernels::{madd, run_vectorised, Lane, Vectorised, L};
 
 /// The largest share of nonzero entries in `dy` for which [`backward`] runs: the cost of the
-/// sparse pass grows with the nonzeros, the dense pass's does not (measured with `starling
-/// bench train` on the CNN, whose second convolution's `dy` is 12-25% nonzero).
+/// sparse pass grows with the nonzeros, the dense pass's does not. For the CNN's second
+/// convolution, per batch of 10 on an AMD EPYC (Zen 3): 1.1 ms at 5%, 2.1 ms at 15%, 3.9 ms
+/// at 30%, against Winograd's 4.4 ms at any density.
 pub(crate) const MAX_DENSITY: f32 = 0.3;
 
 thread_local! {
