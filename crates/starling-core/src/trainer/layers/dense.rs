@@ -442,13 +442,8 @@ pub fn bias_gradient(dy: &[f32], units: usize, db: &mut [f32]) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_values as values;
     use super::*;
-
-    fn values(len: usize, seed: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| (((i * 7919 + seed * 104_729) % 1000) as f32 / 500.0 - 1.0) * 0.7)
-            .collect()
-    }
 
     /// The fused step equals the backward pass followed by `W -= lr dW`, over shapes with one
     /// block, several, and a last partial one.

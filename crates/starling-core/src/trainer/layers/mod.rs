@@ -54,3 +54,11 @@ pub(crate) fn scratch(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     }
     &mut buf[..len]
 }
+
+/// Test inputs: `len` values in `[-0.7, 0.7)` on a fixed pattern, different per `seed`.
+#[cfg(test)]
+pub(crate) fn test_values(len: usize, seed: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| (((i * 7919 + seed * 104_729) % 1000) as f32 / 500.0 - 1.0) * 0.7)
+        .collect()
+}

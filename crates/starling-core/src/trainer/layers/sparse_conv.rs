@@ -10,8 +10,9 @@
 //! cost (nonzeros x taps x channels) multiply-adds each, where the dense pass (Winograd's, or
 //! im2col's) costs the same for every output. The input is copied channels-last with its
 //! zero padding, and the weight transposed to `[F, k, k, C]`, so that every product is a
-//! run of whole lanes of channels; [`backward`] falls back to the caller's dense pass when
-//! `dy` is denser than [`MAX_DENSITY`]. The browser build leaves this out (size).
+//! run of whole lanes of channels. [`Conv2d::backward`] runs it where `dy` is at most
+//! `MAX_DENSITY` (30%) nonzero, and its dense pass otherwise. The browser build leaves this
+//! out (size).
 
 use std::cell::RefCell;
 
@@ -21,7 +22,8 @@ use super::kernels::{madd, run_vectorised, Lane, Vectorised, L};
 /// The largest share of nonzero entries in `dy` for which [`backward`] runs: the cost of the
 /// sparse pass grows with the nonzeros, the dense pass's does not. For the CNN's second
 /// convolution, per batch of 10 on an AMD EPYC (Zen 3): 1.1 ms at 5%, 2.1 ms at 15%, 3.9 ms
-/// at 30%, against Winograd's 4.4 ms at any density.
+/// at 30%, against Winograd's 4.4 ms at any density (`cargo bench -p starling-core --bench
+/// conv_backward`).
 pub(crate) const MAX_DENSITY: f32 = 0.3;
 
 thread_local! {
@@ -406,14 +408,9 @@ impl Pixels<'_> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_values as values;
     use super::*;
     use crate::trainer::spec::Padding;
-
-    fn values(len: usize, seed: usize) -> Vec<f32> {
-        (0..len)
-            .map(|i| (((i * 7919 + seed * 104_729) % 1000) as f32 / 500.0 - 1.0) * 0.7)
-            .collect()
-    }
 
     /// The sparse pass gives im2col's gradients, for shapes with and without padding,
     /// channels that fill no whole lane, non-square inputs, and gradients as sparse as under
