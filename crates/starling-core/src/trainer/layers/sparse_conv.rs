@@ -21,9 +21,10 @@ use super::kernels::{madd, run_vectorised, Lane, Vectorised, L};
 
 /// The largest share of nonzero entries in `dy` for which [`backward`] runs: the cost of the
 /// sparse pass grows with the nonzeros, the dense pass's does not. For the CNN's second
-/// convolution, per batch of 10 on an AMD EPYC (Zen 3): 1.1 ms at 5%, 2.1 ms at 15%, 3.9 ms
-/// at 30%, against Winograd's 4.4 ms at any density (`cargo bench -p starling-core --bench
-/// conv_backward`).
+/// convolution, per batch of 10 on an AMD EPYC (Zen 3), `cargo bench -p starling-core --bench
+/// conv_backward`: 1.9 ms at 5%, 2.4 ms at 15%, 3.4 ms at 25%, 3.8 ms at 30%, against
+/// Winograd's 5.0-5.1 ms at 35% and 50% (a scratch timing in the same session: 1.1, 2.1 and
+/// 3.9 ms against 4.4). The limit leaves the sparse pass a margin on wider vectors.
 pub(crate) const MAX_DENSITY: f32 = 0.3;
 
 thread_local! {
